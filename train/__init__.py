@@ -1,0 +1,1 @@
+"""The training job: model, data, trainer, checkpoints, metrics, bench, configs."""

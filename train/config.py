@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML files under train/configs/ read into dataclasses.
+
+A config file has up to three sections, `model`, `data` and `train`, each matching a
+dataclass below. `key=value` overrides address any field by its dotted name
+(`train.lr=3e-4`). Unknown keys are errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; its message is one line with the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V3-style decoder (MLA + DeepSeekMoE), or a torchvision image model."""
+
+    arch: str = "deepseek"  # "deepseek" or "resnet50"
+    vocab_size: int = 256  # byte-level by default
+    max_seq_len: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    norm_eps: float = 1e-6
+    # Dense SwiGLU width, used by the first `n_dense_layers` layers (all layers when no MoE).
+    inter_dim: int = 384
+    n_dense_layers: int = 1
+    # DeepSeekMoE: n_routed_experts == 0 means a dense model.
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    moe_inter_dim: int = 96
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    route_scale: float = 1.0
+    # Auxiliary-loss-free balancing: step size of the per-expert selection bias.
+    bias_update_speed: float = 0.001
+    # Multi-head Latent Attention; q_lora_rank == 0 means a full-rank query projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    # Multi-token prediction: extra depth predicting token t+2 (0 turns it off).
+    mtp_depth: int = 0
+    mtp_weight: float = 0.3
+    init_std: float = 0.02
+    # Image models only.
+    num_classes: int = 1000
+    image_size: int = 224
+
+
+@dataclass
+class DataConfig:
+    # "corpus": the built-in byte corpus; "synthetic": random tokens or images;
+    # "files": the user's text or prepared token files; "images": an ImageFolder tree.
+    source: str = "corpus"
+    path: str = ""
+    seq_len: int = 256
+    num_workers: int = 0
+    pin_memory: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    micro_batch: int = 8
+    accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # "auto" picks bf16 where supported on GPU, else fp32.
+    precision: str = "auto"
+    strategy: str = "ddp"
+    # DDP gradient compression on the wire: "none", "bf16" or "fp16".
+    grad_compression: str = "none"
+    bucket_cap_mb: int = 25
+    tf32: bool = True
+    compile: bool = False
+    seed: int = 1337
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_ckpts: int = 3
+    # Collective timeouts: the first collective fails fast, later ones get longer.
+    first_timeout_s: float = 60.0
+    timeout_s: float = 600.0
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("deepseek", "resnet50"),
+    "data.source": ("corpus", "synthetic", "files", "images"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "train.strategy": ("ddp", "fsdp"),
+    "train.grad_compression": ("none", "bf16", "fp16"),
+}
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(dotted: str, raw: Any, target_type: type) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if isinstance(raw, str) and target_type is not str:
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{dotted}: cannot parse {raw!r} ({exc.__class__.__name__})") from None
+    if target_type is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif target_type is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+    elif target_type is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif target_type is str:
+        return str(raw)
+    raise ConfigError(f"{dotted}={raw!r} is not a valid {target_type.__name__}; fix the value")
+
+
+def _field_types(section: Any) -> dict[str, type]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
+    parts = dotted.split(".")
+    sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+    all_keys = [f"{s}.{k}" for s in sections for k in _field_types(getattr(cfg, s))] + ["name"]
+    if dotted == "name":
+        cfg.name = str(raw)
+        return
+    if len(parts) != 2 or parts[0] not in sections:
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+    section = getattr(cfg, parts[0])
+    types = _field_types(section)
+    if parts[1] not in types:
+        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+    value = _coerce(dotted, raw, types[parts[1]])
+    allowed = CHOICES.get(dotted)
+    if allowed and value not in allowed:
+        raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    setattr(section, parts[1], value)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train)")
+    return tree
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config is a name under train/configs/ or a path to a YAML file."""
+    as_path = Path(name)
+    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
+        return as_path
+    candidate = CONFIG_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"no config named '{name}'; available: {', '.join(available_configs())} (or a path to a .yaml file)")
+
+
+def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Read a named config (or a YAML path) and apply `key=value` overrides on top."""
+    path = resolve_config_path(name)
+    cfg = RunConfig(name=path.stem)
+    for dotted, value in _flatten(_read_yaml(path)).items():
+        _set(cfg, dotted, value)
+    for dotted, value in parse_overrides(overrides).items():
+        _set(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value, e.g. train.lr=3e-4")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def config_from_dict(tree: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from RunConfig.to_dict() output (checkpoints, manifests)."""
+    cfg = RunConfig(name=str(tree.get("name", "tiny")))
+    for dotted, value in _flatten({k: v for k, v in tree.items() if k != "name"}).items():
+        _set(cfg, dotted, value)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    m, t = cfg.model, cfg.train
+    positive = {
+        "train.steps": t.steps,
+        "train.micro_batch": t.micro_batch,
+        "train.accum": t.accum,
+        "data.seq_len": cfg.data.seq_len,
+        "train.log_every": t.log_every,
+        "train.ckpt_every": t.ckpt_every,
+        "train.keep_ckpts": t.keep_ckpts,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+    if m.arch == "deepseek":
+        if cfg.data.seq_len > m.max_seq_len:
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower one or raise the other"
+            )
+        if m.n_routed_experts:
+            if m.n_activated_experts > m.n_routed_experts:
+                raise ConfigError("model.n_activated_experts exceeds model.n_routed_experts; lower it")
+            if m.n_routed_experts % m.n_expert_groups:
+                raise ConfigError("model.n_routed_experts must divide evenly into model.n_expert_groups")
+            if m.n_limited_groups > m.n_expert_groups:
+                raise ConfigError("model.n_limited_groups exceeds model.n_expert_groups; lower it")
+        if m.qk_rope_head_dim % 2:
+            raise ConfigError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
+    if cfg.data.source == "files" and not cfg.data.path:
+        raise ConfigError("data.source=files needs data.path, e.g. ARGS=\"data.path=corpus/*.txt\"")
