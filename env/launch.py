@@ -1,0 +1,78 @@
+"""Start one worker process per GPU (or per CPU slot) through torchrun's elastic launcher.
+
+This is torchrun (`torch.distributed.run`) as a library call, so that the rig can turn a
+failed worker into one line instead of torchrun's ChildFailedError report, and so that a
+SIGTERM to the launcher is visible to the caller (preemption). Single-node runs use a
+c10d rendezvous on a free port (torchrun --standalone), so a busy port 29500 never
+blocks a run; multi-node runs use a static rendezvous at MASTER_ADDR:MASTER_PORT with
+NODE_RANK, as torchrun does when given --node-rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+
+# Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
+USER_ERROR_EXIT = 2
+
+
+def _threads_per_worker(nproc: int) -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return str(max(1, cores // max(1, nproc)))
+
+
+def launch(
+    module: str,
+    args: Sequence[str],
+    nproc: int,
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "",
+    master_port: int = 29500,
+    max_restarts: int = 0,
+) -> int:
+    """Run `python -m module *args` in `nproc` workers on this node; return an exit code.
+
+    0 when every worker succeeded; a failed worker's exit code otherwise (one line is
+    printed unless the worker already explained itself with USER_ERROR_EXIT); 128+signal
+    when the launcher itself was signalled (SIGTERM/SIGINT), after the workers were
+    asked to stop with the same signal.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
+    if nnodes > 1:
+        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": f"{master_addr}:{master_port}", "rdzv_configs": {"rank": node_rank}}
+    else:
+        rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {}}
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc,
+        run_id=os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{uuid.uuid4().hex[:8]}"),
+        role="worker",
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        **rdzv,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
+    except ChildFailedError as exc:
+        rank, failure = min(exc.failures.items())
+        if failure.exitcode != USER_ERROR_EXIT:
+            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            print(f"torchrig: worker rank {rank} failed ({how}); its output above says why", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
