@@ -51,7 +51,11 @@ def launch(
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
     if nnodes > 1:
-        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": f"{master_addr}:{master_port}", "rdzv_configs": {"rank": node_rank}}
+        rdzv = {
+            "rdzv_backend": "static",
+            "rdzv_endpoint": f"{master_addr}:{master_port}",
+            "rdzv_configs": {"rank": node_rank},
+        }
     else:
         rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {}}
     config = LaunchConfig(

@@ -60,8 +60,15 @@ TARGETS: dict[str, Target] = {
     "train": Target("train.launch", {**RUN_FLAGS, **NODE_FLAGS}, positional=("ARGS",), gpus=True),
     "nccl-test": Target(
         "env.nccl_test",
-        {"SIZES": "--sizes", "DTYPE": "--dtype", "OPS": "--ops", "MIN_BUSBW": "--min-busbw", "JSON": "--json",
-         "RUN_DIR": "--run-dir", **NODE_FLAGS},
+        {
+            "SIZES": "--sizes",
+            "DTYPE": "--dtype",
+            "OPS": "--ops",
+            "MIN_BUSBW": "--min-busbw",
+            "JSON": "--json",
+            "RUN_DIR": "--run-dir",
+            **NODE_FLAGS,
+        },
         gpus=True,
     ),
     "doctor": Target("env.doctor", {"JSON": "--json", "RUN_DIR": "--run-dir"}, gpus=True),
@@ -105,7 +112,9 @@ def validate_gpus(raw: str, visible: int) -> int:
         raise UsageError(f"GPUS={raw} is not a whole number of at least 1; e.g. GPUS=2")
     gpus = int(raw)
     if visible > 0 and gpus > visible:
-        raise UsageError(f"GPUS={gpus} but only {visible} GPU(s) are visible (nvidia-smi -L); use GPUS={visible} or fewer")
+        raise UsageError(
+            f"GPUS={gpus} but only {visible} GPU(s) are visible (nvidia-smi -L); use GPUS={visible} or fewer"
+        )
     if visible == 0 and gpus > MAX_CPU_PROCESSES:
         raise UsageError(
             f"GPUS={gpus}: no GPU is visible, so GPUS counts CPU processes on gloo, at most {MAX_CPU_PROCESSES}"
@@ -136,7 +145,7 @@ def ensure_venv() -> Path:
     python = VENV / "bin" / "python"
     if python.exists() and STAMP.exists() and STAMP.read_text().strip() == _lock_digest():
         return python
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this file runs under any system python3
         raise UsageError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
     print(f"torchrig: making .venv from {LOCK.name} (first use: about 5 GB of wheels, a few minutes)", flush=True)
     if not python.exists():
@@ -190,8 +199,11 @@ def run(target_name: str, values: dict[str, str]) -> int:
             visible = visible_gpu_count()
             gpus = validate_gpus(values.get("GPUS", ""), visible)
             if visible == 0:
-                print(f"torchrig: no GPU visible: {gpus} CPU process(es) on gloo (testing mode: same code path, slower)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"torchrig: no GPU visible: {gpus} CPU process(es) on gloo (testing mode: same code path, slower)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         argv = build_argv(target, values, gpus)
     if runtime == "docker":
         from env.docker import run_in_container

@@ -210,7 +210,9 @@ def resolve_config_path(name: str) -> Path:
     candidate = CONFIG_DIR / f"{name}.yaml"
     if candidate.is_file():
         return candidate
-    raise ConfigError(f"no config named '{name}'; available: {', '.join(available_configs())} (or a path to a .yaml file)")
+    raise ConfigError(
+        f"no config named '{name}'; available: {', '.join(available_configs())} (or a path to a .yaml file)"
+    )
 
 
 def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
@@ -265,7 +267,8 @@ def validate(cfg: RunConfig) -> None:
     if m.arch == "deepseek":
         if cfg.data.seq_len > m.max_seq_len:
             raise ConfigError(
-                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower one or raise the other"
+                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
+                "lower one or raise the other"
             )
         if m.n_routed_experts:
             if m.n_activated_experts > m.n_routed_experts:
@@ -277,4 +280,4 @@ def validate(cfg: RunConfig) -> None:
         if m.qk_rope_head_dim % 2:
             raise ConfigError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
     if cfg.data.source == "files" and not cfg.data.path:
-        raise ConfigError("data.source=files needs data.path, e.g. ARGS=\"data.path=corpus/*.txt\"")
+        raise ConfigError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')

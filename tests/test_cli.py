@@ -1,0 +1,79 @@
+"""What a user types at the make command line: bad input is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from env.runtime import UsageError, validate_gpus
+from tests.conftest import ROOT
+
+PY = sys.executable
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+def test_make_help_lists_every_target_once() -> None:
+    out = run(["make", "help"]).stdout
+    targets = [
+        "help",
+        "setup",
+        "build",
+        "doctor",
+        "nccl-test",
+        "train",
+        "bench",
+        "shell",
+        "test",
+        "test-image",
+        "lint",
+        "clean",
+        "compare",
+    ]
+    for target in targets:
+        assert sum(line.split()[1] == target for line in out.splitlines()) == 1, target
+
+
+@pytest.mark.parametrize("gpus", ["0", "abc", "-1", "99"])
+def test_make_train_rejects_bad_gpus_at_once(gpus: str) -> None:
+    result = run(["make", "train", f"GPUS={gpus}", "RUNTIME=local"])
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("torchrig: GPUS")]
+    assert len(ours) == 1 and "Traceback" not in result.stderr
+
+
+def test_gpus_validation_against_visible_gpus() -> None:
+    assert validate_gpus("", 3) == 3
+    assert validate_gpus("", 0) == 1
+    assert validate_gpus("2", 3) == 2
+    assert validate_gpus("8", 0) == 8
+    with pytest.raises(UsageError, match="only 3"):
+        validate_gpus("4", 3)
+    with pytest.raises(UsageError, match="at most 8"):
+        validate_gpus("9", 0)
+
+
+def test_unknown_runtime_is_one_line() -> None:
+    result = run([PY, "-m", "env.runtime", "train", "RUNTIME=podman"])
+    assert result.returncode == 2 and result.stderr.strip() == "torchrig: RUNTIME=podman is not docker or local"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", "tiny", "train.lrr=1"], "did you mean 'train.lr'"),
+        (["--config", "nope"], "available: "),
+        (["--config", "tiny", "data.source=files", "data.path=/no/such/*.txt"], "/no/such/*.txt"),
+        (["--config", "tiny", "--micro-batch", "0"], "train.micro_batch"),
+    ],
+)
+def test_train_preflight_errors_are_one_line(args: list[str], expected: str, tmp_path) -> None:
+    result = run([PY, "-m", "train.launch", "--gpus", "1", "--run-dir", str(tmp_path / "r"), *args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr

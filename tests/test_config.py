@@ -1,0 +1,79 @@
+"""The typed config: YAML into dataclasses, dotted overrides, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from train.config import ConfigError, available_configs, config_from_dict, load_config
+
+
+def test_every_shipped_config_loads() -> None:
+    names = available_configs()
+    assert {"tiny", "small", "medium", "dense", "resnet50"} <= set(names)
+    for name in names:
+        assert load_config(name).name == name
+
+
+def test_overrides_are_typed_by_field() -> None:
+    cfg = load_config("tiny", ["train.lr=3e-4", "train.steps=7", "train.tf32=false", "data.path=x/*.txt"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.train.tf32 is False
+    assert cfg.data.path == "x/*.txt"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("train.lrr=1", "did you mean 'train.lr'"), ("modle.dim=64", "did you mean 'model.dim'"), ("lr=1", "train.lr")],
+)
+def test_unknown_key_names_the_closest_valid_one(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.steps=abc",
+        "train.steps=1.5",
+        "train.tf32=maybe",
+        "train.precision=fp8",
+        "train.strategy=zero3",
+        "train.steps=0",
+    ],
+)
+def test_bad_values_are_refused(override: str) -> None:
+    with pytest.raises(ConfigError):
+        load_config("tiny", [override])
+
+
+def test_unknown_config_name_lists_the_available_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tinny")
+    assert "tiny" in str(err.value) and "small" in str(err.value)
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        load_config("tiny", ["data.seq_len=100000"])
+    with pytest.raises(ConfigError, match="n_activated_experts"):
+        load_config("tiny", ["model.n_activated_experts=99"])
+    with pytest.raises(ConfigError, match=r"data\.path"):
+        load_config("tiny", ["data.source=files"])
+
+
+def test_round_trip_through_a_plain_dict() -> None:
+    cfg = load_config("tiny", ["train.lr=0.01"])
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_yaml_path_works_and_bad_yaml_is_one_line(tmp_path) -> None:
+    good = tmp_path / "mine.yaml"
+    good.write_text("train:\n  steps: 3\n")
+    assert load_config(str(good)).train.steps == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert "\n" not in str(err.value)

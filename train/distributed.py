@@ -1,0 +1,137 @@
+"""Process group, data parallelism (DDP or FSDP2) and the collectives the trainer needs.
+
+The backend is NCCL on GPUs and gloo on the CPU; the code path is otherwise the same, so
+multi-process behaviour is tested on CPU. Wrapping choices, and why:
+- DDP: gradient_as_bucket_view avoids a gradient copy into the buckets; broadcast_buffers
+  is off because the only buffers (MoE selection biases) are updated identically on every
+  rank from globally summed counts; an optional bf16/fp16 compression hook halves the
+  bytes on the wire, which matters on PCIe boxes without NVLink.
+- FSDP2: fully_shard per block, then the root, with bf16 parameters and fp32 gradient
+  reduction when training in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from train.config import RunConfig
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _fully_shard():
+    """FSDP2's entry point and mixed-precision policy; the module moved in torch 2.6."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+def init_distributed(cfg: RunConfig, run_dir: Path) -> DistInfo:
+    """Join the process group that torchrun described in the environment (or run alone)."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+        # NCCL errors abort the job instead of hanging it; the flight recorder dumps into RUN_DIR.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+        os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(run_dir / "nccl_trace_rank_"))
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world_size > 1 or "RANK" in os.environ:
+        # The watchdog (train/watchdog.py) ends a hung job first, with a message naming the rank;
+        # the process-group timeout is only the backstop behind it.
+        backstop = timedelta(seconds=cfg.train.timeout_s * 2 + 60)
+        dist.init_process_group(backend=backend, timeout=backstop)
+    return DistInfo(rank, local_rank, world_size, device, backend)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def wrap_model(model: nn.Module, cfg: RunConfig, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+    """DDP or FSDP2 around the model, per cfg.train.strategy; the bare model when alone."""
+    if not info.initialized:
+        return model
+    if cfg.train.strategy == "fsdp":
+        fully_shard, MixedPrecisionPolicy = _fully_shard()
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ddp = DDP(
+        model,
+        device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.train.bucket_cap_mb,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+    )
+    if cfg.train.grad_compression != "none":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+        ddp.register_comm_hook(state=None, hook=hook[cfg.train.grad_compression])
+    return ddp
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if enabled or not dist.is_initialized():
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

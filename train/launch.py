@@ -1,0 +1,136 @@
+"""`make train`: check everything a user can get wrong, then start one worker per GPU.
+
+Runs once per node, before any worker exists, so that a typo in a config key, a missing
+data path or a bad GPUS value is one line and exit 2 rather than N tracebacks. It also
+takes the P2P decision (env/p2p.py) and writes the run manifest, then hands the same
+resolved arguments to torchrun's launcher (env/launch.py), which runs train.worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from train.config import ConfigError, RunConfig, load_config
+
+# Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
+FLAG_KEYS = {
+    "steps": "train.steps",
+    "seed": "train.seed",
+    "micro_batch": "train.micro_batch",
+    "accum": "train.accum",
+    "precision": "train.precision",
+    "strategy": "train.strategy",
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments the launcher and its workers share."""
+    parser.add_argument("--config", default="", help="config name under train/configs/ or a .yaml path")
+    parser.add_argument("--run-dir", default="", help="where metrics, summary, manifest and checkpoints go")
+    for flag in FLAG_KEYS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, default="")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
+
+
+def resolve_config(args: argparse.Namespace, has_gpu: bool) -> RunConfig:
+    name = args.config or ("small" if has_gpu else "tiny")
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
+    return load_config(name, overrides)
+
+
+def worker_args(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> list[str]:
+    """The resolved run, as arguments every worker parses the same way."""
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
+    return ["--config", args.config or cfg.name, "--run-dir", str(run_dir), *overrides]
+
+
+def _p2p_decision() -> dict | None:
+    """Decide NCCL_P2P_DISABLE from measured facts before the workers inherit the environment."""
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    from env.nvml import read_snapshot
+    from env.p2p import apply_p2p_decision, decide_p2p, verify_copy
+
+    decision = decide_p2p(read_snapshot(), os.environ, verify_copy=verify_copy)
+    apply_p2p_decision(decision)
+    print(f"torchrig: P2P: {decision.reason}", flush=True)
+    return decision.to_dict()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__)
+    add_run_arguments(parser)
+    parser.add_argument("--gpus", type=int, default=0, help="workers on this node (default: every GPU, or 1)")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--max-restarts", type=int, default=0, help="restart the group this often after a failure")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from env.launch import launch
+    from env.manifest import write_manifest
+    from train.data import DataError, build_dataset
+
+    has_gpu = torch.cuda.is_available()
+    nproc = args.gpus or (torch.cuda.device_count() if has_gpu else 1)
+    try:
+        cfg = resolve_config(args, has_gpu)
+        if args.nnodes > 1 and not (args.run_dir and args.master_addr):
+            raise ConfigError("multi-node runs need RUN_DIR and MASTER_ADDR (the same on every node)")
+        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once
+    except (ConfigError, DataError) as exc:
+        print(f"torchrig: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"torchrig: cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
+        return 2
+    p2p = _p2p_decision()
+    if args.node_rank == 0:
+        write_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p)
+    print(
+        f"torchrig: training {cfg.name} on {nproc * args.nnodes} {'GPU' if has_gpu else 'CPU process'}(es), "
+        f"global batch {nproc * args.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
+        flush=True,
+    )
+    started = time.time()
+    code = launch(
+        "train.worker",
+        worker_args(args, cfg, run_dir),
+        nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        max_restarts=args.max_restarts,
+    )
+    if code > 128 and _stopped_cleanly(run_dir, started):
+        return 0  # preempted: the workers saved a checkpoint and said so
+    if code == 0 and args.node_rank == 0:
+        print(f"torchrig: done; figures in {run_dir / 'summary.json'}, per step in {run_dir / 'metrics.jsonl'}")
+    return code
+
+
+def _stopped_cleanly(run_dir: Path, since: float) -> bool:
+    summary = run_dir / "summary.json"
+    if not summary.exists() or summary.stat().st_mtime < since:
+        return False
+    return bool(json.loads(summary.read_text()).get("stopped_early"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

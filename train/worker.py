@@ -1,0 +1,56 @@
+"""One training process, as started by torchrun through train.launch.
+
+Turns the errors a user can cause into one line and exit code 2 (which the launcher
+knows needs nothing added); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from env.launch import USER_ERROR_EXIT
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+from train.data import DataError
+from train.launch import add_run_arguments, resolve_config
+from train.trainer import TrainingStopped, train
+
+
+def _out_of_memory_hint(cfg_micro_batch: int, accum: int) -> str:
+    smaller = max(1, cfg_micro_batch // 2)
+    return f"try MICRO_BATCH={smaller} ACCUM={accum * cfg_micro_batch // smaller} (the same global batch)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.worker")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    cfg = None
+    try:
+        cfg = resolve_config(args, torch.cuda.is_available())
+        train(cfg, Path(args.run_dir))
+    except (ConfigError, DataError, CheckpointError, TrainingStopped) as exc:
+        if rank == 0:  # every rank meets the same problem; one says it
+            print(f"torchrig: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    except torch.cuda.OutOfMemoryError:
+        gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+        hint = _out_of_memory_hint(cfg.train.micro_batch, cfg.train.accum) if cfg else "lower MICRO_BATCH"
+        print(
+            f"torchrig: rank {rank}: MICRO_BATCH={cfg.train.micro_batch if cfg else '?'} does not fit in GPU memory "
+            f"({gib:.0f} GiB); {hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return USER_ERROR_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
