@@ -232,6 +232,7 @@ def bad_configs(tmp_path: Path) -> dict[str, tuple[RunConfig, str]]:
     write_token_file(high, [np.array([1, 2, 300, 4] * 10)], vocab_size=512)
     images_for_lm = make_config("images", str(tmp_path))
     return {
+        "no path": (make_config("files"), "needs data.path"),
         "missing": (make_config("files", str(tmp_path / "nope.bin")), "does not exist"),
         "empty glob": (make_config("files", str(tmp_path / "x" / "*.txt")), "matches no files"),
         "short file": (make_config("files", str(short)), "lower data.seq_len"),
@@ -270,3 +271,18 @@ def test_prepare_cli_reports_an_empty_glob_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "matches no files" in result.stderr
     assert not (tmp_path / "o.bin").exists()
+
+
+def test_loader_benchmark_prints_a_row_per_source_and_worker_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from train.benchmarks import data_loader
+
+    config = write_text(tmp_path, "small.yaml", "data:\n  seq_len: 16\ntrain:\n  micro_batch: 2\n")
+    argv = ["--config", str(config), "--sources", "synthetic", "--workers", "0", "--seconds", "0.2"]
+    assert data_loader.main([*argv, "--step-tokens-per-sec", "1000"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("synthetic")]
+    assert len(rows) == 1 and rows[0][1] == "0"
+    rate, ratio = float(rows[0][3].replace(",", "")), float(rows[0][4].rstrip("×").replace(",", ""))
+    assert rate > 0 and ratio == pytest.approx(rate / 1000, rel=0.01, abs=0.06)
+    assert data_loader.main([*argv, "--workers", "two"]) == 2

@@ -394,6 +394,8 @@ def _corpus_dataset(cfg: RunConfig) -> Dataset:
 
 def _files_dataset(cfg: RunConfig) -> Dataset:
     path = cfg.data.path
+    if not path:
+        raise DataError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')
     if path.endswith(".bin"):
         tokens, _ = read_token_file(path)
     else:
