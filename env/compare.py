@@ -1,0 +1,190 @@
+"""`make compare A=run1 B=run2` / `python -m env.compare A B`: what differs between two runs.
+
+A and B are run directories (holding manifest.json, and summary.json when the run finished)
+or manifest paths. Printed: the manifest keys whose values differ (flattened, noisy keys such
+as timestamps and temperatures left out), the package differences (added, removed, changed),
+and every numeric figure both summaries have, side by side with the ratio B/A.
+Exit status: 0 after printing, 2 when a path or its manifest is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+SUMMARY_NAME = "summary.json"
+# Keys left out: those that differ between any two runs without meaning anything (when, how
+# warm, how full, which directory), and those shown another way.
+SKIPPED_KEYS = (
+    "created_*",
+    "command",
+    "packages.*",  # compared as a package list below
+    "facts.environ.NCCL_*",  # shown under environment.*
+    "facts.environ.TORCH_*",
+    "facts.snapshot.gpus.*.temperature_c",
+    "facts.snapshot.gpus.*.utilization_pct",
+    "facts.snapshot.gpus.*.pcie_gen_current",  # idle downshift; the doctor judges links under load
+    "facts.disk_free_bytes",
+    "facts.run_dir",
+    "facts.pcie_load",
+)
+VALUE_WIDTH = 40
+
+
+class CompareError(Exception):
+    """A path that is not a run: one line for the user."""
+
+
+@dataclass
+class Run:
+    label: str
+    manifest_path: Path
+    manifest: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CompareError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CompareError(f"{path} holds no JSON object")
+    return data
+
+
+def load_run(path_text: str) -> Run:
+    path = Path(path_text)
+    if not path.exists():
+        raise CompareError(f"{path} does not exist; give a run directory or its manifest.json")
+    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
+    if not manifest_path.exists():
+        raise CompareError(f"{path} has no {MANIFEST_NAME}; was it written by make train, nccl-test or bench?")
+    summary_path = manifest_path.parent / SUMMARY_NAME
+    summary = _read_json(summary_path) if summary_path.exists() else {}
+    return Run(path_text, manifest_path, _read_json(manifest_path), summary)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': [1, {'c': 2}]}, 'd': {}} -> {'a.b.0': 1, 'a.b.1.c': 2}: an empty container adds no key."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, child in items:
+        flat.update(flatten(child, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _skipped(key: str) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in SKIPPED_KEYS)
+
+
+def diff_manifests(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, value in A, value in B) for every flattened key that differs; a missing key reads as None."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    keys = sorted((flat_a.keys() | flat_b.keys()), key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
+    return [(k, flat_a.get(k), flat_b.get(k)) for k in keys if not _skipped(k) and flat_a.get(k) != flat_b.get(k)]
+
+
+@dataclass
+class PackageDiff:
+    added: list[str]  # "name==version" in B only
+    removed: list[str]  # in A only
+    changed: list[tuple[str, str, str]]  # (name, version in A, version in B)
+
+
+def _versions(manifest: dict[str, Any]) -> dict[str, str]:
+    lines = (manifest.get("packages") or {}).get("list") or []
+    return dict(line.split("==", 1) for line in lines if "==" in line)
+
+
+def diff_packages(a: dict[str, Any], b: dict[str, Any]) -> PackageDiff:
+    va, vb = _versions(a), _versions(b)
+    return PackageDiff(
+        added=[f"{n}=={vb[n]}" for n in sorted(vb.keys() - va.keys())],
+        removed=[f"{n}=={va[n]}" for n in sorted(va.keys() - vb.keys())],
+        changed=[(n, va[n], vb[n]) for n in sorted(va.keys() & vb.keys()) if va[n] != vb[n]],
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare_figures(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, float, float, float | None]]:
+    """(key, A, B, B/A) for every numeric figure both summaries have; the ratio is None when A is 0."""
+    flat_a, flat_b = flatten(a), flatten(b)
+    common = [k for k in flat_a if k in flat_b and _is_number(flat_a[k]) and _is_number(flat_b[k])]
+    return [(k, flat_a[k], flat_b[k], flat_b[k] / flat_a[k] if flat_a[k] else None) for k in common]
+
+
+def _show(value: Any) -> str:
+    text = "-" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= VALUE_WIDTH else text[: VALUE_WIDTH - 1] + "…"
+
+
+def _figure(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def render(a: Run, b: Run) -> str:
+    lines = [f"A: {a.manifest_path}", f"B: {b.manifest_path}"]
+    differences = diff_manifests(a.manifest, b.manifest)
+    if differences:
+        width = max(len(k) for k, _, _ in differences) + 2
+        lines.append(f"\nmanifests differ in {len(differences)} key(s):")
+        lines.append(f"  {'KEY':<{width}}{'A':<{VALUE_WIDTH + 2}}B")
+        lines += [f"  {k:<{width}}{_show(va):<{VALUE_WIDTH + 2}}{_show(vb)}" for k, va, vb in differences]
+    else:
+        lines.append("\nmanifests: no differences (timestamps, temperatures and free disk left out)")
+    packages = diff_packages(a.manifest, b.manifest)
+    if packages.added or packages.removed or packages.changed:
+        lines.append(
+            f"\npackages: {len(packages.added)} added, {len(packages.removed)} removed, {len(packages.changed)} changed"
+        )
+        lines += [f"  + {p}" for p in packages.added]
+        lines += [f"  - {p}" for p in packages.removed]
+        lines += [f"  ~ {name} {va} -> {vb}" for name, va, vb in packages.changed]
+    else:
+        lines.append("\npackages: the same")
+    figures = compare_figures(a.summary, b.summary)
+    if figures:
+        width = max(len(k) for k, *_ in figures) + 2
+        lines.append(f"\nfigures ({SUMMARY_NAME}):")
+        lines.append(f"  {'KEY':<{width}}{'A':>14}{'B':>14}{'B/A':>9}")
+        for key, va, vb, ratio in figures:
+            shown = f"{ratio:.3f}" if ratio is not None else "-"
+            lines.append(f"  {key:<{width}}{_figure(va):>14}{_figure(vb):>14}{shown:>9}")
+    else:
+        missing = [r.label for r in (a, b) if not r.summary]
+        why = f"no {SUMMARY_NAME} in {', '.join(missing)}" if missing else "no numeric figure in both"
+        lines.append(f"\nfigures: none to compare ({why})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
+    parser.add_argument("a", metavar="A", help="run directory or manifest.json of the first run")
+    parser.add_argument("b", metavar="B", help="run directory or manifest.json of the second run")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_run(args.a), load_run(args.b)
+    except CompareError as exc:
+        print(f"compare: {exc}", file=sys.stderr)
+        return 2
+    print(render(*runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
