@@ -44,6 +44,7 @@ import json
 import os
 import sys
 import sysconfig
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ def sidecar_path(bin_path: Path) -> Path:
 
 def _replace_atomically(path: Path, write: Callable[[Any], None], mode: str) -> None:
     """Write through a private temporary file and rename it, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique even across hosts sharing the directory (multi-node ranks building the same corpus).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, mode) as out:
             write(out)
