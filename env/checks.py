@@ -301,13 +301,12 @@ def _arch_verdict(cc: tuple[int, int], arch_list: list[str]) -> tuple[Status, st
     """How a GPU of capability `cc` runs this build: its own cubins, compatible ones, PTX JIT, or not at all."""
     parsed = [p for p in map(_parse_arch, arch_list) if p]
     cubins = [a for kind, a, suffix in parsed if kind == "sm" and not suffix]
-    if cc in cubins:
-        return Status.OK, f"sm_{cc[0]}{cc[1]} native"
     # A cubin runs on any GPU of the same major and an equal or higher minor capability.
     compatible = [a for a in cubins if a[0] == cc[0] and a[1] <= cc[1]]
     if compatible:
         best = max(compatible)
-        return Status.OK, f"sm_{cc[0]}{cc[1]} runs sm_{best[0]}{best[1]} cubins"
+        how = "native" if best == cc else f"runs sm_{best[0]}{best[1]} cubins"
+        return Status.OK, f"sm_{cc[0]}{cc[1]} {how}"
     ptx = [a for kind, a, suffix in parsed if kind == "compute" and not suffix and a <= cc]
     if ptx:
         best = max(ptx)
