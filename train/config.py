@@ -133,27 +133,34 @@ def _closest(key: str, valid: list[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(valid)}"
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(dotted: str, raw: Any, target_type: type) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
-    if isinstance(raw, str) and target_type is not str:
+    invalid = ConfigError(f"{dotted}={raw!r} is not a valid {target_type.__name__}; fix the value")
+    if target_type is str:
+        return str(raw)
+    if isinstance(raw, str):  # from the command line, or YAML 1.1 scalars such as 3e-4
+        text = raw.strip().lower()
+        if target_type is bool:
+            if text not in BOOL_WORDS:
+                raise invalid
+            return BOOL_WORDS[text]
         try:
-            raw = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{dotted}: cannot parse {raw!r} ({exc.__class__.__name__})") from None
-    if target_type is bool:
-        if isinstance(raw, bool):
-            return raw
-    elif target_type is int:
-        if isinstance(raw, int) and not isinstance(raw, bool):
+            raw = float(text) if target_type is float or "." in text or "e" in text else int(text)
+        except ValueError:
+            raise invalid from None
+    if target_type is bool and isinstance(raw, bool):
+        return raw
+    if target_type is int and not isinstance(raw, bool):
+        if isinstance(raw, int):
             return raw
         if isinstance(raw, float) and raw.is_integer():
             return int(raw)
-    elif target_type is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-    elif target_type is str:
-        return str(raw)
-    raise ConfigError(f"{dotted}={raw!r} is not a valid {target_type.__name__}; fix the value")
+    if target_type is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    raise invalid
 
 
 def _field_types(section: Any) -> dict[str, type]:

@@ -23,7 +23,7 @@ from torch import nn
 from env.peaks import peak_flops
 from train.checkpoint import Checkpointer, check_compatible
 from train.config import RunConfig
-from train.data import build_dataset, build_loader
+from train.data import build_dataset, build_loader, describe
 from train.distributed import DistInfo, all_reduce_sum, gradient_sync, init_distributed, shutdown, wrap_model
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, peak_memory_gb
@@ -249,6 +249,8 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
     peak = peak_flops(device_name, run.precision.name)
     hooks = FaultHooks.from_env(info.rank)
     logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard)
+    if info.is_main:
+        print(f"torchrig: data: {describe(dataset)}", flush=True)
     if info.is_main and run.start_step:
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
     if info.is_main and peak.flops is None:

@@ -75,6 +75,9 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._store = None  # close the store connection before the process group goes away
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
