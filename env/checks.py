@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from env.links import PCIE_LANE_GBPS
 from env.nvml import GpuInfo, Snapshot
 from env.p2p import DISABLE_VAR, P2PDecision, decide_p2p
 
@@ -75,7 +76,7 @@ class Facts:
     ulimits: dict[str, list[int | None]] = field(default_factory=dict)  # name -> [soft, hard], None = unlimited
     in_container: bool = False
     container_evidence: str = ""
-    image_labels: dict[str, str] = field(default_factory=dict)  # TORCHRIG_IMAGE_* from the environment
+    image_labels: dict[str, str] = field(default_factory=dict)  # the image's TORCHRIG_* variables (doctor.IMAGE_VARS)
     # On the host: what `docker info` said. Keys: probed, found, runtimes, error.
     docker: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
@@ -222,7 +223,7 @@ DATACENTER_NAME_MARKS = (
 
 def _cuda_in_use(f: Facts) -> tuple[tuple[int, int], str] | None:
     """The newest CUDA runtime this environment needs: torch's own, or the image's base."""
-    sources = [(f.torch_cuda, "torch"), (f.image_labels.get("TORCHRIG_IMAGE_CUDA"), "image")]
+    sources = [(f.torch_cuda, "torch"), (f.image_labels.get("TORCHRIG_CUDA_PROFILE"), "image")]
     found = [(version_tuple(v)[:2], who) for v, who in sources if v and len(version_tuple(v)) >= 2]
     return max(found, default=None)
 
@@ -526,7 +527,7 @@ def check_ulimits(f: Facts) -> CheckResult:
 def check_container(f: Facts) -> CheckResult:
     if not f.in_container:
         return CheckResult(Status.OK, "on the host (no container)")
-    labels = ", ".join(f"{k.removeprefix('TORCHRIG_IMAGE_').lower()}={v}" for k, v in sorted(f.image_labels.items()))
+    labels = ", ".join(f"{k.removeprefix('TORCHRIG_').lower()}={v}" for k, v in sorted(f.image_labels.items()))
     if not labels:
         return CheckResult(Status.OK, f"in a container ({f.container_evidence}), not the torchrig image")
     return CheckResult(Status.OK, f"in the torchrig image ({labels})")
@@ -605,8 +606,6 @@ def check_cpu(f: Facts) -> CheckResult:
 
 # --- PCIe and P2P --------------------------------------------------------------------------
 
-# Per-lane bandwidth in GB/s, after line encoding, by PCIe generation.
-PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 BUSY_PCT = 50  # a GPU this busy has left its idle power state, so its link runs at full speed
 # A link at a quarter of its bandwidth or less under load (x4 of x16) FAILs: without P2P every
 # all-reduce goes through host memory and the slowest link sets the ring's pace, so the box

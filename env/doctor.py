@@ -17,10 +17,11 @@ Exit status: 0 when no check FAILs, 1 when one does, 2 for bad input.
 
 Only "facts" may grow new keys within schema 1.
 
-Image labels are read from the environment the Dockerfile sets: every TORCHRIG_IMAGE_*
-variable is recorded; TORCHRIG_IMAGE_CUDA (the image's CUDA, e.g. "12.1") also enters
-the driver check. TORCHRIG_LOCK, when set, names the lock file to compare pins with
-(default: requirements.txt in the checkout).
+The image is known by the variables the Dockerfile sets (IMAGE_VARS): TORCHRIG_VERSION,
+TORCHRIG_CUDA_PROFILE (which also enters the driver check), TORCHRIG_GIT_COMMIT and
+TORCHRIG_RUNTIME, plus TORCHRIG_IMAGE (the tag) and TORCHRIG_IMAGE_ID where the launcher
+passes them. Pins are compared with the lock the environment was made from: $TORCHRIG_LOCK
+when set, else the lock of the image's CUDA profile, else requirements.txt (the local .venv's).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 from env.checks import CHECKS, Facts, Outcome, Status, run_checks, worst
 from env.nvml import Snapshot, read_snapshot
 from env.p2p import decide_p2p, torch_copy_check
+from env.profiles import UnknownProfile, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -49,6 +51,14 @@ DISTRIBUTIONS = ("torch", "torchvision", "torchaudio", "nvidia-nccl-cu12", "nvid
 ENV_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "CUDA_")
 CGROUP_CONTAINER_WORDS = ("docker", "containerd", "kubepods", "libpod", "lxc")
 CONTAINER_FILES = {"/.dockerenv": "docker", "/run/.containerenv": "podman"}
+IMAGE_VARS = (
+    "TORCHRIG_VERSION",
+    "TORCHRIG_CUDA_PROFILE",
+    "TORCHRIG_GIT_COMMIT",
+    "TORCHRIG_RUNTIME",
+    "TORCHRIG_IMAGE",
+    "TORCHRIG_IMAGE_ID",
+)
 DOCKER_TIMEOUT_S = 5
 LOAD_SECONDS = 1.5
 
@@ -117,7 +127,15 @@ def read_pins(lock: Path) -> dict[str, str]:
 
 
 def lock_path() -> Path:
-    return Path(os.environ.get("TORCHRIG_LOCK") or ROOT / "requirements.txt")
+    if os.environ.get("TORCHRIG_LOCK"):
+        return Path(os.environ["TORCHRIG_LOCK"])
+    cuda_profile = os.environ.get("TORCHRIG_CUDA_PROFILE")
+    if cuda_profile:
+        try:
+            return ROOT / profile(cuda_profile).lock
+        except UnknownProfile:
+            pass  # an image from a newer checkout: fall back to the default lock, the pins check will say so
+    return ROOT / "requirements.txt"
 
 
 def shm_facts() -> dict[str, Any]:
@@ -170,7 +188,7 @@ def container_facts() -> tuple[bool, str]:
 
 
 def image_labels() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("TORCHRIG_IMAGE_")}
+    return {name: os.environ[name] for name in IMAGE_VARS if os.environ.get(name)}
 
 
 def docker_facts() -> dict[str, Any]:

@@ -78,6 +78,10 @@ def packages_record() -> dict[str, Any]:
     return {"sha256": digest, "count": len(packages), "list": packages}
 
 
+def _image_id(labels: dict[str, str]) -> str:
+    return labels.get("TORCHRIG_IMAGE_ID") or labels.get("TORCHRIG_IMAGE") or "unknown"
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory:
     a reader sees the old manifest or the new one, never half of one, even after a crash."""
@@ -117,7 +121,8 @@ def build_manifest(
         "git": git_state(repo_dir),
         "image": {
             "in_container": facts.in_container,
-            "id": facts.image_labels.get("TORCHRIG_IMAGE_ID", "unknown" if facts.in_container else None),
+            # The id when the launcher passed it, else the tag it ran.
+            "id": _image_id(facts.image_labels) if facts.in_container else None,
             "labels": facts.image_labels,
         },
         "packages": packages_record(),

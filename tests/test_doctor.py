@@ -70,7 +70,7 @@ def test_driver_minimum_follows_the_cuda_table(healthy: Facts, cuda: str, driver
 
 
 def test_driver_check_uses_the_image_cuda_when_newer_than_torch(healthy: Facts) -> None:
-    healthy.image_labels = {"TORCHRIG_IMAGE_CUDA": "12.8"}
+    healthy.image_labels = {"TORCHRIG_CUDA_PROFILE": "12.8"}
     healthy.snapshot.driver_version = "550.120"
     result = status_of(healthy, "driver")
     assert result.status is Status.FAIL and "12.8 (image)" in result.evidence
@@ -291,6 +291,25 @@ def test_pins_are_read_from_a_hash_lock(tmp_path: Path) -> None:
         "nvidia_nccl_cu12==2.20.5 \\\n"
     )
     assert doctor.read_pins(lock) == {"torch": "2.4.1", "filelock": "4.1.0", "nvidia-nccl-cu12": "2.20.5"}
+
+
+def test_pins_come_from_the_lock_of_the_image_profile(monkeypatch) -> None:
+    monkeypatch.delenv("TORCHRIG_LOCK", raising=False)
+    monkeypatch.delenv("TORCHRIG_CUDA_PROFILE", raising=False)
+    assert doctor.lock_path() == ROOT / "requirements.txt"
+    monkeypatch.setenv("TORCHRIG_CUDA_PROFILE", "12.8")
+    assert doctor.lock_path() == ROOT / "env/profiles/cu128.txt"
+    monkeypatch.setenv("TORCHRIG_LOCK", "/elsewhere/lock.txt")
+    assert doctor.lock_path() == Path("/elsewhere/lock.txt")
+
+
+def test_image_labels_come_from_the_dockerfile_variables(monkeypatch) -> None:
+    monkeypatch.setenv("TORCHRIG_CUDA_PROFILE", "12.4")
+    monkeypatch.setenv("TORCHRIG_VERSION", "1.2.3")
+    monkeypatch.setenv("TORCHRIG_UNRELATED", "x")
+    labels = doctor.image_labels()
+    assert labels["TORCHRIG_CUDA_PROFILE"] == "12.4" and labels["TORCHRIG_VERSION"] == "1.2.3"
+    assert "TORCHRIG_UNRELATED" not in labels
 
 
 def test_gathering_without_gpu_load_never_runs_the_load(monkeypatch, tmp_path: Path) -> None:
