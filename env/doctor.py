@@ -66,16 +66,6 @@ LOAD_SECONDS = 1.5
 # --- facts ---------------------------------------------------------------------------------
 
 
-def _nccl_text(version: Any) -> str:
-    """torch.cuda.nccl.version() is a tuple on recent torch, an int code (2.9+: 21003 -> 2.10.3) on old ones."""
-    if isinstance(version, tuple):
-        return ".".join(str(part) for part in version)
-    code = int(version)
-    if code >= 10000:
-        return f"{code // 10000}.{code % 10000 // 100}.{code % 100}"
-    return f"{code // 1000}.{code % 1000 // 100}.{code % 100}"
-
-
 def torch_facts() -> dict[str, Any]:
     try:
         import torch
@@ -92,7 +82,8 @@ def torch_facts() -> dict[str, Any]:
     facts["arch_list"] = (arch_flags() or "").split() if arch_flags else torch.cuda.get_arch_list()
     if torch.version.cuda:
         try:
-            facts["nccl_version"] = _nccl_text(torch.cuda.nccl.version())
+            # (major, minor, patch), with a suffix string after them on some builds
+            facts["nccl_version"] = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
         except Exception as exc:
             facts["nccl_error"] = f"{type(exc).__name__}: {exc}"
     return facts

@@ -341,8 +341,29 @@ def test_real_doctor_run_is_coherent_with_its_json(tmp_path: Path) -> None:
     assert f"result: {report['worst']}" in done.stdout
 
 
+def test_doctor_without_torch_reports_fail_and_no_traceback(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    block_torch = "import sys; sys.modules['torch'] = None; from env.doctor import main; "
+    code = f"{block_torch}sys.exit(main(['--no-load', '--json', {str(out)!r}, '--run-dir', {str(tmp_path)!r}]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.returncode == 1
+    torch_check = next(c for c in json.loads(out.read_text())["checks"] if c["name"] == "torch")
+    assert (torch_check["status"], torch_check["fix"]) == ("FAIL", "make setup")
+
+
 def test_unwritable_json_path_is_one_line_and_exit_2(healthy: Facts, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert doctor.main(["--json", str(blocker / "x.json")], facts=copy.deepcopy(healthy)) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.cuda
+def test_pcie_is_read_while_the_gpus_are_busy() -> None:
+    snapshot, load = doctor.read_snapshot_under_load(seconds=1.5)
+    assert load == "ran", load
+    busy = [g.utilization_pct for g in snapshot.gpus if g.utilization_pct is not None]
+    assert busy and max(busy) >= checks.BUSY_PCT
