@@ -165,8 +165,7 @@ def check_gpus(f: Facts) -> CheckResult:
         return CheckResult(
             Status.WARN,
             f.snapshot.error or "NVML sees no GPU",
-            "none on a CPU-only machine; on a GPU "
-            "box install the NVIDIA driver (in Docker: the GPU service, compose `gpus: all`)",
+            "none on a CPU-only machine; on a GPU box install the NVIDIA driver (in Docker: compose's gpu service)",
         )
     found = len(f.snapshot.gpus)
     evidence = _describe_gpus(f.snapshot.gpus)
@@ -201,24 +200,15 @@ CUDA_MIN_DRIVER: dict[tuple[int, int], str] = {
     (13, 0): "580.65.06",
 }
 # Forward compatibility (the cuda-compat package) works on datacenter GPUs only, not on GeForce.
-DATACENTER_NAME_MARKS = (
-    "A100",
-    "A800",
-    "H100",
-    "H200",
-    "H800",
-    "B100",
-    "B200",
-    "GH200",
-    "GB200",
-    "A10",
-    "A30",
-    "A40",
-    "L4",
-    "L40",
-    "T4",
-    "V100",
+# Matched against the words of NVML's name ("NVIDIA A100-SXM4-80GB", "Tesla T4").
+DATACENTER_MODELS = frozenset(
+    {"A100", "A800", "H100", "H200", "H800", "B100", "B200", "GH200", "GB200"}
+    | {"A10", "A10G", "A16", "A30", "A40", "L4", "L40", "L40S", "T4", "V100"}
 )
+
+
+def _is_datacenter(name: str) -> bool:
+    return any(word in DATACENTER_MODELS for word in re.split(r"[\s-]+", name))
 
 
 def _cuda_in_use(f: Facts) -> tuple[tuple[int, int], str] | None:
@@ -255,9 +245,8 @@ def check_driver(f: Facts) -> CheckResult:
     evidence = f"driver {driver}{supports_text}; CUDA {major}.{minor} ({who}) needs >= {needed}{note}"
     if version_tuple(driver) >= version_tuple(needed):
         return CheckResult(Status.OK, evidence)
-    datacenter = any(mark in g.name for g in f.snapshot.gpus for mark in DATACENTER_NAME_MARKS)
     fix = f"upgrade the NVIDIA driver to >= {needed.split('.')[0]}, or use an older CUDA profile (make build CUDA=...)"
-    if datacenter:
+    if any(_is_datacenter(g.name) for g in f.snapshot.gpus):
         fix += f"; on datacenter GPUs the cuda-compat-{major}-{minor} forward-compatibility package also works"
     return CheckResult(Status.FAIL, evidence, fix)
 
@@ -320,9 +309,9 @@ def check_arch(f: Facts) -> CheckResult:
         return skip
     if f.torch_version is None or not f.torch_cuda:
         return CheckResult(Status.WARN, "skipped: no CUDA build of torch to compare with", SETUP_FIX)
-    verdicts = [(g, *_arch_verdict(g.compute_capability, f.arch_list)) for g in f.snapshot.gpus]
-    status = worst([s for _, s, _ in verdicts])
-    evidence = "; ".join(sorted({text for _, _, text in verdicts})) + f" (build has: {' '.join(f.arch_list)})"
+    verdicts = [_arch_verdict(g.compute_capability, f.arch_list) for g in f.snapshot.gpus]
+    status = worst([s for s, _ in verdicts])
+    evidence = "; ".join(sorted({text for _, text in verdicts})) + f" (build has: {' '.join(f.arch_list)})"
     fixes = {
         Status.OK: "",
         Status.WARN: "first use JIT-compiles kernels (slow start, cached in ~/.nv); newer CUDA profiles have them",
