@@ -77,7 +77,7 @@ class Facts:
     in_container: bool = False
     container_evidence: str = ""
     image_labels: dict[str, str] = field(default_factory=dict)  # the image's TORCHRIG_* variables (doctor.IMAGE_VARS)
-    # On the host: what `docker info` said. Keys: probed, found, runtimes, error.
+    # On the host: env.docker.engine_status() as a dict (answers, nvidia, reason), and probed.
     docker: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
     disk_free_bytes: int | None = None
@@ -526,29 +526,21 @@ def check_docker_gpu(f: Facts) -> CheckResult:
     if f.in_container:
         return CheckResult(Status.OK, "n/a inside a container")
     if not f.docker.get("probed"):
-        return CheckResult(Status.OK, "not probed")
-    if not f.docker.get("found"):
+        return CheckResult(Status.OK, "Docker not probed")
+    reason = f.docker.get("reason", "")
+    if not f.docker.get("answers"):
         return CheckResult(
             Status.WARN,
-            "docker not installed: make runs with RUNTIME=local",
-            "optional: install Docker and the NVIDIA Container Toolkit for RUNTIME=docker",
+            f"{reason}: make uses RUNTIME=local",
+            "optional: Docker and the NVIDIA Container Toolkit give RUNTIME=docker (the pinned image)",
         )
-    if f.docker.get("error"):
-        return CheckResult(
-            Status.WARN,
-            f"docker info failed: {f.docker['error']}",
-            "start the daemon, or add yourself to the docker group",
-        )
-    runtimes = f.docker.get("runtimes") or []
-    if "nvidia" in runtimes or f.docker.get("cdi_nvidia"):
-        return CheckResult(Status.OK, f"Docker runtimes: {', '.join(runtimes)}; NVIDIA runtime configured")
-    if not f.snapshot.gpus:
-        return CheckResult(Status.OK, f"Docker runtimes: {', '.join(runtimes) or '-'}; no GPU, so none needed")
+    if f.docker.get("nvidia") or not f.snapshot.gpus:
+        return CheckResult(Status.OK, reason + ("" if f.docker.get("nvidia") else "; no GPU, so none needed"))
     return CheckResult(
         Status.WARN,
-        f"Docker has no NVIDIA runtime (runtimes: {', '.join(runtimes) or '-'}): containers will not see the GPUs",
-        "install nvidia-container-toolkit, then "
-        "sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker",
+        f"{reason}: containers will not see the GPUs",
+        "install nvidia-container-toolkit, then sudo nvidia-ctk runtime configure --runtime=docker "
+        "&& sudo systemctl restart docker",
     )
 
 

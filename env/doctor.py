@@ -27,13 +27,13 @@ when set, else the lock of the image's CUDA profile, else requirements.txt (the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import re
 import resource
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from env.checks import CHECKS, Facts, Outcome, Status, run_checks, worst
+from env.docker import engine_status
 from env.nvml import Snapshot, read_snapshot
 from env.p2p import decide_p2p, torch_copy_check
 from env.profiles import UnknownProfile, profile
@@ -59,7 +60,6 @@ IMAGE_VARS = (
     "TORCHRIG_IMAGE",
     "TORCHRIG_IMAGE_ID",
 )
-DOCKER_TIMEOUT_S = 5
 LOAD_SECONDS = 1.5
 
 
@@ -183,36 +183,8 @@ def image_labels() -> dict[str, str]:
 
 
 def docker_facts() -> dict[str, Any]:
-    """What the host's Docker says about its runtimes; bounded by a timeout so a hung daemon cannot stall us."""
-    docker = shutil.which("docker")
-    if docker is None:
-        return {"probed": True, "found": False}
-    try:
-        done = subprocess.run(
-            [docker, "info", "--format", "{{json .}}"],
-            capture_output=True,
-            text=True,
-            timeout=DOCKER_TIMEOUT_S,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return {"probed": True, "found": True, "error": f"no answer in {DOCKER_TIMEOUT_S}s"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["exit status " + str(done.returncode)])[-1]
-        return {"probed": True, "found": True, "error": last}
-    try:
-        info = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"probed": True, "found": True, "error": "docker info printed no JSON"}
-    cdi_dirs = info.get("CDISpecDirs") or ["/etc/cdi", "/var/run/cdi"]
-    cdi_nvidia = any(Path(d).is_dir() and any(Path(d).glob("nvidia*")) for d in cdi_dirs)
-    return {
-        "probed": True,
-        "found": True,
-        "runtimes": sorted(info.get("Runtimes") or {}),
-        "default_runtime": info.get("DefaultRuntime", ""),
-        "cdi_nvidia": cdi_nvidia,
-    }
+    """The host's Docker engine: does it answer, can it hand GPUs to containers (the runtime's own probe)."""
+    return {"probed": True, **dataclasses.asdict(engine_status())}
 
 
 def disk_free(run_dir: Path) -> int | None:
@@ -321,7 +293,7 @@ def gather_facts(
 
     gpu_load allows a few seconds of GPU work (the doctor's default; a run's manifest skips
     it): PCIe links are read under load and P2P is decided with real peer copies.
-    probe_docker asks the host's Docker for its runtimes (with a timeout).
+    probe_docker asks the host's Docker engine whether it can run GPU containers (with a timeout).
     """
     facts = Facts(**torch_facts())
     facts.environ = environ_facts()

@@ -214,10 +214,12 @@ def test_default_ulimits_warn(healthy: Facts) -> None:
 
 def test_docker_without_nvidia_runtime_warns_on_a_gpu_host(healthy: Facts) -> None:
     healthy.in_container = False
-    healthy.docker = {"probed": True, "found": True, "runtimes": ["io.containerd.runc.v2", "runc"]}
+    healthy.docker = {"probed": True, "answers": True, "nvidia": False, "reason": "Docker 27.3 answers, without"}
     assert status_of(healthy, "docker-gpu").status is Status.WARN
-    healthy.docker["runtimes"].append("nvidia")
+    healthy.docker["nvidia"] = True
     assert status_of(healthy, "docker-gpu").status is Status.OK
+    healthy.docker = {"probed": True, "answers": False, "nvidia": False, "reason": "no Docker client"}
+    assert "RUNTIME=local" in status_of(healthy, "docker-gpu").evidence
 
 
 def test_low_disk_fails(healthy: Facts) -> None:
