@@ -233,6 +233,10 @@ def environ_facts() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
 
 
+def _one_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def read_snapshot_under_load(seconds: float = LOAD_SECONDS) -> tuple[Snapshot, str]:
     """Read NVML while every visible GPU runs matmuls and host->device copies.
 
@@ -246,30 +250,28 @@ def read_snapshot_under_load(seconds: float = LOAD_SECONDS) -> tuple[Snapshot, s
         return read_snapshot(), f"not run: torch unavailable ({type(exc).__name__})"
     if not torch.cuda.is_available():
         return read_snapshot(), "not run: torch sees no CUDA device"
+    # Contexts and buffers first, outside the timed window: creating a context per GPU takes a while.
+    try:
+        work = [
+            (torch.randn(2048, 2048, device=device), torch.empty(16 * 2**20, dtype=torch.uint8, pin_memory=True))
+            for device in (torch.device("cuda", i) for i in range(torch.cuda.device_count()))
+        ]
+    except Exception as exc:  # out of memory on a busy GPU, a failing GPU: report, do not crash the doctor
+        return read_snapshot(), f"not run: {_one_line(exc)}"
     stop = threading.Event()
     failures: list[str] = []
 
     def keep_busy() -> None:
         try:
-            work = []
-            for index in range(torch.cuda.device_count()):
-                device = torch.device("cuda", index)
-                work.append(
-                    (
-                        torch.randn(2048, 2048, device=device),
-                        torch.empty(16 * 2**20, dtype=torch.uint8, pin_memory=True),
-                        device,
-                    )
-                )
             while not stop.is_set():
-                for matrix, host, device in work:
+                for matrix, host in work:
                     for _ in range(8):
                         matrix @ matrix
-                    host.to(device, non_blocking=True)
-                for _, _, device in work:
-                    torch.cuda.synchronize(device)
-        except Exception as exc:  # out of memory on a busy GPU, a failing GPU: report, do not crash the doctor
-            failures.append(f"{type(exc).__name__}: {exc}")
+                    host.to(matrix.device, non_blocking=True)
+                for matrix, _ in work:
+                    torch.cuda.synchronize(matrix.device)
+        except Exception as exc:
+            failures.append(_one_line(exc))
 
     worker = threading.Thread(target=keep_busy, daemon=True)
     worker.start()
@@ -278,7 +280,7 @@ def read_snapshot_under_load(seconds: float = LOAD_SECONDS) -> tuple[Snapshot, s
     stop.set()
     worker.join()
     if failures:
-        return snapshot, f"not run: load failed ({failures[0].splitlines()[0]})"
+        return snapshot, f"not run: load failed ({failures[0]})"
     return snapshot, "ran"
 
 
