@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,9 @@ def test_recorded_nvml_snapshots_run_through_every_check(healthy: Facts, name: s
     outcomes = run_checks(healthy)
     assert all(o.evidence and "\n" not in o.evidence for o in outcomes)
     assert "the check itself failed" not in " ".join(o.evidence for o in outcomes)
-    assert outcomes[0].status is Status.OK and str(len(healthy.snapshot.gpus)) in outcomes[0].evidence.split("×")[0]
+    gpus = outcomes[0]
+    assert gpus.name == "gpus" and gpus.status is not Status.FAIL
+    assert sum(int(n) for n in re.findall(r"(\d+)× ", gpus.evidence)) == len(healthy.snapshot.gpus)
 
 
 def test_trio_catches_a_mismatched_torchvision(healthy: Facts) -> None:
