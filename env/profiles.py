@@ -1,0 +1,300 @@
+"""CUDA profiles: the base image, PyTorch trio, NCCL and lock file that belong to each CUDA version.
+
+Newer GPUs need newer CUDA (RTX 50-series and other Blackwell cards need 12.8). Builds use only PyPI's
+default Linux wheels, so each profile's torch is a release whose default wheels are built on that CUDA;
+its NCCL pin is the exact nvidia-nccl-cu12 that torch itself requires. tests/test_lock.py keeps each
+lock file consistent with this table, and the image build checks the installed stack against it.
+
+Standard library only: scripts and the Dockerfile call `python3 -m env.profiles` before any venv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+@dataclass(frozen=True)
+class CudaProfile:
+    """One buildable CUDA stack. `cuda` is what torch.version.cuda reports for these wheels."""
+
+    cuda: str
+    base_image: str
+    torch: str
+    torchvision: str
+    torchaudio: str
+    nccl: str  # nvidia-nccl-cu12, equal to torch's own requirement
+    lock: str  # hash-locked requirements, relative to the repository root
+    min_driver: int  # driver branch that first reports this CUDA; the base image refuses older drivers
+    for_gpus: str
+
+    @property
+    def name(self) -> str:
+        return "cu" + self.cuda.replace(".", "")
+
+    @property
+    def lock_input(self) -> str:
+        return f"env/profiles/{self.name}.in"
+
+
+# `-base-` tags: the torch wheels bring their own CUDA runtime, cuDNN, cuBLAS and NCCL as nvidia-* wheels
+# and need only the driver, which the NVIDIA container toolkit mounts in. The -runtime-/-cudnn- tags would
+# add about 2 GB of libraries that torch never loads.
+PROFILES: tuple[CudaProfile, ...] = (
+    CudaProfile(
+        "12.1",
+        "nvidia/cuda:12.1.1-base-ubuntu22.04",
+        "2.4.1",
+        "0.19.1",
+        "2.4.1",
+        "2.20.5",
+        "requirements.txt",
+        530,
+        "Maxwell to Hopper (V100, A100, RTX 30/40, H100)",
+    ),
+    CudaProfile(
+        "12.4",
+        "nvidia/cuda:12.4.1-base-ubuntu22.04",
+        "2.6.0",
+        "0.21.0",
+        "2.6.0",
+        "2.21.5",
+        "env/profiles/cu124.txt",
+        550,
+        "the 12.1 range, with newer kernels and NCCL",
+    ),
+    CudaProfile(
+        "12.6",
+        "nvidia/cuda:12.6.3-base-ubuntu22.04",
+        "2.7.1",
+        "0.22.1",
+        "2.7.1",
+        "2.26.2",
+        "env/profiles/cu126.txt",
+        560,
+        "the 12.1 range, with newer kernels and NCCL",
+    ),
+    CudaProfile(
+        "12.8",
+        "nvidia/cuda:12.8.1-base-ubuntu22.04",
+        "2.8.0",
+        "0.23.0",
+        "2.8.0",
+        "2.27.3",
+        "env/profiles/cu128.txt",
+        570,
+        "Blackwell (RTX 50-series, B200), and Turing to Hopper",
+    ),
+)
+DEFAULT_CUDA = "12.1"
+
+
+class UnknownProfile(ValueError):
+    """A CUDA version with no profile; the message names the valid ones."""
+
+
+def profile(cuda: str) -> CudaProfile:
+    for candidate in PROFILES:
+        if cuda in (candidate.cuda, candidate.name):
+            return candidate
+    choices = ", ".join(p.cuda for p in PROFILES)
+    raise UnknownProfile(f"no CUDA profile '{cuda}'; choose one of {choices} (e.g. CUDA=12.8)")
+
+
+@dataclass(frozen=True)
+class InstalledStack:
+    """What the running interpreter has: torch's version, the CUDA it was built on, and NCCL."""
+
+    torch: str | None
+    cuda: str | None
+    nccl_loaded: str | None  # the library torch loads (torch.cuda.nccl.version())
+    nccl_package: str | None  # the nvidia-nccl-cu12 distribution
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def installed_stack() -> InstalledStack:
+    """Read without a GPU: NCCL's version is a library call that needs no device."""
+    try:
+        torch = importlib.import_module("torch")
+    except ImportError:
+        return InstalledStack(None, None, None, _dist_version("nvidia-nccl-cu12"))
+    try:
+        nccl_loaded = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
+    except (AttributeError, RuntimeError):  # a CPU build has no NCCL
+        nccl_loaded = None
+    base_version = torch.__version__.split("+")[0]
+    return InstalledStack(base_version, torch.version.cuda, nccl_loaded, _dist_version("nvidia-nccl-cu12"))
+
+
+def stack_mismatches(stack: InstalledStack, *, cuda: str, nccl: str, torch: str | None = None) -> list[str]:
+    """One line per pin the installed stack breaks; empty when it matches."""
+    problems = []
+    if torch is not None and stack.torch != torch:
+        problems.append(f"torch is {stack.torch}, the pin is {torch}")
+    if stack.cuda != cuda:
+        problems.append(f"torch.version.cuda is {stack.cuda}, the pin is {cuda}")
+    if stack.nccl_loaded != nccl:
+        problems.append(f"torch loads NCCL {stack.nccl_loaded}, the pin is {nccl}")
+    if stack.nccl_package not in (None, nccl):
+        problems.append(f"nvidia-nccl-cu12 is {stack.nccl_package}, the pin is {nccl}")
+    return problems
+
+
+@dataclass(frozen=True)
+class LockedRequirement:
+    """One `name==version` entry of a hash-locked requirements file, as uv pip compile writes it."""
+
+    name: str
+    version: str
+    marker: str
+    hashes: tuple[str, ...]
+    via: tuple[str, ...]  # what requires it: other packages, or "-r <input>"
+
+
+_PINNED = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;\\]+)\s*(?:;\s*(?P<marker>[^\\]*?))?\s*\\?$"
+)
+_HASH = re.compile(r"^--hash=sha256:[0-9a-f]{64}\s*\\?$")
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def parse_lock(text: str) -> list[LockedRequirement]:
+    """Entries in file order; ValueError names any requirement line that is not an exact pin."""
+    entries: list[dict] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or (stripped.startswith("#") and not entries):
+            continue
+        if not line[0].isspace():
+            pinned = _PINNED.match(line)
+            if pinned is None:
+                raise ValueError(f"line {number} is not an exact `name==version` pin: {line}")
+            entries.append({**pinned.groupdict(), "hashes": [], "via": []})
+        elif _HASH.match(stripped):
+            entries[-1]["hashes"].append(stripped.split(":", 1)[1].rstrip(" \\"))
+        elif stripped.startswith("#"):
+            words = stripped.lstrip("#").strip()
+            words = words.removeprefix("via").strip()
+            if words:
+                entries[-1]["via"].append(words)
+    return [
+        LockedRequirement(
+            _normalized(e["name"]), e["version"], (e["marker"] or "").strip(), tuple(e["hashes"]), tuple(e["via"])
+        )
+        for e in entries
+    ]
+
+
+def _versions(entries: list[LockedRequirement], name: str) -> set[str]:
+    return {entry.version for entry in entries if entry.name == name}
+
+
+def lock_problems(chosen: CudaProfile, text: str) -> list[str]:
+    """Ways a profile's lock disagrees with the profile or with torch; empty when consistent."""
+    try:
+        entries = parse_lock(text)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = [f"{e.name}=={e.version} has no sha256 hash" for e in entries if not e.hashes]
+    for name in ("torch", "torchvision", "torchaudio", "nvidia-nccl-cu12"):
+        pin = getattr(chosen, name.removeprefix("nvidia-").removesuffix("-cu12"))
+        if _versions(entries, name) != {pin}:
+            problems.append(f"{name} is locked at {sorted(_versions(entries, name))}, the profile says {pin}")
+    # torch pins its NCCL with ==, so a lock that has NCCL "via torch" holds exactly the NCCL torch requires.
+    if not any(e.name == "nvidia-nccl-cu12" and "torch" in e.via for e in entries):
+        problems.append("nvidia-nccl-cu12 is not locked as a requirement of torch")
+    runtime = _versions(entries, "nvidia-cuda-runtime-cu12")
+    if not runtime or any(not version.startswith(chosen.cuda + ".") for version in runtime):
+        problems.append(f"nvidia-cuda-runtime-cu12 is locked at {sorted(runtime)}, not a CUDA {chosen.cuda} release")
+    return problems
+
+
+def _check_locks(_args: argparse.Namespace) -> int:
+    failed = 0
+    for p in PROFILES:
+        problems = lock_problems(p, (ROOT / p.lock).read_text())
+        for problem in problems:
+            print(f"{p.lock}: {problem}", file=sys.stderr)
+        failed += bool(problems)
+        print(f"{p.lock}: {'INCONSISTENT' if problems else 'consistent'} (CUDA {p.cuda} profile)")
+    return 1 if failed else 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.format == "tsv":
+        for p in PROFILES:
+            print("\t".join([p.cuda, p.lock_input, p.lock, p.base_image]))
+        return 0
+    print(f"{'CUDA':<6}{'torch':<8}{'vision':<8}{'audio':<8}{'NCCL':<8}{'driver':<8}{'base image':<40}for")
+    for p in PROFILES:
+        default = " (default)" if p.cuda == DEFAULT_CUDA else ""
+        print(
+            f"{p.cuda:<6}{p.torch:<8}{p.torchvision:<8}{p.torchaudio:<8}{p.nccl:<8}>={p.min_driver:<6}"
+            f"{p.base_image:<40}{p.for_gpus}{default}"
+        )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    chosen = profile(args.cuda)
+    fields = {**asdict(chosen), "name": chosen.name, "lock_input": chosen.lock_input}
+    print(fields[args.field] if args.field else json.dumps(fields, indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    stack = installed_stack()
+    problems = stack_mismatches(stack, cuda=args.cuda, nccl=args.nccl, torch=args.torch)
+    for problem in problems:
+        print(f"torchrig self-check FAILED: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"torchrig self-check: torch {stack.torch}, CUDA {stack.cuda}, NCCL {stack.nccl_loaded}: match the pins")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m env.profiles", description="torchrig CUDA profiles")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="every profile")
+    listing.add_argument("--format", choices=("table", "tsv"), default="table")
+    listing.set_defaults(run=_list)
+    show = commands.add_parser("show", help="one profile as JSON, or one field of it")
+    show.add_argument("cuda", help="e.g. 12.8 or cu128")
+    show.add_argument("--field", choices=[*CudaProfile.__dataclass_fields__, "name", "lock_input"])
+    show.set_defaults(run=_show)
+    verify = commands.add_parser("verify", help="check the installed torch stack against pins (exit 1 on mismatch)")
+    verify.add_argument("--cuda", required=True)
+    verify.add_argument("--nccl", required=True)
+    verify.add_argument("--torch")
+    verify.set_defaults(run=_verify)
+    commands.add_parser("check-locks", help="each lock agrees with its profile (exit 1 if not)").set_defaults(
+        run=_check_locks
+    )
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UnknownProfile as exc:
+        print(f"torchrig: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
