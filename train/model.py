@@ -1,0 +1,364 @@
+"""A DeepSeek-V3-style decoder: Multi-head Latent Attention, DeepSeekMoE, multi-token prediction.
+
+Reads top to bottom like the paper (DeepSeek-V3 technical report, arXiv:2412.19437):
+
+- MLA (section 2.1.1): keys and values come from one low-rank latent c_kv = W_dkv x, normalised
+  and expanded per head by W_ukv. Positions enter through a small decoupled RoPE part: each head
+  has its own rotated query slice, while the rotated key slice k_rope is one vector shared by all
+  heads. The query may be low-rank too (q_lora_rank > 0).
+- DeepSeekMoE (2.1.2): a few shared experts see every token, routed experts see the top-k tokens
+  by sigmoid affinity. Group-limited routing first keeps the best n_limited_groups expert groups.
+- Auxiliary-loss-free balancing (2.1.2): a per-expert bias is added to the affinities only to
+  choose experts; after each optimizer step `moe_balance_step` nudges it toward the experts that
+  got fewer tokens than average.
+- Multi-token prediction (2.2): D extra blocks, the d-th combining the previous depth's hidden
+  state at position i with the embedding of token i+d to predict token i+d+1.
+
+Initialisation: the constructor draws every weight from the global torch RNG (N(0, init_std),
+norms at 1), so `torch.manual_seed(seed)` before `build_model(cfg)` makes it deterministic.
+`model.init_weights()` re-draws the same way (e.g. after materialising a meta-device model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import ConfigError, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32: bf16 sums of squares lose too much precision.
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """The feed-forward of every layer and of every expert: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_cache(rope_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each [max_seq_len, rope_dim / 2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x [..., seq, rope_dim] by the position's angle."""
+    seq_len = x.shape[-2]
+    cos, sin = cos[:seq_len], sin[:seq_len]
+    even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.softmax_scale = 1.0 / math.sqrt(self.qk_head_dim)
+
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
+        # One down-projection yields the KV latent and the shared rotary key.
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "wq"):
+            return self.wq(x)
+        return self.wq_b(self.q_norm(self.wq_a(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        heads = self.n_heads
+
+        q = self.query(x).view(batch, seq_len, heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+
+        kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin)  # [batch, 1, seq, rope]: one for all heads
+        kv = self.wkv_b(self.kv_norm(kv_latent))
+        kv = kv.view(batch, seq_len, heads, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, heads, -1, -1)], dim=-1)
+
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, heads * self.v_head_dim))
+
+
+class Router(nn.Module):
+    """Sigmoid affinities, bias-adjusted group-limited top-k choice, normalised gate weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.n_limited_groups = cfg.n_limited_groups
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Persistent (checkpointed) and float32: updates of ~1e-3 vanish in bf16.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [tokens, dim] -> (gate weights [tokens, k] float32, expert indices [tokens, k])."""
+        scores = F.linear(x, self.weight).float().sigmoid()
+        choice = scores + self.expert_bias  # the bias steers the choice, never the weights
+        if self.n_groups > 1:
+            choice = self.keep_best_groups(choice)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        return weights, indices
+
+    def keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Mask every expert outside the n_limited_groups groups with the highest top-2 score sums."""
+        grouped = choice.view(choice.shape[0], self.n_groups, -1)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        best_groups = group_scores.topk(self.n_limited_groups, dim=-1).indices
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, False)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_routed_experts = cfg.n_routed_experts
+        self.bias_update_speed = cfg.bias_update_speed
+        self.router = Router(cfg)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (
+            SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        )
+        # Tokens routed to each expert since the last moe_balance_step; not checkpointed.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices = self.router(x)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        if self.training and torch.is_grad_enabled():
+            self.tokens_per_expert += counts
+
+        # Sort the (token, slot) assignments by expert so each expert reads one contiguous slice.
+        order = indices.flatten().argsort()
+        token_of = order // indices.shape[1]
+        slices = x[token_of].split(counts.tolist())
+        # Every expert runs, on an empty slice if it got no tokens, so each weight gets a (zero)
+        # gradient every step: DDP needs no find_unused_parameters and ranks never diverge.
+        expert_out = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices)])
+        weighted = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MultiHeadLatentAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if is_dense_layer(cfg, layer_id) else MoE(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def is_dense_layer(cfg: ModelConfig, layer_id: int) -> bool:
+    """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
+    return cfg.n_routed_experts == 0 or layer_id < cfg.n_dense_layers
+
+
+class MTPModule(nn.Module):
+    """One multi-token-prediction depth: merge h_i with emb(t_{i+d}), run a block, predict t_{i+d+1}."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.embed_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, layer_id)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embed)], dim=-1))
+        return self.block(merged, cos, sin)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, layer_id) for layer_id in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + depth) for depth in range(cfg.mtp_depth))
+        # Derived from the config, so not checkpointed.
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.qk_rope_head_dim // 2), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        cos, sin = rope_cache(self.cfg.qk_rope_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                module.expert_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                module.tokens_per_expert.zero_()
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets."""
+        cos, sin = self.rope_cos, self.rope_sin
+        hidden = self.embed(inputs)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin)
+        logits = self.head(self.norm(hidden))
+        if targets is None:
+            return logits
+        return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
+
+    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """mtp_weight times the mean over depths d of the loss predicting token i+d+1 at position i.
+
+        targets[:, j] is token j+1, so emb(t_{i+d}) is embed(targets[:, i+d-1]) and the label is
+        targets[:, i+d]; depth d has seq-d positions.
+        """
+        if not self.mtp:
+            return hidden.new_zeros(())
+        seq_len = targets.shape[1]
+        losses = []
+        for depth, module in enumerate(self.mtp, start=1):
+            positions = seq_len - depth
+            next_embed = self.embed(targets[:, depth - 1 : depth - 1 + positions])
+            hidden = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
+            logits = self.head(module.norm(hidden))
+            losses.append(cross_entropy(logits, targets[:, depth : depth + positions]))
+        return self.cfg.mtp_weight * torch.stack(losses).mean()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 regrouped as stem, `layers` (its four stages, for FSDP) and head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        import torchvision  # only image runs need it
+
+        net = torchvision.models.resnet50(num_classes=cfg.num_classes)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.pool = net.avgpool
+        self.fc = net.fc
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """images [batch, 3, H, W] -> logits [batch, classes], or the mean cross-entropy given labels."""
+        x = self.stem(images)
+        for stage in self.layers:
+            x = stage(x)
+        logits = self.fc(torch.flatten(self.pool(x), 1))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float(), labels)
+
+
+def check_buildable(cfg: ModelConfig) -> None:
+    """Model-shape checks beyond train.config.validate, as one-line ConfigErrors."""
+    if cfg.arch != "deepseek" or not cfg.n_routed_experts:
+        return
+    reachable = cfg.n_routed_experts // cfg.n_expert_groups * cfg.n_limited_groups
+    if cfg.n_activated_experts > reachable:
+        raise ConfigError(
+            f"model.n_activated_experts={cfg.n_activated_experts} exceeds the {reachable} experts in "
+            f"n_limited_groups={cfg.n_limited_groups} groups; raise n_limited_groups or lower n_activated_experts"
+        )
+
+
+MODEL_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "deepseek": Transformer,
+    "resnet50": ResNet50,
+}
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model for cfg.arch, initialised from the global torch RNG (seed it first)."""
+    if cfg.arch not in MODEL_BUILDERS:
+        raise ConfigError(f"model.arch={cfg.arch!r} is not one of {', '.join(MODEL_BUILDERS)}")
+    check_buildable(cfg)
+    return MODEL_BUILDERS[cfg.arch](cfg)
+
+
+@torch.no_grad()
+def moe_balance_step(
+    model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None
+) -> dict[str, float]:
+    """Auxiliary-loss-free balancing, once per optimizer step on every rank.
+
+    Sums every MoE layer's token counts over ranks with ONE call of `all_reduce` (an in-place SUM;
+    None for a single process), then moves each expert's bias by bias_update_speed toward balance:
+    up for experts below the layer's mean load, down for those above. Counts restart at zero.
+    Returns the most and least loaded expert's load relative to its layer's mean, over all layers.
+    Works on wrapped models (DDP, FSDP): layers are found through model.modules().
+    """
+    moe_layers = [module for module in model.modules() if isinstance(module, MoE)]
+    if not moe_layers:
+        return {}
+    counts = torch.cat([layer.tokens_per_expert for layer in moe_layers])
+    if all_reduce is not None:
+        all_reduce(counts)
+    per_layer = counts.view(len(moe_layers), -1).float()
+    mean = per_layer.mean(dim=1, keepdim=True)
+    for layer, layer_counts, layer_mean in zip(moe_layers, per_layer, mean):
+        layer.router.expert_bias += layer.bias_update_speed * torch.sign(layer_mean - layer_counts)
+        layer.tokens_per_expert.zero_()
+    if not mean.gt(0).all():
+        return {}
+    load = per_layer / mean
+    return {"moe_load_max": load.max().item(), "moe_load_min": load.min().item()}
