@@ -224,15 +224,31 @@ def _fail_with_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize(
-    "failing",
-    [(checkpoint._HashingWriter, "write"), (os, "fsync"), (os, "replace")],
-    ids=["write", "fsync", "replace"],
-)
-def test_disk_full_keeps_previous_checkpoint_and_no_temp_files(tmp_path: Path, monkeypatch, failing) -> None:
+def fail_sidecar_replace(monkeypatch) -> None:
+    """Fail only the last step, the sidecar's rename: the payload is already in place by then."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            _fail_with_enospc()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+FULL_DISK_POINTS = {
+    "write": lambda mp: mp.setattr(checkpoint._HashingWriter, "write", _fail_with_enospc),
+    "fsync": lambda mp: mp.setattr(os, "fsync", _fail_with_enospc),
+    "replace": lambda mp: mp.setattr(os, "replace", _fail_with_enospc),
+    "sidecar": fail_sidecar_replace,
+}
+
+
+@pytest.mark.parametrize("point", FULL_DISK_POINTS)
+def test_disk_full_keeps_previous_checkpoint_and_no_temp_files(tmp_path: Path, monkeypatch, point: str) -> None:
     model, optimizer = save_trained(tmp_path, [1], keep=1)
     train_steps(model, optimizer, 1)
-    monkeypatch.setattr(*failing, _fail_with_enospc)
+    FULL_DISK_POINTS[point](monkeypatch)
     with pytest.raises(CheckpointError) as caught:
         make_checkpointer(tmp_path, keep=1).save(2, model, optimizer, extra_state(2))
     monkeypatch.undo()
@@ -483,6 +499,11 @@ def ddp_worker(rank: int, port: int, run_dir: str) -> None:
         plain = tiny_model()
         plain.load_state_dict(torch.load(Path(run_dir) / "checkpoints" / "step-000002.pt", weights_only=True)["model"])
         assert_bitwise_equal([p.detach() for p in plain.parameters()], expected_params)
+    # A node that cannot see rank 0's RUN_DIR is told so on every rank, instead of starting afresh.
+    own_dir = Path(run_dir) if rank == 0 else Path(run_dir) / "elsewhere"
+    unshared = Checkpointer(own_dir, keep=2, rank=rank, world_size=2, strategy="ddp")
+    with pytest.raises(CheckpointError, match=r"rank 1 cannot see .*; put RUN_DIR on storage that every node shares"):
+        unshared.load_latest(model, optimizer)
     dist.destroy_process_group()
 
 
@@ -558,3 +579,54 @@ def test_fsdp2_two_ranks_sharded_save_and_restore(tmp_path: Path) -> None:
     assert set(sidecar["files"]) == on_disk and "step-000002/extra.pt" in on_disk
     for name, record in sidecar["files"].items():
         assert hashlib.sha256((tmp_path / "checkpoints" / name).read_bytes()).hexdigest() == record["sha256"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sharded (DCP) format in one process
+
+
+def make_sharded_checkpointer(run_dir: Path, keep: int = 3) -> Checkpointer:
+    return Checkpointer(run_dir, keep=keep, rank=0, world_size=1, strategy="fsdp")
+
+
+def test_sharded_format_round_trip_in_one_process(tmp_path: Path) -> None:
+    seed_all(11)
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    train_steps(model, optimizer, 2)
+    make_sharded_checkpointer(tmp_path).save(2, model, optimizer, extra_state(2))
+    expected_params = [p.detach().clone() for p in model.parameters()]
+    expected_state = [t.clone() for t in optimizer_tensors(optimizer)]
+    expected_draws = random_draws()
+
+    seed_all(12)
+    fresh = tiny_model()
+    fresh_optimizer = make_optimizer(fresh)
+    extra = make_sharded_checkpointer(tmp_path).load_latest(fresh, fresh_optimizer)
+    assert extra == {**extra_state(2), "step": 2}
+    assert_bitwise_equal(list(fresh.parameters()), expected_params)
+    assert_bitwise_equal(optimizer_tensors(fresh_optimizer), expected_state)
+    assert random_draws() == expected_draws
+
+
+def test_sharded_save_on_a_full_disk_keeps_the_previous(tmp_path: Path, monkeypatch) -> None:
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    train_steps(model, optimizer, 1)
+    make_sharded_checkpointer(tmp_path).save(1, model, optimizer, {})
+    monkeypatch.setattr(os, "fsync", _fail_with_enospc)
+    with pytest.raises(CheckpointError) as caught:
+        make_sharded_checkpointer(tmp_path).save(2, model, optimizer, {})
+    monkeypatch.undo()
+    assert str(caught.value) == (
+        "checkpoint for step 2 could not be written (No space left on device); "
+        "the previous checkpoint step 1 is intact: free space or set RUN_DIR elsewhere"
+    )
+    assert saved_steps(tmp_path) == ["step-000001", "step-000001.json"]
+
+
+def test_a_checkpoint_of_the_other_strategy_is_refused(tmp_path: Path) -> None:
+    save_trained(tmp_path, [1])
+    model = tiny_model()
+    with pytest.raises(CheckpointError, match=r"train\.strategy='ddp' but this run has train\.strategy='fsdp'"):
+        make_sharded_checkpointer(tmp_path).load_latest(model, make_optimizer(model))

@@ -22,6 +22,7 @@ rank calls it, and a failure on any rank becomes the same one-line CheckpointErr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -35,8 +36,9 @@ import random
 import re
 import shutil
 import sys
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,9 +80,6 @@ WRITE_FIXES = {
     errno.EROFS: "set RUN_DIR to a writable file system",
 }
 DEFAULT_WRITE_FIX = "check RUN_DIR's storage or set RUN_DIR elsewhere"
-
-# Per-parameter state tensors an optimizer keeps, for sizing checkpoints before its first step.
-OPTIMIZER_STATE_COPIES = {torch.optim.AdamW: 2, torch.optim.Adam: 2, torch.optim.SGD: 1}
 
 # Types torch.load(weights_only=True) rebuilds on torch 2.4 and later; `extra` must hold only these.
 PLAIN_LEAF_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -282,14 +281,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of a full checkpoint: parameters, buffers and optimizer state, before the optimizer's first step."""
-    module = unwrap_model(model)
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    buffer_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
-    return param_bytes * (1 + OPTIMIZER_STATE_COPIES.get(type(optimizer), 2)) + buffer_bytes
-
-
 def _split_tensors(tree: dict[Any, Any]) -> tuple[dict[Any, Any], dict[Any, Any]]:
     """Split a nested dict into its tensor leaves and everything else (same nesting in both)."""
     tensors: dict[Any, Any] = {}
@@ -447,6 +438,16 @@ class _SingleFileFormat:
         optimizer.load_state_dict(payload["optimizer"])
 
 
+@contextlib.contextmanager
+def _quiet_dcp() -> Iterator[None]:
+    """Hide DCP's notes that ask nothing of the user: torch 2.4 tripping its own TypedStorage
+    deprecation, and the reminder that one process without a process group saves alone."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        yield
+
+
 class _ShardedFormat:
     """FSDP: every rank writes its shards through torch.distributed.checkpoint; rank 0 adds extra.pt."""
 
@@ -470,7 +471,8 @@ class _ShardedFormat:
         def write_shards() -> dict[Any, Any]:
             model_state, optim_state = get_state_dict(unwrap_model(model), optimizer)
             tensors, rest = _split_tensors({"model": model_state, "optim": optim_state})
-            dcp.save(tensors, checkpoint_id=temp)
+            with _quiet_dcp():
+                dcp.save(tensors, checkpoint_id=temp)
             return rest
 
         ckpt.collectively(step, make_empty_temp)
@@ -508,7 +510,8 @@ class _ShardedFormat:
         # The current state gives DCP the sharded tensors to read into, in place.
         model_state, optim_state = get_state_dict(module, optimizer)
         tensors, _ = _split_tensors({"model": model_state, "optim": optim_state})
-        dcp.load(tensors, checkpoint_id=ckpt.directory / self.entry_name(payload["step"]))
+        with _quiet_dcp():
+            dcp.load(tensors, checkpoint_id=ckpt.directory / self.entry_name(payload["step"]))
         state = _merge(tensors, payload["state_rest"])
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -704,7 +707,9 @@ class Checkpointer:
             payload = self._verified_payload(step)
             if payload is None:
                 continue
-            self._check_resumable(payload, config)
+            saved_config = payload["extra"].get(CONFIG_KEY)
+            if config is not None and isinstance(saved_config, dict):
+                check_compatible(saved_config, config)
             try:
                 self.format.apply(self, payload, model, optimizer)
             except _failures() as exc:
@@ -729,6 +734,8 @@ class Checkpointer:
         sidecar = _from_rank0(self._read_sidecar(step) if self.rank == 0 else None)
         if isinstance(sidecar, str):
             return self._skip(sidecar)
+        self._check_layout(sidecar)
+        self._check_visible(step)
         names = sorted(sidecar["files"])
         problem = self._size_problem(sidecar["files"]) if self.rank == 0 else None
         if problem is None:
@@ -742,21 +749,34 @@ class Checkpointer:
         except Exception as exc:
             problem = _read_problem(self.format.entry_name(step), exc)
         problem = _first_problem(problem)
-        return self._skip(problem) if problem else payload
+        if problem:
+            return self._skip(problem)
+        self._check_layout(payload)
+        return payload
 
     def _skip(self, problem: str) -> None:
         if self.rank == 0:
             log.warning(f"{problem}; trying the one before")
         return None
 
-    def _check_resumable(self, payload: dict[str, Any], config: dict[str, Any] | None) -> None:
-        if payload["world_size"] != self.world_size:
-            raise _mismatch("world_size", payload["world_size"], self.world_size)
-        if payload["strategy"] != self.strategy:
-            raise _mismatch("train.strategy", payload["strategy"], self.strategy)
-        saved_config = payload["extra"].get(CONFIG_KEY)
-        if config is not None and isinstance(saved_config, dict):
-            check_compatible(saved_config, config)
+    def _check_layout(self, saved: dict[str, Any]) -> None:
+        """A checkpoint from another world size or strategy is a config change, not damage: refuse it."""
+        for key, saved_value, current in (
+            ("world_size", saved.get("world_size"), self.world_size),
+            ("train.strategy", saved.get("strategy"), self.strategy),
+        ):
+            if saved_value is not None and saved_value != current:
+                raise _mismatch(key, saved_value, current)
+
+    def _check_visible(self, step: int) -> None:
+        """Every rank reads the files rank 0 found; a rank that cannot see them means RUN_DIR is not shared."""
+        entry = self.directory / self.format.entry_name(step)
+        seen = _all_gather(entry.exists())
+        if seen[0] and not all(seen):
+            raise CheckpointError(
+                f"rank {seen.index(False)} cannot see {entry}, which rank 0 can; "
+                "put RUN_DIR on storage that every node shares"
+            )
 
     def _read_sidecar(self, step: int) -> dict[str, Any] | str:
         """The sidecar, or a one-line reason the checkpoint is incomplete."""
