@@ -181,6 +181,21 @@ def test_extra_that_is_not_plain_data_is_refused_before_writing(tmp_path: Path) 
     assert saved_steps(tmp_path) == ["step-000001.json", "step-000001.pt"]
 
 
+class KeepsNumpyExtraState(nn.Linear):
+    def get_extra_state(self) -> object:
+        return np.zeros(2)
+
+    def set_extra_state(self, state: object) -> None:
+        pass
+
+
+def test_model_state_that_is_not_plain_data_is_refused_before_writing(tmp_path: Path) -> None:
+    model = nn.Sequential(KeepsNumpyExtraState(2, 2))
+    with pytest.raises(CheckpointError, match=r"\['model'\]\['0\._extra_state'\] is a numpy\.ndarray"):
+        make_checkpointer(tmp_path).save(1, model, make_optimizer(model), {})
+    assert saved_steps(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Layout, atomicity, pruning
 

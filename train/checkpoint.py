@@ -109,13 +109,12 @@ def capture_rng() -> dict[str, Any]:
         kind, keys, pos, has_gauss, cached = numpy.random.get_state()
         state["numpy"] = [str(kind), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        device = torch.cuda.current_device()
-        state["cuda"] = {"device": device, "state": torch.cuda.get_rng_state(device)}
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Put back what capture_rng returned; a CUDA state is skipped when this process has no GPU."""
+    """Put back what capture_rng returned; the CUDA state goes to this rank's current device (none: skipped)."""
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(x) for x in internal), gauss_next))
     torch.set_rng_state(state["torch"])
@@ -124,7 +123,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         numpy.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"]["state"], state["cuda"]["device"])
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +421,7 @@ class _SingleFileFormat:
             name = self.entry_name(step)
             temp = ckpt.directory / f"{TEMP_PREFIX}{name}"
             payload = {**header, "model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict()}
+            _check_plain(payload, "checkpoint")
             record = _save_hashed(payload, temp)
             ckpt.replace_entry(temp, name)
             return {name: record}
@@ -478,13 +478,16 @@ class _ShardedFormat:
         ckpt.collectively(step, make_empty_temp)
         rest = ckpt.collectively(step, write_shards)
 
-        def write_extra() -> None:
-            if ckpt.rank == 0:
-                _save_hashed({**header, "state_rest": rest}, temp / FSDP_EXTRA_FILE)
+        def write_extra_on_rank0() -> list[str]:
+            if ckpt.rank != 0:
+                return []
+            extra = {**header, "state_rest": rest}
+            _check_plain(extra, "checkpoint")
+            _save_hashed(extra, temp / FSDP_EXTRA_FILE)
+            return sorted(p.name for p in temp.iterdir())
 
-        ckpt.collectively(step, write_extra)
-        files = ckpt.collectively(step, lambda: sorted(p.name for p in temp.iterdir()) if ckpt.rank == 0 else [])
-        records = ckpt.hash_collectively(step, temp, _from_rank0(files))
+        files = _from_rank0(ckpt.collectively(step, write_extra_on_rank0))
+        records = ckpt.hash_collectively(step, temp, files)
 
         def commit_on_rank0() -> dict[str, FileRecord]:
             if ckpt.rank != 0:
@@ -590,7 +593,7 @@ class Checkpointer:
             "extra": extra,
         }
         try:
-            self.collectively(step, lambda: self._prepare(extra) if self.rank == 0 else None)
+            self.collectively(step, lambda: self._prepare(header) if self.rank == 0 else None)
             records = self.format.write(self, step, model, optimizer, header)
             self.collectively(step, lambda: self._commit(step, records) if self.rank == 0 else None)
         except CheckpointError:
@@ -601,8 +604,8 @@ class Checkpointer:
             self._prune(step)
         return self.directory / self.format.entry_name(step)
 
-    def _prepare(self, extra: dict[str, Any]) -> None:
-        _check_plain(extra, "checkpoint extra")
+    def _prepare(self, header: dict[str, Any]) -> None:
+        _check_plain(header, "checkpoint")  # before anything is written; the formats check the rest
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def collectively(self, step: int, action: Callable[[], T]) -> T:
