@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from env.peaks import peak_flops
-from train.checkpoint import Checkpointer, check_compatible
+from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe
 from train.distributed import DistInfo, all_reduce_sum, gradient_sync, init_distributed, shutdown, wrap_model
@@ -156,9 +156,9 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     )
     checkpointer.preflight(state_bytes)
     start_step = 0
-    extra = checkpointer.load_latest(model, optimizer)
+    # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
+    extra = checkpointer.load_latest(model, optimizer, config={**cfg.to_dict(), "world_size": info.world_size})
     if extra is not None:
-        check_compatible(extra["config"], {**cfg.to_dict(), "world_size": info.world_size})
         scheduler.load_state_dict(extra["scheduler"])
         scaler.load_state_dict(extra["scaler"])
         start_step = int(extra["step"])
