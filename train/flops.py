@@ -111,6 +111,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     convention, so MFU figures compare across those tools (causal kernels skip about half of it).
     MTP blocks see slightly shorter sequences; counting them at seq_len overstates by < depth/seq_len.
     """
+    if cfg.arch != "deepseek":
+        raise ValueError(f"flops_per_token is for the decoder, not {cfg.arch}; use flops_per_sample")
     blocks = _blocks(cfg)
     head = cfg.dim * cfg.vocab_size * (1 + cfg.mtp_depth)
     matmul = head + sum(b.matmul_active for b in blocks)

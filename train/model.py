@@ -163,7 +163,9 @@ class MoE(nn.Module):
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         )
         # Tokens routed to each expert since the last moe_balance_step; not checkpointed.
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(cfg.n_routed_experts, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -179,7 +181,7 @@ class MoE(nn.Module):
         slices = x[token_of].split(counts.tolist())
         # Every expert runs, on an empty slice if it got no tokens, so each weight gets a (zero)
         # gradient every step: DDP needs no find_unused_parameters and ranks never diverge.
-        expert_out = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices)])
+        expert_out = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices, strict=True)])
         weighted = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
         if self.shared_experts is not None:
@@ -336,16 +338,15 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def moe_balance_step(
-    model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None
-) -> dict[str, float]:
+def moe_balance_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
     """Auxiliary-loss-free balancing, once per optimizer step on every rank.
 
     Sums every MoE layer's token counts over ranks with ONE call of `all_reduce` (an in-place SUM;
     None for a single process), then moves each expert's bias by bias_update_speed toward balance:
     up for experts below the layer's mean load, down for those above. Counts restart at zero.
     Returns the most and least loaded expert's load relative to its layer's mean, over all layers.
-    Works on wrapped models (DDP, FSDP): layers are found through model.modules().
+    Works on wrapped models (DDP, FSDP): layers are found through model.modules(). Under DDP use
+    broadcast_buffers=False: counts are per rank, and the bias gets the same update on every rank.
     """
     moe_layers = [module for module in model.modules() if isinstance(module, MoE)]
     if not moe_layers:
@@ -355,7 +356,7 @@ def moe_balance_step(
         all_reduce(counts)
     per_layer = counts.view(len(moe_layers), -1).float()
     mean = per_layer.mean(dim=1, keepdim=True)
-    for layer, layer_counts, layer_mean in zip(moe_layers, per_layer, mean):
+    for layer, layer_counts, layer_mean in zip(moe_layers, per_layer, mean, strict=True):
         layer.router.expert_bias += layer.bias_update_speed * torch.sign(layer_mean - layer_counts)
         layer.tokens_per_expert.zero_()
     if not mean.gt(0).all():
