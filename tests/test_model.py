@@ -142,20 +142,21 @@ def test_group_limited_routing_picks_experts_only_in_the_best_groups():
     assert (chosen_groups.unsqueeze(-1) == best_groups.unsqueeze(1)).any(-1).all()
 
 
-def test_routing_without_group_limit_reaches_other_groups():
+def test_only_the_group_limit_keeps_tokens_within_two_groups():
     limited = dataclasses.replace(
         TINY, n_routed_experts=8, n_activated_experts=3, n_expert_groups=4, n_limited_groups=2
     )
-    unlimited = dataclasses.replace(limited, n_expert_groups=1, n_limited_groups=1)
-    torch.manual_seed(0)
     router_limited = Router(limited)
     nn.init.normal_(router_limited.weight, std=1.0)
-    router_unlimited = Router(unlimited)
+    router_unlimited = Router(dataclasses.replace(limited, n_expert_groups=1, n_limited_groups=1))
     router_unlimited.load_state_dict(router_limited.state_dict())
     x = torch.randn(256, limited.dim)
-    groups_used = router_unlimited(x)[1] // 2
-    assert (groups_used.unsqueeze(-1) != groups_used.unsqueeze(-2)).any()
-    assert not torch.equal(router_limited(x)[1].sort(-1).values, router_unlimited(x)[1].sort(-1).values)
+
+    def groups_per_token(router: Router) -> list[int]:
+        return [len(set(row.tolist())) for row in router(x)[1] // 2]
+
+    assert max(groups_per_token(router_limited)) == 2
+    assert max(groups_per_token(router_unlimited)) == 3
 
 
 def test_balance_step_moves_bias_toward_underloaded_experts_with_one_all_reduce():
