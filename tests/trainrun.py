@@ -68,7 +68,9 @@ def checkpoint_state(run_dir: Path, *overrides: str) -> tuple[dict[str, torch.Te
     cfg = load_config("tiny", [*SMALL, *overrides])
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    extra = Checkpointer(run_dir, keep=100, rank=0, world_size=1, strategy="ddp").load_latest(model, optimizer)
+    # A DDP checkpoint is one file from rank 0; read it as the run's world size, which the checkpointer checks.
+    world_size = json.loads((run_dir / "summary.json").read_text())["world_size"]
+    extra = Checkpointer(run_dir, keep=100, rank=0, world_size=world_size, strategy="ddp").load_latest(model, optimizer)
     assert extra is not None, f"no checkpoint in {run_dir}"
     return {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), extra
 
@@ -79,4 +81,5 @@ def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         if exact:
             assert torch.equal(a[key], b[key]), key
         else:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+            # Adam turns float-order noise in near-zero gradients into ~1e-5; a wrong reduction moves ~lr (1e-3).
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=key)

@@ -284,6 +284,12 @@ def validate(cfg: RunConfig) -> None:
                 raise ConfigError("model.n_routed_experts must divide evenly into model.n_expert_groups")
             if m.n_limited_groups > m.n_expert_groups:
                 raise ConfigError("model.n_limited_groups exceeds model.n_expert_groups; lower it")
+            reachable = m.n_routed_experts // m.n_expert_groups * m.n_limited_groups
+            if m.n_activated_experts > reachable:
+                raise ConfigError(
+                    f"model.n_activated_experts={m.n_activated_experts} exceeds the {reachable} experts that "
+                    "model.n_limited_groups groups hold; raise n_limited_groups or lower n_activated_experts"
+                )
         if m.qk_rope_head_dim % 2:
             raise ConfigError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
     if cfg.data.source == "files" and not cfg.data.path:

@@ -89,7 +89,7 @@ def wrap_model(model: nn.Module, cfg: RunConfig, info: DistInfo, param_dtype: to
     if cfg.train.strategy == "fsdp":
         fully_shard, MixedPrecisionPolicy = _fully_shard()
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in model.layers:
+        for block in [*model.layers, *getattr(model, "mtp", [])]:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model

@@ -198,7 +198,7 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
     run.scheduler.step()
     balance = moe_balance_step(model, all_reduce_sum)
     figures = {"loss": loss_mean, "grad_norm": float(grad_norm), "stop": stop_votes > 0}
-    return figures | {f"moe_{key}": value for key, value in balance.items()}
+    return figures | balance
 
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
