@@ -325,6 +325,7 @@ WORKLOAD_MATCHERS: dict[str, Callable[[Any, Any], bool]] = {
     "strategy": _same,
     "micro_batch": _same,
     "accum": _same,
+    "grad_compression": _same,
     "model_overrides": _same_overrides,
 }
 
@@ -781,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         print(f"torchrig: bench: {exc}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:
+        print(f"torchrig: bench: interrupted; the finished runs are in {plan.run_dir}", file=sys.stderr)
+        return 130
     bench = build_bench(plan, summaries, bandwidth, baseline)
     print("\n".join(["", *write_outputs(plan.run_dir, bench, columns_for(baseline is not None))]), flush=True)
     return 0
