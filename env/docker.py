@@ -24,7 +24,6 @@ from urllib.parse import urlsplit, urlunsplit
 from env.profiles import DEFAULT_CUDA, CudaProfile, UnknownProfile, profile
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = ROOT / "docker-compose.yml"
 IMAGE_REPOSITORY = "torchrig"
 LATEST_IMAGE = f"{IMAGE_REPOSITORY}:latest"  # what compose runs unless TORCHRIG_IMAGE says otherwise
 IMAGE_UID = 1000  # the image's fixed non-root user (Dockerfile)
@@ -278,8 +277,10 @@ def _wait_forwarding_signals(process: subprocess.Popen) -> int:
 def compose_run_command(
     compose: Sequence[str], argv: Sequence[str], *, gpu: bool, env: dict[str, str], tty: bool
 ) -> list[str]:
+    """compose reads docker-compose.yml from the repository root (the working directory it is given), plus
+    docker-compose.override.yml when present, or the files in $COMPOSE_FILE: the usual place for site changes."""
     service = "gpu" if gpu else "cpu"
-    command = [*compose, "--file", str(COMPOSE_FILE), "--profile", service, "run", "--rm"]
+    command = [*compose, "--profile", service, "run", "--rm"]
     if not tty:
         command.append("-T")
     command += [option for name, value in sorted(env.items()) for option in ("-e", f"{name}={value}")]
@@ -318,6 +319,9 @@ def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str]) -> int:
     env = {**env, "TORCHRIG_IMAGE": image, "TORCHRIG_IMAGE_ID": facts.image_id}
     command = compose_run_command(compose, argv, gpu=gpu, env=env, tty=sys.stdin.isatty() and sys.stdout.isatty())
     compose_env = {**os.environ, "TORCHRIG_IMAGE": image, "TORCHRIG_UID": str(uid), "TORCHRIG_GID": str(gid)}
+    client_dir = os.path.dirname(docker_client())
+    if client_dir:  # compose v1 runs `docker` from PATH for interactive runs: make it the same client
+        compose_env["PATH"] = os.pathsep.join([client_dir, os.environ.get("PATH", "")])
     with subprocess.Popen(command, cwd=ROOT, env=compose_env) as process:
         return _wait_forwarding_signals(process)
 

@@ -229,7 +229,7 @@ def test_compose_run_command_picks_the_service_and_passes_variables() -> None:
     )
     assert command[:1] == ["docker-compose"]
     assert command[-4:] == ["cpu", "python", "-m", "train.launch"]
-    assert command[3:5] == ["--profile", "cpu"] and "-T" in command
+    assert command[1:3] == ["--profile", "cpu"] and "-T" in command
     assert command[command.index("-e") + 1] == "NCCL_DEBUG=INFO"
     assert docker.compose_run_command(["x"], ["bash"], gpu=True, env={}, tty=True)[-2:] == ["gpu", "bash"]
 
