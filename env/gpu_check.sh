@@ -35,9 +35,11 @@ record() {
     notes+=("$4")
 }
 
-# note TEXT: replace the note of the last recorded step (figures read from its output).
+# note TEXT: add figures read from its output to the last step's note, unless that step was skipped.
 note() {
-    notes[${#notes[@]}-1]="$1"
+    local last=$((${#notes[@]} - 1))
+    [[ "${statuses[$last]}" == SKIP || -z "$1" ]] && return
+    notes[last]="${notes[$last]:+${notes[$last]}; }$1"
 }
 
 # missing_modules MODULE...: the ones python3 cannot import, space-separated.
