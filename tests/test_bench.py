@@ -207,6 +207,7 @@ def test_launch_command_forces_synthetic_data_after_the_users_overrides(tmp_path
         (["--baseline", "no-such-claim"], "no-such-claim"),
         (["--gpus", "9"], "--gpus 9"),
         (["--counts", "2,3"], "must include 1"),
+        (["--gpus", "1", "--counts", "1,2"], "GPUS is 1"),
         (["--nccl-json", "missing-nccl.json"], "missing-nccl.json"),
         (["--link", "carrier-pigeon"], "carrier-pigeon"),
         (["--config", "tiny", "train.no_such_key=1"], "no_such_key"),

@@ -552,7 +552,8 @@ class Plan:
         return "GPU" if self.device_type == "cuda" else "CPU process"
 
 
-def parse_counts(text: str, gpus: int, limit: int, unit: str) -> list[int]:
+def parse_counts(text: str, gpus: int, unit: str) -> list[int]:
+    """1..GPUS, or the --counts list: it must hold 1 and stay within GPUS."""
     if not text:
         return list(range(1, gpus + 1))
     try:
@@ -561,20 +562,19 @@ def parse_counts(text: str, gpus: int, limit: int, unit: str) -> list[int]:
         raise BenchError(f"--counts {text} is not a comma list of whole numbers, e.g. --counts 1,2,3") from None
     if not counts or counts[0] != 1:
         raise BenchError(f"--counts {text} must include 1: speedup and the prediction are relative to the 1-{unit} run")
-    if counts[-1] > limit:
-        raise BenchError(f"--counts {text} asks for {counted(counts[-1], unit)} but at most {limit} can run here")
+    if counts[-1] > gpus:
+        raise BenchError(f"--counts {text} asks for {counted(counts[-1], unit)} but GPUS is {gpus}; raise GPUS")
     return counts
 
 
-def check_gpus(gpus: int, cuda_gpus: int) -> int:
-    """The largest count allowed: the visible GPUs, or MAX_CPU_PROCESSES CPU processes."""
+def check_gpus(gpus: int, cuda_gpus: int) -> None:
+    """GPUS may be at most the visible GPUs, or MAX_CPU_PROCESSES CPU processes without a GPU."""
     limit = cuda_gpus or MAX_CPU_PROCESSES
     if gpus < 1:
         raise BenchError(f"--gpus {gpus} must be at least 1")
     if gpus > limit:
         what = f"only {cuda_gpus} GPU(s) are visible" if cuda_gpus else f"with no GPU at most {limit} CPU processes run"
         raise BenchError(f"--gpus {gpus} but {what}; use GPUS={limit} or fewer")
-    return limit
 
 
 def launch_command(plan: Plan, n: int) -> list[str]:
@@ -727,8 +727,8 @@ def make_plan(args: argparse.Namespace, baseline: dict | None, cuda_gpus: int) -
     device_type = "cuda" if cuda_gpus else "cpu"
     unit = "GPU" if cuda_gpus else "CPU process"
     gpus = args.gpus or cuda_gpus or 1
-    limit = check_gpus(gpus, cuda_gpus)
-    counts = parse_counts(args.counts, gpus, limit, unit)
+    check_gpus(gpus, cuda_gpus)
+    counts = parse_counts(args.counts, gpus, unit)
     if args.steps < 2:
         raise BenchError(f"--steps {args.steps} must be at least 2 (the first logged window is warm-up)")
     config, values = flag_values(args, baseline, device_type)
