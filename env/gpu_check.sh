@@ -131,6 +131,13 @@ last_line() {
     grep -E "$2" "$1" 2>/dev/null | tail -n 1
 }
 
+# loader_note LOG: how many source/worker rows of a data-loader log keep up with one rank.
+loader_note() {
+    local rows
+    rows=$(grep -cE ' (ok|below [0-9]+×)$' "$1")
+    echo "$(grep -cE ' ok$' "$1") of $rows source/worker rows feed >= 10x one rank's consumption"
+}
+
 if [[ "${FORCE:-0}" != 1 ]] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu_check: needs a CUDA GPU visible to python3's torch, and none is; nothing to do (FORCE=1 runs it anyway)"
     exit 0
@@ -181,15 +188,18 @@ run_step launch-overhead 45 "" "$PY" -m env.nccl_test --gpus 1 --launch-overhead
 note "$(last_line "$OUT/launch-overhead.log" 'launch overhead' | sed 's/^# //')"
 
 run_step data-loader 75 "yaml" "$PY" -m train.benchmarks.data_loader --config "$TRAIN_CONFIG" --seconds 2
-loader_rows=$(grep -cE ' (ok|below [0-9]+×)$' "$OUT/data-loader.log")
-note "$(grep -cE ' ok$' "$OUT/data-loader.log") of $loader_rows source/worker rows feed >= 10x one rank's consumption"
+note "$(loader_note "$OUT/data-loader.log")"
+# Synthetic images are made on the CPU: does the loader keep up with a fast GPU's ResNet-50 steps?
+run_step data-loader-resnet50 60 "yaml torchvision" "$PY" -m train.benchmarks.data_loader --config resnet50 \
+    --workers 0,4 --seconds 2
+note "$(loader_note "$OUT/data-loader-resnet50.log")"
 
 echo
 echo "=== gpu_check summary ($((SECONDS - started_all))s of ${BUDGET_S}s budget; logs in $OUT)"
-printf '%-18s %-8s %6s  %s\n' step status seconds note
+printf '%-22s %-8s %6s  %s\n' step status seconds note
 failed=0
 for i in "${!names[@]}"; do
-    printf '%-18s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${notes[$i]}"
+    printf '%-22s %-8s %6s  %s\n' "${names[$i]}" "${statuses[$i]}" "${seconds[$i]}" "${notes[$i]}"
 done | tee "$OUT/summary.txt"
 for status in "${statuses[@]}"; do
     [[ "$status" == FAIL || "$status" == TIMEOUT ]] && failed=1
