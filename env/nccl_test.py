@@ -1,0 +1,572 @@
+"""`make nccl-test`: collective bandwidth and correctness on the torch stack training uses, with a verdict.
+
+`python -m env.nccl_test [flags]`. Started by hand (not inside torchrun), it checks every flag
+first, decides P2P from measurements (env.p2p), and starts one worker per GPU (or per CPU
+process, on gloo) through env.launch. Each worker runs this same module; rank 0 prints
+nccl-tests' table for every collective, bandwidth and version lines, a verdict judged against
+what the links should give (env.links), and writes a JSON record. Exit: 0 PASS or WARN,
+1 FAIL, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from env.launch import USER_ERROR_EXIT
+from env.links import Expectation, expected_busbw, judge
+from env.nvml import read_snapshot
+from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p, p2p_mode, torch_copy_check, visible_gpu_indices
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "requirements.txt"
+MAX_CPU_PROCESSES = 8
+DEFAULT_SIZES = {"cuda": "8:1G:2", "cpu": "8:4M:4"}
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+LARGE_MESSAGE_MIN_BYTES = 64 << 20  # below this, busbw is latency-bound and says nothing about the links
+LARGE_MESSAGE_SPAN = 4  # large-message busbw: the mean over sizes within 4x of the largest
+QUIET_RANKS_GRACE_S = 5  # ranks other than local rank 0 give up this much later, so that rank 0 explains
+PG_TIMEOUT_MARGIN_S = 30  # the process group's own timeout runs this much behind our watchdog's
+DEFAULT_JSON = Path("runs") / "nccl_test.json"
+DECISION_ENV = "TORCHRIG_P2P_DECISION"  # the launcher's P2P decision, as JSON, handed to its workers
+STALL_ENV = "TORCHRIG_TEST_STALL_RANK"  # test-only: this rank never reaches the first collective
+HANG_HINT = (
+    "usual causes: P2P on GeForce cards (retry with NCCL_P2P_DISABLE=1), ACS or the IOMMU blocking P2P"
+    " (disable ACS in the BIOS, or boot with iommu=pt), a too-small /dev/shm (docker --shm-size=16g or --ipc=host),"
+    " and across nodes a firewall or the wrong interface (open the ports, set NCCL_SOCKET_IFNAME)"
+)
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line, exit 2."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+@dataclass
+class Options:
+    gpus: int
+    sizes: list[int]
+    dtype: Any  # env.collectives.Dtype; imported with torch, lazily
+    ops: list[str]
+    min_busbw: float | None
+    iters: int
+    warmup: int
+    json_path: Path
+    first_timeout: float
+    launch_overhead: bool
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    max_restarts: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="python -m env.nccl_test", description=__doc__.splitlines()[0])
+    parser.add_argument("--gpus", type=int, help="workers: default every visible GPU, or 2 CPU processes on gloo")
+    parser.add_argument("--sizes", help="min:max:factor with K/M/G suffixes (default 8:1G:2 on GPU, 8:4M:4 on CPU)")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
+    parser.add_argument("--ops", default="all_reduce", help="comma list of collectives, or all (default all_reduce)")
+    parser.add_argument("--min-busbw", type=float, help="GB/s the large-message busbw must reach (overrides the links)")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per size (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per size first (default 5)")
+    parser.add_argument("--json", help=f"the JSON record's path (default RUN_DIR/nccl_test.json, else {DEFAULT_JSON})")
+    parser.add_argument("--run-dir", help="directory for the JSON record when --json is not given")
+    parser.add_argument("--first-timeout", type=float, default=30.0, help="seconds the first collective may take")
+    parser.add_argument("--launch-overhead", action="store_true", help="benchmark: time per 8 B call, queued vs waited")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--max-restarts", type=int, default=0)
+    return parser
+
+
+def parse_size(text: str) -> int:
+    """A size such as 8, 64K or 1G (binary units, as nccl-tests) in bytes."""
+    match = re.fullmatch(r"(\d+)([KMG]?)B?", text.strip(), re.IGNORECASE)
+    if match is None or int(match.group(1)) == 0:
+        raise UsageError(f"'{text}' is not a size; use a positive number with an optional K, M or G, e.g. 8:1G:2")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def parse_sizes(spec: str) -> list[int]:
+    """nccl-tests' min:max:factor (or min:max, factor 2, or one size) -> the sizes in bytes."""
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise UsageError(f"--sizes {spec}: write min:max:factor, e.g. 8:1G:2")
+    try:
+        low = parse_size(parts[0])
+        high = parse_size(parts[1]) if len(parts) > 1 else low
+    except UsageError as exc:
+        raise UsageError(f"--sizes {spec}: {exc}") from None
+    factor_text = parts[2].strip() if len(parts) > 2 else "2"
+    if not factor_text.isdigit() or int(factor_text) < 2:
+        raise UsageError(f"--sizes {spec}: the factor '{factor_text}' must be a whole number of at least 2")
+    if low > high:
+        raise UsageError(f"--sizes {spec}: min {parts[0]} is larger than max {parts[1]}; write min:max:factor")
+    sizes = [low]
+    while sizes[-1] * int(factor_text) <= high:
+        sizes.append(sizes[-1] * int(factor_text))
+    return sizes
+
+
+def parse_ops(spec: str, known: list[str]) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--ops is empty; choose from {', '.join(known)}, or all")
+    if "all" in names:
+        return list(known)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UsageError(f"unknown op '{name}' in --ops; {hint}choose from {', '.join(known)}, or all")
+    return list(dict.fromkeys(names))
+
+
+def format_size(nbytes: int) -> str:
+    for unit in ("G", "M", "K"):
+        if nbytes >= SIZE_UNITS[unit] and nbytes % SIZE_UNITS[unit] == 0:
+            return f"{nbytes // SIZE_UNITS[unit]}{unit}"
+    return f"{nbytes}B"
+
+
+def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
+        raise UsageError(f"{name} {value:g} must be {bound}")
+
+
+def _check_gpus(gpus: int, cuda_gpus: int) -> None:
+    _check_range("--gpus", gpus, 1)
+    if cuda_gpus and gpus > cuda_gpus:
+        raise UsageError(f"--gpus {gpus} but only {cuda_gpus} GPU(s) are visible; use --gpus {cuda_gpus} or fewer")
+    if not cuda_gpus and gpus > MAX_CPU_PROCESSES:
+        raise UsageError(f"--gpus {gpus}: no GPU is visible, so it counts CPU processes on gloo, at most 8")
+
+
+def _check_nodes(args: argparse.Namespace) -> None:
+    _check_range("--nnodes", args.nnodes, 1)
+    _check_range("--node-rank", args.node_rank, 0, args.nnodes - 1)
+    _check_range("--master-port", args.master_port, 1, 65535)
+    _check_range("--max-restarts", args.max_restarts, 0)
+    if args.nnodes > 1 and not args.master_addr:
+        raise UsageError("--nnodes > 1 needs --master-addr (the address of node rank 0)")
+
+
+def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Options:
+    """Every flag checked before anything starts; raises UsageError naming the problem and the fix."""
+    from env.collectives import COLLECTIVES, DTYPES
+
+    args = build_parser().parse_args(argv)
+    gpus = args.gpus if args.gpus is not None else cuda_gpus or 2
+    if not in_worker:  # inside torchrun the launcher has already fixed the process count
+        _check_gpus(gpus, cuda_gpus)
+    if args.dtype not in DTYPES:
+        raise UsageError(f"--dtype {args.dtype} is not one of {', '.join(DTYPES)}")
+    _check_range("--iters", args.iters, 1)
+    _check_range("--warmup", args.warmup, 0)
+    if args.first_timeout <= 0:
+        raise UsageError(f"--first-timeout {args.first_timeout:g} must be more than 0 seconds")
+    if args.min_busbw is not None:
+        _check_range("--min-busbw", args.min_busbw, 0)
+    _check_nodes(args)
+    json_path = DEFAULT_JSON
+    if args.json or args.run_dir:
+        json_path = Path(args.json) if args.json else Path(args.run_dir) / "nccl_test.json"
+    return Options(
+        gpus=gpus,
+        sizes=parse_sizes(args.sizes or DEFAULT_SIZES["cuda" if cuda_gpus else "cpu"]),
+        dtype=DTYPES[args.dtype],
+        ops=parse_ops(args.ops, list(COLLECTIVES)),
+        min_busbw=args.min_busbw,
+        iters=args.iters,
+        warmup=args.warmup,
+        json_path=json_path,
+        first_timeout=args.first_timeout,
+        launch_overhead=args.launch_overhead,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        max_restarts=args.max_restarts,
+    )
+
+
+class Watchdog:
+    """Ends the process with one FAIL line if a step that takes seconds when healthy has not finished in time.
+
+    A hung NCCL communicator or peer copy (the classic: P2P on GeForce cards) otherwise sits until
+    the process group's timeout, many minutes later, and then prints pages of traceback, or forever.
+    """
+
+    def __init__(self, timeout_s: float, message: str, announce: bool) -> None:
+        self.timeout_s = timeout_s
+        self.message = message
+        self.announce = announce
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.timeout_s):
+            return
+        if self.announce:
+            print(self.message, flush=True)
+        sys.stderr.flush()
+        os._exit(1)
+
+
+# ---- the launcher side ---------------------------------------------------------------------------------------
+
+
+def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
+    """Decide P2P here, once, with real copies between the GPUs; then start the workers with it in their env."""
+    probe_timeout = options.first_timeout + PG_TIMEOUT_MARGIN_S  # room to create a CUDA context on every GPU
+    stuck = (
+        f"VERDICT: FAIL - a P2P copy between GPUs did not finish in {probe_timeout:g} s;"
+        " P2P is broken on this box: retry with NCCL_P2P_DISABLE=1"
+    )
+    with Watchdog(probe_timeout, stuck, announce=True):
+        decision = decide_p2p(read_snapshot(), os.environ, torch_copy_check if cuda_gpus > 1 else None)
+    print(f"nccl-test: P2P ({decision.source}): {decision.reason}", flush=True)
+    apply_p2p_decision(decision)
+    os.environ[DECISION_ENV] = json.dumps(decision.to_dict())
+    from env.launch import launch
+
+    return launch(
+        "env.nccl_test",
+        argv,
+        nproc=options.gpus,
+        nnodes=options.nnodes,
+        node_rank=options.node_rank,
+        master_addr=options.master_addr,
+        master_port=options.master_port,
+        max_restarts=options.max_restarts,
+    )
+
+
+# ---- the worker side -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerPlace:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+
+    @classmethod
+    def from_env(cls) -> WorkerPlace:
+        world = int(os.environ["WORLD_SIZE"])
+        return cls(
+            rank=int(os.environ["RANK"]),
+            world=world,
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+        )
+
+
+def worker_p2p_decision(use_cuda: bool) -> P2PDecision:
+    """The launcher's decision when there is one; under a bare torchrun, decide here from NVML alone."""
+    handed = os.environ.get(DECISION_ENV)
+    if handed:
+        return P2PDecision.from_dict(json.loads(handed))
+    decision = decide_p2p(read_snapshot(), os.environ, None)
+    if use_cuda:
+        apply_p2p_decision(decision)
+    return decision
+
+
+def _stall_for_test(rank: int) -> None:
+    if os.environ.get(STALL_ENV) == str(rank):
+        time.sleep(3600)
+
+
+def start_group(place: WorkerPlace, device: Any, options: Options) -> str | None:
+    """init_process_group and a first collective under the watchdog; a one-line failure, or None."""
+    import torch
+    import torch.distributed as dist
+
+    from env.collectives import align_ranks
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    announce = place.local_rank == 0
+    hung = (
+        f"VERDICT: FAIL - the first collective did not finish in {options.first_timeout:g} s ({backend}); {HANG_HINT}"
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    # Local rank 0 says why; the others give it a head start, since the first to exit gets the rest stopped.
+    timeout = options.first_timeout if announce else options.first_timeout + QUIET_RANKS_GRACE_S
+    with Watchdog(timeout, hung, announce):
+        _stall_for_test(place.rank)
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=options.first_timeout + PG_TIMEOUT_MARGIN_S))
+            align_ranks(device)
+        except (RuntimeError, ValueError) as exc:  # DistBackendError, store timeouts: all RuntimeError
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"VERDICT: FAIL - the first collective failed ({backend}: {first_line}); {HANG_HINT}"
+    return None
+
+
+def run_worker(options: Options) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from env.collectives import Context
+
+    place = WorkerPlace.from_env()
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", place.local_rank) if use_cuda else torch.device("cpu")
+    decision = worker_p2p_decision(use_cuda)
+    failure = start_group(place, device, options)
+    if failure is not None:
+        if place.local_rank == 0:
+            print(failure, flush=True)
+        return 1
+    ctx = Context(place.rank, place.world, device, options.iters, options.warmup)
+    if options.launch_overhead:
+        code = report_launch_overhead(ctx)
+    else:
+        rows = run_table(options, ctx)
+        code = report(options, place, device, decision, rows) if place.rank == 0 else 0
+    if use_cuda:
+        dist.destroy_process_group()
+        return code
+    # torch 2.4's gloo teardown can deadlock: its worker thread may still need the GIL to free the
+    # last collective's tensors while the destructor holds the GIL and joins that thread. Every
+    # collective has finished on every rank, so a gloo worker simply leaves.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+HEADER = (
+    "#       size        count      type   redop    root     time   algbw   busbw  #wrong   lat p50   lat p99",
+    "#        (B)   (elements)                               (us)  (GB/s)  (GB/s)              (us)      (us)",
+)
+
+
+def format_row(row: Any) -> str:
+    return (
+        f"{row.bytes:>12} {row.count:>12} {row.type:>9} {row.redop:>7} {row.root:>7} {row.time_us:>8.1f}"
+        f" {row.algbw:>7.2f} {row.busbw:>7.2f} {row.wrong:>7} {row.lat_median_us:>9.1f} {row.lat_p99_us:>9.1f}"
+    )
+
+
+def run_table(options: Options, ctx: Any) -> list[Any]:
+    """Every op at every size; rank 0 prints each row as it lands, then the op's nccl-tests footer."""
+    from env.collectives import COLLECTIVES, element_count, measure
+
+    rows = []
+    element_size = options.dtype.torch_dtype.itemsize
+    for name in options.ops:
+        collective = COLLECTIVES[name]
+        if ctx.rank == 0:
+            print(f"# {name}: {ctx.world} rank(s), {ctx.device.type}, {options.dtype.nccl_name}", *HEADER, sep="\n")
+        op_rows, counts = [], set()
+        for size in options.sizes:
+            count = element_count(collective, size, element_size, ctx.world)
+            if count in counts:  # rounding to whole chunks made this size the same as an earlier one
+                continue
+            counts.add(count)
+            op_rows.append(measure(collective, size, options.dtype, ctx))
+            if ctx.rank == 0:
+                print(format_row(op_rows[-1]), flush=True)
+        if ctx.rank == 0:
+            wrong = sum(row.wrong for row in op_rows)
+            print(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
+            print(f"# Avg bus bandwidth    : {sum(r.busbw for r in op_rows) / len(op_rows):.4g}", flush=True)
+        rows.extend(op_rows)
+    return rows
+
+
+def large_message_busbw(op_rows: list[Any]) -> float | None:
+    """Mean busbw over the sizes within LARGE_MESSAGE_SPAN of the largest: what the links sustain."""
+    if not op_rows:
+        return None
+    largest = max(row.bytes for row in op_rows)
+    large = [row.busbw for row in op_rows if row.bytes * LARGE_MESSAGE_SPAN >= largest]
+    return sum(large) / len(large)
+
+
+def summarize(rows: list[Any], ops: list[str]) -> dict[str, dict[str, Any]]:
+    summary = {}
+    for name in ops:
+        op_rows = [row for row in rows if row.op == name]
+        peak = max(op_rows, key=lambda row: row.busbw)
+        summary[name] = {
+            "avg_busbw": sum(row.busbw for row in op_rows) / len(op_rows),
+            "peak_busbw": peak.busbw,
+            "peak_bytes": peak.bytes,
+            "large_busbw": large_message_busbw(op_rows),
+            "largest_bytes": max(row.bytes for row in op_rows),
+            "wrong": sum(row.wrong for row in op_rows),
+        }
+    return summary
+
+
+def pinned_nccl_version(requirements: Path = REQUIREMENTS) -> str | None:
+    """The NCCL version pinned in the lock (nvidia-nccl-cu12==X)."""
+    try:
+        text = requirements.read_text()
+    except OSError:
+        return None
+    match = re.search(r"^nvidia-nccl-cu\d+==([\w.]+)", text, re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def collect_versions(device_type: str) -> dict[str, Any]:
+    import torch
+
+    loaded = None
+    if device_type == "cuda":
+        loaded = ".".join(str(part) for part in tuple(torch.cuda.nccl.version())[:3])
+    pinned = pinned_nccl_version()
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl_loaded": loaded,
+        "nccl_pinned": pinned,
+        "nccl_matches_pin": loaded == pinned if loaded and pinned else None,
+    }
+
+
+def versions_line(versions: dict[str, Any]) -> str:
+    if versions["nccl_loaded"] is None:
+        nccl = f"NCCL not loaded (gloo; pinned {versions['nccl_pinned']})"
+    else:
+        match = {True: "match", False: "MISMATCH", None: "pin unknown"}[versions["nccl_matches_pin"]]
+        nccl = f"NCCL {versions['nccl_loaded']} loaded (pinned {versions['nccl_pinned']}: {match})"
+    return f"torch {versions['torch']}, CUDA {versions['cuda']}, {nccl}"
+
+
+def bandwidth_expectation(place: WorkerPlace, device_type: str, largest_bytes: int) -> Expectation:
+    """What the links should give, or why the bandwidth cannot be judged on this run."""
+    reasons_not_judged = (
+        (device_type != "cuda", "no GPU (gloo on CPU); correctness still decides"),
+        (place.world == 1, "one rank: no link is crossed"),
+        (place.world > place.local_world, "several nodes: the network between them is not modelled; use --min-busbw"),
+        (
+            largest_bytes < LARGE_MESSAGE_MIN_BYTES,
+            f"the largest message ({format_size(largest_bytes)}) is under {format_size(LARGE_MESSAGE_MIN_BYTES)},"
+            " too small to reach link bandwidth; use --sizes up to 1G",
+        ),
+    )
+    why_not = next((why for applies, why in reasons_not_judged if applies), None)
+    if why_not is not None:
+        return Expectation(None, why_not=why_not)
+    snapshot = read_snapshot()
+    gpus = visible_gpu_indices(snapshot, os.environ)[: place.local_world] if snapshot.ok else []
+    return expected_busbw(snapshot, gpus, p2p_mode(os.environ))
+
+
+def report(options: Options, place: WorkerPlace, device: Any, decision: P2PDecision, rows: list[Any]) -> int:
+    summary = summarize(rows, options.ops)
+    total_wrong = sum(op["wrong"] for op in summary.values())
+    weakest = min(summary, key=lambda name: summary[name]["large_busbw"])
+    largest = max(op["largest_bytes"] for op in summary.values())
+    expectation = bandwidth_expectation(place, device.type, largest)
+    measured = summary[weakest]["large_busbw"]
+    verdict = judge(wrong=total_wrong, measured_busbw=measured, expectation=expectation, min_busbw=options.min_busbw)
+    versions = collect_versions(device.type)
+    peak_op = max(summary, key=lambda name: summary[name]["peak_busbw"])
+    peak = summary[peak_op]
+    print(f"# Peak busbw          : {peak['peak_busbw']:.2f} GB/s ({peak_op}, {format_size(peak['peak_bytes'])})")
+    print(
+        f"# Large-message busbw : {measured:.2f} GB/s ({weakest}, sizes from"
+        f" {format_size(max(1, largest // LARGE_MESSAGE_SPAN))} to {format_size(largest)})"
+    )
+    print(f"# Versions            : {versions_line(versions)}")
+    print(f"# P2P                 : {decision.source}: {decision.reason}")
+    record = {
+        "world_size": place.world,
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "dtype": options.dtype.name,
+        "versions": versions,
+        "p2p": decision.to_dict(),
+        "expected_link": expectation.link,
+        "verdict": asdict(verdict),
+        "ops": summary,
+        "rows": [asdict(row) for row in rows],
+    }
+    written = write_record(options.json_path, record)
+    print(f"VERDICT: {verdict.status} - {verdict.reason}", flush=True)
+    if verdict.status == "WARN":
+        print(f"nccl-test: WARNING: {verdict.reason}", file=sys.stderr, flush=True)
+    return verdict.exit_code if written else USER_ERROR_EXIT
+
+
+def write_record(path: Path, record: dict[str, Any]) -> bool:
+    """Write the JSON record atomically; a path we cannot write is one line, not a traceback."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(path)
+    except OSError as exc:
+        print(f"nccl-test: cannot write the JSON record to {path} ({exc.strerror}); pass a writable --json", flush=True)
+        return False
+    print(f"# JSON                : {path}")
+    return True
+
+
+def report_launch_overhead(ctx: Any) -> int:
+    from env.collectives import launch_overhead
+
+    calls = max(ctx.iters, 200)
+    queued, each = launch_overhead(ctx, calls)
+    if ctx.rank == 0:
+        print(
+            f"# launch overhead, 8 B all_reduce, {calls} calls, {ctx.world} rank(s) on {ctx.device.type}"
+            f" (slowest rank): queued {queued * 1e6:.1f} us/call, each call waited for {each * 1e6:.1f} us/call;"
+            f" queueing hides {(each - queued) * 1e6:.1f} us/call",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    in_worker = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    # CUDA numbers GPUs fastest-first by default; PCI order makes CUDA ordinals match NVML indices.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    import torch
+
+    cuda_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        options = parse_options(argv, cuda_gpus, in_worker=in_worker)
+    except UsageError as exc:
+        if not in_worker or os.environ.get("RANK") == "0":
+            print(f"nccl-test: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if in_worker:
+        return run_worker(options)
+    return launch_workers(options, argv, cuda_gpus)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
