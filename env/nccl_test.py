@@ -29,7 +29,8 @@ from env.nvml import read_snapshot
 from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p, p2p_mode, torch_copy_check, visible_gpu_indices
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIREMENTS = ROOT / "requirements.txt"
+# The lock the image was built from (it may be a newer CUDA profile's), else the checkout's default lock.
+PIN_SOURCES = (Path("/opt/torchrig/requirements.lock"), ROOT / "requirements.txt")
 MAX_CPU_PROCESSES = 8
 DEFAULT_SIZES = {"cuda": "8:1G:2", "cpu": "8:4M:4"}
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -429,14 +430,16 @@ def summarize(rows: list[Any], ops: list[str]) -> dict[str, dict[str, Any]]:
     return summary
 
 
-def pinned_nccl_version(requirements: Path = REQUIREMENTS) -> str | None:
-    """The NCCL version pinned in the lock (nvidia-nccl-cu12==X)."""
-    try:
-        text = requirements.read_text()
-    except OSError:
-        return None
-    match = re.search(r"^nvidia-nccl-cu\d+==([\w.]+)", text, re.MULTILINE)
-    return match.group(1) if match else None
+def pinned_nccl_version(sources: tuple[Path, ...] = PIN_SOURCES) -> str | None:
+    """The NCCL version pinned (nvidia-nccl-cu12==X) in the first lock file that exists."""
+    for lock in sources:
+        try:
+            text = lock.read_text()
+        except OSError:
+            continue
+        match = re.search(r"^nvidia-nccl-cu\d+==([\w.]+)", text, re.MULTILINE)
+        return match.group(1) if match else None
+    return None
 
 
 def collect_versions(device_type: str) -> dict[str, Any]:

@@ -252,8 +252,9 @@ def test_main_hands_valid_input_to_the_launcher(monkeypatch):
 def test_pinned_nccl_is_read_from_the_lock(tmp_path: Path):
     lock = tmp_path / "requirements.txt"
     lock.write_text("numpy==2.0.2 \\\n    --hash=sha256:abc\nnvidia-nccl-cu12==2.20.5 \\\n    --hash=sha256:def\n")
-    assert nccl_test.pinned_nccl_version(lock) == "2.20.5"
-    assert nccl_test.pinned_nccl_version(tmp_path / "missing.txt") is None
+    missing = tmp_path / "missing.lock"
+    assert nccl_test.pinned_nccl_version((missing, lock)) == "2.20.5"
+    assert nccl_test.pinned_nccl_version((missing,)) is None
 
 
 # ---- gloo runs: 2 CPU processes, tiny sizes --------------------------------------------------------------------
