@@ -161,6 +161,24 @@ def _engine_problem() -> str | None:
     return f"{status.reason}; start it (sudo systemctl start docker) and retry"
 
 
+def _buildx_problem() -> str | None:
+    """Docker 23+ clients build through the buildx plugin; older ones have BuildKit built in."""
+    client = docker_client()
+    version = subprocess.run(
+        [client, "version", "--format", "{{.Client.Version}}"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < 23:
+        return None
+    if subprocess.run([client, "buildx", "version"], capture_output=True, check=False).returncode == 0:
+        return None
+    return (
+        f"Docker {version} ('{client}') builds through the buildx plugin, which is missing: install "
+        "docker-buildx-plugin (Docker's apt repository) or docker-buildx (Ubuntu), or set DOCKER to a client "
+        "with BuildKit built in (Docker 20.10 to 22)"
+    )
+
+
 def build_image(
     cuda: str = DEFAULT_CUDA,
     *,
@@ -183,7 +201,7 @@ def build_image(
     if ca_bundle and not Path(ca_bundle).is_file():
         _say(f"CA_BUNDLE={ca_bundle} is not a file; give the path of a PEM bundle your proxy's TLS verifies with")
         return 2
-    problem = _engine_problem()
+    problem = _engine_problem() or _buildx_problem()
     if problem:
         _say(f"cannot build: {problem}")
         return 1
