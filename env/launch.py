@@ -72,7 +72,7 @@ def launch(
     try:
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
     except ChildFailedError as exc:
-        rank, failure = min(exc.failures.items())
+        rank, failure = exc.get_first_failure()  # the earliest failure is the cause; later ones follow from it
         if failure.exitcode != USER_ERROR_EXIT:
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
             print(f"torchrig: worker rank {rank} failed ({how}); its output above says why", file=sys.stderr)

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run scripts/gpu_check.sh on a GPU machine")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run env/gpu_check.sh on a GPU machine")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

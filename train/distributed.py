@@ -133,5 +133,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """NCCL wants its communicators destroyed; gloo's teardown can block on torch 2.4, so the worker
+    process simply exits (train/worker.py) and the sockets close with it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         dist.destroy_process_group()

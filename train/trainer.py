@@ -56,11 +56,12 @@ class Precision:
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.lr_decay_steps (or train.steps)."""
     t = cfg.train
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    horizon = t.lr_decay_steps or t.steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -124,7 +125,6 @@ class Run:
     info: DistInfo
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: Any
     precision: Precision
     checkpointer: Checkpointer
@@ -144,7 +144,6 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     if cfg.train.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg, info.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.train.lr)
     scaler = _make_scaler(precision, info.device)
     checkpointer = Checkpointer(
         run_dir, keep=cfg.train.keep_ckpts, rank=info.rank, world_size=info.world_size, strategy=cfg.train.strategy
@@ -159,16 +158,20 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
     extra = checkpointer.load_latest(model, optimizer, config={**cfg.to_dict(), "world_size": info.world_size})
     if extra is not None:
-        scheduler.load_state_dict(extra["scheduler"])
         scaler.load_state_dict(extra["scaler"])
         start_step = int(extra["step"])
-    return Run(cfg, info, model, optimizer, scheduler, scaler, precision, checkpointer, start_step)
+    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
 
 
 def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, float]:
     """One optimizer step over `accum` micro-batches; returns the globally reduced figures."""
     cfg, model, device = run.cfg, run.model, run.info.device
     accum = cfg.train.accum
+    # The schedule is a pure function of the step (as in nanoGPT): nothing to save, and a changed
+    # train.lr takes effect on resume.
+    lr = lr_at(step - 1, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         inputs, targets = next(batches)
@@ -195,9 +198,8 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
     balance = moe_balance_step(model, all_reduce_sum)
-    figures = {"loss": loss_mean, "grad_norm": float(grad_norm), "stop": stop_votes > 0}
+    figures = {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "stop": stop_votes > 0}
     return figures | balance
 
 
@@ -275,7 +277,6 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
                 {
                     "step": step,
                     **{k: v for k, v in figures.items() if k != "stop"},
-                    "lr": run.scheduler.get_last_lr()[0],
                     "step_ms": step_s * 1000,
                     "samples_per_sec": samples_per_sec,
                     "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
@@ -314,7 +315,7 @@ def _extra_state(run: Run, step: int) -> dict[str, Any]:
     return {
         "step": step,
         "data_position": step,  # the sample stream is a pure function of the step (train/data.py)
-        "scheduler": run.scheduler.state_dict(),
+        "lr": lr_at(step - 1, run.cfg),  # for reading; the schedule itself is derived from the step
         "scaler": run.scaler.state_dict(),
         "config": {**run.cfg.to_dict(), "world_size": run.info.world_size},
     }

@@ -18,9 +18,14 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+from env.launch import USER_ERROR_EXIT
+
 # Phases of a step, in order; a rank stuck in an earlier phase is behind one in a later one.
 PHASES = ("start", "backward", "sync", "checkpoint")
-EXPLAINED_EXIT = 2  # the launcher prints nothing more for this code
+# Set when this process's watchdog is ending it: a collective failing meanwhile is a symptom, not news.
+FIRING = threading.Event()
+# A rank that stopped answering leaves last, so that the verdict is printed before its sockets close.
+LAGGARD_GRACE_S = 3.0
 
 
 def _connect_store(prefix: str):
@@ -102,6 +107,7 @@ class Watchdog:
         return positions
 
     def _fire(self, limit: float) -> None:
+        FIRING.set()
         if self.on_fire is not None:
             try:
                 self.on_fire()
@@ -133,4 +139,6 @@ class Watchdog:
                 file=sys.stderr,
                 flush=True,
             )
-        os._exit(EXPLAINED_EXIT)
+        if self.rank in laggards and answering:
+            time.sleep(LAGGARD_GRACE_S)
+        os._exit(USER_ERROR_EXIT)

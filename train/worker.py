@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from env.launch import USER_ERROR_EXIT
 from train.checkpoint import CheckpointError
@@ -19,6 +21,14 @@ from train.config import ConfigError
 from train.data import DataError
 from train.launch import add_run_arguments, resolve_config
 from train.trainer import TrainingStopped, train
+from train.watchdog import FIRING
+
+
+def _is_communication_failure(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away (killed, crashed, or ended by its watchdog)."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(exc)
+    return isinstance(exc, backend_error) or "Connection closed by peer" in text or "Connection reset" in text
 
 
 def _out_of_memory_hint(cfg_micro_batch: int, accum: int) -> str:
@@ -49,8 +59,21 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return USER_ERROR_EXIT
+    except RuntimeError as exc:
+        if not _is_communication_failure(exc):
+            raise
+        if FIRING.wait(timeout=2.0):  # our own watchdog is reporting and ending this process
+            time.sleep(60)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"torchrig: rank {rank}: lost contact with another rank ({first_line})", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter teardown: with gloo on torch 2.4, destroying the process group or
+    # the DDP reducer while a peer is already gone can block forever in a C++ destructor.
+    os._exit(code)
