@@ -9,7 +9,7 @@ VENV_PY := .venv/bin/python
 
 VARS := RUNTIME GPUS CONFIG STEPS MICRO_BATCH ACCUM PRECISION STRATEGY SEED RUN_DIR ARGS \
         NNODES NODE_RANK MASTER_ADDR MASTER_PORT MAX_RESTARTS SIZES DTYPE OPS MIN_BUSBW JSON \
-        BASELINE A B CUDA INPUT OUTPUT
+        BASELINE NCCL_JSON COUNTS LINK A B CUDA INPUT OUTPUT
 # NAME='value' for each variable that is set; single quotes inside values are escaped.
 PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
 DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)

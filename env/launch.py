@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 # Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
 USER_ERROR_EXIT = 2
@@ -35,11 +35,12 @@ def launch(
     master_addr: str = "",
     master_port: int = 29500,
     max_restarts: int = 0,
+    explained: Collection[int] = (USER_ERROR_EXIT,),
 ) -> int:
     """Run `python -m module *args` in `nproc` workers on this node; return an exit code.
 
     0 when every worker succeeded; a failed worker's exit code otherwise (one line is
-    printed unless the worker already explained itself with USER_ERROR_EXIT); 128+signal
+    printed unless that code is in `explained`: the worker said why itself); 128+signal
     when the launcher itself was signalled (SIGTERM/SIGINT), after the workers were
     asked to stop with the same signal.
     """
@@ -73,7 +74,7 @@ def launch(
         elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()  # the earliest failure is the cause; later ones follow from it
-        if failure.exitcode != USER_ERROR_EXIT:
+        if failure.exitcode not in explained:
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
             print(f"torchrig: worker rank {rank} failed ({how}); its output above says why", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1

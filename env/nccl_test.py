@@ -265,6 +265,7 @@ def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
         master_addr=options.master_addr,
         master_port=options.master_port,
         max_restarts=options.max_restarts,
+        explained=(1, USER_ERROR_EXIT),  # a FAIL verdict (1) and bad input (2) were already printed
     )
 
 

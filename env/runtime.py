@@ -72,7 +72,12 @@ TARGETS: dict[str, Target] = {
         gpus=True,
     ),
     "doctor": Target("env.doctor", {"JSON": "--json", "RUN_DIR": "--run-dir"}, gpus=True),
-    "bench": Target("train.bench", {**RUN_FLAGS, "BASELINE": "--baseline"}, positional=("ARGS",), gpus=True),
+    "bench": Target(
+        "train.bench",
+        {**RUN_FLAGS, "BASELINE": "--baseline", "NCCL_JSON": "--nccl-json", "COUNTS": "--counts", "LINK": "--link"},
+        positional=("ARGS",),
+        gpus=True,
+    ),
     "compare": Target("env.compare", positional=("A", "B")),
     "prepare": Target("train.prepare", {"INPUT": "--input", "OUTPUT": "--output"}),
 }
@@ -106,8 +111,6 @@ def visible_gpu_count() -> int:
 
 def validate_gpus(raw: str, visible: int) -> int:
     """GPUS as a count of worker processes; a clear UsageError for anything else."""
-    if raw == "":
-        return visible if visible > 0 else 1
     if not raw.isdigit() or int(raw) < 1:
         raise UsageError(f"GPUS={raw} is not a whole number of at least 1; e.g. GPUS=2")
     gpus = int(raw)
@@ -181,8 +184,9 @@ def passthrough_env() -> dict[str, str]:
 def run(target_name: str, values: dict[str, str]) -> int:
     if target_name == "build":
         from env.docker import build_image
+        from env.profiles import DEFAULT_CUDA
 
-        return build_image(values.get("CUDA") or "12.1")
+        return build_image(values.get("CUDA") or DEFAULT_CUDA)
     runtime, why = choose_runtime(values.get("RUNTIME", ""))
     print(f"torchrig: runtime={runtime} ({why})", file=sys.stderr, flush=True)
     if target_name == "setup":
@@ -197,10 +201,12 @@ def run(target_name: str, values: dict[str, str]) -> int:
         gpus = None
         if target.gpus:
             visible = visible_gpu_count()
-            gpus = validate_gpus(values.get("GPUS", ""), visible)
+            # Unset GPUS is left to each CLI: every visible GPU, or its own CPU default.
+            gpus = validate_gpus(values["GPUS"], visible) if values.get("GPUS", "") else None
             if visible == 0:
+                count = f"{gpus} CPU process(es)" if gpus else "CPU processes"
                 print(
-                    f"torchrig: no GPU visible: {gpus} CPU process(es) on gloo (testing mode: same code path, slower)",
+                    f"torchrig: no GPU visible: {count} on gloo (testing mode: same code path, slower)",
                     file=sys.stderr,
                     flush=True,
                 )

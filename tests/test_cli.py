@@ -48,8 +48,6 @@ def test_make_train_rejects_bad_gpus_at_once(gpus: str) -> None:
 
 
 def test_gpus_validation_against_visible_gpus() -> None:
-    assert validate_gpus("", 3) == 3
-    assert validate_gpus("", 0) == 1
     assert validate_gpus("2", 3) == 2
     assert validate_gpus("8", 0) == 8
     with pytest.raises(UsageError, match="only 3"):

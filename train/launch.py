@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from env.manifest import write_manifest
     from train.data import DataError, build_dataset
 
+    # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     has_gpu = torch.cuda.is_available()
     nproc = args.gpus or (torch.cuda.device_count() if has_gpu else 1)
     try:
