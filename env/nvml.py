@@ -27,6 +27,7 @@ P2P_STATUS_NAMES = {
     6: "UNKNOWN",
 }
 NVLINK_MAX_LINKS = 18
+NVLINK_REMOTE_SWITCH = 2  # nvmlIntNvLinkDeviceType_t: the far end is an NVSwitch
 
 
 @dataclass
@@ -166,17 +167,37 @@ def _read_gpu(nv: Any, index: int, handle: Any) -> GpuInfo:
     )
 
 
-def _read_pair(nv: Any, a: int, b: int, handles: list[Any], gpus: list[GpuInfo]) -> PairInfo:
+@dataclass
+class _NvLinks:
+    """Where one GPU's active NVLinks go: to other GPUs (by PCI bus id) or to NVSwitches."""
+
+    to_gpu: dict[str, int] = field(default_factory=dict)
+    to_switch: int = 0
+
+
+def _read_nvlinks(nv: Any, handle: Any) -> _NvLinks:
+    links = _NvLinks()
+    for link in range(NVLINK_MAX_LINKS):
+        if _maybe(nv.nvmlDeviceGetNvLinkState, handle, link) != 1:
+            continue
+        if _maybe(nv.nvmlDeviceGetNvLinkRemoteDeviceType, handle, link) == NVLINK_REMOTE_SWITCH:
+            links.to_switch += 1
+            continue
+        remote = _maybe(nv.nvmlDeviceGetNvLinkRemotePciInfo, handle, link)
+        if remote is not None:
+            bus = _text(remote.busId).lower()
+            links.to_gpu[bus] = links.to_gpu.get(bus, 0) + 1
+    return links
+
+
+def _read_pair(nv: Any, a: int, b: int, handles: list[Any], gpus: list[GpuInfo], nvlinks: list[_NvLinks]) -> PairInfo:
     ha, hb = handles[a], handles[b]
     read = _maybe(nv.nvmlDeviceGetP2PStatus, ha, hb, 0)  # NVML_P2P_CAPS_INDEX_READ
     write = _maybe(nv.nvmlDeviceGetP2PStatus, ha, hb, 1)  # NVML_P2P_CAPS_INDEX_WRITE
-    links = 0
-    for link in range(NVLINK_MAX_LINKS):
-        if _maybe(nv.nvmlDeviceGetNvLinkState, ha, link) != 1:
-            continue
-        remote = _maybe(nv.nvmlDeviceGetNvLinkRemotePciInfo, ha, link)
-        if remote is not None and _text(remote.busId).lower() == gpus[b].pci_bus_id.lower():
-            links += 1
+    # Direct links (bridges, e.g. 3090 pairs), or both GPUs on NVSwitches (SXM boards: every pair).
+    links = nvlinks[a].to_gpu.get(gpus[b].pci_bus_id.lower(), 0)
+    if nvlinks[a].to_switch and nvlinks[b].to_switch:
+        links += min(nvlinks[a].to_switch, nvlinks[b].to_switch)
     ancestor = _maybe(nv.nvmlDeviceGetTopologyCommonAncestor, ha, hb)
     topology = "NVLINK" if links else TOPOLOGY_NAMES.get(ancestor, "SYS") if ancestor is not None else "SYS"
     return PairInfo(
@@ -203,7 +224,8 @@ def read_snapshot() -> Snapshot:
         count = nv.nvmlDeviceGetCount()
         handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         gpus = [_read_gpu(nv, i, h) for i, h in enumerate(handles)]
-        pairs = [_read_pair(nv, a, b, handles, gpus) for a in range(count) for b in range(a + 1, count)]
+        nvlinks = [_read_nvlinks(nv, h) for h in handles]
+        pairs = [_read_pair(nv, a, b, handles, gpus, nvlinks) for a in range(count) for b in range(a + 1, count)]
         return Snapshot(
             driver_version=_text(nv.nvmlSystemGetDriverVersion()),
             cuda_driver_version=int(_maybe(nv.nvmlSystemGetCudaDriverVersion) or 0),
