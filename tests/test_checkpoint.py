@@ -645,3 +645,25 @@ def test_a_checkpoint_of_the_other_strategy_is_refused(tmp_path: Path) -> None:
     model = tiny_model()
     with pytest.raises(CheckpointError, match=r"train\.strategy='ddp' but this run has train\.strategy='fsdp'"):
         make_sharded_checkpointer(tmp_path).load_latest(model, make_optimizer(model))
+
+
+def test_metadata_enum_members_pickled_by_getattr_load_but_other_lookups_do_not() -> None:
+    """Python 3.11.0-3.11.4 (Debian 12's python3) pickle Enum members as getattr(cls, name)."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    from train.checkpoint import _MetadataUnpickler
+
+    class Member:
+        def __reduce__(self):
+            return (getattr, (WriteItemType, "TENSOR"))
+
+    class Attribute:
+        def __reduce__(self):
+            return (getattr, (WriteItemType, "__class__"))
+
+    assert _MetadataUnpickler(io.BytesIO(pickle.dumps(Member()))).load() is WriteItemType.TENSOR
+    with pytest.raises(pickle.UnpicklingError):
+        _MetadataUnpickler(io.BytesIO(pickle.dumps(Attribute()))).load()

@@ -364,6 +364,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member  # Python 3.11.0-3.11.4 pickle Enum members as getattr(cls, name)
         if (module, name) in self.EXTRA_ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), self.TORCH_VALUE_TYPES):
@@ -373,6 +375,16 @@ class _MetadataUnpickler(pickle.Unpickler):
             if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
                 return found
         raise pickle.UnpicklingError(f"it would import {module}.{name}")
+
+
+def _enum_member(cls: Any, name: str) -> enum.Enum:
+    """getattr limited to a member of an Enum class the unpickler already allowed."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str):
+        try:
+            return cls[name]
+        except KeyError:
+            pass
+    raise pickle.UnpicklingError(f"it would look up {name!r} on {cls!r}")
 
 
 def _check_dcp_metadata(path: Path) -> None:
