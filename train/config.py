@@ -82,6 +82,9 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 20
+    # Steps over which the cosine decays to min_lr; 0 means train.steps. Set it to stop a run
+    # early on the schedule of a longer one (resuming later continues exactly).
+    lr_decay_steps: int = 0
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
