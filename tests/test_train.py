@@ -78,3 +78,22 @@ def test_a_tiny_batch_can_be_overfitted(tmp_path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert losses(run_dir)[0] > 3.0 and losses(run_dir)[-1] < 0.5
+
+
+def _fsdp2_runs_here() -> bool:
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return torch.cuda.is_available() or (major, minor) >= (2, 6)
+
+
+@pytest.mark.skipif(
+    not _fsdp2_runs_here(),
+    reason="FSDP2's forward needs CUDA streams on torch < 2.6; make test-current runs this on current torch",
+)
+def test_fsdp_and_ddp_give_the_same_losses(tmp_path) -> None:
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    for run_dir, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
+        result = launch_train(run_dir, 2, STEPS, "train.micro_batch=3", f"train.strategy={strategy}")
+        assert result.returncode == 0, result.stderr
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-5)

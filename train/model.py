@@ -218,9 +218,16 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def forward(
+        self, hidden: torch.Tensor, next_embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden state for the next depth, its normed form for the shared output head).
+
+        The norm runs here, inside forward, so that FSDP2 has this module's weights gathered.
+        """
         merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embed)], dim=-1))
-        return self.block(merged, cos, sin)
+        hidden = self.block(merged, cos, sin)
+        return hidden, self.norm(hidden)
 
 
 class Transformer(nn.Module):
@@ -277,8 +284,8 @@ class Transformer(nn.Module):
         for depth, module in enumerate(self.mtp, start=1):
             positions = seq_len - depth
             next_embed = self.embed(targets[:, depth - 1 : depth - 1 + positions])
-            hidden = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
-            logits = self.head(module.norm(hidden))
+            hidden, normed = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
+            logits = self.head(normed)
             losses.append(cross_entropy(logits, targets[:, depth : depth + positions]))
         return self.cfg.mtp_weight * torch.stack(losses).mean()
 
