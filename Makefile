@@ -14,7 +14,7 @@ VARS := RUNTIME GPUS CONFIG STEPS MICRO_BATCH ACCUM PRECISION STRATEGY SEED RUN_
 PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
 DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,9 @@ shell: ## a shell in the chosen runtime
 test: ## the CPU test suite (gloo, several processes) in .venv
 	@$(PYTHON) -m env.runtime setup RUNTIME=local
 	@$(VENV_PY) -m pytest -q
+
+test-current: ## the test suite against the newest torch (unpinned), in .build/current-venv
+	@bash env/test_current.sh
 
 test-image: ## build the image on a local base and test it through compose (needs root, installs Docker)
 	@bash env/image_test.sh

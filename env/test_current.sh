@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# make test-current: the test suite against the newest torch instead of the pinned 2.4.1, so that the code
+# keeps working on current releases (lent GPU machines and users' own installs run current torch).
+# Deliberately unpinned: CURRENT_TORCH (default: the newest torch pip may install) picks the release.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.build/current-venv
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+# shellcheck disable=SC2086  # CURRENT_TORCH may name torch and torchvision with versions
+"$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade ${CURRENT_TORCH:-torch torchvision} \
+    pyyaml numpy pytest nvidia-ml-py matplotlib
+"$venv/bin/python" -c 'import torch; print(f"test-current: torch {torch.__version__}")'
+"$venv/bin/python" -m pytest -q "$@"
