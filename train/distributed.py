@@ -13,6 +13,7 @@ multi-process behaviour is tested on CPU. Wrapping choices, and why:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def _fully_shard():
     return fully_shard, MixedPrecisionPolicy
 
 
-def init_distributed(cfg: RunConfig, run_dir: Path) -> DistInfo:
+def init_distributed(cfg: RunConfig, run_dir: Path, store: dist.Store | None) -> DistInfo:
     """Join the process group that torchrun described in the environment (or run alone)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -69,12 +70,46 @@ def init_distributed(cfg: RunConfig, run_dir: Path) -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    if world_size > 1 or "RANK" in os.environ:
+    if store is not None:
         # The watchdog (train/watchdog.py) ends a hung job first, with a message naming the rank;
         # the process-group timeout is only the backstop behind it.
-        backstop = timedelta(seconds=cfg.train.timeout_s * 2 + 60)
-        dist.init_process_group(backend=backend, timeout=backstop)
+        dist.init_process_group(
+            backend=backend,
+            store=dist.PrefixStore(attempt_prefix("pg"), store),
+            rank=rank,
+            world_size=world_size,
+            timeout=backstop_timeout(cfg),
+        )
     return DistInfo(rank, local_rank, world_size, device, backend)
+
+
+def connect_store(timeout: timedelta) -> dist.Store | None:
+    """The job's key-value store at MASTER_ADDR:MASTER_PORT, or None when running alone.
+
+    torchrun's agent hosts it where TORCHELASTIC_USE_AGENT_STORE says so (current torch); otherwise
+    rank 0 hosts it (torch 2.4). The process group and the watchdog share it.
+    """
+    if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    rank_zero = int(os.environ["RANK"]) == 0
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=rank_zero and not agent_hosts,
+        timeout=timeout, wait_for_workers=False,
+    )  # fmt: skip
+
+
+def attempt_prefix(name: str) -> str:
+    """A store prefix of `name` for this restart of the worker group.
+
+    After torchrun restarts the group (MAX_RESTARTS), the new workers must not read the keys the
+    previous attempt left in the same store: on current torch, gloo then dials a dead peer.
+    """
+    return f"torchrig/{name}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+
+
+def backstop_timeout(cfg: RunConfig) -> timedelta:
+    return timedelta(seconds=cfg.train.timeout_s * 2 + 60)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
@@ -95,12 +130,18 @@ def wrap_model(model: nn.Module, cfg: RunConfig, info: DistInfo, param_dtype: to
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # Newer torch renames broadcast_buffers; both mean "do not sync buffers before each forward".
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
     ddp = DDP(
         model,
         device_ids=[info.local_rank] if info.device.type == "cuda" else None,
         bucket_cap_mb=cfg.train.bucket_cap_mb,
         gradient_as_bucket_view=True,
-        broadcast_buffers=False,
+        **no_buffer_sync,
     )
     if cfg.train.grad_compression != "none":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

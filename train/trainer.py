@@ -18,13 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from env.peaks import peak_flops
 from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe
-from train.distributed import DistInfo, all_reduce_sum, gradient_sync, init_distributed, shutdown, wrap_model
+from train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    attempt_prefix,
+    backstop_timeout,
+    connect_store,
+    gradient_sync,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, peak_memory_gb
 from train.model import build_model, moe_balance_step
@@ -211,18 +222,22 @@ def last_checkpoint_note(checkpointer: Checkpointer) -> str:
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    info = init_distributed(cfg, run_dir)
-    stop = StopRequest()
     run: Run | None = None
+    info: DistInfo | None = None
+    store = connect_store(backstop_timeout(cfg))
+    # Started before the process group exists: joining the group and the first collective share the
+    # short timeout, so a hang in either is a setup problem reported fast.
     watchdog = Watchdog(
-        info.rank,
-        info.world_size,
+        dist.PrefixStore(attempt_prefix("watchdog"), store) if store is not None else None,
+        int(os.environ.get("RANK", 0)),
+        int(os.environ.get("WORLD_SIZE", 1)),
         cfg.train.first_timeout_s,
         cfg.train.timeout_s,
         last_checkpoint=lambda: last_checkpoint_note(run.checkpointer) if run else "no checkpoint was written yet",
-        on_fire=lambda: _dump_flight_recorder(run_dir, info),
+        on_fire=lambda: _dump_flight_recorder(run_dir, info) if info else None,
     ).start()
-    # The first collective, under the short timeout: a hang here is a setup problem, found fast.
+    info = init_distributed(cfg, run_dir, store)
+    stop = StopRequest()
     all_reduce_sum(torch.ones((), device=info.device))
     watchdog.first_collective_completed()
     try:

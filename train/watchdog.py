@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from typing import Any
 
 from env.launch import USER_ERROR_EXIT
 
@@ -28,19 +28,10 @@ FIRING = threading.Event()
 LAGGARD_GRACE_S = 3.0
 
 
-def _connect_store(prefix: str):
-    import torch.distributed as dist
-
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not host or not port:
-        return None
-    client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=30))
-    return dist.PrefixStore(prefix, client)
-
-
 class Watchdog:
     def __init__(
         self,
+        store: Any,
         rank: int,
         world_size: int,
         first_timeout_s: float,
@@ -60,8 +51,7 @@ class Watchdog:
         self._progress_at = time.monotonic()
         self._published: tuple[int, str] | None = None
         self._stop = threading.Event()
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self._store = _connect_store(f"torchrig/watchdog/{attempt}/") if world_size > 1 else None
+        self._store = store if world_size > 1 else None  # a PrefixStore of its own in the job's store
         self._thread = threading.Thread(target=self._run, name="torchrig-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
