@@ -283,7 +283,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
         step += 1
         time.sleep(hooks.step_sleep)
         window_steps += 1
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or figures["stop"]:
+        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or figures["stop"]:
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             step_s = (time.perf_counter() - window_start) / window_steps
