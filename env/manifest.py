@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from env.atomic import write_text_atomically
 from env.doctor import ROOT, gather_facts, normalise_name
 
 SCHEMA = 1
@@ -82,22 +83,6 @@ def _image_id(labels: dict[str, str]) -> str:
     return labels.get("TORCHRIG_IMAGE_ID") or labels.get("TORCHRIG_IMAGE") or "unknown"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, fsync it, rename it over `path`, fsync the directory:
-    a reader sees the old manifest or the new one, never half of one, even after a crash."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def build_manifest(
     run_dir: Path,
     *,
@@ -153,5 +138,5 @@ def write_manifest(
     manifest = build_manifest(run_dir, kind=kind, config=config, p2p=p2p, extra=extra, repo_dir=repo_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / MANIFEST_NAME
-    _write_atomically(path, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_text_atomically(path, json.dumps(manifest, indent=2, default=str) + "\n")
     return path

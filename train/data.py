@@ -44,7 +44,6 @@ import json
 import os
 import sys
 import sysconfig
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from env.atomic import replace_atomically
 from train.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,18 +91,6 @@ def sidecar_path(bin_path: Path) -> Path:
     return Path(bin_path).with_suffix(".json")
 
 
-def _replace_atomically(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    """Write through a private temporary file and rename it, so readers never see a partial file."""
-    # Unique even across hosts sharing the directory (multi-node ranks building the same corpus).
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, mode) as out:
-            write(out)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_token_file(
     path: Path | str,
     chunks: Iterable[np.ndarray],
@@ -132,9 +120,9 @@ def write_token_file(
             digest.update(raw)
             count += tokens.size
 
-    _replace_atomically(path, write_chunks, "wb")
+    replace_atomically(path, write_chunks, "wb")
     info = {"dtype": dtype, "vocab_size": vocab_size, "count": count, "sha256": digest.hexdigest(), **(meta or {})}
-    _replace_atomically(sidecar_path(path), lambda out: out.write(json.dumps(info, indent=1) + "\n"), "w")
+    replace_atomically(sidecar_path(path), lambda out: out.write(json.dumps(info, indent=1) + "\n"), "w")
     return info
 
 

@@ -8,7 +8,6 @@ so that two runs compare on their steady state.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from env.atomic import write_text_atomically
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -31,16 +32,6 @@ def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -111,7 +102,7 @@ class MetricsLogger:
             **extra,
         }
         if self.is_main:
-            write_json_atomic(self.run_dir / "summary.json", summary)
+            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
     def close(self) -> None:
