@@ -38,7 +38,7 @@ LARGE_MESSAGE_MIN_BYTES = 64 << 20  # below this, busbw is latency-bound and say
 LARGE_MESSAGE_SPAN = 4  # large-message busbw: the mean over sizes within 4x of the largest
 QUIET_RANKS_GRACE_S = 5  # ranks other than local rank 0 give up this much later, so that rank 0 explains
 PG_TIMEOUT_MARGIN_S = 30  # the process group's own timeout runs this much behind our watchdog's
-DEFAULT_JSON = Path("runs") / "nccl_test.json"
+JSON_NAME = "nccl_test.json"
 DECISION_ENV = "TORCHRIG_P2P_DECISION"  # the launcher's P2P decision, as JSON, handed to its workers
 STALL_ENV = "TORCHRIG_TEST_STALL_RANK"  # test-only: this rank never reaches the first collective
 HANG_HINT = (
@@ -66,6 +66,7 @@ class Options:
     min_busbw: float | None
     iters: int
     warmup: int
+    run_dir: Path  # manifest.json, and the JSON record unless --json names another path
     json_path: Path
     first_timeout: float
     launch_overhead: bool
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-busbw", type=float, help="GB/s the large-message busbw must reach (overrides the links)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per size (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per size first (default 5)")
-    parser.add_argument("--json", help=f"the JSON record's path (default RUN_DIR/nccl_test.json, else {DEFAULT_JSON})")
+    parser.add_argument("--json", help=f"the JSON record's path (default RUN_DIR/{JSON_NAME})")
     parser.add_argument("--run-dir", help="directory for the JSON record when --json is not given")
     parser.add_argument("--first-timeout", type=float, default=30.0, help="seconds the first collective may take")
     parser.add_argument("--launch-overhead", action="store_true", help="benchmark: time per 8 B call, queued vs waited")
@@ -187,9 +188,9 @@ def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Option
     if args.min_busbw is not None:
         _check_range("--min-busbw", args.min_busbw, 0)
     _check_nodes(args)
-    json_path = DEFAULT_JSON
-    if args.json or args.run_dir:
-        json_path = Path(args.json) if args.json else Path(args.run_dir) / "nccl_test.json"
+    # Workers get --run-dir from the launcher, so every process agrees on the default's time stamp.
+    run_dir = Path(args.run_dir or f"runs/nccl-test-{time.strftime('%Y%m%d-%H%M%S')}")
+    json_path = Path(args.json) if args.json else run_dir / JSON_NAME
     return Options(
         gpus=gpus,
         sizes=parse_sizes(args.sizes or DEFAULT_SIZES["cuda" if cuda_gpus else "cpu"]),
@@ -198,6 +199,7 @@ def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Option
         min_busbw=args.min_busbw,
         iters=args.iters,
         warmup=args.warmup,
+        run_dir=run_dir,
         json_path=json_path,
         first_timeout=args.first_timeout,
         launch_overhead=args.launch_overhead,
@@ -255,10 +257,14 @@ def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
     apply_p2p_decision(decision)
     os.environ[DECISION_ENV] = json.dumps(decision.to_dict())
     from env.launch import launch
+    from env.manifest import write_manifest
 
+    if options.node_rank == 0:
+        options.run_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(options.run_dir, kind="nccl-test", p2p=decision.to_dict(), extra={"argv": argv})
     return launch(
         "env.nccl_test",
-        argv,
+        [*argv, "--run-dir", str(options.run_dir)],
         nproc=options.gpus,
         nnodes=options.nnodes,
         node_rank=options.node_rank,

@@ -200,6 +200,8 @@ def test_options_defaults_depend_on_the_device():
     assert on_gpu.gpus == 3 and on_gpu.sizes[-1] == GiB
     assert parse_options(["--ops", "all"], 0, in_worker=False).ops == list(COLLECTIVES)
     assert parse_options(["--run-dir", "r"], 0, in_worker=False).json_path == Path("r") / "nccl_test.json"
+    default = parse_options([], 0, in_worker=False)
+    assert default.run_dir.parent == Path("runs") and default.json_path == default.run_dir / "nccl_test.json"
 
 
 @pytest.mark.parametrize(
@@ -321,10 +323,14 @@ def test_a_hung_first_collective_ends_in_one_fail_line():
 @pytest.mark.slow
 def test_the_cli_launches_its_own_workers_and_exits_with_the_verdict(tmp_path: Path):
     record_path = tmp_path / "nccl.json"
-    command = [sys.executable, "-m", "env.nccl_test", "--gpus", "2", "--json", str(record_path), *GLOO_ARGS]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "env.nccl_test", "--gpus", "2", "--json", str(record_path),
+               "--run-dir", str(run_dir), *GLOO_ARGS]  # fmt: skip
     done = subprocess.run(
         [*command, "--min-busbw", "100000"], cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "nccl-test: P2P" in done.stdout and "below --min-busbw" in done.stdout
     assert json.loads(record_path.read_text())["world_size"] == 2
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "nccl-test" and manifest["p2p"]["source"] == "no-gpu"
