@@ -58,6 +58,7 @@ def test_metrics_and_summary_carry_the_promised_fields(one_process_batch_6) -> N
     assert summary["steps"] == STEPS and summary["global_batch"] == 6 and summary["mfu_note"]
     manifest = json.loads((one_process_batch_6 / "manifest.json").read_text())
     assert manifest["config"]["train"]["micro_batch"] == 6
+    assert manifest["kind"] == "train" and len(manifest["git"]["commit"]) == 40
 
 
 def test_a_tiny_batch_can_be_overfitted(tmp_path) -> None:
@@ -97,3 +98,13 @@ def test_fsdp_and_ddp_give_the_same_losses(tmp_path) -> None:
         result = launch_train(run_dir, 2, STEPS, "train.micro_batch=3", f"train.strategy={strategy}")
         assert result.returncode == 0, result.stderr
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-5)
+
+
+def test_bf16_gradient_compression_is_applied_and_stays_close(one_process_batch_6, tmp_path) -> None:
+    plain, compressed = tmp_path / "plain", tmp_path / "bf16"
+    for run_dir, compression in ((plain, "none"), (compressed, "bf16")):
+        result = launch_train(run_dir, 2, STEPS, "train.micro_batch=3", f"train.grad_compression={compression}")
+        assert result.returncode == 0, result.stderr
+    differences = [abs(a - b) / abs(a) for a, b in zip(losses(plain), losses(compressed), strict=True)]
+    assert max(differences) > 1e-6, "bf16 rounding of the gradients left no trace: the hook did not run"
+    assert max(differences) < 2e-2
