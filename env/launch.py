@@ -52,18 +52,18 @@ def launch(
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
     if nnodes > 1:
-        rdzv = {
-            "rdzv_backend": "static",
-            "rdzv_endpoint": f"{master_addr}:{master_port}",
-            "rdzv_configs": {"rank": node_rank},
-        }
+        endpoint = f"{master_addr}:{master_port}"
+        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": node_rank}}
+        # The rendezvous keys are prefixed with the run id, so every node of the job must use the same one.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{endpoint}")
     else:
         rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {}}
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{uuid.uuid4().hex[:8]}")
     config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
         nproc_per_node=nproc,
-        run_id=os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{uuid.uuid4().hex[:8]}"),
+        run_id=run_id,
         role="worker",
         max_restarts=max_restarts,
         monitor_interval=0.1,
