@@ -21,3 +21,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def finish_gloo_worker() -> None:
+    """End a spawned gloo test worker that succeeded: wait for the others, then exit without teardown.
+
+    On torch 2.4, destroying a gloo process group (or the DDP reducer holding it) after a peer has
+    gone can block forever in a C++ destructor; train/worker.py leaves the same way.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.conftest import finish_gloo_worker
 from train import checkpoint
 from train.checkpoint import Checkpointer, CheckpointError, capture_rng, check_compatible, restore_rng
 from train.config import RunConfig
@@ -519,7 +520,7 @@ def ddp_worker(rank: int, port: int, run_dir: str) -> None:
     unshared = Checkpointer(own_dir, keep=2, rank=rank, world_size=2, strategy="ddp")
     with pytest.raises(CheckpointError, match=r"rank 1 cannot see .*; put RUN_DIR on storage that every node shares"):
         unshared.load_latest(model, optimizer)
-    dist.destroy_process_group()
+    finish_gloo_worker()
 
 
 @pytest.mark.slow
@@ -581,7 +582,7 @@ def fsdp_worker(rank: int, port: int, run_dir: str) -> None:
     assert_bitwise_equal(local_shards(optimizer_tensors(optimizer)), expected_state)
     assert [g["lr"] for g in optimizer.param_groups] == expected_lr
     assert random_draws() == expected_draws
-    dist.destroy_process_group()
+    finish_gloo_worker()
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.conftest import finish_gloo_worker
 from train.config import ConfigError, ModelConfig
 from train.model import MoE, Router, build_model, moe_balance_step
 
@@ -254,7 +255,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, results: dict) -> None:
         optimizer.step()
         moe_balance_step(ddp, lambda tensor: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
     results[rank] = {name: p.detach().clone() for name, p in model.named_parameters()}
-    dist.destroy_process_group()
+    finish_gloo_worker()
 
 
 @pytest.mark.slow
