@@ -37,6 +37,7 @@ class Target:
     flags: dict[str, str] = field(default_factory=dict)  # make variable -> CLI flag
     positional: tuple[str, ...] = ()  # make variables passed as positional arguments
     gpus: bool = False  # validates GPUS and passes it as --gpus
+    workers: bool = True  # GPUS counts worker processes it starts (the doctor only judges for that many)
 
 
 RUN_FLAGS = {
@@ -71,7 +72,7 @@ TARGETS: dict[str, Target] = {
         },
         gpus=True,
     ),
-    "doctor": Target("env.doctor", {"JSON": "--json", "RUN_DIR": "--run-dir"}, gpus=True),
+    "doctor": Target("env.doctor", {"JSON": "--json", "RUN_DIR": "--run-dir"}, gpus=True, workers=False),
     "bench": Target(
         "train.bench",
         {**RUN_FLAGS, "BASELINE": "--baseline", "NCCL_JSON": "--nccl-json", "COUNTS": "--counts", "LINK": "--link"},
@@ -193,17 +194,16 @@ def run(target_name: str, values: dict[str, str]) -> int:
         if runtime == "local":
             ensure_venv()
         return 0
+    visible = visible_gpu_count()
     if target_name == "shell":
         argv = ["bash"]
-        gpus = None
     else:
         target = TARGETS[target_name]
         gpus = None
         if target.gpus:
-            visible = visible_gpu_count()
             # Unset GPUS is left to each CLI: every visible GPU, or its own CPU default.
             gpus = validate_gpus(values["GPUS"], visible) if values.get("GPUS", "") else None
-            if visible == 0:
+            if visible == 0 and target.workers:
                 count = f"{gpus} CPU process(es)" if gpus else "CPU processes"
                 print(
                     f"torchrig: no GPU visible: {count} on gloo (testing mode: same code path, slower)",
@@ -214,7 +214,7 @@ def run(target_name: str, values: dict[str, str]) -> int:
     if runtime == "docker":
         from env.docker import run_in_container
 
-        return run_in_container(argv, gpu=visible_gpu_count() > 0, env=passthrough_env())
+        return run_in_container(argv, gpu=visible > 0, env=passthrough_env())
     python = ensure_venv()
     argv[0] = str(python) if argv[0] == "python" else argv[0]
     env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
