@@ -79,3 +79,25 @@ def test_train_preflight_errors_are_one_line(args: list[str], expected: str, tmp
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr
+
+
+def test_training_takes_the_measured_p2p_decision_before_its_workers_start(monkeypatch) -> None:
+    """On a 3x RTX 4090 PCIe box (recorded NVML answers) the launcher sets NCCL_P2P_DISABLE for the workers."""
+    import torch
+
+    import env.nvml
+    import env.p2p
+    from env.nvml import Snapshot
+    from train import launch
+
+    box = Snapshot.load(ROOT / "tests/fixtures/nvml/box_3x4090_pcie.json")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(env.nvml, "read_snapshot", lambda: box)
+    monkeypatch.setattr(env.p2p, "torch_copy_check", lambda src, dst: True)
+    for var in ("NCCL_P2P_DISABLE", "CUDA_VISIBLE_DEVICES"):  # set first, so that undo restores their absence
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    decision = launch._p2p_decision()
+    assert decision is not None and decision["disable"] is True and decision["source"] == "measured"
+    assert os.environ["NCCL_P2P_DISABLE"] == "1"

@@ -58,9 +58,9 @@ def _p2p_decision() -> dict | None:
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return None
     from env.nvml import read_snapshot
-    from env.p2p import apply_p2p_decision, decide_p2p, verify_copy
+    from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 
-    decision = decide_p2p(read_snapshot(), os.environ, verify_copy=verify_copy)
+    decision = decide_p2p(read_snapshot(), os.environ, verify_copy=torch_copy_check)
     apply_p2p_decision(decision)
     print(f"torchrig: P2P: {decision.reason}", flush=True)
     return decision.to_dict()
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.node_rank == 0:
         write_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p)
     print(
-        f"torchrig: training {cfg.name} on {nproc * args.nnodes} {'GPU' if has_gpu else 'CPU process'}(es), "
+        f"torchrig: training {cfg.name} on {nproc * args.nnodes} {'GPU(s)' if has_gpu else 'CPU process(es)'}, "
         f"global batch {nproc * args.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
         flush=True,
     )
