@@ -108,3 +108,11 @@ def test_bf16_gradient_compression_is_applied_and_stays_close(one_process_batch_
     differences = [abs(a - b) / abs(a) for a, b in zip(losses(plain), losses(compressed), strict=True)]
     assert max(differences) > 1e-6, "bf16 rounding of the gradients left no trace: the hook did not run"
     assert max(differences) < 2e-2
+
+
+def test_torch_compile_trains_like_eager(one_process_batch_6, tmp_path) -> None:
+    run_dir = tmp_path / "compiled"
+    result = launch_train(run_dir, 1, STEPS, "train.micro_batch=6", "train.compile=true", timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Fused kernels round differently, and a near-tie in MoE routing can then flip: close, not equal.
+    assert losses(run_dir) == pytest.approx(losses(one_process_batch_6), rel=1e-2)
