@@ -189,8 +189,9 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         watchdog.mark(step, "start")
-        with gradient_sync(model, enabled=micro == accum - 1), run.precision.autocast(device):
-            loss = model(inputs, targets) / accum
+        with gradient_sync(model, enabled=micro == accum - 1):
+            with run.precision.autocast(device):  # the forward only: backward follows its dtypes
+                loss = model(inputs, targets) / accum
             watchdog.mark(step, "backward")
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
