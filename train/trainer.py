@@ -328,10 +328,10 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
 
 
 def _extra_state(run: Run, step: int) -> dict[str, Any]:
+    # The step is also the data position (the sample stream is a pure function of it, train/data.py)
+    # and fixes the learning rate (lr_at), so neither is stored beside it.
     return {
         "step": step,
-        "data_position": step,  # the sample stream is a pure function of the step (train/data.py)
-        "lr": lr_at(step - 1, run.cfg),  # for reading; the schedule itself is derived from the step
         "scaler": run.scaler.state_dict(),
         "config": {**run.cfg.to_dict(), "world_size": run.info.world_size},
     }

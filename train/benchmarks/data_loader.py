@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
-from train.data import ARCH_INPUT, DataError, build_dataset, build_loader
+from train.data import ARCH_INPUT, build_dataset, build_loader
 
 TARGET_RATIO = 10.0
 # What a batch counts for each kind of input: tokens of a language model, samples of an image model.
@@ -147,13 +148,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return benchmark_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
-from train.data import DataError, build_dataset, build_loader
+from train.data import build_dataset, build_loader
 from train.model import build_model, moe_balance_step
 from train.trainer import Precision, build_optimizer, seed_everything, train
 
@@ -137,13 +138,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return benchmark_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
