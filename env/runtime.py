@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,10 @@ VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements.txt"
 STAMP = VENV / ".torchrig-lock-sha256"
 MAX_CPU_PROCESSES = 8
+# Measured on the cu121 lock: the installed .venv is 5.2 GB and pip's downloaded wheels, held in its temporary
+# directory until the install ends, 2.8 GB. Rounded up, these are what making .venv needs free.
+VENV_BYTES = 5.5e9
+WHEELS_BYTES = 3.0e9
 
 
 class UsageError(ValueError):
@@ -144,6 +149,30 @@ def _lock_digest() -> str:
     return hashlib.sha256(LOCK.read_bytes()).hexdigest()
 
 
+_DISK_FIX = "free some space (`pip cache purge` frees pip's cache) or set TMPDIR to a roomier disk, then rerun"
+
+
+def _venv_disk_needs() -> list[tuple[Path, float]]:
+    """(a directory, bytes needed there) for the venv and pip's temporary files, one entry per filesystem."""
+    needs: dict[int, tuple[Path, float]] = {}
+    for where, size in ((ROOT, VENV_BYTES), (Path(tempfile.gettempdir()), WHEELS_BYTES)):
+        device = where.stat().st_dev
+        held = needs.get(device, (where, 0.0))
+        needs[device] = (held[0], held[1] + size)
+    return list(needs.values())
+
+
+def check_disk_for_venv() -> None:
+    """Refuse, in one line, to start an install that the disk cannot hold, rather than fail half-way."""
+    for where, size in _venv_disk_needs():
+        free = shutil.disk_usage(where).free
+        if free < size:
+            raise UsageError(
+                f"making .venv needs about {size / 1e9:.1f} GB free on the disk holding {where} "
+                f"(the venv plus pip's downloads) and it has {free / 1e9:.1f} GB; {_DISK_FIX}"
+            )
+
+
 def ensure_venv() -> Path:
     """.venv made from requirements.txt with --require-hashes; remade when the lock changes."""
     python = VENV / "bin" / "python"
@@ -151,13 +180,17 @@ def ensure_venv() -> Path:
         return python
     if sys.version_info < (3, 10):  # noqa: UP036 - this file runs under any system python3
         raise UsageError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
-    print(f"torchrig: making .venv from {LOCK.name} (first use: about 5 GB of wheels, a few minutes)", flush=True)
+    check_disk_for_venv()
+    print(f"torchrig: making .venv from {LOCK.name} (first use: 5.2 GB installed, a few minutes)", flush=True)
     if not python.exists():
         made = subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=False)
         if made.returncode != 0:
             raise UsageError("python3 -m venv failed; install your distribution's python3-venv package")
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--require-hashes", "-r", str(LOCK)]
     if subprocess.run(pip, check=False).returncode != 0:
+        full = [where for where, _ in _venv_disk_needs() if shutil.disk_usage(where).free < 0.5e9]
+        if full:
+            raise UsageError(f"the disk holding {full[0]} filled up while installing .venv; {_DISK_FIX}")
         raise UsageError("installing requirements.txt into .venv failed (see pip's message above); fix it, then rerun")
     STAMP.write_text(_lock_digest())
     return python

@@ -101,3 +101,51 @@ def test_training_takes_the_measured_p2p_decision_before_its_workers_start(monke
     decision = launch._p2p_decision()
     assert decision is not None and decision["disable"] is True and decision["source"] == "measured"
     assert os.environ["NCCL_P2P_DISABLE"] == "1"
+
+
+def _fake_disk(monkeypatch, tmp_path, free_bytes: float) -> list[list[str]]:
+    """env.runtime with its root in tmp_path (no .venv yet), a disk with free_bytes, and a record of commands run."""
+    import collections
+
+    import env.runtime as runtime
+
+    monkeypatch.setattr(runtime, "ROOT", tmp_path)
+    monkeypatch.setattr(runtime, "VENV", tmp_path / ".venv")
+    monkeypatch.setattr(runtime, "STAMP", tmp_path / ".venv" / "stamp")
+    monkeypatch.setattr(runtime.tempfile, "gettempdir", lambda: str(tmp_path))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda _: usage(100e9, 100e9 - free_bytes, free_bytes))
+    ran: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        ran.append(cmd)  # making the venv works; pip fails
+        return subprocess.CompletedProcess(cmd, 1 if "pip" in cmd else 0)
+
+    monkeypatch.setattr(runtime.subprocess, "run", fake_run)
+    return ran
+
+
+def test_a_disk_too_full_for_the_venv_is_refused_before_pip_starts(monkeypatch, tmp_path) -> None:
+    import env.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=6e9)
+    with pytest.raises(UsageError) as err:
+        runtime.ensure_venv()
+    # The venv and pip's downloads share this disk: 5.5 + 3.0 GB are needed and 6 GB is not enough.
+    assert "needs about 8.5 GB free" in str(err.value) and "has 6.0 GB" in str(err.value)
+    assert "pip cache purge" in str(err.value) and "\n" not in str(err.value)
+    assert ran == [] and not (tmp_path / ".venv").exists()
+
+
+def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) -> None:
+    import env.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=9e9)
+    runtime.check_disk_for_venv()  # enough room to start
+    monkeypatch.setattr(runtime, "check_disk_for_venv", lambda: None)
+    full = runtime.shutil.disk_usage(tmp_path)._replace(free=0)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda _: full)  # pip then fills the disk
+    with pytest.raises(UsageError, match=r"filled up while installing \.venv"):
+        runtime.ensure_venv()
+    assert ran and "pip" in ran[-1]
+    assert not (tmp_path / ".venv" / "stamp").exists()  # the next make remakes the venv
