@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+# The fix to suggest when writing into a run's folder fails, by errno.
+WRITE_FIXES = {
+    errno.ENOSPC: "free space or set RUN_DIR elsewhere",
+    errno.EDQUOT: "raise the disk quota or set RUN_DIR elsewhere",
+    errno.EACCES: "make RUN_DIR writable or set RUN_DIR elsewhere",
+    errno.EPERM: "make RUN_DIR writable or set RUN_DIR elsewhere",
+    errno.EROFS: "set RUN_DIR to a writable file system",
+}
+DEFAULT_WRITE_FIX = "check RUN_DIR's storage or set RUN_DIR elsewhere"
+
+
+def write_fix(error: OSError) -> str:
+    """What to do about a failed write, e.g. 'free space or set RUN_DIR elsewhere' for ENOSPC."""
+    return WRITE_FIXES.get(error.errno, DEFAULT_WRITE_FIX)
 
 
 def replace_atomically(path: Path, write: Callable[[IO[Any]], None], mode: str = "w") -> None:

@@ -152,3 +152,20 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path) -
     assert steps[-1] == last_good
     _, _, extra = checkpoint_state(run_dir)
     assert extra["step"] == last_good
+
+
+def test_a_full_disk_under_the_metrics_stops_the_run_in_one_line_and_keeps_the_checkpoints(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    assert launch_train(run_dir, 2, 4, *CKPT).returncode == 0
+    logged = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").unlink()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")  # every write there fails with ENOSPC
+    full = launch_train(run_dir, 2, STEPS, *CKPT)
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr
+    first = next(line for line in full.stderr.splitlines() if line.startswith("torchrig: "))
+    assert first == (
+        f"torchrig: writing {run_dir / 'metrics.jsonl'} failed (No space left on device): "
+        "free space or set RUN_DIR elsewhere; checkpoints already written are intact"
+    )
+    _, _, extra = checkpoint_state(run_dir)
+    assert extra["step"] == 4 and logged.count("\n") == 4

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import hashlib
 import io
 import json
@@ -45,6 +44,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from env.atomic import DEFAULT_WRITE_FIX, write_fix
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,6 @@ RESUME_FIXED_KEYS = (
     "train.strategy",
     "world_size",
 )
-
-# The fix to suggest when a write fails, by errno.
-WRITE_FIXES = {
-    errno.ENOSPC: "free space or set RUN_DIR elsewhere",
-    errno.EDQUOT: "raise the disk quota or set RUN_DIR elsewhere",
-    errno.EACCES: "make RUN_DIR writable or set RUN_DIR elsewhere",
-    errno.EPERM: "make RUN_DIR writable or set RUN_DIR elsewhere",
-    errno.EROFS: "set RUN_DIR to a writable file system",
-}
-DEFAULT_WRITE_FIX = "check RUN_DIR's storage or set RUN_DIR elsewhere"
 
 # Types torch.load(weights_only=True) rebuilds on torch 2.4 and later; `extra` must hold only these.
 PLAIN_LEAF_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -675,7 +666,7 @@ class Checkpointer:
         os_error = _os_error(exc)
         if os_error is not None:
             reason = os_error.strerror or _first_line(os_error)
-            fix = WRITE_FIXES.get(os_error.errno, DEFAULT_WRITE_FIX)
+            fix = write_fix(os_error)
         else:
             reason, fix = _first_line(exc), DEFAULT_WRITE_FIX
         previous = max((s for s in self._committed_steps() if s != step), default=None)

@@ -7,6 +7,7 @@ so that two runs compare on their steady state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import statistics
@@ -18,7 +19,16 @@ from typing import Any, TextIO
 
 import torch
 
-from env.atomic import write_text_atomically
+from env.atomic import write_fix, write_text_atomically
+
+
+class RunDirWriteError(Exception):
+    """Writing a run's figures into RUN_DIR failed (a full disk, say): one line with the file and the fix."""
+
+    def __init__(self, path: Path, error: OSError):
+        reason = error.strerror or str(error)
+        fix = write_fix(error)
+        super().__init__(f"writing {path} failed ({reason}): {fix}; checkpoints already written are intact")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -50,7 +60,10 @@ class MetricsLogger:
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the whole run; appends across resumes
+        try:
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run; appends across resumes
+        except OSError as exc:
+            raise RunDirWriteError(self.run_dir / "metrics.jsonl", exc) from exc
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -61,8 +74,11 @@ class MetricsLogger:
         self._records.append(record)
         if not self.is_main or self._jsonl is None:
             return
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as exc:
+            raise RunDirWriteError(self.run_dir / "metrics.jsonl", exc) from exc
         if self._writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -102,11 +118,15 @@ class MetricsLogger:
             **extra,
         }
         if self.is_main:
-            write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            try:
+                write_text_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            except OSError as exc:
+                raise RunDirWriteError(self.run_dir / "summary.json", exc) from exc
         return summary
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            with contextlib.suppress(OSError):  # a write that failed already said so
+                self._jsonl.close()
         if self._writer is not None:
             self._writer.close()

@@ -20,6 +20,7 @@ from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
 from train.launch import add_run_arguments, resolve_config
+from train.metrics import RunDirWriteError
 from train.trainer import TrainingStopped, train
 from train.watchdog import FIRING
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args, torch.cuda.is_available())
         train(cfg, Path(args.run_dir))
-    except (ConfigError, DataError, CheckpointError, TrainingStopped) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingStopped, RunDirWriteError) as exc:
         if rank == 0:  # every rank meets the same problem; one says it
             print(f"torchrig: {exc}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
