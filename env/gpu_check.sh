@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a real GPU, in one run on a machine with one GPU: the CUDA-marked tests and
 # the model tests, a short bf16 train of `small` with its MFU, the doctor on real NVML, the collective
-# test on one rank and its launch overhead, the harness and data-loader benchmarks, and a one-GPU
+# test on one rank and its launch overhead, the harness, step-profile and data-loader benchmarks, and a one-GPU
 # ResNet-50 bench against the published 4090 claim.
 #
 #   bash env/gpu_check.sh            logs and JSON into ${OUT:-runs/gpu-check}, a summary table at the end
@@ -186,6 +186,10 @@ note "$(last_line "$OUT/nccl-1rank.log" '^VERDICT')"
 
 run_step launch-overhead 45 "" "$PY" -m env.nccl_test --gpus 1 --launch-overhead
 note "$(last_line "$OUT/launch-overhead.log" 'launch overhead' | sed 's/^# //')"
+
+# Where the step's time goes, should the MFU fall short: the device idle share, kernels and host syncs per step.
+run_step step-profile 60 "yaml" "$PY" -m train.benchmarks.step_profile --config "$TRAIN_CONFIG" --steps 5
+note "$(last_line "$OUT/step-profile.log" '^device busy' | sed 's/ *: */: /')"
 
 run_step data-loader 75 "yaml" "$PY" -m train.benchmarks.data_loader --config "$TRAIN_CONFIG" --seconds 2
 note "$(loader_note "$OUT/data-loader.log")"

@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_step_ms(cfg: RunConfig, device: torch.device) -> float:
-    """Median window step time of the bare loop."""
+def bare_step(cfg: RunConfig, device: torch.device) -> Callable[[], None]:
+    """One optimizer step of the bare loop, as a function: model, optimizer and batch made once, here."""
     seed_everything(cfg.train.seed)
     if device.type == "cuda":  # the backend settings train.trainer.setup makes
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
@@ -87,6 +88,12 @@ def bare_step_ms(cfg: RunConfig, device: torch.device) -> float:
         optimizer.zero_grad(set_to_none=True)
         moe_balance_step(model)
 
+    return step
+
+
+def bare_step_ms(cfg: RunConfig, device: torch.device) -> float:
+    """Median window step time of the bare loop."""
+    step = bare_step(cfg, device)
     per_window = log_every(cfg.train.steps)
     windows = []
     _sync(device)
