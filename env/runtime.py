@@ -180,7 +180,8 @@ def ensure_venv() -> Path:
         return python
     if sys.version_info < (3, 10):  # noqa: UP036 - this file runs under any system python3
         raise UsageError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
-    check_disk_for_venv()
+    if not python.exists():  # a first install; updating a venv for a changed lock needs only the changes' room
+        check_disk_for_venv()
     print(f"torchrig: making .venv from {LOCK.name} (first use: 5.2 GB installed, a few minutes)", flush=True)
     if not python.exists():
         made = subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=False)

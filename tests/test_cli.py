@@ -149,3 +149,14 @@ def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) ->
         runtime.ensure_venv()
     assert ran and "pip" in ran[-1]
     assert not (tmp_path / ".venv" / "stamp").exists()  # the next make remakes the venv
+
+
+def test_a_lock_update_of_an_existing_venv_skips_the_first_install_disk_check(monkeypatch, tmp_path) -> None:
+    import env.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=2e9)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()  # made before; its stamp names an older lock
+    with pytest.raises(UsageError, match="see pip's message above"):  # the fake pip fails, with room left
+        runtime.ensure_venv()
+    assert len(ran) == 1 and "pip" in ran[0]
