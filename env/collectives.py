@@ -11,6 +11,7 @@ sentinel that no valid result equals, so a collective that writes nothing is cau
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -116,6 +117,11 @@ def _chunk(count: int, world: int) -> int:
     return count // world
 
 
+def _own_input(count: int, rank: int, world: int, like: torch.Tensor) -> torch.Tensor:
+    """The first `count` elements of this rank's input pattern."""
+    return pattern(0, count, rank, world, like)
+
+
 COLLECTIVES: dict[str, Collective] = {
     row.name: row
     for row in (
@@ -128,7 +134,7 @@ COLLECTIVES: dict[str, Collective] = {
             in_place=True,
             send_elems=_whole,
             recv_elems=_whole,
-            send_input=lambda count, rank, world, like: pattern(0, count, rank, world, like),
+            send_input=_own_input,
             run=lambda b: dist.all_reduce(b.recv, op=dist.ReduceOp.SUM),
             expected=lambda count, rank, world, like: [(0, summed(0, count, world, like))],
         ),
@@ -159,7 +165,7 @@ COLLECTIVES: dict[str, Collective] = {
             in_place=False,
             send_elems=_whole,
             recv_elems=_chunk,
-            send_input=lambda count, rank, world, like: pattern(0, count, rank, world, like),
+            send_input=_own_input,
             run=lambda b: _reduce_scatter_tensor(b.recv, b.send, op=dist.ReduceOp.SUM),
             expected=lambda count, rank, world, like: [
                 (0, summed(rank * (count // world), count // world, world, like))
@@ -174,7 +180,7 @@ COLLECTIVES: dict[str, Collective] = {
             in_place=False,
             send_elems=_whole,
             recv_elems=_whole,
-            send_input=lambda count, rank, world, like: pattern(0, count, rank, world, like),
+            send_input=_own_input,
             run=lambda b: dist.all_to_all_single(b.recv, b.send),
             # rank q sends its chunk `rank` (elements rank*c .. (rank+1)*c of its input) to this rank
             expected=lambda count, rank, world, like: [
@@ -316,14 +322,12 @@ def allocate(collective: Collective, count: int, dtype: torch.dtype, ctx: Contex
 
 def measure(collective: Collective, size_bytes: int, dtype: Dtype, ctx: Context) -> Row:
     """Time one collective at one size (queued loop and per-call), then check a fresh run element by element."""
-    element_size = torch.empty((), dtype=dtype.torch_dtype).element_size()
+    element_size = dtype.torch_dtype.itemsize
     count = element_count(collective, size_bytes, element_size, ctx.world)
     buffers = allocate(collective, count, dtype.torch_dtype, ctx)
     fill(collective, buffers, count, ctx)
 
-    def run() -> object:
-        return collective.run(buffers)
-
+    run = functools.partial(collective.run, buffers)  # no Python frame of ours inside the timed loops
     for _ in range(ctx.warmup):
         run()
     align_ranks(ctx.device)
@@ -366,9 +370,7 @@ def launch_overhead(ctx: Context, calls: int) -> tuple[float, float]:
     buffers = allocate(COLLECTIVES["all_reduce"], 2, torch.float32, ctx)
     buffers.send.zero_()
 
-    def run() -> object:
-        return dist.all_reduce(buffers.recv)
-
+    run = functools.partial(dist.all_reduce, buffers.recv)
     for _ in range(ctx.warmup):
         run()
     align_ranks(ctx.device)

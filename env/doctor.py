@@ -44,7 +44,7 @@ from env.checks import CHECKS, Facts, Outcome, Status, run_checks, worst
 from env.docker import engine_status
 from env.nvml import Snapshot, read_snapshot
 from env.p2p import decide_p2p, torch_copy_check
-from env.profiles import UnknownProfile, profile
+from env.profiles import UnknownProfile, dist_version, normalise_name, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = 1
@@ -90,19 +90,7 @@ def torch_facts() -> dict[str, Any]:
 
 
 def dist_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {}
-    for name in DISTRIBUTIONS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def normalise_name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return {name: dist_version(name) for name in DISTRIBUTIONS}
 
 
 def read_pins(lock: Path) -> dict[str, str]:

@@ -12,6 +12,7 @@ deliberately a little conservative, so that PASS means "as good as this kind of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 from env.nvml import GpuInfo, Snapshot
 
@@ -102,7 +103,7 @@ def pair_link(snapshot: Snapshot, a: int, b: int, p2p_mode: str) -> PairLink | N
     (NCCL_P2P_DISABLE=1); env.p2p.p2p_mode reads it from the environment.
     """
     pair = snapshot.pair(a, b)
-    gpu_a, gpu_b = _gpu(snapshot, a), _gpu(snapshot, b)
+    gpu_a, gpu_b = snapshot.gpu(a), snapshot.gpu(b)
     if pair is None or gpu_a is None or gpu_b is None:
         return None
     if pair.nvlink_links and p2p_mode != "off":
@@ -127,7 +128,7 @@ def expected_busbw(snapshot: Snapshot, gpu_indices: list[int], p2p_mode: str) ->
         return Expectation(None, why_not=f"links unknown ({snapshot.error})")
     if len(gpu_indices) < 2:
         return Expectation(None, why_not="one GPU: no link is crossed")
-    links = [pair_link(snapshot, a, b, p2p_mode) for i, a in enumerate(gpu_indices) for b in gpu_indices[i + 1 :]]
+    links = [pair_link(snapshot, a, b, p2p_mode) for a, b in combinations(gpu_indices, 2)]
     if any(link is None for link in links):
         return Expectation(None, why_not="NVML did not report enough about the links (PCIe generation/width)")
     slowest = min(links, key=lambda link: link.expected_gbps)
@@ -161,7 +162,3 @@ def judge(*, wrong: int, measured_busbw: float | None, expectation: Expectation,
 
 def _link(a: int, b: int, kind: str, raw: float, detail: str) -> PairLink:
     return PairLink(a, b, kind, raw, raw * LINK_KINDS[kind].efficiency, detail)
-
-
-def _gpu(snapshot: Snapshot, index: int) -> GpuInfo | None:
-    return next((g for g in snapshot.gpus if g.index == index), None)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from env.atomic import write_text_atomically
-from env.doctor import ROOT, gather_facts, normalise_name
+from env.doctor import ROOT, gather_facts
+from env.profiles import normalise_name
 
 SCHEMA = 1
 KINDS = ("train", "nccl-test", "bench")
@@ -83,7 +84,7 @@ def _image_id(labels: dict[str, str]) -> str:
     return labels.get("TORCHRIG_IMAGE_ID") or labels.get("TORCHRIG_IMAGE") or "unknown"
 
 
-def build_manifest(
+def write_manifest(
     run_dir: Path,
     *,
     kind: str,
@@ -91,12 +92,19 @@ def build_manifest(
     p2p: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     repo_dir: Path = ROOT,
-) -> dict[str, Any]:
+) -> Path:
+    """Write run_dir/manifest.json atomically and return its path. Call it once, from rank 0, at the run's start.
+
+    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
+    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
+    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
+    """
     if kind not in KINDS:
         raise ValueError(f"manifest kind {kind!r} is not one of {', '.join(KINDS)}")
+    run_dir = Path(run_dir)
     facts = gather_facts(run_dir, gpu_load=False, probe_docker=False)
     now = time.time()
-    return {
+    manifest = {
         "schema": SCHEMA,
         "kind": kind,
         "created_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
@@ -117,25 +125,6 @@ def build_manifest(
         "facts": facts.to_dict(),
         "extra": extra,
     }
-
-
-def write_manifest(
-    run_dir: Path,
-    *,
-    kind: str,
-    config: dict[str, Any] | None = None,
-    p2p: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-    repo_dir: Path = ROOT,
-) -> Path:
-    """Write run_dir/manifest.json atomically and return its path. Call it once, from rank 0, at the run's start.
-
-    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
-    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
-    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
-    """
-    run_dir = Path(run_dir)
-    manifest = build_manifest(run_dir, kind=kind, config=config, p2p=p2p, extra=extra, repo_dir=repo_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / MANIFEST_NAME
     write_text_atomically(path, json.dumps(manifest, indent=2, default=str) + "\n")

@@ -75,6 +75,9 @@ class Snapshot:
     def ok(self) -> bool:
         return self.error is None
 
+    def gpu(self, index: int) -> GpuInfo | None:
+        return next((g for g in self.gpus if g.index == index), None)
+
     def pair(self, a: int, b: int) -> PairInfo | None:
         lo, hi = min(a, b), max(a, b)
         return next((p for p in self.pairs if (p.a, p.b) == (lo, hi)), None)
@@ -133,7 +136,7 @@ def _numa_node(pci_bus_id: str) -> int | None:
     return node if node >= 0 else None
 
 
-def _read_gpu(nv: Any, index: int, handle: Any) -> GpuInfo:
+def _read_gpu(nv: Any, index: int, handle: Any, nvlink_version: int | None) -> GpuInfo:
     mem = _maybe(nv.nvmlDeviceGetMemoryInfo, handle)
     cc = _maybe(nv.nvmlDeviceGetCudaComputeCapability, handle) or (0, 0)
     power_mw = _maybe(nv.nvmlDeviceGetPowerManagementLimit, handle)
@@ -141,11 +144,6 @@ def _read_gpu(nv: Any, index: int, handle: Any) -> GpuInfo:
     pci = _maybe(nv.nvmlDeviceGetPciInfo, handle)
     util = _maybe(nv.nvmlDeviceGetUtilizationRates, handle)
     bus_id = _text(pci.busId) if pci is not None else ""
-    nvlink_version = None
-    for link in range(NVLINK_MAX_LINKS):
-        if _maybe(nv.nvmlDeviceGetNvLinkState, handle, link) == 1:
-            nvlink_version = _maybe(nv.nvmlDeviceGetNvLinkVersion, handle, link)
-            break
     return GpuInfo(
         index=index,
         name=_text(nv.nvmlDeviceGetName(handle)),
@@ -173,13 +171,18 @@ class _NvLinks:
 
     to_gpu: dict[str, int] = field(default_factory=dict)
     to_switch: int = 0
+    version: int | None = None  # the first active link's NVLink version
 
 
 def _read_nvlinks(nv: Any, handle: Any) -> _NvLinks:
     links = _NvLinks()
+    seen_active = False
     for link in range(NVLINK_MAX_LINKS):
         if _maybe(nv.nvmlDeviceGetNvLinkState, handle, link) != 1:
             continue
+        if not seen_active:
+            links.version = _maybe(nv.nvmlDeviceGetNvLinkVersion, handle, link)
+            seen_active = True
         if _maybe(nv.nvmlDeviceGetNvLinkRemoteDeviceType, handle, link) == NVLINK_REMOTE_SWITCH:
             links.to_switch += 1
             continue
@@ -223,8 +226,8 @@ def read_snapshot() -> Snapshot:
     try:
         count = nv.nvmlDeviceGetCount()
         handles = [nv.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        gpus = [_read_gpu(nv, i, h) for i, h in enumerate(handles)]
         nvlinks = [_read_nvlinks(nv, h) for h in handles]
+        gpus = [_read_gpu(nv, i, h, nvlinks[i].version) for i, h in enumerate(handles)]
         pairs = [_read_pair(nv, a, b, handles, gpus, nvlinks) for a in range(count) for b in range(a + 1, count)]
         return Snapshot(
             driver_version=_text(nv.nvmlSystemGetDriverVersion()),

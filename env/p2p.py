@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from typing import Any
 
 from env.nvml import GpuInfo, Snapshot
@@ -112,7 +113,7 @@ def decide_p2p(snapshot: Snapshot, environ: Mapping[str, str], verify_copy: Copy
     user_value = environ.get(DISABLE_VAR, "").strip()
     visible = visible_gpu_indices(snapshot, environ) if snapshot.ok else []
     if user_value:
-        pairs = [_describe_pair(snapshot, a, b) for a, b in _pairs(visible)]
+        pairs = [_describe_pair(snapshot, a, b) for a, b in combinations(visible, 2)]
         return P2PDecision(
             disable=user_value != "0",
             source="user",
@@ -126,7 +127,7 @@ def decide_p2p(snapshot: Snapshot, environ: Mapping[str, str], verify_copy: Copy
     if len(visible) == 1:
         return P2PDecision(None, "single-gpu", f"one GPU (GPU{visible[0]}): P2P does not apply")
     ordinal = {index: position for position, index in enumerate(visible)}
-    pairs = [_probe_pair(snapshot, a, b, ordinal, verify_copy) for a, b in _pairs(visible)]
+    pairs = [_probe_pair(snapshot, a, b, ordinal, verify_copy) for a, b in combinations(visible, 2)]
     return _decide_from_pairs(pairs)
 
 
@@ -162,18 +163,10 @@ def torch_copy_check(src: int, dst: int) -> bool:
     return copy_intact(lambda tensor: tensor.to(f"cuda:{dst}"), f"cuda:{src}")
 
 
-def _pairs(indices: list[int]) -> list[tuple[int, int]]:
-    return [(a, b) for i, a in enumerate(indices) for b in indices[i + 1 :]]
-
-
-def _gpu(snapshot: Snapshot, index: int) -> GpuInfo | None:
-    return next((g for g in snapshot.gpus if g.index == index), None)
-
-
 def _describe_pair(snapshot: Snapshot, a: int, b: int) -> dict[str, Any]:
     """What NVML says about one pair, as plain JSON-able facts."""
     pair = snapshot.pair(a, b)
-    gpus = [_gpu(snapshot, a), _gpu(snapshot, b)]
+    gpus = [snapshot.gpu(a), snapshot.gpu(b)]
     read = pair.p2p_read if pair else "UNKNOWN"
     write = pair.p2p_write if pair else "UNKNOWN"
     return {

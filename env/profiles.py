@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,7 @@ class InstalledStack:
     nccl_package: str | None  # the nvidia-nccl-cu12 distribution
 
 
-def _dist_version(name: str) -> str | None:
+def dist_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -132,13 +131,13 @@ def installed_stack() -> InstalledStack:
     try:
         torch = importlib.import_module("torch")
     except ImportError:
-        return InstalledStack(None, None, None, _dist_version("nvidia-nccl-cu12"))
+        return InstalledStack(None, None, None, dist_version("nvidia-nccl-cu12"))
     try:
         nccl_loaded = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
     except (AttributeError, RuntimeError):  # a CPU build has no NCCL
         nccl_loaded = None
     base_version = torch.__version__.split("+")[0]
-    return InstalledStack(base_version, torch.version.cuda, nccl_loaded, _dist_version("nvidia-nccl-cu12"))
+    return InstalledStack(base_version, torch.version.cuda, nccl_loaded, dist_version("nvidia-nccl-cu12"))
 
 
 def stack_mismatches(stack: InstalledStack, *, cuda: str, nccl: str, torch: str | None = None) -> list[str]:
@@ -172,7 +171,7 @@ _PINNED = re.compile(
 _HASH = re.compile(r"^--hash=sha256:[0-9a-f]{64}\s*\\?$")
 
 
-def _normalized(name: str) -> str:
+def normalise_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
@@ -197,7 +196,7 @@ def parse_lock(text: str) -> list[LockedRequirement]:
                 entries[-1]["via"].append(words)
     return [
         LockedRequirement(
-            _normalized(e["name"]), e["version"], (e["marker"] or "").strip(), tuple(e["hashes"]), tuple(e["via"])
+            normalise_name(e["name"]), e["version"], (e["marker"] or "").strip(), tuple(e["hashes"]), tuple(e["via"])
         )
         for e in entries
     ]

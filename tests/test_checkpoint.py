@@ -11,7 +11,6 @@ import os
 import pickle
 import random
 import shutil
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import finish_gloo_worker
+from tests.conftest import finish_gloo_worker, free_port
 from train import checkpoint
 from train.checkpoint import Checkpointer, CheckpointError, capture_rng, check_compatible, restore_rng
 from train.config import RunConfig
@@ -95,24 +94,35 @@ def save_trained(run_dir: Path, steps: list[int], keep: int = 3) -> tuple[nn.Mod
     return model, optimizer
 
 
+def saved_after_two_steps(ckpt: Checkpointer, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model and optimizer trained two steps from seed and saved as step 2: the RNGs are as the save found them."""
+    seed_all(seed)
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    train_steps(model, optimizer, 2)
+    ckpt.save(2, model, optimizer, extra_state(2))
+    return model, optimizer
+
+
+def loaded_fresh(ckpt: Checkpointer, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, dict | None]:
+    """A new model and optimizer, made under other RNGs (seed), with ckpt's newest checkpoint loaded into them."""
+    seed_all(seed)
+    model = tiny_model()
+    optimizer = make_optimizer(model)
+    return model, optimizer, ckpt.load_latest(model, optimizer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Round trip and exact resume
 
 
 def test_round_trip_restores_parameters_optimizer_rng_and_extra(tmp_path: Path) -> None:
-    seed_all(1)
-    model = tiny_model()
-    optimizer = make_optimizer(model)
-    train_steps(model, optimizer, 2)
-    make_checkpointer(tmp_path).save(2, model, optimizer, extra_state(2))
+    model, optimizer = saved_after_two_steps(make_checkpointer(tmp_path), seed=1)
     expected_params = [p.detach().clone() for p in model.parameters()]
     expected_state = [t.clone() for t in optimizer_tensors(optimizer)]
     expected_draws = random_draws()
 
-    seed_all(99)
-    fresh = tiny_model()
-    fresh_optimizer = make_optimizer(fresh)
-    extra = make_checkpointer(tmp_path).load_latest(fresh, fresh_optimizer)
+    fresh, fresh_optimizer, extra = loaded_fresh(make_checkpointer(tmp_path), seed=99)
 
     assert extra == {**extra_state(2), "step": 2}
     assert_bitwise_equal(list(fresh.parameters()), expected_params)
@@ -121,17 +131,10 @@ def test_round_trip_restores_parameters_optimizer_rng_and_extra(tmp_path: Path) 
 
 
 def test_resumed_training_matches_uninterrupted_training_bit_for_bit(tmp_path: Path) -> None:
-    seed_all(3)
-    model = tiny_model()
-    optimizer = make_optimizer(model)
-    train_steps(model, optimizer, 2)
-    make_checkpointer(tmp_path).save(2, model, optimizer, extra_state(2))
+    model, optimizer = saved_after_two_steps(make_checkpointer(tmp_path), seed=3)
     train_steps(model, optimizer, 3)
 
-    seed_all(42)
-    resumed = tiny_model()
-    resumed_optimizer = make_optimizer(resumed)
-    make_checkpointer(tmp_path).load_latest(resumed, resumed_optimizer)
+    resumed, resumed_optimizer, _ = loaded_fresh(make_checkpointer(tmp_path), seed=42)
     train_steps(resumed, resumed_optimizer, 3)
 
     assert_bitwise_equal(list(resumed.parameters()), [p.detach() for p in model.parameters()])
@@ -468,12 +471,6 @@ def test_a_checkpoint_from_another_world_size_is_refused(tmp_path: Path) -> None
 # Several processes (gloo)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def join_group(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
@@ -606,19 +603,12 @@ def make_sharded_checkpointer(run_dir: Path, keep: int = 3) -> Checkpointer:
 
 
 def test_sharded_format_round_trip_in_one_process(tmp_path: Path) -> None:
-    seed_all(11)
-    model = tiny_model()
-    optimizer = make_optimizer(model)
-    train_steps(model, optimizer, 2)
-    make_sharded_checkpointer(tmp_path).save(2, model, optimizer, extra_state(2))
+    model, optimizer = saved_after_two_steps(make_sharded_checkpointer(tmp_path), seed=11)
     expected_params = [p.detach().clone() for p in model.parameters()]
     expected_state = [t.clone() for t in optimizer_tensors(optimizer)]
     expected_draws = random_draws()
 
-    seed_all(12)
-    fresh = tiny_model()
-    fresh_optimizer = make_optimizer(fresh)
-    extra = make_sharded_checkpointer(tmp_path).load_latest(fresh, fresh_optimizer)
+    fresh, fresh_optimizer, extra = loaded_fresh(make_sharded_checkpointer(tmp_path), seed=12)
     assert extra == {**extra_state(2), "step": 2}
     assert_bitwise_equal(list(fresh.parameters()), expected_params)
     assert_bitwise_equal(optimizer_tensors(fresh_optimizer), expected_state)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from train import prepare
 from train.config import RunConfig
 from train.data import (
@@ -28,8 +29,6 @@ from train.data import (
     stream_indices,
     write_token_file,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_config(source: str = "synthetic", path: str = "", seq_len: int = 8, **train: int) -> RunConfig:

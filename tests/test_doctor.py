@@ -16,9 +16,9 @@ import pytest
 from env import checks, doctor
 from env.checks import CHECKS, GIB, MIB, CheckResult, Facts, Status, run_checks
 from env.nvml import Snapshot
+from tests.conftest import ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).resolve().parent.parent
 GPU_CHECKS = ("gpus", "driver", "arch", "pcie", "p2p")
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from env import compare, doctor, manifest
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
 
 

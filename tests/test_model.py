@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import finish_gloo_worker
+from tests.conftest import finish_gloo_worker, free_port
 from train.config import ConfigError, ModelConfig
 from train.model import MoE, Router, build_model, moe_balance_step
 
@@ -230,12 +229,6 @@ def test_resnet50_wrapper_has_stages_logits_and_loss():
     assert torch.isfinite(model(images, labels))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world_size: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -261,6 +254,6 @@ def _ddp_worker(rank: int, world_size: int, port: int, results: dict) -> None:
 @pytest.mark.slow
 def test_ddp_without_find_unused_parameters_keeps_ranks_identical():
     results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), results), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, free_port(), results), nprocs=2)
     for name, value in results[0].items():
         torch.testing.assert_close(value, results[1][name], msg=name)

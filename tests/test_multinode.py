@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 from tests.trainrun import launch_train, losses, train_command
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_nodes_of_one_gpu_train_like_one_node_of_two(tmp_path) -> None:
@@ -25,7 +18,7 @@ def test_two_nodes_of_one_gpu_train_like_one_node_of_two(tmp_path) -> None:
     assert launch_train(single, 2, 4).returncode == 0
 
     shared = tmp_path / "shared"
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         subprocess.Popen(
             [

@@ -18,8 +18,8 @@ from env.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pat
 from env.links import LINK_KINDS, NVLINK_BY_COMPUTE_CAPABILITY, PCIE_LANE_GBPS, Expectation, expected_busbw, judge
 from env.nccl_test import STALL_ENV, UsageError, parse_options, parse_sizes
 from env.nvml import Snapshot
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "nvml"
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
 

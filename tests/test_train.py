@@ -100,7 +100,7 @@ def test_fsdp_and_ddp_give_the_same_losses(tmp_path) -> None:
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=1e-5)
 
 
-def test_bf16_gradient_compression_is_applied_and_stays_close(one_process_batch_6, tmp_path) -> None:
+def test_bf16_gradient_compression_is_applied_and_stays_close(tmp_path) -> None:
     plain, compressed = tmp_path / "plain", tmp_path / "bf16"
     for run_dir, compression in ((plain, "none"), (compressed, "bf16")):
         result = launch_train(run_dir, 2, STEPS, "train.micro_batch=3", f"train.grad_compression={compression}")

@@ -63,9 +63,9 @@ def losses(run_dir: Path) -> list[float]:
     return [record["loss"] for record in metrics(run_dir)]
 
 
-def checkpoint_state(run_dir: Path, *overrides: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def checkpoint_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(model parameters and buffers, optimizer state, extra) of the newest valid checkpoint."""
-    cfg = load_config("tiny", [*SMALL, *overrides])
+    cfg = load_config("tiny", SMALL)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     # A DDP checkpoint is one file from rank 0; read it as the run's world size, which the checkpointer checks.

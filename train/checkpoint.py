@@ -550,11 +550,10 @@ class Checkpointer:
     def preflight(self, estimate_bytes: int) -> None:
         """Fail before training if checkpoints could not be written: the directory, then the free space.
 
-        `estimate_bytes` is what this rank writes (DDP: the whole state; FSDP: one shard).
+        `estimate_bytes` is one checkpoint's size, all ranks together (FSDP: the sum of the shards).
         Rank 0 checks, for all ranks: with FSDP every shard lands in the same directory.
         """
-        writers = self.world_size if self.strategy == "fsdp" else 1
-        problem = self._preflight_problem(estimate_bytes * writers) if self.rank == 0 else None
+        problem = self._preflight_problem(estimate_bytes) if self.rank == 0 else None
         problem = _first_problem(problem)
         if problem:
             raise CheckpointError(problem)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,24 +167,34 @@ def _coerce(dotted: str, raw: Any, target_type: type) -> Any:
     raise invalid
 
 
+@functools.cache
+def _section_types(section_class: type) -> dict[str, type]:
+    # Resolving the annotations is the slow part of _set; a section class's types never change.
+    hints = typing.get_type_hints(section_class)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_class)}
+
+
 def _field_types(section: Any) -> dict[str, type]:
-    hints = typing.get_type_hints(type(section))
-    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+    return _section_types(type(section))
+
+
+def _unknown_key(cfg: RunConfig, dotted: str, sections: list[str]) -> ConfigError:
+    all_keys = [f"{s}.{k}" for s in sections for k in _field_types(getattr(cfg, s))] + ["name"]
+    return ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
 
 
 def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
     parts = dotted.split(".")
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
-    all_keys = [f"{s}.{k}" for s in sections for k in _field_types(getattr(cfg, s))] + ["name"]
     if dotted == "name":
         cfg.name = str(raw)
         return
     if len(parts) != 2 or parts[0] not in sections:
-        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+        raise _unknown_key(cfg, dotted, sections)
     section = getattr(cfg, parts[0])
     types = _field_types(section)
     if parts[1] not in types:
-        raise ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+        raise _unknown_key(cfg, dotted, sections)
     value = _coerce(dotted, raw, types[parts[1]])
     allowed = CHOICES.get(dotted)
     if allowed and value not in allowed:

@@ -169,10 +169,6 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
 def shutdown() -> None:
     """NCCL wants its communicators destroyed; gloo's teardown can block on torch 2.4, so the worker
     process simply exits (train/worker.py) and the sockets close with it."""

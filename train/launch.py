@@ -37,18 +37,19 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=3e-4")
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The key=value overrides, then the shorthand flags that were given, as key=value too."""
+    flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
+    return [*args.overrides, *flags]
+
+
 def resolve_config(args: argparse.Namespace, has_gpu: bool) -> RunConfig:
-    name = args.config or ("small" if has_gpu else "tiny")
-    overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
-    return load_config(name, overrides)
+    return load_config(args.config or ("small" if has_gpu else "tiny"), _overrides(args))
 
 
 def worker_args(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> list[str]:
     """The resolved run, as arguments every worker parses the same way."""
-    overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
-    return ["--config", args.config or cfg.name, "--run-dir", str(run_dir), *overrides]
+    return ["--config", args.config or cfg.name, "--run-dir", str(run_dir), *_overrides(args)]
 
 
 def _p2p_decision() -> dict | None:

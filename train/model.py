@@ -67,7 +67,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x [..., seq, rope_dim] by the position's angle."""
     seq_len = x.shape[-2]
     cos, sin = cos[:seq_len], sin[:seq_len]
-    even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    x32 = x.float()
+    even, odd = x32[..., 0::2], x32[..., 1::2]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +85,6 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **extra)
 
 
-def _make_scaler(precision: Precision, device: torch.device):
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device.type, enabled=precision.use_scaler)
-    return torch.cuda.amp.GradScaler(enabled=precision.use_scaler)
-
-
 class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit."""
 
@@ -140,6 +134,11 @@ class Run:
     precision: Precision
     checkpointer: Checkpointer
     start_step: int
+    # Turns each step's summed [loss, stop votes] into [mean loss, stop votes]; made once: a copy from the host waits.
+    stats_divisor: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats_divisor = torch.tensor([self.info.world_size, 1.0], device=self.info.device)
 
 
 def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
@@ -155,27 +154,27 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     if cfg.train.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg, info.device)
-    scaler = _make_scaler(precision, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.use_scaler)
     checkpointer = Checkpointer(
         run_dir, keep=cfg.train.keep_ckpts, rank=info.rank, world_size=info.world_size, strategy=cfg.train.strategy
     )
-    state_bytes = (
-        sum(p.numel() * p.element_size() for p in model.parameters())
-        * 3
-        // max(1, info.world_size if cfg.train.strategy == "fsdp" else 1)
-    )
-    checkpointer.preflight(state_bytes)
+    # Parameters and AdamW's two moments, all ranks together (an FSDP parameter's numel is the global one).
+    checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
     start_step = 0
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
-    extra = checkpointer.load_latest(model, optimizer, config={**cfg.to_dict(), "world_size": info.world_size})
+    extra = checkpointer.load_latest(model, optimizer, config=_resume_config(cfg, info))
     if extra is not None:
         scaler.load_state_dict(extra["scaler"])
         start_step = int(extra["step"])
     return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
 
 
-def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, float]:
-    """One optimizer step over `accum` micro-batches; returns the globally reduced figures."""
+def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
+    """One optimizer step over `accum` micro-batches; returns the globally reduced figures.
+
+    The step waits for the device once, for the loss and the stop votes. grad_norm stays a tensor:
+    reading it would wait for the optimizer step too, so it is read only when the step is logged.
+    """
     cfg, model, device = run.cfg, run.model, run.info.device
     accum = cfg.train.accum
     # The schedule is a pure function of the step (as in nanoGPT): nothing to save, and a changed
@@ -197,9 +196,10 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
         loss_sum += loss.detach().float()
     # One small all-reduce per step: the global mean loss, and the stop request of any rank.
     watchdog.mark(step, "sync")
-    stats = torch.stack([loss_sum, torch.tensor(float(stop.requested), device=device)])
+    # torch.full, not torch.tensor: no copy from the host, which would wait for the backward to finish.
+    stats = torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)])
     all_reduce_sum(stats)
-    loss_mean, stop_votes = (stats / torch.tensor([run.info.world_size, 1.0], device=device)).tolist()
+    loss_mean, stop_votes = (stats / run.stats_divisor).tolist()
     if not math.isfinite(loss_mean):
         raise TrainingStopped(
             f"loss became {loss_mean} at step {step}; the optimizer step was not taken and "
@@ -211,7 +211,7 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     balance = moe_balance_step(model, all_reduce_sum)
-    figures = {"loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm), "stop": stop_votes > 0}
+    figures = {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "stop": stop_votes > 0}
     return figures | balance
 
 
@@ -293,6 +293,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
                 {
                     "step": step,
                     **{k: v for k, v in figures.items() if k != "stop"},
+                    "grad_norm": float(figures["grad_norm"]),  # read now, not per step; keeps its place in the record
                     "step_ms": step_s * 1000,
                     "samples_per_sec": samples_per_sec,
                     "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
@@ -327,11 +328,16 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
     return summary
 
 
+def _resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
+    """The config a checkpoint records, and a resume is checked against (train/checkpoint.py check_compatible)."""
+    return {**cfg.to_dict(), "world_size": info.world_size}
+
+
 def _extra_state(run: Run, step: int) -> dict[str, Any]:
     # The step is also the data position (the sample stream is a pure function of it, train/data.py)
     # and fixes the learning rate (lr_at), so neither is stored beside it.
     return {
         "step": step,
         "scaler": run.scaler.state_dict(),
-        "config": {**run.cfg.to_dict(), "world_size": run.info.world_size},
+        "config": _resume_config(run.cfg, run.info),
     }

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
 from train.data import build_dataset, build_loader
@@ -55,11 +56,6 @@ def benchmark_config(cfg: RunConfig, steps: int) -> RunConfig:
     """Synthetic data, a logging window every steps/10 steps, no checkpoint before the last step."""
     train_cfg = replace(cfg.train, steps=steps, log_every=log_every(steps), ckpt_every=steps, tensorboard=False)
     return replace(cfg, data=replace(cfg.data, source="synthetic"), train=train_cfg)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bare_step(cfg: RunConfig, device: torch.device) -> Callable[[], None]:
@@ -96,12 +92,12 @@ def bare_step_ms(cfg: RunConfig, device: torch.device) -> float:
     step = bare_step(cfg, device)
     per_window = log_every(cfg.train.steps)
     windows = []
-    _sync(device)
+    synchronize(device)
     for _ in range(cfg.train.steps // per_window):
         started = time.perf_counter()
         for _ in range(per_window):
             step()
-        _sync(device)
+        synchronize(device)
         windows.append((time.perf_counter() - started) / per_window * 1000)
     return steady_median(windows)
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.benchmarks.harness_overhead import bare_step, benchmark_config
 from train.config import ConfigError, load_config
@@ -109,11 +110,6 @@ def top_host_ops(prof: profile, steps: int) -> list[OpRow]:
     return [OpRow(avg.key, avg.self_cpu_time_total / 1000 / steps, avg.count / steps) for avg in averages]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _table(title: str, rows: list[OpRow]) -> list[str]:
     lines = [title, f"  {'ms/step':>9}  {'calls/step':>10}  name"]
     lines += [f"  {row.ms_per_step:9.3f}  {row.calls_per_step:10.1f}  {row.name[:90]}" for row in rows]
@@ -159,18 +155,18 @@ def run(args: argparse.Namespace) -> None:
     step = bare_step(cfg, device)
     for _ in range(WARMUP_STEPS):
         step()
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(args.steps):
         step()
-    _sync(device)
+    synchronize(device)
     wall_ms = (time.perf_counter() - started) * 1000 / args.steps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        _sync(device)
+        synchronize(device)
     with tempfile.TemporaryDirectory(prefix="step-profile-") as scratch:
         trace = Path(args.trace) if args.trace else Path(scratch) / "trace.json"
         prof.export_chrome_trace(str(trace))
