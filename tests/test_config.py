@@ -48,6 +48,26 @@ def test_bad_values_are_refused(override: str) -> None:
         load_config("tiny", [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_expert_groups=0", "model.n_expert_groups=0 must be at least 1"),  # was a ZeroDivisionError
+        ("model.n_activated_experts=0", "model.n_activated_experts=0 must be at least 1"),
+        ("model.n_heads=0", "model.n_heads=0 must be at least 1"),
+        ("model.dim=0", "model.dim=0 must be at least 1"),
+        ("model.qk_rope_head_dim=0", "model.qk_rope_head_dim=0 must be even and at least 2"),
+        ("model.qk_rope_head_dim=5", "model.qk_rope_head_dim=5 must be even and at least 2"),
+    ],
+)
+def test_a_degenerate_model_shape_is_one_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        load_config("tiny", [override])
+
+
+def test_a_dense_model_may_leave_the_expert_sizes_at_zero() -> None:
+    load_config("tiny", ["model.n_routed_experts=0", "model.n_activated_experts=0", "model.moe_inter_dim=0"])
+
+
 def test_unknown_config_name_lists_the_available_ones() -> None:
     with pytest.raises(ConfigError) as err:
         load_config("tinny")

@@ -270,6 +270,50 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def validate_model(m: ModelConfig) -> None:
+    """The model's own shape checks (train.model.build_model runs them too, for a ModelConfig made in code)."""
+    if m.arch != "deepseek":
+        return
+    sizes = {
+        "dim": m.dim,
+        "n_layers": m.n_layers,
+        "n_heads": m.n_heads,
+        "vocab_size": m.vocab_size,
+        "max_seq_len": m.max_seq_len,
+        "inter_dim": m.inter_dim,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_nope_head_dim,
+        "v_head_dim": m.v_head_dim,
+    }
+    if m.n_routed_experts:
+        sizes |= {
+            "moe_inter_dim": m.moe_inter_dim,
+            "n_activated_experts": m.n_activated_experts,
+            "n_expert_groups": m.n_expert_groups,
+            "n_limited_groups": m.n_limited_groups,
+        }
+    for key, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"model.{key}={value} must be at least 1")
+    if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
+        raise ConfigError(
+            f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and at least 2 (RoPE rotates pairs)"
+        )
+    if m.n_routed_experts:
+        if m.n_activated_experts > m.n_routed_experts:
+            raise ConfigError("model.n_activated_experts exceeds model.n_routed_experts; lower it")
+        if m.n_routed_experts % m.n_expert_groups:
+            raise ConfigError("model.n_routed_experts must divide evenly into model.n_expert_groups")
+        if m.n_limited_groups > m.n_expert_groups:
+            raise ConfigError("model.n_limited_groups exceeds model.n_expert_groups; lower it")
+        reachable = m.n_routed_experts // m.n_expert_groups * m.n_limited_groups
+        if m.n_activated_experts > reachable:
+            raise ConfigError(
+                f"model.n_activated_experts={m.n_activated_experts} exceeds the {reachable} experts that "
+                "model.n_limited_groups groups hold; raise n_limited_groups or lower n_activated_experts"
+            )
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m, t = cfg.model, cfg.train
@@ -285,26 +329,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
-    if m.arch == "deepseek":
-        if cfg.data.seq_len > m.max_seq_len:
-            raise ConfigError(
-                f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; "
-                "lower one or raise the other"
-            )
-        if m.n_routed_experts:
-            if m.n_activated_experts > m.n_routed_experts:
-                raise ConfigError("model.n_activated_experts exceeds model.n_routed_experts; lower it")
-            if m.n_routed_experts % m.n_expert_groups:
-                raise ConfigError("model.n_routed_experts must divide evenly into model.n_expert_groups")
-            if m.n_limited_groups > m.n_expert_groups:
-                raise ConfigError("model.n_limited_groups exceeds model.n_expert_groups; lower it")
-            reachable = m.n_routed_experts // m.n_expert_groups * m.n_limited_groups
-            if m.n_activated_experts > reachable:
-                raise ConfigError(
-                    f"model.n_activated_experts={m.n_activated_experts} exceeds the {reachable} experts that "
-                    "model.n_limited_groups groups hold; raise n_limited_groups or lower n_activated_experts"
-                )
-        if m.qk_rope_head_dim % 2:
-            raise ConfigError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
+    validate_model(m)
+    if m.arch == "deepseek" and cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower one or raise the other"
+        )
     if cfg.data.source == "files" and not cfg.data.path:
         raise ConfigError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, validate_model
 
 
 class RMSNorm(nn.Module):
@@ -319,18 +319,6 @@ class ResNet50(nn.Module):
         return F.cross_entropy(logits.float(), labels)
 
 
-def check_buildable(cfg: ModelConfig) -> None:
-    """Model-shape checks beyond train.config.validate, as one-line ConfigErrors."""
-    if cfg.arch != "deepseek" or not cfg.n_routed_experts:
-        return
-    reachable = cfg.n_routed_experts // cfg.n_expert_groups * cfg.n_limited_groups
-    if cfg.n_activated_experts > reachable:
-        raise ConfigError(
-            f"model.n_activated_experts={cfg.n_activated_experts} exceeds the {reachable} experts in "
-            f"n_limited_groups={cfg.n_limited_groups} groups; raise n_limited_groups or lower n_activated_experts"
-        )
-
-
 MODEL_BUILDERS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "deepseek": Transformer,
     "resnet50": ResNet50,
@@ -341,7 +329,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The model for cfg.arch, initialised from the global torch RNG (seed it first)."""
     if cfg.arch not in MODEL_BUILDERS:
         raise ConfigError(f"model.arch={cfg.arch!r} is not one of {', '.join(MODEL_BUILDERS)}")
-    check_buildable(cfg)
+    validate_model(cfg)
     return MODEL_BUILDERS[cfg.arch](cfg)
 
 
