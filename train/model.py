@@ -334,13 +334,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def moe_balance_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+def moe_balance_step(
+    model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None
+) -> dict[str, torch.Tensor]:
     """Auxiliary-loss-free balancing, once per optimizer step on every rank.
 
     Sums every MoE layer's token counts over ranks with ONE call of `all_reduce` (an in-place SUM;
     None for a single process), then moves each expert's bias by bias_update_speed toward balance:
     up for experts below the layer's mean load, down for those above. Counts restart at zero.
-    Returns the most and least loaded expert's load relative to its layer's mean, over all layers.
+    Returns the most and least loaded expert's load relative to its layer's mean, over all layers, as
+    0-dim tensors: nothing here waits for the device, so callers read them only when they log (NaN
+    when a layer routed no tokens since the last call).
     Works on wrapped models (DDP, FSDP): layers are found through model.modules(). Under DDP use
     broadcast_buffers=False: counts are per rank, and the bias gets the same update on every rank.
     """
@@ -355,7 +359,5 @@ def moe_balance_step(model: nn.Module, all_reduce: Callable[[torch.Tensor], None
     for layer, layer_counts, layer_mean in zip(moe_layers, per_layer, mean, strict=True):
         layer.router.expert_bias += layer.bias_update_speed * torch.sign(layer_mean - layer_counts)
         layer.tokens_per_expert.zero_()
-    if not mean.gt(0).all():
-        return {}
     load = per_layer / mean
-    return {"moe_load_max": load.max().item(), "moe_load_min": load.min().item()}
+    return {"moe_load_max": load.max(), "moe_load_min": load.min()}

@@ -172,8 +172,8 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
 def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
     """One optimizer step over `accum` micro-batches; returns the globally reduced figures.
 
-    The step waits for the device once, for the loss and the stop votes. grad_norm stays a tensor:
-    reading it would wait for the optimizer step too, so it is read only when the step is logged.
+    The step waits for the device once, for the loss and the stop votes. grad_norm and the MoE loads
+    stay tensors: reading them would wait for the optimizer step too, so they are read only when logged.
     """
     cfg, model, device = run.cfg, run.model, run.info.device
     accum = cfg.train.accum
@@ -292,8 +292,8 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
             logger.log(
                 {
                     "step": step,
-                    **{k: v for k, v in figures.items() if k != "stop"},
-                    "grad_norm": float(figures["grad_norm"]),  # read now, not per step; keeps its place in the record
+                    # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
+                    **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items() if k != "stop"},
                     "step_ms": step_s * 1000,
                     "samples_per_sec": samples_per_sec,
                     "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
