@@ -151,9 +151,9 @@ def _say(message: str) -> None:
     print(f"torchrig: {message}", file=sys.stderr, flush=True)
 
 
-def _engine_problem() -> str | None:
-    """One line saying what to install or start, or None when an engine answers."""
-    status = engine_status()
+def _engine_problem(status: EngineStatus | None = None) -> str | None:
+    """One line saying what to install or start, or None when an engine answers (status: already asked)."""
+    status = status or engine_status()
     if status.answers:
         return None
     if shutil.which(docker_client()) is None:
@@ -305,18 +305,23 @@ def compose_run_command(
     return [*command, service, *argv]
 
 
-def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str]) -> int:
+def passthrough_env() -> dict[str, str]:
+    """The caller's variables that a job in the container sees too."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_", "TORCHRIG_", "CUDA_VISIBLE"))}
+
+
+def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str], status: EngineStatus | None = None) -> int:
     """Run argv in the image (venv on PATH, repo at /workspace) through compose's gpu or cpu service.
 
     env is passed with -e, with TORCHRIG_IMAGE and TORCHRIG_IMAGE_ID added. The image is $TORCHRIG_IMAGE,
-    default torchrig:latest (the last one built).
+    default torchrig:latest (the last one built). status: the engine's, when the caller asked it already.
     Returns the command's exit code, or 1 with one line saying what is missing.
     """
     compose = compose_command()
     if compose is None:
         _say(f"no Docker Compose ('docker compose' nor 'docker-compose'): {INSTALL_DOCKER}, or set COMPOSE")
         return 1
-    problem = _engine_problem()
+    problem = _engine_problem(status)
     if problem:
         _say(f"cannot run in the container: {problem}")
         return 1
@@ -360,8 +365,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.argv:
         _say("nothing to run; e.g. python3 -m env.docker run -- python -m env.profiles list")
         return 2
-    passthrough = {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_"))}
-    return run_in_container(args.argv, gpu=args.gpu, env=passthrough)
+    return run_in_container(args.argv, gpu=args.gpu, env=passthrough_env())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from env.atomic import write_text_atomically
 from env.checks import CHECKS, Facts, Outcome, Status, run_checks, worst
 from env.docker import engine_status
 from env.nvml import Snapshot, read_snapshot
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None, facts: Facts | None = None) -> int:
         path = Path(args.json)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report_dict(facts, outcomes), indent=2) + "\n")
+            write_text_atomically(path, json.dumps(report_dict(facts, outcomes), indent=2) + "\n")
         except OSError as exc:
             print(f"doctor: cannot write --json {path}: {exc.strerror}; choose a writable path", file=sys.stderr)
             return 2

@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from env.atomic import write_text_atomically
 from env.launch import USER_ERROR_EXIT
 from env.links import Expectation, expected_busbw, judge
 from env.nvml import read_snapshot
@@ -534,9 +535,7 @@ def write_record(path: Path, record: dict[str, Any]) -> bool:
     """Write the JSON record atomically; a path we cannot write is one line, not a traceback."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(json.dumps(record, indent=2) + "\n")
-        partial.replace(path)
+        write_text_atomically(path, json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         print(f"nccl-test: cannot write the JSON record to {path} ({exc.strerror}); pass a writable --json", flush=True)
         return False

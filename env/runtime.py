@@ -18,6 +18,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from env.docker import EngineStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
@@ -131,18 +135,18 @@ def validate_gpus(raw: str, visible: int) -> int:
     return gpus
 
 
-def choose_runtime(requested: str) -> tuple[str, str]:
-    """('docker' | 'local', why)."""
+def choose_runtime(requested: str) -> tuple[str, str, EngineStatus | None]:
+    """('docker' | 'local', why, the engine's status when it was asked)."""
     if requested not in ("", "docker", "local"):
         raise UsageError(f"RUNTIME={requested} is not docker or local")
     if requested:
-        return requested, "RUNTIME was set"
+        return requested, "RUNTIME was set", None
     from env.docker import engine_status
 
     status = engine_status()
     if status.answers and status.nvidia:
-        return "docker", "a Docker engine with the NVIDIA runtime answers"
-    return "local", f"{status.reason}; RUNTIME=docker forces the container"
+        return "docker", "a Docker engine with the NVIDIA runtime answers", status
+    return "local", f"{status.reason}; RUNTIME=docker forces the container", status
 
 
 def _lock_digest() -> str:
@@ -212,23 +216,21 @@ def build_argv(target: Target, values: dict[str, str], gpus: int | None) -> list
     return argv
 
 
-def passthrough_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_", "TORCHRIG_", "CUDA_VISIBLE"))}
-
-
 def run(target_name: str, values: dict[str, str]) -> int:
     if target_name == "build":
         from env.docker import build_image
         from env.profiles import DEFAULT_CUDA
 
         return build_image(values.get("CUDA") or DEFAULT_CUDA)
-    runtime, why = choose_runtime(values.get("RUNTIME", ""))
+    runtime, why, engine = choose_runtime(values.get("RUNTIME", ""))
     print(f"torchrig: runtime={runtime} ({why})", file=sys.stderr, flush=True)
     if target_name == "setup":
         if runtime == "local":
             ensure_venv()
         return 0
-    visible = visible_gpu_count()
+    # nvidia-smi only where the answer is used: GPUS checks, and the container's gpu or cpu service.
+    counts_gpus = runtime == "docker" or (target_name != "shell" and TARGETS[target_name].gpus)
+    visible = visible_gpu_count() if counts_gpus else 0
     if target_name == "shell":
         argv = ["bash"]
     else:
@@ -246,9 +248,9 @@ def run(target_name: str, values: dict[str, str]) -> int:
                 )
         argv = build_argv(target, values, gpus)
     if runtime == "docker":
-        from env.docker import run_in_container
+        from env.docker import passthrough_env, run_in_container
 
-        return run_in_container(argv, gpu=visible > 0, env=passthrough_env())
+        return run_in_container(argv, gpu=visible > 0, env=passthrough_env(), status=engine)
     python = ensure_venv()
     argv[0] = str(python) if argv[0] == "python" else argv[0]
     env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
