@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from env.atomic import DEFAULT_WRITE_FIX, write_fix
+from train.config import flatten
 
 log = logging.getLogger(__name__)
 
@@ -300,16 +301,6 @@ def _merge(tensors: dict[Any, Any], rest: dict[Any, Any]) -> dict[Any, Any]:
 # Config compatibility
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _fixed_for_resume(key: str) -> bool:
     return key.startswith(RESUME_FIXED_PREFIXES) or key in RESUME_FIXED_KEYS
 
@@ -327,7 +318,7 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any]) -> None:
     Both are RunConfig.to_dict() output, optionally with a top-level "world_size". A key
     that only one side has (a config field added or removed since) is not compared.
     """
-    saved_flat, current_flat = _flatten(saved), _flatten(current)
+    saved_flat, current_flat = flatten(saved), flatten(current)
     for key, value in current_flat.items():
         if _fixed_for_resume(key) and key in saved_flat and saved_flat[key] != value:
             raise _mismatch(key, saved_flat[key], value)

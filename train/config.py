@@ -63,6 +63,10 @@ class ModelConfig:
     num_classes: int = 1000
     image_size: int = 224
 
+    def is_dense_layer(self, layer_id: int) -> bool:
+        """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
+        return self.n_routed_experts == 0 or layer_id < self.n_dense_layers
+
 
 @dataclass
 class DataConfig:
@@ -202,12 +206,13 @@ def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
     setattr(section, parts[1], value)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: a config tree as its dotted keys."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
+            flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value
     return flat
@@ -240,7 +245,7 @@ def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) 
     """Read a named config (or a YAML path) and apply `key=value` overrides on top."""
     path = resolve_config_path(name)
     cfg = RunConfig(name=path.stem)
-    for dotted, value in _flatten(_read_yaml(path)).items():
+    for dotted, value in flatten(_read_yaml(path)).items():
         _set(cfg, dotted, value)
     for dotted, value in parse_overrides(overrides).items():
         _set(cfg, dotted, value)
@@ -265,7 +270,7 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, A
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from RunConfig.to_dict() output (checkpoints, manifests)."""
     cfg = RunConfig(name=str(tree.get("name", "tiny")))
-    for dotted, value in _flatten({k: v for k, v in tree.items() if k != "name"}).items():
+    for dotted, value in flatten({k: v for k, v in tree.items() if k != "name"}).items():
         _set(cfg, dotted, value)
     return cfg
 

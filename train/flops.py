@@ -57,7 +57,7 @@ def _attention(m: ModelConfig) -> _Block:
 
 
 def _feed_forward(m: ModelConfig, layer_id: int) -> _Block:
-    if m.n_routed_experts == 0 or layer_id < m.n_dense_layers:
+    if m.is_dense_layer(layer_id):
         dense = _swiglu(m.dim, m.inter_dim)
         return _Block(dense, dense, 0)
     expert = _swiglu(m.dim, m.moe_inter_dim)

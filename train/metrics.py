@@ -15,11 +15,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import torch
 
 from env.atomic import write_fix, write_text_atomically
+
+T = TypeVar("T")
 
 
 class RunDirWriteError(Exception):
@@ -29,6 +31,11 @@ class RunDirWriteError(Exception):
         reason = error.strerror or str(error)
         fix = write_fix(error)
         super().__init__(f"writing {path} failed ({reason}): {fix}; checkpoints already written are intact")
+
+
+def steady(windows: list[T]) -> list[T]:
+    """The steady state of a run's logged windows: the first tenth dropped (at least the first of several)."""
+    return windows[len(windows) // 10 :] if len(windows) >= 10 else windows[1:] or windows
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -99,10 +106,10 @@ class MetricsLogger:
     def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         """Steady-state figures over the logged steps (the first tenth dropped), written to summary.json."""
         records = self._records
-        steady = records[len(records) // 10 :] if len(records) >= 10 else records[1:] or records
+        steady_records = steady(records)
 
         def median(key: str) -> float | None:
-            values = [r[key] for r in steady if r.get(key) is not None]
+            values = [r[key] for r in steady_records if r.get(key) is not None]
             return statistics.median(values) if values else None
 
         summary = {

@@ -196,16 +196,11 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MultiHeadLatentAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if is_dense_layer(cfg, layer_id) else MoE(cfg)
+        self.ffn = SwiGLU(cfg.dim, cfg.inter_dim) if cfg.is_dense_layer(layer_id) else MoE(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
-
-
-def is_dense_layer(cfg: ModelConfig, layer_id: int) -> bool:
-    """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
-    return cfg.n_routed_experts == 0 or layer_id < cfg.n_dense_layers
 
 
 class MTPModule(nn.Module):

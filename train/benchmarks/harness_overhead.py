@@ -35,6 +35,7 @@ from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
 from train.data import build_dataset, build_loader
+from train.metrics import steady
 from train.model import build_model, moe_balance_step
 from train.trainer import Precision, build_optimizer, seed_everything, train
 
@@ -47,9 +48,8 @@ def log_every(steps: int) -> int:
 
 
 def steady_median(window_ms: list[float]) -> float:
-    """The metrics summary's rule: drop the first tenth (at least the first window when there are several)."""
-    steady = window_ms[len(window_ms) // 10 :] if len(window_ms) >= 10 else window_ms[1:] or window_ms
-    return statistics.median(steady)
+    """The median under the metrics summary's rule (train.metrics.steady)."""
+    return statistics.median(steady(window_ms))
 
 
 def benchmark_config(cfg: RunConfig, steps: int) -> RunConfig:
