@@ -78,8 +78,11 @@ class Watchdog:
         while not self._stop.wait(0.5):
             position = (self.step, self.phase)
             if position != self._published:
-                self._store.set(str(self.rank), f"{position[0]}:{position[1]}")
-                self._published = position
+                try:
+                    self._store.set(str(self.rank), f"{position[0]}:{position[1]}")
+                    self._published = position
+                except Exception:  # the store's host is gone (rank 0 died): the timeout below must still run
+                    pass
             limit = self.timeout_s if self.first_collective_done else self.first_timeout_s
             stalled = time.monotonic() - self._progress_at
             if stalled > limit:
@@ -103,24 +106,28 @@ class Watchdog:
                 self.on_fire()
             except Exception as exc:  # a failed dump must not keep a hung job alive
                 print(f"torchrig: rank {self.rank}: flight recorder dump failed ({exc})", file=sys.stderr)
+        store_lost = False
         try:
             positions = self._positions()
         except Exception:  # the store itself is gone: every rank is on its own
             positions = {self.rank: (self.step, PHASES.index(self.phase))}
+            store_lost = True
         behind = min(positions.values())
         laggards = sorted(r for r, p in positions.items() if p == behind)
         answering = sorted(set(positions) - set(laggards))
-        reporter = answering[0] if answering else 0
+        reporter = answering[0] if answering else min(positions)  # without the store, each rank speaks for itself
         if self.rank == reporter:
             which = "the first collective" if not self.first_collective_done else f"step {max(behind[0], 0)}"
-            if answering:
+            if store_lost:
+                what = f"rank {self.rank} lost the rendezvous store (its host, rank 0 or the launcher, died) at {which}"
+            elif answering:
                 what = f"rank {', '.join(map(str, laggards))} stopped answering at {which}"
             else:
                 what = f"every rank waits inside one collective at {which} (a communication hang)"
             hint = (
                 " Usual causes: P2P on GeForce cards (NCCL_P2P_DISABLE=1), ACS/IOMMU, a small /dev/shm,"
                 " or a firewall / NCCL_SOCKET_IFNAME between nodes; make nccl-test checks them."
-                if not self.first_collective_done or not answering
+                if not store_lost and (not self.first_collective_done or not answering)
                 else ""
             )
             print(
