@@ -10,14 +10,56 @@ NODE_RANK, as torchrun does when given --node-rank.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 
 # Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
 USER_ERROR_EXIT = 2
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """This node's place in the job, as torchrun's --nnodes, --node-rank, --master-addr/--master-port flags."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 29500
+    max_restarts: int = 0  # times the whole group is restarted after a failure
+
+    def problem(self) -> str | None:
+        """What is wrong with these flags, in one line naming the flag, or None."""
+        bounds = (
+            ("--nnodes", self.nnodes, 1, None),
+            ("--node-rank", self.node_rank, 0, self.nnodes - 1),
+            ("--master-port", self.master_port, 1, 65535),
+            ("--max-restarts", self.max_restarts, 0, None),
+        )
+        for flag, value, low, high in bounds:
+            if value < low or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+                return f"{flag} {value} must be {bound}"
+        if self.nnodes > 1 and not self.master_addr:
+            return "--nnodes > 1 needs --master-addr (the address of node rank 0)"
+        return None
+
+
+def add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--max-restarts", type=int, default=0, help="restart the group this often after a failure")
+
+
+def nodes_from_args(args: argparse.Namespace) -> Nodes:
+    """The flags add_node_arguments added, unchecked: see Nodes.problem."""
+    return Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.max_restarts)
 
 
 def _threads_per_worker(nproc: int) -> str:
@@ -30,11 +72,7 @@ def launch(
     args: Sequence[str],
     nproc: int,
     *,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    master_addr: str = "",
-    master_port: int = 29500,
-    max_restarts: int = 0,
+    nodes: Nodes = Nodes(),
     explained: Collection[int] = (USER_ERROR_EXIT,),
 ) -> int:
     """Run `python -m module *args` in `nproc` workers on this node; return an exit code.
@@ -51,21 +89,21 @@ def launch(
     # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
-    if nnodes > 1:
-        endpoint = f"{master_addr}:{master_port}"
-        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": node_rank}}
+    if nodes.nnodes > 1:
+        endpoint = f"{nodes.master_addr}:{nodes.master_port}"
+        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": nodes.node_rank}}
         # The rendezvous keys are prefixed with the run id, so every node of the job must use the same one.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{endpoint}")
     else:
         rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {}}
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{uuid.uuid4().hex[:8]}")
     config = LaunchConfig(
-        min_nodes=nnodes,
-        max_nodes=nnodes,
+        min_nodes=nodes.nnodes,
+        max_nodes=nodes.nnodes,
         nproc_per_node=nproc,
         run_id=run_id,
         role="worker",
-        max_restarts=max_restarts,
+        max_restarts=nodes.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
         **rdzv,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from env.atomic import write_text_atomically
-from env.launch import USER_ERROR_EXIT
+from env.launch import USER_ERROR_EXIT, Nodes, add_node_arguments, nodes_from_args
 from env.links import Expectation, expected_busbw, judge
 from env.nvml import read_snapshot
 from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p, p2p_mode, torch_copy_check, visible_gpu_indices
@@ -71,11 +71,7 @@ class Options:
     json_path: Path
     first_timeout: float
     launch_overhead: bool
-    nnodes: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    max_restarts: int
+    nodes: Nodes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,11 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", help="directory for the JSON record when --json is not given")
     parser.add_argument("--first-timeout", type=float, default=30.0, help="seconds the first collective may take")
     parser.add_argument("--launch-overhead", action="store_true", help="benchmark: time per 8 B call, queued vs waited")
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=0)
-    parser.add_argument("--master-addr", default="")
-    parser.add_argument("--master-port", type=int, default=29500)
-    parser.add_argument("--max-restarts", type=int, default=0)
+    add_node_arguments(parser)
     return parser
 
 
@@ -163,15 +155,6 @@ def _check_gpus(gpus: int, cuda_gpus: int) -> None:
         raise UsageError(f"--gpus {gpus}: no GPU is visible, so it counts CPU processes on gloo, at most 8")
 
 
-def _check_nodes(args: argparse.Namespace) -> None:
-    _check_range("--nnodes", args.nnodes, 1)
-    _check_range("--node-rank", args.node_rank, 0, args.nnodes - 1)
-    _check_range("--master-port", args.master_port, 1, 65535)
-    _check_range("--max-restarts", args.max_restarts, 0)
-    if args.nnodes > 1 and not args.master_addr:
-        raise UsageError("--nnodes > 1 needs --master-addr (the address of node rank 0)")
-
-
 def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Options:
     """Every flag checked before anything starts; raises UsageError naming the problem and the fix."""
     from env.collectives import COLLECTIVES, DTYPES
@@ -188,7 +171,9 @@ def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Option
         raise UsageError(f"--first-timeout {args.first_timeout:g} must be more than 0 seconds")
     if args.min_busbw is not None:
         _check_range("--min-busbw", args.min_busbw, 0)
-    _check_nodes(args)
+    nodes = nodes_from_args(args)
+    if nodes.problem():
+        raise UsageError(nodes.problem())
     # Workers get --run-dir from the launcher, so every process agrees on the default's time stamp.
     run_dir = Path(args.run_dir or f"runs/nccl-test-{time.strftime('%Y%m%d-%H%M%S')}")
     json_path = Path(args.json) if args.json else run_dir / JSON_NAME
@@ -204,11 +189,7 @@ def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Option
         json_path=json_path,
         first_timeout=args.first_timeout,
         launch_overhead=args.launch_overhead,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        max_restarts=args.max_restarts,
+        nodes=nodes,
     )
 
 
@@ -260,18 +241,14 @@ def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
     from env.launch import launch
     from env.manifest import write_manifest
 
-    if options.node_rank == 0:
+    if options.nodes.node_rank == 0:
         options.run_dir.mkdir(parents=True, exist_ok=True)
         write_manifest(options.run_dir, kind="nccl-test", p2p=decision.to_dict(), extra={"argv": argv})
     return launch(
         "env.nccl_test",
         [*argv, "--run-dir", str(options.run_dir)],
         nproc=options.gpus,
-        nnodes=options.nnodes,
-        node_rank=options.node_rank,
-        master_addr=options.master_addr,
-        master_port=options.master_port,
-        max_restarts=options.max_restarts,
+        nodes=options.nodes,
         explained=(1, USER_ERROR_EXIT),  # a FAIL verdict (1) and bad input (2) were already printed
     )
 

@@ -72,6 +72,9 @@ def test_unknown_runtime_is_one_line() -> None:
         (["--config", "nope"], "available: "),
         (["--config", "tiny", "data.source=files", "data.path=/no/such/*.txt"], "/no/such/*.txt"),
         (["--config", "tiny", "--micro-batch", "0"], "train.micro_batch"),
+        # A node rank outside the job used to wait for the rendezvous forever; nccl-test shares these checks.
+        (["--nnodes", "2", "--node-rank", "5", "--master-addr", "127.0.0.1"], "--node-rank 5 must be between 0 and 1"),
+        (["--master-port", "70000"], "--master-port 70000 must be between 1 and 65535"),
     ],
 )
 def test_train_preflight_errors_are_one_line(args: list[str], expected: str, tmp_path) -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from env.launch import add_node_arguments, launch, nodes_from_args
 from train.config import ConfigError, RunConfig, load_config
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
@@ -71,16 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__)
     add_run_arguments(parser)
     parser.add_argument("--gpus", type=int, default=0, help="workers on this node (default: every GPU, or 1)")
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=0)
-    parser.add_argument("--master-addr", default="")
-    parser.add_argument("--master-port", type=int, default=29500)
-    parser.add_argument("--max-restarts", type=int, default=0, help="restart the group this often after a failure")
+    add_node_arguments(parser)
     args = parser.parse_args(argv)
+    nodes = nodes_from_args(args)
 
     import torch
 
-    from env.launch import launch
     from env.manifest import write_manifest
     from train.data import DataError, build_dataset
 
@@ -90,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.gpus or (torch.cuda.device_count() if has_gpu else 1)
     try:
         cfg = resolve_config(args, has_gpu)
-        if args.nnodes > 1 and not (args.run_dir and args.master_addr):
+        if nodes.nnodes > 1 and not (args.run_dir and nodes.master_addr):
             raise ConfigError("multi-node runs need RUN_DIR and MASTER_ADDR (the same on every node)")
+        if nodes.problem():  # the same checks as nccl-test's: a NODE_RANK outside NNODES would wait forever
+            raise ConfigError(nodes.problem())
         run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once
     except (ConfigError, DataError) as exc:
@@ -103,27 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torchrig: cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
         return 2
     p2p = _p2p_decision()
-    if args.node_rank == 0:
+    if nodes.node_rank == 0:
         write_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p)
     print(
-        f"torchrig: training {cfg.name} on {nproc * args.nnodes} {'GPU(s)' if has_gpu else 'CPU process(es)'}, "
-        f"global batch {nproc * args.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
+        f"torchrig: training {cfg.name} on {nproc * nodes.nnodes} {'GPU(s)' if has_gpu else 'CPU process(es)'}, "
+        f"global batch {nproc * nodes.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
         flush=True,
     )
     started = time.time()
-    code = launch(
-        "train.worker",
-        worker_args(args, cfg, run_dir),
-        nproc,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-        max_restarts=args.max_restarts,
-    )
+    code = launch("train.worker", worker_args(args, cfg, run_dir), nproc, nodes=nodes)
     if code > 128 and _stopped_cleanly(run_dir, started):
         return 0  # preempted: the workers saved a checkpoint and said so
-    if code == 0 and args.node_rank == 0:
+    if code == 0 and nodes.node_rank == 0:
         print(f"torchrig: done; figures in {run_dir / 'summary.json'}, per step in {run_dir / 'metrics.jsonl'}")
     return code
 
