@@ -276,8 +276,8 @@ summary() {
 
 # ---- step 0: preflight --------------------------------------------------------------------------------
 PREFLIGHT_CODE=0
-preflight_problem() {  # CODE MESSAGE: fatal now, or noted and carried to the end under --dry-run
-    say "$2"
+preflight_problem() {  # CODE [MESSAGE]: fatal now, or noted and carried to the end under --dry-run
+    [[ -z ${2:-} ]] || say "$2"
     if (( DRY_RUN )); then
         (( PREFLIGHT_CODE )) || PREFLIGHT_CODE=$1
         return 0
@@ -285,14 +285,17 @@ preflight_problem() {  # CODE MESSAGE: fatal now, or noted and carried to the en
     exit "$1"
 }
 
-preflight() {
-    local arch id version codename
-    arch=$(uname -m)
-    case $arch in
+check_arch() {
+    ARCH=$(uname -m)
+    case $ARCH in
         x86_64 | amd64) ;;
         aarch64 | arm64) say "arm64 is not supported yet: use an x86-64 GPU VM"; exit 4 ;;
-        *) say "architecture $arch is not supported: use an x86-64 GPU VM"; exit 4 ;;
+        *) say "architecture $ARCH is not supported: use an x86-64 GPU VM"; exit 4 ;;
     esac
+}
+
+preflight() {
+    local id version codename code=0
     if [[ -r $OS_RELEASE ]]; then
         # shellcheck source=/dev/null
         IFS='|' read -r id version codename < <(. "$OS_RELEASE" && echo "${ID:-}|${VERSION_ID:-}|${VERSION_CODENAME:-}")
@@ -302,12 +305,14 @@ preflight() {
     if [[ ${id:-} != ubuntu || " $SUPPORTED_RELEASES " != *" ${version:-} "* ]]; then
         preflight_problem 4 "unsupported release ${id:-unknown} ${version:-}: use Ubuntu ${SUPPORTED_RELEASES// / or }"
     fi
-    if [[ $(id -u) != 0 ]]; then
-        preflight_problem 1 "must run as root: sudo bash env/cloud/bootstrap.sh $*"
-    fi
     GPU_COUNT=$( (lspci -n -d 10de: 2>/dev/null || true) | awk '$2 ~ /^030[02]/' | wc -l)
     if (( GPU_COUNT == 0 )); then
         preflight_problem 1 "no NVIDIA GPU in lspci: this VM needs a GPU instance type"
+    fi
+    # Refused before anything changes: the NVIDIA runtime cannot be configured in snap's confinement.
+    if command -v snap >/dev/null && snap list docker >/dev/null 2>&1; then
+        diagnose "fact: docker is the snap package" || code=$?
+        preflight_problem "$code"
     fi
     # The driver minimum and the verify image come from the CUDA profile table (CUDA= picks one).
     local chosen
@@ -325,7 +330,7 @@ print(p.cuda, p.min_driver, p.base_image)' "${CUDA:-}") || exit 2
         say "the pinned driver branch $DRIVER_BRANCH is older than CUDA $CUDA_PROFILE's minimum $MIN_DRIVER: raise DRIVER_BRANCH"
         exit 1
     fi
-    say "preflight: ${id:-?} ${version:-?} $arch, $GPU_COUNT NVIDIA GPU(s), CUDA $CUDA_PROFILE profile (driver >= $MIN_DRIVER)"
+    say "preflight: ${id:-?} ${version:-?} $ARCH, $GPU_COUNT NVIDIA GPU(s), CUDA $CUDA_PROFILE profile (driver >= $MIN_DRIVER)"
 }
 
 # ---- step 1: driver -----------------------------------------------------------------------------------
@@ -408,9 +413,6 @@ add_docker_repo() {
 }
 
 step_docker() {
-    if command -v snap >/dev/null && snap list docker >/dev/null 2>&1; then
-        fail_with "fact: docker is the snap package"
-    fi
     local engine=0 compose=0
     if command -v docker >/dev/null; then
         docker info >/dev/null 2>&1 && engine=1
@@ -502,7 +504,12 @@ step_verify() {
 
 # ---- main -------------------------------------------------------------------------------------------------
 main() {
+    check_arch
     if (( ! DRY_RUN )); then
+        if [[ $(id -u) != 0 ]]; then
+            say "must run as root: sudo bash env/cloud/bootstrap.sh $*"
+            exit 1
+        fi
         mkdir -p "$(dirname "$LOG_FILE")" "$STATE_DIR"
         exec > >(tee -a "$LOG_FILE") 2>&1
         exec 9> "$STATE_DIR/lock"
@@ -514,7 +521,7 @@ main() {
     else
         say "dry run: nothing will be changed"
     fi
-    preflight "$@"
+    preflight
     resume_if_rebooted
     for step in driver docker toolkit verify; do
         [[ " $ONLY_STEPS " == *" $step "* ]] || continue
