@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # make lint: hadolint on the Dockerfile, shellcheck on every shell script, the compose file through each
-# compose version installed (v1 docker-compose, v2 docker compose), and ruff check + ruff format --check.
+# compose version installed (v1 docker-compose, v2 docker compose), the cloud-init user-data and the
+# SkyPilot task (env/cloud/), and ruff check + ruff format --check.
 # The tools are hash-locked in env/dev-requirements.txt and installed into .build/dev-venv, apart from the
 # project's .venv so that one stays exactly the runtime lock. Every check runs; the exit code says if any failed.
 set -euo pipefail
@@ -52,6 +53,56 @@ fi
 if [[ $compose_checked == 0 ]]; then
     echo "lint: docker-compose.yml not validated: neither docker-compose nor docker compose is installed"
 fi
+
+# The cloud files (shellcheck above already covers env/cloud/*.sh): the user-data through cloud-init's own
+# schema (Debian's cloud-init package), the SkyPilot task through SkyPilot's own parser, for 1 node and for
+# N nodes. SkyPilot lives in a throwaway venv of its own, kept between runs; its import writes under HOME,
+# so HOME is a temporary directory.
+cloud_init_schema() {
+    if ! command -v cloud-init >/dev/null; then
+        echo "lint: installing Debian's cloud-init for cloud-init schema"
+        if [[ $(id -u) != 0 ]] || ! { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+            cloud-init >/dev/null || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends cloud-init >/dev/null; }; }; then
+            echo "lint: cloud-init is not installed and could not be: sudo apt-get install cloud-init"
+            return 1
+        fi
+    fi
+    cloud-init schema -c env/cloud/user-data.yaml
+}
+check "cloud-init schema env/cloud/user-data.yaml" cloud_init_schema
+
+skypilot_spec="skypilot==0.14.1"
+skypilot_venv=.build/skypilot-venv
+skypilot_task() {
+    if [[ ! -x $skypilot_venv/bin/python || "$(cat "$skypilot_venv/.spec" 2>/dev/null)" != "$skypilot_spec" ]]; then
+        echo "lint: installing $skypilot_spec into $skypilot_venv (once)"
+        rm -rf "$skypilot_venv"
+        python3 -m venv "$skypilot_venv"
+        "$skypilot_venv/bin/python" -m pip install --quiet --disable-pip-version-check "$skypilot_spec" || return 1
+        echo "$skypilot_spec" > "$skypilot_venv/.spec"
+    fi
+    local home rc=0
+    home=$(mktemp -d)
+    HOME=$home "$skypilot_venv/bin/python" - env/cloud/skypilot.yaml <<'PY' || rc=$?
+import sys
+
+import sky
+import yaml
+
+path = sys.argv[1]
+sky.Task.from_yaml(path)
+config = yaml.safe_load(open(path))
+for nodes in (1, 2, 8):
+    task = sky.Task.from_yaml_config({**config, "num_nodes": nodes})
+    accelerators = [resources.accelerators for resources in task.resources]
+    assert task.num_nodes == nodes and accelerators == [{"RTX4090": 3}], (task.num_nodes, accelerators)
+print(f"{path}: a valid SkyPilot task, {accelerators[0]} per node, for 1, 2 and 8 nodes")
+PY
+    rm -rf "$home"
+    return "$rc"
+}
+check "SkyPilot Task.from_yaml env/cloud/skypilot.yaml" skypilot_task
 
 check "ruff check" ruff check .
 check "ruff format --check" ruff format --check .
