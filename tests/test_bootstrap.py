@@ -664,3 +664,44 @@ def test_a_real_engine_without_the_nvidia_runtime_reports_the_toolkit_missing(tm
         assert "nvidia-ctk runtime configure --runtime=docker" in checked.output
     finally:
         subprocess.run([docker, "rmi", "-f", image], capture_output=True)
+
+
+def skypilot_run(tmp_path: Path, node_ips: list[str], rank: int, **envs: str) -> tuple[int, list[str]]:
+    """The task's run section under bash, as SkyPilot runs it on one node; sudo records what it would run."""
+    import yaml
+
+    task = yaml.safe_load((REPO / "env/cloud/skypilot.yaml").read_text())
+    sudo = tmp_path / "sudo"
+    sudo.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SUDO_ARGS"\n')
+    sudo.chmod(0o755)
+    recorded = tmp_path / "args"
+    env = {
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        **task["envs"],
+        **envs,
+        "SKYPILOT_NODE_IPS": "\n".join(node_ips) + "\n",
+        "SKYPILOT_NODE_RANK": str(rank),
+        "SKYPILOT_NUM_GPUS_PER_NODE": "3",
+        "SUDO_ARGS": str(recorded),
+    }
+    result = subprocess.run(["bash", "-c", task["run"]], env=env, capture_output=True, text=True, timeout=60)
+    return result.returncode, recorded.read_text().splitlines() if recorded.exists() else []
+
+
+def test_skypilot_task_maps_node_ips_and_rank_to_make_variables(tmp_path):
+    assert skypilot_run(tmp_path, ["10.0.0.7"], 0) == (0, ["make", "train", "GPUS=3", "CONFIG=small", "STEPS=200"])
+    code, args = skypilot_run(tmp_path, ["10.0.0.1", "10.0.0.2"], 1, TARGET="nccl-test")
+    assert code == 0 and args[:3] == ["make", "nccl-test", "GPUS=3"]
+    assert {"NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.1", "MASTER_PORT=29500"} <= set(args)
+    assert not any(a.startswith("CONFIG=") for a in args)
+    (tmp_path / "args").unlink()
+    assert skypilot_run(tmp_path, ["10.0.0.1"], 0, TARGET="shell") == (2, [])
+
+
+def test_user_data_waits_on_the_state_file_the_bootstrap_writes():
+    user_data = (REPO / "env/cloud/user-data.yaml").read_text()
+    script = SCRIPT.read_text()
+    assert "STATE_DIR=${TORCHRIG_BOOTSTRAP_STATE:-$ROOT/var/lib/torchrig-bootstrap}" in script
+    assert 'write_file "$STATE_DIR/reboot-pending"' in script
+    assert user_data.count("/var/lib/torchrig-bootstrap/reboot-pending") == 2  # power_state and the per-boot hook
+    assert user_data.startswith("#cloud-config\n")
