@@ -617,6 +617,21 @@ def test_not_root_and_no_gpu_and_a_bad_option(tmp_path):
     assert no_gpu.code == 1 and "no NVIDIA GPU in lspci" in no_gpu.output
     bad = FakeVM(tmp_path / "c").run("--reboot")
     assert bad.code == 2 and "unknown option '--reboot'" in bad.output
+    profile = FakeVM(tmp_path / "d").run(env={"CUDA": "9.9"})
+    assert profile.code == 2 and "no CUDA profile '9.9'" in profile.output
+
+
+def test_one_bootstrap_at_a_time(tmp_path):
+    import fcntl
+
+    vm = FakeVM(tmp_path)
+    lock = vm.root / "var/lib/torchrig-bootstrap/lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        run = vm.run()
+    assert run.code == 1 and "another bootstrap is running" in run.output, run
+    assert run.changes() == []
 
 
 def test_dry_run_on_this_machine_prints_its_steps_and_exits_unsupported():

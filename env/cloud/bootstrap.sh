@@ -25,6 +25,8 @@
 # Every change goes through act(); the failure modes are one table (FAILURE_MODES) that diagnose() walks.
 # Tests point every system path below TORCHRIG_BOOTSTRAP_ROOT and put stub commands on PATH.
 set -euo pipefail
+# apt, ubuntu-drivers and needrestart (Ubuntu 22.04) would otherwise stop to ask.
+export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
 
 # ---- pins -------------------------------------------------------------------------------------------
 DRIVER_BRANCH=570                       # -server branch; >= every CUDA profile's min_driver (env/profiles.py)
@@ -170,7 +172,7 @@ act() {
 # Helpers that act() runs (each is one change).
 write_file() { mkdir -p "$(dirname "$1")" && printf '%s\n' "$2" > "$1"; }
 fetch_key() { mkdir -p "$(dirname "$2")" && curl -fsSL "$1" -o "$2" && chmod a+r "$2"; }
-apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y "$@"; }
+apt_install() { apt-get install -y "$@"; }
 remove_files() { rm -f "$@"; }
 
 installed_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
@@ -485,6 +487,10 @@ step_toolkit() {
 
 # ---- step 4: verify -------------------------------------------------------------------------------------
 step_verify() {
+    if ! command -v make >/dev/null; then  # Ubuntu's cloud images have no make, the rig's interface
+        apt_update
+        act change "install make" apt_install make
+    fi
     act verify "a GPU container lists every GPU" docker run --rm --gpus all "$VERIFY_IMAGE" nvidia-smi -L
     if (( !DRY_RUN )); then
         local seen
