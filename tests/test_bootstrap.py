@@ -556,7 +556,7 @@ FAILURES = {
         failure(broken_source="https://broken.example.com/repo"),
         1,
         "FAILED (apt-source)",
-        "etc/apt/sources.list.d/vendor-tools.list: fix or disable it",
+        "etc/apt/sources.list.d/vendor-tools.list: fix or disable that source",
     ),
     "nvml lost in a running container": (
         ready_then(make_fails={"doctor": "Failed to initialize NVML: Unknown Error"}),

@@ -55,22 +55,19 @@ BOOT_ID_FILE=$ROOT/proc/sys/kernel/random/boot_id
 # Steps to run, for tests and for rerunning one step: any of driver docker toolkit verify.
 ONLY_STEPS=${TORCHRIG_BOOTSTRAP_ONLY:-driver docker toolkit verify}
 
-# ---- failure modes: name | exit code | evidence (grep -E on the failing output and the facts) | fix ----
-# First match wins, so the specific rows come before the general ones. {source} is the apt source file
-# that the failing URL comes from. Facts are lines that probes add ("fact: ...").
+# ---- failure modes: name | exit code | evidence | fix ---------------------------------------------------
+# Evidence: extended regexes, separated by ";", matched against the failing command's output and the facts
+# that probes add ("fact: ..."). The first row that matches wins, so specific rows come before general ones.
+# In a fix, DRIVER is the pinned branch and {source} the apt source file that holds the failing URL.
 FAILURE_MODES=$(cat <<'TABLE'
 toolkit-missing|1|could not select device driver "nvidia" with capabilities: \[\[gpu\]\]|the NVIDIA Container Toolkit is missing or the engine was not restarted after it was configured: apt-get install nvidia-container-toolkit, then nvidia-ctk runtime configure --runtime=docker and systemctl restart docker (rerunning this script does all three)
 snap-docker|1|^fact: docker is the snap package|Docker from snap cannot use the NVIDIA runtime: sudo snap remove --purge docker, then rerun this script (it installs Docker Engine from Docker's apt repository)
 version-mismatch|3|Failed to initialize NVML: Driver/library version mismatch|the driver libraries were upgraded under a loaded kernel module: reboot (sudo reboot, or rerun with --yes to reboot and resume); the driver packages are held afterwards so unattended upgrades cannot do it again
-nvml-lost|1|Failed to initialize NVML: Unknown Error|a running container lost its GPUs after systemctl daemon-reload (systemd cgroup driver): restart the container; to stop it recurring, run nvidia-ctk system create-dev-char-symlinks --create-all, or set "exec-opts": ["native.cgroupdriver=cgroupfs"] in /etc/docker/daemon.json and restart docker
-secure-boot|1|Key was rejected by service|Secure Boot rejects the unsigned DKMS nvidia module: use the prebuilt signed modules (apt-get purge 'nvidia-dkms-*', then ubuntu-drivers install --gpgpu nvidia:DRIVER-server and reboot), or enrol the DKMS key (mokutil --import /var/lib/shim-signed/mok/MOK.der, reboot, confirm in the MOK manager), or turn Secure Boot off
-secure-boot|1|^fact: secure boot is on and the nvidia module comes from DKMS|Secure Boot rejects the unsigned DKMS nvidia module: use the prebuilt signed modules (apt-get purge 'nvidia-dkms-*', then ubuntu-drivers install --gpgpu nvidia:DRIVER-server and reboot), or enrol the DKMS key (mokutil --import /var/lib/shim-signed/mok/MOK.der, reboot, confirm in the MOK manager), or turn Secure Boot off
+nvml-lost|1|Failed to initialize NVML: Unknown Error|a running container lost its GPUs after systemctl daemon-reload (systemd cgroup driver): delete and recreate the container; to stop it recurring, run nvidia-ctk system create-dev-char-symlinks --create-all at every boot, or set "exec-opts": ["native.cgroupdriver=cgroupfs"] in /etc/docker/daemon.json and restart docker
+secure-boot|1|Key was rejected by service;^fact: secure boot is on and the nvidia module comes from DKMS|Secure Boot rejects the unsigned DKMS nvidia module: use the prebuilt signed modules (apt-get purge 'nvidia-dkms-*', then ubuntu-drivers install --gpgpu nvidia:DRIVER-server and reboot), or enrol the DKMS key (mokutil --import /var/lib/shim-signed/mok/MOK.der, reboot, confirm in the MOK manager), or turn Secure Boot off
 nouveau|1|^fact: nouveau is loaded|the open-source nouveau driver holds the GPU: echo 'blacklist nouveau' > /etc/modprobe.d/blacklist-nouveau.conf, update-initramfs -u, reboot, then rerun this script
-driver-not-loaded|1|NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver|the nvidia kernel module is not loaded: modprobe nvidia and read dmesg | grep -i nvidia; after a kernel upgrade install its modules: apt-get install linux-modules-nvidia-DRIVER-server-$(uname -r)
-driver-not-loaded|1|^fact: the nvidia module is not loaded|the nvidia kernel module is not loaded: modprobe nvidia and read dmesg | grep -i nvidia; after a kernel upgrade install its modules: apt-get install linux-modules-nvidia-DRIVER-server-$(uname -r)
-apt-source|1|^E: The repository '|apt-get update fails on a source this script did not add, {source}: fix or disable it (mv it to a name ending in .disabled), then rerun
-apt-source|1|^E: Failed to fetch |apt-get update fails on a source this script did not add, {source}: fix or disable it (mv it to a name ending in .disabled), then rerun
-apt-source|1|^W: GPG error: |apt-get update fails on a source this script did not add, {source}: fix or disable it (mv it to a name ending in .disabled), then rerun
+driver-not-loaded|1|NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver;^fact: the nvidia module is not loaded|the nvidia kernel module is not loaded: modprobe nvidia and read dmesg | grep -i nvidia; after a kernel upgrade install its modules: apt-get install linux-modules-nvidia-DRIVER-server-$(uname -r)
+apt-source|1|^E: The repository ';^E: Failed to fetch ;^W: GPG error: |apt-get update fails on {source}: fix or disable that source (mv it to a name ending in .disabled), then rerun
 gpu-count|1|^fact: the GPU container sees|a GPU is missing from the container: check nvidia-smi on the host and dmesg for Xid errors; a GPU that fell off the bus needs a reboot or a new VM
 TABLE
 )
@@ -107,7 +104,7 @@ done
 # The source file under /etc/apt that names the URL of a failing apt-get update line.
 apt_source_of() {
     local url file
-    url=$(grep -Eo "https?://[^ ']+" <<<"$1" | head -n1 | sed -E 's#/dists/.*##; s#/+$##')
+    url=$(grep -Eo "https?://[^ ']+" <<<"$1" | head -n1 | sed -E 's#/dists/.*##; s#/+$##') || true
     [[ -n $url ]] || { echo "(no URL in apt's message)"; return; }
     file=$(grep -rlsF -- "$url" "$APT_SOURCES/sources.list" "$APT_SOURCES/sources.list.d" | head -n1 || true)
     echo "${file:-$url (in no file under $APT_SOURCES)}"
@@ -115,16 +112,16 @@ apt_source_of() {
 
 # diagnose OUTPUT: walk FAILURE_MODES, print the first match's fix and return its exit code (1 if none).
 diagnose() {
-    local evidence=$1 name code pattern fix
-    while IFS='|' read -r name code pattern fix; do
-        if grep -Eq -- "$pattern" <<<"$evidence"; then
+    local evidence=$1 name code patterns fix pattern matched
+    while IFS='|' read -r name code patterns fix; do
+        IFS=';' read -ra alternatives <<<"$patterns"
+        for pattern in "${alternatives[@]}"; do
+            matched=$(grep -E -m1 -- "$pattern" <<<"$evidence") || continue
             fix=${fix//DRIVER/$DRIVER_BRANCH}
-            if [[ $fix == *"{source}"* ]]; then
-                fix=${fix//\{source\}/$(apt_source_of "$(grep -E -- "$pattern" <<<"$evidence" | head -n1)")}
-            fi
+            if [[ $fix == *"{source}"* ]]; then fix=${fix//\{source\}/$(apt_source_of "$matched")}; fi
             say "FAILED ($name): $fix"
             return "$code"
-        fi
+        done
     done <<<"$FAILURE_MODES"
     say "FAILED: see the output above and $LOG_FILE"
     return 1
@@ -141,7 +138,7 @@ fail_with() {
         REBOOT_REASON="the driver needs a reboot"
         reboot_if_needed
     fi
-    (( code == 3 )) && code=1  # still broken after the reboot it asked for: do not loop
+    (( code == 3 && RESUMED )) && code=1  # still broken after the reboot it asked for: do not loop
     summary
     exit "$code"
 }
@@ -307,8 +304,11 @@ preflight() {
     if [[ ${id:-} != ubuntu || " $SUPPORTED_RELEASES " != *" ${version:-} "* ]]; then
         preflight_problem 4 "unsupported release ${id:-unknown} ${version:-}: use Ubuntu ${SUPPORTED_RELEASES// / or }"
     fi
+    # NVIDIA's display (0300) and 3D (0302) controllers; not their audio functions or NVSwitch bridges.
     GPU_COUNT=$( (lspci -n -d 10de: 2>/dev/null || true) | awk '$2 ~ /^030[02]/' | wc -l)
-    if (( GPU_COUNT == 0 )); then
+    if ! command -v lspci >/dev/null; then
+        preflight_problem 1 "lspci is missing: apt-get install pciutils, then rerun"
+    elif (( GPU_COUNT == 0 )); then
         preflight_problem 1 "no NVIDIA GPU in lspci: this VM needs a GPU instance type"
     fi
     # Refused before anything changes: the NVIDIA runtime cannot be configured in snap's confinement.
