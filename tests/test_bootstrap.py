@@ -171,7 +171,7 @@ if name == "docker":
         out("27.5.1")
     if args[0] == "run":
         if not state["runtime_loaded"]:
-            out('docker: Error response from daemon: could not select device driver "nvidia" with capabilities: '
+            out('docker: Error response from daemon: could not select device driver "" with capabilities: '
                 "[[gpu]].", 125)
         if not state["loaded"]:
             out(NO_DRIVER, 9)

@@ -59,8 +59,9 @@ ONLY_STEPS=${TORCHRIG_BOOTSTRAP_ONLY:-driver docker toolkit verify}
 # Evidence: extended regexes, separated by ";", matched against the failing command's output and the facts
 # that probes add ("fact: ..."). The first row that matches wins, so specific rows come before general ones.
 # In a fix, DRIVER is the pinned branch and {source} the apt source file that holds the failing URL.
+# Docker names the driver "" for --gpus (seen on Docker 20.10) and "nvidia" elsewhere: both match.
 FAILURE_MODES=$(cat <<'TABLE'
-toolkit-missing|1|could not select device driver "nvidia" with capabilities: \[\[gpu\]\]|the NVIDIA Container Toolkit is missing or the engine was not restarted after it was configured: apt-get install nvidia-container-toolkit, then nvidia-ctk runtime configure --runtime=docker and systemctl restart docker (rerunning this script does all three)
+toolkit-missing|1|could not select device driver "[^"]*" with capabilities: \[\[gpu\]\]|the NVIDIA Container Toolkit is missing or the engine was not restarted after it was configured: apt-get install nvidia-container-toolkit, then nvidia-ctk runtime configure --runtime=docker and systemctl restart docker (rerunning this script does all three)
 snap-docker|1|^fact: docker is the snap package|Docker from snap cannot use the NVIDIA runtime: sudo snap remove --purge docker, then rerun this script (it installs Docker Engine from Docker's apt repository)
 version-mismatch|3|Failed to initialize NVML: Driver/library version mismatch|the driver libraries were upgraded under a loaded kernel module: reboot (sudo reboot, or rerun with --yes to reboot and resume); the driver packages are held afterwards so unattended upgrades cannot do it again
 nvml-lost|1|Failed to initialize NVML: Unknown Error|a running container lost its GPUs after systemctl daemon-reload (systemd cgroup driver): delete and recreate the container; to stop it recurring, run nvidia-ctk system create-dev-char-symlinks --create-all at every boot, or set "exec-opts": ["native.cgroupdriver=cgroupfs"] in /etc/docker/daemon.json and restart docker
@@ -437,12 +438,13 @@ step_docker() {
     apt_update
     if (( engine )); then
         act change "install the compose plugin" apt_install docker-compose-plugin
-    else
-        act change "install Docker Engine $DOCKER_VERSION with the compose plugin" apt_install \
-            "docker-ce=$(docker_apt_version)" "docker-ce-cli=$(docker_apt_version)" containerd.io \
-            docker-buildx-plugin docker-compose-plugin
-        hold docker-ce docker-ce-cli
+        SUMMARY+=("docker compose plugin installed")
+        return
     fi
+    act change "install Docker Engine $DOCKER_VERSION with the compose plugin" apt_install \
+        "docker-ce=$(docker_apt_version)" "docker-ce-cli=$(docker_apt_version)" containerd.io \
+        docker-buildx-plugin docker-compose-plugin
+    hold docker-ce docker-ce-cli
     SUMMARY+=("docker $DOCKER_VERSION installed")
 }
 
