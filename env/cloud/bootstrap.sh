@@ -17,7 +17,7 @@
 # Exit codes:
 #   0  ready: every step done and verified
 #   1  failure: the line before names the failure mode and its fix
-#   2  usage: an unknown option
+#   2  usage: an unknown option, or a CUDA= with no profile
 #   3  reboot required: rerun after a reboot, or pass --yes to reboot and resume automatically
 #   4  unsupported: not Ubuntu 22.04/24.04, or not x86-64 (arm64 is not supported yet)
 #   --dry-run exits 0 after printing its plan, or with the preflight's code (4 on another release).
