@@ -171,8 +171,9 @@ if name == "docker":
         out("27.5.1")
     if args[0] == "run":
         if not state["runtime_loaded"]:
-            out('docker: Error response from daemon: could not select device driver "" with capabilities: '
-                "[[gpu]].", 125)
+            driver = state.get("device_driver", "")  # Docker 20.10 names none for --gpus; others say "nvidia"
+            out(f'docker: Error response from daemon: could not select device driver "{driver}" with '
+                "capabilities: [[gpu]].", 125)
         if not state["loaded"]:
             out(NO_DRIVER, 9)
         seen = state["gpus"] if state["container_gpus"] is None else state["container_gpus"]
@@ -519,6 +520,12 @@ def ready_then(**state: object):
 FAILURES = {
     "toolkit missing / engine not restarted": (
         ready_then(runtime_loaded=False, restart_ineffective=True),
+        1,
+        "FAILED (toolkit-missing)",
+        "nvidia-ctk runtime configure --runtime=docker and systemctl restart docker",
+    ),
+    "toolkit missing, the engine naming the nvidia driver": (
+        ready_then(runtime_loaded=False, restart_ineffective=True, device_driver="nvidia"),
         1,
         "FAILED (toolkit-missing)",
         "nvidia-ctk runtime configure --runtime=docker and systemctl restart docker",
