@@ -130,7 +130,8 @@ if name == "ubuntu-drivers":
     out()
 if name == "modprobe":
     if state["secure_boot"] and any(p.startswith("nvidia-dkms-") for p in pk):
-        out("modprobe: ERROR: could not insert 'nvidia': Key was rejected by service", 1)
+        error = state.get("modprobe_error", "Key was rejected by service")
+        out(f"modprobe: ERROR: could not insert 'nvidia': {error}", 1)
     if state["nouveau"]:
         out("modprobe: ERROR: could not insert 'nvidia': No such device", 1)
     if state["modules_missing"] or not driver_version():
@@ -552,6 +553,17 @@ FAILURES = {
         1,
         "FAILED (secure-boot)",
         "mokutil --import /var/lib/shim-signed/mok/MOK.der",
+    ),
+    "secure boot, seen only through mokutil and the dkms package": (
+        failure(
+            secure_boot=True,
+            nouveau=False,
+            modprobe_error="Operation not permitted",
+            packages={"nvidia-driver-570": "570.133.07-0ubuntu1", "nvidia-dkms-570": "570.133.07-0ubuntu1"},
+        ),
+        1,
+        "FAILED (secure-boot)",
+        "use the prebuilt signed modules",
     ),
     "nouveau holds the gpu": (
         ready_then(loaded=None, nouveau=True),
