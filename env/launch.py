@@ -92,6 +92,9 @@ def launch(
     if nodes.nnodes > 1:
         endpoint = f"{nodes.master_addr}:{nodes.master_port}"
         rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": nodes.node_rank}}
+        if os.environ.get("PET_RDZV_BACKEND") == "c10d":  # torchrun's variable; env/slurm/ sets it
+            # c10d: the nodes meet in a store on the first node and are ranked as they join, under one run id.
+            rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": endpoint, "rdzv_configs": {}}
         # The rendezvous keys are prefixed with the run id, so every node of the job must use the same one.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{endpoint}")
     else:
