@@ -95,7 +95,9 @@ SwitchType=switch/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+# Pending jobs are looked at every 2 s, not every 60 s: a requeued job starts as soon as it may.
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 GresTypes=gpu
 ReturnToService=2
 JobRequeue=1
