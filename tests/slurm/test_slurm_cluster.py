@@ -142,16 +142,27 @@ def test_nccl_test_across_the_two_nodes_has_no_wrong_element(tmp_path) -> None:
     assert "VERDICT: PASS" in job.output()
 
 
-def test_sigterm_checkpoints_and_the_requeued_job_resumes_bitwise(reference, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "to_batch",
+    [False, True],
+    ids=["scancel-signal-TERM-then-requeue", "time-limit-signal-to-the-batch-step-requeues-itself"],
+)
+def test_sigterm_checkpoints_and_the_requeued_job_resumes_bitwise(reference, tmp_path, to_batch) -> None:
+    """scancel --signal=TERM reaches the tasks: they checkpoint and the job ends, to be requeued by hand.
+    With --batch it reaches the batch step only, as sbatch --signal=B:TERM@120 does before the time limit:
+    the batch step passes it to the tasks and requeues the job itself."""
     job = submit(tmp_path, "train", *train_variables(None, STEPS, *CKPT), env={**ENV, "TORCHRIG_TEST_STEP_SLEEP": "0.5"})
     run_dir = ROOT / "runs" / f"slurm-train-{job.id}"  # no RUN_DIR given: derived from the job id
     try:
         wait_for_step(run_dir, 3, job)
-        subprocess.run(["scancel", "--signal=TERM", job.id], check=True)
-        assert job.wait() == "COMPLETED", job.output()
+        subprocess.run(["scancel", "--signal=TERM", *(["--batch"] if to_batch else []), job.id], check=True)
+        if to_batch:
+            assert job.wait(("PENDING",)) == "PENDING", job.output()
+        else:
+            assert job.wait() == "COMPLETED", job.output()
+            subprocess.run(["scontrol", "requeue", job.id], check=True)
         stopped_at = metrics(run_dir)[-1]["step"]
         assert 3 <= stopped_at < STEPS and f"checkpoint saved at step {stopped_at}" in job.output()
-        subprocess.run(["scontrol", "requeue", job.id], check=True)
         # Slurm holds a requeued job for about two minutes; the cluster's admin (this test) may start it now.
         subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
         assert job.field("Restarts") == "1"
