@@ -152,17 +152,20 @@ def srun_command(target: str, values: dict[str, str], addr: str, port: int) -> l
 
 
 class Preemption:
-    """SIGTERM to the batch step (sbatch --signal=B:TERM@...): pass it to the tasks, then requeue."""
+    """SIGTERM to the batch step (sbatch --signal=B:TERM@...): pass it to the tasks, then requeue.
 
-    def __init__(self) -> None:
+    Through scancel, which signals the job's steps (not this batch step): srun itself would answer a
+    SIGTERM by killing its tasks, before they could checkpoint.
+    """
+
+    def __init__(self, job: str) -> None:
+        self.job = job
         self.requested = False
-        self.step: subprocess.Popen | None = None
         signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum: int, _frame: object) -> None:
+    def _handle(self, _signum: int, _frame: object) -> None:
         self.requested = True
-        if self.step is not None and self.step.poll() is None:
-            self.step.send_signal(signum)  # srun passes it on to every task
+        subprocess.run(["scancel", "--signal=TERM", self.job], check=False)
 
 
 def batch(target: str, values: dict[str, str]) -> int:
@@ -172,13 +175,10 @@ def batch(target: str, values: dict[str, str]) -> int:
     values = {**values, "RUN_DIR": values.get("RUN_DIR") or default_run_dir(target, job)}
     if target == "train" and os.environ.get("SLURM_RESTART_COUNT"):
         print(f"torchrig: job {job} restart {os.environ['SLURM_RESTART_COUNT']}: resuming in {values['RUN_DIR']}")
-    preemption = Preemption()
+    preemption = Preemption(job)
     command = srun_command(target, values, first_node_address(), free_port())
     print(f"torchrig: job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}: {' '.join(command)}", flush=True)
-    preemption.step = subprocess.Popen(command, cwd=ROOT)
-    if preemption.requested:  # the signal landed before the step existed
-        preemption.step.send_signal(signal.SIGTERM)
-    code = preemption.step.wait()
+    code = subprocess.run(command, cwd=ROOT, check=False).returncode
     if preemption.requested and target == "train":
         print(f"torchrig: job {job} preempted (exit {code}); requeueing it to resume from its checkpoint", flush=True)
         requeued = subprocess.run(["scontrol", "requeue", job], check=False)
