@@ -215,7 +215,8 @@ def rendezvous_env(job: str) -> dict[str, str]:
 
     The restart count is part of the id: a requeued job must not meet the keys of its previous run.
     """
-    return {"PET_RDZV_BACKEND": "c10d", "TORCHELASTIC_RUN_ID": f"slurm-{job}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"}
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return {"PET_RDZV_BACKEND": "c10d", "TORCHELASTIC_RUN_ID": f"slurm-{job}-{restart}"}
 
 
 def node(target: str, addr: str, port: str, values: dict[str, str]) -> int:
@@ -226,8 +227,8 @@ def node(target: str, addr: str, port: str, values: dict[str, str]) -> int:
     env = {**os.environ, **rendezvous_env(job)}
     runtime = values.pop("RUNTIME", "local")
     if runtime == "local":  # make's own dispatcher: the .venv from the lock, the same checks, exec
-        command = [sys.executable, "-m", "env.runtime", target, "RUNTIME=local", *(f"{k}={v}" for k, v in values.items())]
-        os.execve(sys.executable, command, env)
+        assignments = [f"{name}={value}" for name, value in values.items()]
+        os.execve(sys.executable, [sys.executable, "-m", "env.runtime", target, "RUNTIME=local", *assignments], env)
     gpus = validate_gpus(values["GPUS"], visible_gpu_count())
     argv = build_argv(TARGETS[target], values, gpus)
     if runtime == "pyxis":  # already inside the image (srun --container-image): its python is on PATH
@@ -301,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return submit(target, values) if command == "submit" else batch(target, values)
     except UsageError as exc:  # env.runtime's checks, reused: the same one line
         raise UserError(str(exc)) from None
+
 
 if __name__ == "__main__":
     run_cli("slurm", main)

@@ -151,7 +151,9 @@ def test_sigterm_checkpoints_and_the_requeued_job_resumes_bitwise(reference, tmp
     """scancel --signal=TERM reaches the tasks: they checkpoint and the job ends, to be requeued by hand.
     With --batch it reaches the batch step only, as sbatch --signal=B:TERM@120 does before the time limit:
     the batch step passes it to the tasks and requeues the job itself."""
-    job = submit(tmp_path, "train", *train_variables(None, STEPS, *CKPT), env={**ENV, "TORCHRIG_TEST_STEP_SLEEP": "0.5"})
+    job = submit(
+        tmp_path, "train", *train_variables(None, STEPS, *CKPT), env={**ENV, "TORCHRIG_TEST_STEP_SLEEP": "0.5"}
+    )
     run_dir = ROOT / "runs" / f"slurm-train-{job.id}"  # no RUN_DIR given: derived from the job id
     try:
         wait_for_step(run_dir, 3, job)
@@ -207,7 +209,11 @@ def test_runtime_docker_through_sbatch_trains_like_the_venv(reference, tmp_path)
     run_dir = tmp_path / "docker"
     run_dir.mkdir(mode=0o777)
     job = submit(
-        tmp_path, "train", "RUNTIME=docker", *train_variables(run_dir, STEPS, *CKPT), env={**ENV, "TORCHRIG_IMAGE": IMAGE}
+        tmp_path,
+        "train",
+        "RUNTIME=docker",
+        *train_variables(run_dir, STEPS, *CKPT),
+        env={**ENV, "TORCHRIG_IMAGE": IMAGE},
     )
     assert job.wait(timeout=300) == "COMPLETED", job.output()
     assert losses(run_dir) == losses(reference)
