@@ -122,9 +122,13 @@ def first_node_address() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     first = names.stdout.split()[0]
-    shown = subprocess.run(["scontrol", "show", "node", "-o", first], capture_output=True, text=True, check=False)
-    fields = dict(item.partition("=")[::2] for item in shown.stdout.split())
-    return fields.get("NodeAddr") or first
+    return _scontrol_fields("node", first).get("NodeAddr") or first
+
+
+def _scontrol_fields(kind: str, name: str) -> dict[str, str]:
+    """`scontrol show KIND NAME` as its Key=Value fields; empty when scontrol does not know it."""
+    shown = subprocess.run(["scontrol", "show", kind, "-o", name], capture_output=True, text=True, check=False)
+    return dict(item.partition("=")[::2] for item in shown.stdout.split())
 
 
 def free_port() -> int:
@@ -179,7 +183,8 @@ def batch(target: str, values: dict[str, str]) -> int:
     command = srun_command(target, values, first_node_address(), free_port())
     print(f"torchrig: job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}: {' '.join(command)}", flush=True)
     code = subprocess.run(command, cwd=ROOT, check=False).returncode
-    if preemption.requested and target == "train":
+    # Only a running job is requeued: a plain scancel also sends SIGTERM here, and a cancelled job stays cancelled.
+    if preemption.requested and target == "train" and _scontrol_fields("job", job).get("JobState") == "RUNNING":
         print(f"torchrig: job {job} preempted (exit {code}); requeueing it to resume from its checkpoint", flush=True)
         requeued = subprocess.run(["scontrol", "requeue", job], check=False)
         return code if requeued.returncode == 0 else requeued.returncode or 1

@@ -195,6 +195,19 @@ def test_a_killed_node_task_ends_the_job_naming_the_rank_and_leaves_no_process(t
     assert processes_of(str(run_dir)) == []
 
 
+def test_a_plain_scancel_ends_the_job_for_good_and_leaves_no_process(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    job = submit(tmp_path, "train", *train_variables(run_dir, 200), env={**ENV, "TORCHRIG_TEST_STEP_SLEEP": "0.3"})
+    wait_for_step(run_dir, 1, job)
+    subprocess.run(["scancel", job.id], check=True)
+    assert job.wait(("CANCELLED", "COMPLETED", "FAILED", "PENDING"), timeout=60) == "CANCELLED", job.output()
+    deadline = time.monotonic() + 30
+    while processes_of(str(run_dir)) and time.monotonic() < deadline:  # Slurm ends the steps after KillWait
+        time.sleep(0.5)
+    assert processes_of(str(run_dir)) == []
+    assert job.field("JobState") == "CANCELLED" and job.field("Restarts") == "0"  # not requeued by the batch step
+
+
 def _image_exists() -> bool:
     docker = shutil.which(os.environ.get("DOCKER", "docker"))
     if docker is None:
