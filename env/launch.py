@@ -5,7 +5,8 @@ failed worker into one line instead of torchrun's ChildFailedError report, and s
 SIGTERM to the launcher is visible to the caller (preemption). Single-node runs use a
 c10d rendezvous on a free port (torchrun --standalone), so a busy port 29500 never
 blocks a run; multi-node runs use a static rendezvous at MASTER_ADDR:MASTER_PORT with
-NODE_RANK, as torchrun does when given --node-rank.
+NODE_RANK, as torchrun does when given --node-rank, or torchrun's c10d rendezvous there when
+PET_RDZV_BACKEND=c10d (as env/slurm/ sets it).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ PY=.venv/bin/python
 started=$SECONDS
 top=$(mktemp -d /tmp/torchrig-slurm.XXXXXX)
 pids=()
+# shellcheck disable=SC2329  # run by the EXIT trap
 stop() {
     local code=$?
     # Jobs first (their steps end with them), then the daemons, newest first, each by its pid.

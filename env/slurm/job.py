@@ -179,6 +179,9 @@ def batch(target: str, values: dict[str, str]) -> int:
     values = {**values, "RUN_DIR": values.get("RUN_DIR") or default_run_dir(target, job)}
     if target == "train" and os.environ.get("SLURM_RESTART_COUNT"):
         print(f"torchrig: job {job} restart {os.environ['SLURM_RESTART_COUNT']}: resuming in {values['RUN_DIR']}")
+    if values.get("RUNTIME") == "pyxis":  # the container mounts these; enroot refuses a missing source
+        for path in (ROOT / "runs", ROOT / "data"):
+            path.mkdir(exist_ok=True)
     preemption = Preemption(job)
     command = srun_command(target, values, first_node_address(), free_port())
     print(f"torchrig: job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}: {' '.join(command)}", flush=True)
