@@ -85,6 +85,7 @@ def launch(
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
@@ -122,4 +123,11 @@ def launch(
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as exc:
         return 128 + int(exc.sigval)
+    except RendezvousError as exc:
+        # The node whose launcher held the c10d store ended (failed, or was killed): this one cannot go on.
+        print(
+            f"torchrig: lost the rendezvous with the other nodes ({type(exc).__name__}); see their output",
+            file=sys.stderr,
+        )
+        return 1
     return 0

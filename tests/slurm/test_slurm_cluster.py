@@ -183,7 +183,7 @@ def test_sigterm_checkpoints_and_the_requeued_job_resumes_bitwise(reference, tmp
 
 def test_a_killed_node_task_ends_the_job_naming_the_rank_and_leaves_no_process(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    variables = train_variables(run_dir, 200, "train.timeout_s=8", "train.ckpt_every=1000")
+    variables = train_variables(run_dir, 200, "train.timeout_s=30", "train.ckpt_every=1000")
     job = submit(tmp_path, "train", *variables, env={**ENV, "TORCHRIG_TEST_STEP_SLEEP": "0.3"})
     wait_for_step(run_dir, 2, job)
     pid, rank = worker_on_node(str(run_dir), 1)
