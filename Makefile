@@ -15,6 +15,7 @@ PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
 DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)
 
 .PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
+.PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +47,12 @@ prepare: ## turn text files into a token file (INPUT='corpus/*.txt' OUTPUT=data/
 shell: ## a shell in the chosen runtime
 	@$(DISPATCH)
 
+slurm-train: ## sbatch env/slurm/train.sbatch: NNODES nodes x GPUS, make train's variables, RUNTIME=local|docker|pyxis
+	@$(DISPATCH)
+
+slurm-nccl-test: ## sbatch env/slurm/nccl-test.sbatch across NNODES nodes x GPUS (make nccl-test's variables)
+	@$(DISPATCH)
+
 test: ## the CPU test suite (gloo, several processes) in .venv
 	@$(PYTHON) -m env.runtime setup RUNTIME=local
 	@$(VENV_PY) -m pytest -q
@@ -55,6 +62,9 @@ test-current: ## the test suite against the newest torch (unpinned), in .build/c
 
 test-image: ## build the image on a local base and test it through compose (needs root, installs Docker)
 	@bash env/image_test.sh
+
+test-slurm: ## a real two-node Slurm cluster on this machine, and env/slurm/ tested on it (needs root)
+	@bash env/slurm_check.sh
 
 lint: ## hadolint, shellcheck, compose config (v1 and v2), ruff
 	@bash env/lint.sh

@@ -5,7 +5,8 @@ failed worker into one line instead of torchrun's ChildFailedError report, and s
 SIGTERM to the launcher is visible to the caller (preemption). Single-node runs use a
 c10d rendezvous on a free port (torchrun --standalone), so a busy port 29500 never
 blocks a run; multi-node runs use a static rendezvous at MASTER_ADDR:MASTER_PORT with
-NODE_RANK, as torchrun does when given --node-rank.
+NODE_RANK, as torchrun does when given --node-rank, or torchrun's c10d rendezvous there when
+PET_RDZV_BACKEND=c10d (as env/slurm/ sets it).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def launch(
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
@@ -92,6 +94,9 @@ def launch(
     if nodes.nnodes > 1:
         endpoint = f"{nodes.master_addr}:{nodes.master_port}"
         rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": nodes.node_rank}}
+        if os.environ.get("PET_RDZV_BACKEND") == "c10d":  # torchrun's variable; env/slurm/ sets it
+            # c10d: the nodes meet in a store on the first node and are ranked as they join, under one run id.
+            rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": endpoint, "rdzv_configs": {}}
         # The rendezvous keys are prefixed with the run id, so every node of the job must use the same one.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{endpoint}")
     else:
@@ -118,4 +123,11 @@ def launch(
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as exc:
         return 128 + int(exc.sigval)
+    except RendezvousError as exc:
+        # The node whose launcher held the c10d store ended (failed, or was killed): this one cannot go on.
+        print(
+            f"torchrig: lost the rendezvous with the other nodes ({type(exc).__name__}); see their output",
+            file=sys.stderr,
+        )
+        return 1
     return 0

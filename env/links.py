@@ -50,6 +50,30 @@ LINK_KINDS = {
     "pcie_host": LinkKind("PCIe without P2P (through host memory)", 0.30),
 }
 
+
+@dataclass(frozen=True)
+class NetworkLink:
+    """The network between nodes: a ring across nodes crosses it, so it sets their busbw (per NIC per node)."""
+
+    label: str
+    gbit_per_s: float  # line rate per direction
+    efficiency: float  # share of it that large-message all-reduce busbw reaches with NCCL
+
+    @property
+    def busbw_gbps(self) -> float:
+        return self.gbit_per_s / 8 * self.efficiency
+
+
+# NCCL over TCP sockets (Ethernet without RoCE) reaches less of a fast link than over InfiniBand's RDMA; a node
+# with k NICs (one per GPU, rail-optimised) reaches about k times these. Measure yours with make slurm-nccl-test.
+NETWORK_LINKS = {
+    "eth10": NetworkLink("10 GbE, NCCL over TCP sockets", 10, 0.80),
+    "eth25": NetworkLink("25 GbE, NCCL over TCP sockets", 25, 0.75),
+    "eth100": NetworkLink("100 GbE, NCCL over TCP sockets", 100, 0.50),
+    "ib-hdr": NetworkLink("InfiniBand HDR 200 Gb/s, one NIC per node", 200, 0.90),
+    "ib-ndr": NetworkLink("InfiniBand NDR 400 Gb/s, one NIC per node", 400, 0.90),
+}
+
 # Measured busbw as a share of the expected figure -> verdict; the first band reached wins.
 VERDICT_BANDS = ((0.75, "PASS"), (0.40, "WARN"), (0.0, "FAIL"))
 

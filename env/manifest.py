@@ -32,7 +32,8 @@ SCHEMA = 1
 KINDS = ("train", "nccl-test", "bench")
 MANIFEST_NAME = "manifest.json"
 GIT_TIMEOUT_S = 5
-ENV_PREFIXES = ("NCCL_", "TORCH_")
+# GLOO_SOCKET_IFNAME: the interface gloo used between nodes (NCCL_SOCKET_IFNAME is one of the NCCL_ ones).
+ENV_PREFIXES = ("NCCL_", "TORCH_", "GLOO_SOCKET_IFNAME")
 MAX_CHANGED_PATHS = 50
 
 

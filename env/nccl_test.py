@@ -492,6 +492,7 @@ def report(options: Options, place: WorkerPlace, device: Any, decision: P2PDecis
     print(f"# P2P                 : {decision.source}: {decision.reason}")
     record = {
         "world_size": place.world,
+        "nodes": place.world // place.local_world,  # > 1: the busbw crossed the network (make bench's inter-node link)
         "backend": "nccl" if device.type == "cuda" else "gloo",
         "dtype": options.dtype.name,
         "versions": versions,

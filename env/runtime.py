@@ -216,7 +216,15 @@ def build_argv(target: Target, values: dict[str, str], gpus: int | None) -> list
     return argv
 
 
+# make slurm-TARGET: sbatch from the login node, so no runtime is chosen and no GPU counted here.
+SLURM_TARGETS = ("slurm-train", "slurm-nccl-test")
+
+
 def run(target_name: str, values: dict[str, str]) -> int:
+    if target_name in SLURM_TARGETS:
+        command = [sys.executable, "-m", "env.slurm.job", "submit", target_name.removeprefix("slurm-")]
+        os.chdir(ROOT)
+        os.execv(sys.executable, [*command, *(f"{name}={value}" for name, value in values.items())])
     if target_name == "build":
         from env.docker import build_image
         from env.profiles import DEFAULT_CUDA
@@ -261,7 +269,7 @@ def run(target_name: str, values: dict[str, str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    known = sorted([*TARGETS, "build", "setup", "shell"])
+    known = sorted([*TARGETS, *SLURM_TARGETS, "build", "setup", "shell"])
     if not args or args[0] not in known:
         print(f"torchrig: unknown target {args[0] if args else '(none)'}; one of: {', '.join(known)}", file=sys.stderr)
         return 2

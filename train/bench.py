@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from env.launch import USER_ERROR_EXIT
-from env.links import LINK_KINDS, PCIE_LANE_GBPS
+from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS
 from env.runtime import MAX_CPU_PROCESSES
 from train.config import ConfigError, RunConfig, load_config
 
@@ -83,6 +83,8 @@ LINK_ASSUMPTIONS: dict[str, tuple[str, float]] = {
     "pcie5-p2p": ("PCIe 5.0 x16 with P2P", _pcie_busbw(5, "pcie_p2p")),
     "nvlink4": ("NVLink 4, 18 links (H100/H200 SXM)", 18 * 25.0 * LINK_KINDS["nvlink"].efficiency),
     "cpu-gloo": ("gloo between processes on one host (rough)", 2.0),
+    # Between nodes (env/links.py): the ring's slowest hop once the job spans nodes.
+    **{name: (link.label, link.busbw_gbps) for name, link in NETWORK_LINKS.items()},
 }
 # Without a measurement or NVML's link facts: the reference box's link on GPUs, gloo on the CPU.
 DEFAULT_LINK = {"cuda": "pcie4-host", "cpu": "cpu-gloo"}
@@ -111,7 +113,10 @@ def bandwidth_from_nccl_json(path: Path) -> Bandwidth:
             "rerun make nccl-test GPUS=2 (or more) OPS=all_reduce JSON=..."
         )
     world = record.get("world_size", "?")
-    return Bandwidth(float(busbw), f"MEASURED {busbw:.1f} GB/s all_reduce busbw ({world} ranks) from {path}", True)
+    nodes = record.get("nodes", 1)
+    # Across nodes the network is the ring's slowest hop: that busbw is what a job spanning those nodes gets.
+    where = f"{world} ranks on {nodes} nodes: inter-node" if isinstance(nodes, int) and nodes > 1 else f"{world} ranks"
+    return Bandwidth(float(busbw), f"MEASURED {busbw:.1f} GB/s all_reduce busbw ({where}) from {path}", True)
 
 
 def bandwidth_from_links(gpu_count: int) -> Bandwidth | None:

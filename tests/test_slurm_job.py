@@ -1,0 +1,79 @@
+"""env/slurm/job.py without a cluster: what it submits and runs, from the make variables and Slurm's.
+
+The cluster itself (sbatch, srun, preemption, a killed node) is tested by make test-slurm (tests/slurm/).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from env.cli import UserError
+from env.slurm import job
+
+HOSTILE = "$(touch /tmp/torchrig-pwned); `id` 'x\" ; rm -rf ~"
+
+
+def test_submit_passes_nodes_and_gpus_to_sbatch_and_every_value_literally() -> None:
+    command = job.sbatch_command("train", {"NNODES": "2", "GPUS": "4", "CONFIG": "tiny", "ARGS": HOSTILE})
+    assert command[:3] == ["sbatch", "--nodes=2", "--gpus-per-node=4"]
+    assert command[3].endswith("env/slurm/train.sbatch")
+    assert command[4:] == ["CONFIG=tiny", f"ARGS={HOSTILE}"]  # one argument each, never seen by a shell
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"NODE_RANK": "1"}, "NODE_RANK is set by Slurm"),
+        ({"MASTER_ADDR": "10.0.0.1"}, "MASTER_ADDR is set by Slurm"),
+        ({"STEPZ": "3"}, "unknown variable STEPZ"),
+        ({"RUNTIME": "podman"}, "RUNTIME=podman is not one of local, docker, pyxis"),
+        ({"GPUS": "two"}, "GPUS=two is not a whole number"),
+    ],
+)
+def test_bad_variables_are_one_line_before_anything_is_submitted(values: dict, message: str) -> None:
+    with pytest.raises((UserError, ValueError), match=message):
+        job.sbatch_command("train", {"NNODES": "2", **values})
+
+
+def test_nccl_test_takes_its_own_variables_not_trainings() -> None:
+    assert "SIZES" in job.allowed_variables("nccl-test") and "STEPS" not in job.allowed_variables("nccl-test")
+    with pytest.raises(UserError, match="unknown variable STEPS"):
+        job.check_variables("nccl-test", {"STEPS": "3"})
+
+
+def test_batch_refuses_to_run_outside_a_job(monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(UserError, match="submit this with sbatch"):
+        job.batch("train", {"CONFIG": "tiny"})
+
+
+def test_a_node_takes_its_place_and_gpus_from_slurm(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "4")
+    monkeypatch.setenv("SLURM_NODEID", "3")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    values = job.node_values({"CONFIG": "tiny"}, "10.0.0.1", "29411")
+    slurm = {"GPUS": "8", "NNODES": "4", "NODE_RANK": "3", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29411"}
+    assert values == {"CONFIG": "tiny", **slurm}
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert job.node_values({}, "a", "1")["GPUS"] == "2"
+
+
+def test_the_rendezvous_is_c10d_under_the_job_id_and_restart(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.rendezvous_env("77") == {"PET_RDZV_BACKEND": "c10d", "TORCHELASTIC_RUN_ID": "slurm-77-2"}
+    assert job.default_run_dir("train", "77") == "runs/slurm-train-77"  # the same after a requeue
+
+
+def test_the_container_is_named_after_the_job_on_the_host_network(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    name = job.container_name("77")
+    env = {"SLURM_JOB_ID": "77", "NCCL_SOCKET_IFNAME": "ib0", "PET_RDZV_BACKEND": "c10d", "HOME": "/root"}
+    command = job.docker_command(["python", "-m", "train.launch"], {"RUN_DIR": str(tmp_path)}, env, name, gpu=False)
+    assert name == "torchrig-77-0-node1" and command[command.index("--name") + 1] == name
+    assert "slurm_job=77" in command and "--network" in command and command[command.index("--network") + 1] == "host"
+    assert f"{tmp_path}:{tmp_path}" in command  # an absolute RUN_DIR on shared storage, at the same path
+    assert "NCCL_SOCKET_IFNAME=ib0" in command and "PET_RDZV_BACKEND=c10d" in command
+    assert "HOME=/root" not in command and "--gpus" not in command
+    assert command[-3:] == ["python", "-m", "train.launch"]
