@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from env.atomic import DEFAULT_WRITE_FIX, TEMP_PREFIX, create_exclusive, write_fix
 from train.checkpoint import storage
 from train.checkpoint.errors import CheckpointError
+from train.checkpoint.parts import ModelState
 from train.checkpoint.plain import check_plain, read_problem
 from train.checkpoint.ranks import all_gather, collectively, failures, first_problem, from_rank0
 from train.checkpoint.records import (
@@ -42,6 +43,7 @@ from train.checkpoint.records import (
 from train.checkpoint.resume import check_compatible, mismatch
 
 if TYPE_CHECKING:
+    from torch import nn
     from torch.distributed.checkpoint.stateful import Stateful
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,7 @@ class Checkpointer:
 
     `config` (the run's RunConfig.to_dict() with "world_size") is recorded in every checkpoint,
     and a resume under a config that breaks it is refused before any state moves (resume.py).
+    `strategy` None: a reader that takes a checkpoint of either strategy (see load_model).
     """
 
     def __init__(
@@ -104,7 +107,7 @@ class Checkpointer:
         keep: int,
         rank: int,
         world_size: int,
-        strategy: str,
+        strategy: str | None,
         config: dict[str, Any] | None = None,
     ) -> None:
         if keep < 1:
@@ -323,7 +326,7 @@ class Checkpointer:
 
     def _check_usable(self, step: int, header: dict[str, Any]) -> None:
         """A checkpoint of another strategy, config or set of parts is a change, not damage: refuse it."""
-        if header.get("strategy") != self.strategy:
+        if self.strategy is not None and header.get("strategy") != self.strategy:
             raise mismatch("train.strategy", header.get("strategy"), self.strategy)
         if self.config is not None and isinstance(header["config"], dict):
             check_compatible(header["config"], self.config)
@@ -393,6 +396,14 @@ class Checkpointer:
 
     def _temporaries(self) -> list[Path]:
         return [self.directory / n for n in self._entries() if n.startswith(TEMP_PREFIX)]
+
+
+def load_model(run_dir: Path, model: nn.Module) -> int | None:
+    """The newest usable checkpoint's model weights into `model`, in this one process, whatever the strategy
+    and world size that saved it (for evaluation, sampling, export). Returns its step; None when there is none."""
+    return Checkpointer(
+        run_dir, {"model": ModelState(model)}, keep=1, rank=0, world_size=1, strategy=None
+    ).load_latest()
 
 
 def _torch_version() -> str:
