@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
 from env.atomic import DEFAULT_WRITE_FIX, TEMP_PREFIX, create_exclusive, write_fix
 from train.checkpoint import storage
 from train.checkpoint.errors import CheckpointError
@@ -211,10 +213,8 @@ class Checkpointer:
         name = self._entry(step)
         self._sidecar(step).unlink(missing_ok=True)
         storage.commit(self.directory, temp, name)
-        fields = {"step": step, "world_size": self.world_size, "strategy": self.strategy}
-        write_sidecar(self._sidecar(step), {**fields, "torch": _torch_version()}, {
-            f"{name}/{file}": record for file, record in records.items()
-        })  # fmt: skip
+        fields = {"step": step, "world_size": self.world_size, "strategy": self.strategy, "torch": torch.__version__}
+        write_sidecar(self._sidecar(step), fields, {f"{name}/{file}": record for file, record in records.items()})
 
     def _save_failure(self, step: int, exc: BaseException) -> str:
         os_error = _os_error(exc)
@@ -404,9 +404,3 @@ def load_model(run_dir: Path, model: nn.Module) -> int | None:
     return Checkpointer(
         run_dir, {"model": ModelState(model)}, keep=1, rank=0, world_size=1, strategy=None
     ).load_latest()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
