@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.trainrun import SMALL
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import load_config
 from train.data import build_dataset, build_loader
 from train.model import build_model
@@ -42,12 +42,13 @@ def test_a_checkpoint_restores_the_gpu_random_state(tmp_path) -> None:
     cfg = load_config("tiny", SMALL)
     model = build_model(cfg.model).cuda()
     optimizer = build_optimizer(model, cfg, torch.device("cuda"))
-    checkpointer = Checkpointer(tmp_path, keep=2, rank=0, world_size=1, strategy="ddp")
+    parts = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer), "rng": RNGState(0, 1)}
+    checkpointer = Checkpointer(tmp_path, parts, keep=2, rank=0, world_size=1, strategy="ddp")
     torch.cuda.manual_seed(123)
-    checkpointer.save(1, model, optimizer, {"step": 1})
+    checkpointer.save(1)
     expected = torch.rand(4, device="cuda")
     torch.cuda.manual_seed(999)
-    assert checkpointer.load_latest(model, optimizer) is not None
+    assert checkpointer.load_latest() == 1
     assert torch.equal(torch.rand(4, device="cuda"), expected)
 
 

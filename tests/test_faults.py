@@ -110,7 +110,8 @@ def test_a_killed_worker_restarts_the_group_and_finishes_identically(reference, 
 def test_a_truncated_newest_checkpoint_is_skipped_for_the_one_before(reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
     assert launch_train(run_dir, 2, 6, *CKPT).returncode == 0
-    newest = max((run_dir / "checkpoints").glob("step-*.pt"))
+    entry = max(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir())
+    newest = max(entry.glob("*.distcp"), key=lambda p: p.stat().st_size)  # the tensors of the newest checkpoint
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     resumed = launch_train(run_dir, 2, STEPS, *CKPT)
     assert resumed.returncode == 0, resumed.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import ROOT
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, ModelState, OptimizerState
 from train.config import load_config
 from train.model import build_model
 from train.trainer import build_optimizer
@@ -64,15 +64,15 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def checkpoint_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model parameters and buffers, optimizer state, extra) of the newest valid checkpoint."""
+    """(model parameters and buffers, optimizer state, {"step"}) of the newest valid checkpoint."""
     cfg = load_config("tiny", SMALL)
     model = build_model(cfg.model)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    # A DDP checkpoint is one file from rank 0; read it as the run's world size, which the checkpointer checks.
-    world_size = json.loads((run_dir / "summary.json").read_text())["world_size"]
-    extra = Checkpointer(run_dir, keep=100, rank=0, world_size=world_size, strategy="ddp").load_latest(model, optimizer)
-    assert extra is not None, f"no checkpoint in {run_dir}"
-    return {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), extra
+    # Read in this one process: a checkpoint of either strategy loads at any world size.
+    parts = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+    step = Checkpointer(run_dir, parts, keep=100, rank=0, world_size=1, strategy=None).load_latest()
+    assert step is not None, f"no checkpoint in {run_dir}"
+    return {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), {"step": step}
 
 
 def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:

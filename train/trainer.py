@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from env.peaks import peak_flops
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe
 from train.distributed import (
@@ -156,16 +156,18 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     optimizer = build_optimizer(model, cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.use_scaler)
     checkpointer = Checkpointer(
-        run_dir, keep=cfg.train.keep_ckpts, rank=info.rank, world_size=info.world_size, strategy=cfg.train.strategy
+        run_dir,
+        _checkpoint_parts(model, optimizer, scaler, info),
+        keep=cfg.train.keep_ckpts,
+        rank=info.rank,
+        world_size=info.world_size,
+        strategy=cfg.train.strategy,
+        config=_resume_config(cfg, info),
     )
     # Parameters and AdamW's two moments, all ranks together (an FSDP parameter's numel is the global one).
     checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
-    start_step = 0
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
-    extra = checkpointer.load_latest(model, optimizer, config=_resume_config(cfg, info))
-    if extra is not None:
-        scaler.load_state_dict(extra["scaler"])
-        start_step = int(extra["step"])
+    start_step = checkpointer.load_latest() or 0
     return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
 
 
@@ -305,7 +307,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or figures["stop"]:
             saving_started = time.perf_counter()
             watchdog.mark(step, "checkpoint")
-            run.checkpointer.save(step, run.model, run.optimizer, _extra_state(run, step))
+            run.checkpointer.save(step)
             window_start += time.perf_counter() - saving_started  # saving is not training throughput
         if figures["stop"]:
             if info.is_main:
@@ -329,15 +331,17 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
 
 
 def _resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
-    """The config a checkpoint records, and a resume is checked against (train/checkpoint.py check_compatible)."""
+    """The config a checkpoint records, and a resume is checked against (train/checkpoint/resume.py)."""
     return {**cfg.to_dict(), "world_size": info.world_size}
 
 
-def _extra_state(run: Run, step: int) -> dict[str, Any]:
-    # The step is also the data position (the sample stream is a pure function of it, train/data.py)
-    # and fixes the learning rate (lr_at), so neither is stored beside it.
+def _checkpoint_parts(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, info: DistInfo) -> dict:
+    """What a checkpoint holds: one entry per Stateful part. The step names the checkpoint and is also the
+    data position (the sample stream is a pure function of it, train/data.py) and fixes the learning rate
+    (lr_at), so neither is stored beside it."""
     return {
-        "step": step,
-        "scaler": run.scaler.state_dict(),
-        "config": _resume_config(run.cfg, run.info),
+        "model": ModelState(model),  # the MoE balancing biases are buffers of the model
+        "optimizer": OptimizerState(model, optimizer),
+        "scaler": scaler,  # a GradScaler is Stateful already
+        "rng": RNGState(info.rank, info.world_size),
     }
