@@ -1,6 +1,7 @@
 """The run manifest: what a run ran on, written as run_dir/manifest.json at its start.
 
-Training, the collective test and the bench call `write_manifest` from rank 0. It records
+The collective test and the bench call `write_manifest` from rank 0; training calls
+`record_launch` from rank 0 once the resume check passed (a refused launch writes nothing). It records
 the doctor's facts (without the doctor's GPU load, so it stays cheap), the git commit and
 whether the tree was dirty, the image and its labels, the installed packages with a hash,
 the resolved config, the NCCL_*/TORCH_* environment and the P2P decision. `python -m
@@ -8,7 +9,8 @@ env.compare A B` reads two of them back.
 
 Layout (schema 1): schema, kind, created_utc, created_unix, hostname, command, git
 {commit, dirty, changed, source}, image {in_container, id, labels}, packages {sha256,
-count, list}, config, environment, p2p, facts, extra.
+count, list}, config, environment, p2p, facts, extra; a training manifest adds launches, one
+{created_utc, hostname, command, git, image, packages_sha256, config, p2p} per launch that trained.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from env.profiles import normalise_name
 SCHEMA = 1
 KINDS = ("train", "nccl-test", "bench")
 MANIFEST_NAME = "manifest.json"
+# The launcher's manifest of a training launch, as JSON, for rank 0 to record once the resume check passed.
+MANIFEST_ENV = "TORCHRIG_MANIFEST"
 GIT_TIMEOUT_S = 5
 ENV_PREFIXES = ("NCCL_", "TORCH_")
 MAX_CHANGED_PATHS = 50
@@ -84,7 +88,7 @@ def _image_id(labels: dict[str, str]) -> str:
     return labels.get("TORCHRIG_IMAGE_ID") or labels.get("TORCHRIG_IMAGE") or "unknown"
 
 
-def write_manifest(
+def build_manifest(
     run_dir: Path,
     *,
     kind: str,
@@ -92,19 +96,13 @@ def write_manifest(
     p2p: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     repo_dir: Path = ROOT,
-) -> Path:
-    """Write run_dir/manifest.json atomically and return its path. Call it once, from rank 0, at the run's start.
-
-    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
-    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
-    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
-    """
+) -> dict[str, Any]:
+    """The manifest of a run starting now, as a dict (write_manifest's arguments; nothing is written)."""
     if kind not in KINDS:
         raise ValueError(f"manifest kind {kind!r} is not one of {', '.join(KINDS)}")
-    run_dir = Path(run_dir)
-    facts = gather_facts(run_dir, gpu_load=False, probe_docker=False)
+    facts = gather_facts(Path(run_dir), gpu_load=False, probe_docker=False)
     now = time.time()
-    manifest = {
+    return {
         "schema": SCHEMA,
         "kind": kind,
         "created_utc": datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"),
@@ -125,6 +123,79 @@ def write_manifest(
         "facts": facts.to_dict(),
         "extra": extra,
     }
+
+
+def write_manifest(
+    run_dir: Path,
+    *,
+    kind: str,
+    config: dict[str, Any] | None = None,
+    p2p: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    repo_dir: Path = ROOT,
+) -> Path:
+    """Write run_dir/manifest.json atomically and return its path. Call it once, from rank 0, at the run's start.
+
+    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
+    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
+    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
+    """
+    manifest = build_manifest(run_dir, kind=kind, config=config, p2p=p2p, extra=extra, repo_dir=repo_dir)
+    return _write(Path(run_dir), manifest)
+
+
+def launch_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """One launch of a run, as `launches` lists it: when, where, what it ran and on what."""
+    image = manifest.get("image") or {}
+    packages = manifest.get("packages") or {}
+    return {
+        "created_utc": manifest.get("created_utc"),
+        "hostname": manifest.get("hostname"),
+        "command": manifest.get("command"),
+        "git": manifest.get("git"),
+        "image": image.get("id") if isinstance(image, dict) else None,
+        "packages_sha256": packages.get("sha256") if isinstance(packages, dict) else None,
+        "config": manifest.get("config"),
+        "p2p": manifest.get("p2p"),
+    }
+
+
+def record_launch(run_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Add a training launch that passed its resume check to run_dir/manifest.json.
+
+    The first launch writes the whole manifest: it describes the run that makes the checkpoints.
+    Every launch, the first included, appends its entry to `launches`, so that a resume on another
+    commit, image or host is on record. A manifest that cannot be read as ours is kept beside, under
+    a new name, and a new one started: the project never overwrites what it may not have written.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST_NAME
+    existing = _read_own(path)
+    if existing is None:
+        existing = {**manifest, "launches": []}
+    elif not isinstance(existing.get("launches"), list):  # written before launches were recorded
+        existing["launches"] = [launch_entry(existing)]
+    existing["launches"].append(launch_entry(manifest))
+    return _write(run_dir, existing)
+
+
+def _read_own(path: Path) -> dict[str, Any] | None:
+    """The manifest at path when it is one this module wrote; None when there is none (one not ours is moved aside)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if isinstance(data, dict) and data.get("schema") == SCHEMA and data.get("kind") == "train":
+        return data
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, aside)
+    print(f"torchrig: {path} was not a training manifest; kept as {aside.name}, a new one started", file=sys.stderr)
+    return None
+
+
+def _write(run_dir: Path, manifest: dict[str, Any]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / MANIFEST_NAME
     write_text_atomically(path, json.dumps(manifest, indent=2, default=str) + "\n")

@@ -322,6 +322,10 @@ def run_worker(options: Options) -> int:
     import torch
     import torch.distributed as dist
 
+    from env.lifeline import end_with_parent
+
+    end_with_parent()
+
     from env.collectives import Context
 
     place = WorkerPlace.from_env()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from env.launch import add_node_arguments, launch, nodes_from_args
 from train.config import ConfigError, RunConfig, load_config
+from train.rundir import RunDirBusy, RunDirLock, completed_steps
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
 FLAG_KEYS = {
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from env.manifest import write_manifest
+    from env.manifest import MANIFEST_ENV, build_manifest
     from train.data import DataError, build_dataset
 
     # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
@@ -101,9 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"torchrig: cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
         return 2
+    # Node 0 holds the lock for the job (RUN_DIR is shared storage); other nodes can only join its rendezvous.
+    try:
+        lock = RunDirLock(run_dir).acquire() if nodes.node_rank == 0 else None
+    except RunDirBusy as exc:
+        print(f"torchrig: {exc}", file=sys.stderr)
+        return 2
+    reached = completed_steps(run_dir, cfg.train.steps)
+    if reached is not None:
+        print(
+            f"torchrig: {run_dir} is already complete ({reached} steps, figures in summary.json); "
+            "nothing was changed: give a larger STEPS to train on, or another RUN_DIR",
+            flush=True,
+        )
+        return 0
     p2p = _p2p_decision()
     if nodes.node_rank == 0:
-        write_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p)
+        # Rank 0 records this launch in manifest.json once the resume check passed (train/trainer.py).
+        os.environ[MANIFEST_ENV] = json.dumps(build_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p))
     print(
         f"torchrig: training {cfg.name} on {nproc * nodes.nnodes} {'GPU(s)' if has_gpu else 'CPU process(es)'}, "
         f"global batch {nproc * nodes.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
@@ -111,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
     code = launch("train.worker", worker_args(args, cfg, run_dir), nproc, nodes=nodes)
+    if lock is not None:
+        lock.release()
     if code > 128 and _stopped_cleanly(run_dir, started):
         return 0  # preempted: the workers saved a checkpoint and said so
     if code == 0 and nodes.node_rank == 0:
