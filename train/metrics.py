@@ -47,7 +47,7 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
@@ -171,7 +171,7 @@ class MetricsLogger:
         return (
             f"step {r['step']:>{steps}}/{self.total_steps} | loss {r['loss']:8.4f} | lr {r['lr']:9.2e} "
             f"| {r['step_ms']:9.1f} ms{tokens} | {r['samples_per_sec']:>10,.1f} samples/s{mfu} "
-            f"| mem {r['peak_mem_gb']:7.2f} GB | eta {_format_duration(self._eta.remaining(self.total_steps)):>6}"
+            f"| mem {r['peak_mem_gb']:7.2f} GB | eta {format_duration(self._eta.remaining(self.total_steps)):>6}"
         )
 
     def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
