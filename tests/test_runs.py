@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from env.runlock import LOCK_NAME, RunDirBusy, RunDirLock
 from tests.conftest import ROOT
-from train.rundir import LOCK_NAME, RunDirBusy, RunDirLock, completed_steps, earlier_records
+from train.rundir import completed_steps, earlier_records
 
 pytestmark = pytest.mark.slow
 F = "model.max_seq_len=32 data.seq_len=32"

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from env.launch import add_node_arguments, launch, nodes_from_args
+from env.runlock import RunDirBusy, RunDirLock
 from train.config import ConfigError, RunConfig, load_config
-from train.rundir import RunDirBusy, RunDirLock, completed_steps
+from train.rundir import completed_steps
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
 FLAG_KEYS = {
