@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,12 @@ from typing import Any
 from env.atomic import write_text_atomically
 from env.doctor import ROOT, gather_facts
 from env.profiles import normalise_name
+from env.readfile import read_regular
 
 SCHEMA = 1
 KINDS = ("train", "nccl-test", "bench")
 MANIFEST_NAME = "manifest.json"
+MANIFEST_LIMIT = 64 << 20  # reading one back: far above what a run writes
 # The launcher's manifest of a training launch, as JSON, for rank 0 to record once the resume check passed.
 MANIFEST_ENV = "TORCHRIG_MANIFEST"
 GIT_TIMEOUT_S = 5
@@ -181,15 +184,16 @@ def record_launch(run_dir: Path, manifest: dict[str, Any]) -> Path:
 
 def _read_own(path: Path) -> dict[str, Any] | None:
     """The manifest at path when it is one this module wrote; None when there is none (one not ours is moved aside)."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except (OSError, ValueError, UnicodeDecodeError):
+    text = read_regular(path, MANIFEST_LIMIT)
+    try:
+        data = json.loads(text) if text is not None else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         data = None
     if isinstance(data, dict) and data.get("schema") == SCHEMA and data.get("kind") == "train":
         return data
-    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     os.replace(path, aside)
     print(f"torchrig: {path} was not a training manifest; kept as {aside.name}, a new one started", file=sys.stderr)
     return None

@@ -213,6 +213,14 @@ def test_completion_and_history_read_hostile_files_safely(tmp_path) -> None:
     assert completed_steps(tmp_path, 4) == 4 and completed_steps(tmp_path, 5) is None
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n[1]\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
     assert [r["step"] for r in earlier_records(tmp_path, 2)] == [1, 2]
+    # Links to endless devices read as absent, and do not hang the reader.
+    for name in ("summary.json", "metrics.jsonl"):
+        (tmp_path / name).unlink()
+        (tmp_path / name).symlink_to("/dev/zero")
+    assert completed_steps(tmp_path, 4) is None and earlier_records(tmp_path, 2) == []
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").write_bytes(b"x" * 200_000 + b'\n{"step": 1, "loss": 3.0}\n')  # one row too long
+    assert [r["step"] for r in earlier_records(tmp_path, 2)] == [1]
 
 
 def test_a_worker_ends_when_its_parent_is_killed() -> None:

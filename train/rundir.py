@@ -13,8 +13,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from env.readfile import open_regular, read_regular
+
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
+# Bounds on reading them back (env/readfile.py): far above what a run writes, far below harm.
+SUMMARY_LIMIT = 1 << 20
+METRICS_LIMIT = 1 << 30
+ROW_LIMIT = 1 << 16
 
 
 def completed_steps(run_dir: Path, steps: int) -> int | None:
@@ -23,9 +29,10 @@ def completed_steps(run_dir: Path, steps: int) -> int | None:
     A run that stopped early (SIGTERM), crashed (no summary yet) or is asked for more steps is not
     complete; a summary that cannot be read is not evidence that it is.
     """
+    text = read_regular(Path(run_dir) / SUMMARY_NAME, SUMMARY_LIMIT)
     try:
-        summary = json.loads((Path(run_dir) / SUMMARY_NAME).read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        summary = json.loads(text) if text is not None else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(summary, dict) or summary.get("stopped_early") is not False:
         return None
@@ -44,16 +51,20 @@ def earlier_records(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
     if up_to_step <= 0:
         return []
     by_step: dict[int, dict[str, Any]] = {}
-    try:
-        with open(Path(run_dir) / METRICS_NAME, encoding="utf-8", errors="replace") as rows:
-            for line in rows:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                step = record.get("step") if isinstance(record, dict) else None
-                if isinstance(step, int) and 0 < step <= up_to_step and isinstance(record.get("loss"), (int, float)):
-                    by_step[step] = record
-    except OSError:
+    rows = open_regular(Path(run_dir) / METRICS_NAME, METRICS_LIMIT)
+    if rows is None:
         return []
+    with rows:
+        while line := rows.readline(ROW_LIMIT):
+            if not line.endswith(b"\n") and len(line) == ROW_LIMIT:
+                while (rest := rows.readline(ROW_LIMIT)) and not rest.endswith(b"\n"):
+                    pass  # an over-long row is no row of ours: skip to its end
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and 0 < step <= up_to_step and isinstance(record.get("loss"), (int, float)):
+                by_step[step] = record
     return [by_step[step] for step in sorted(by_step)]

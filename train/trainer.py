@@ -173,7 +173,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.train.compile_backend)
     optimizer = build_optimizer(model, cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.use_scaler)
     checkpointer = Checkpointer(
