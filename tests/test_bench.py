@@ -341,3 +341,15 @@ def test_progress_is_printed_while_a_sub_run_trains(tmp_path: Path, monkeypatch,
     steps = [int(line.split("step ")[1].split("/")[0]) for line in lines]
     assert steps == sorted(set(steps))
     assert bench.progress_line("1 GPU (run 1 of 1)", 10, 40, 20.0) == "bench: 1 GPU (run 1 of 1): step 10/40, eta 1m00s"
+
+
+def test_a_second_bench_into_a_held_run_dir_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    from env.runlock import RunDirLock
+
+    monkeypatch.setattr(bench, "run_all", lambda plan: pytest.fail("a refused bench ran a job"))
+    run_dir = tmp_path / "bench"
+    run_dir.mkdir()
+    with RunDirLock(run_dir):
+        assert bench.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("in use by a running job") == 1 and not (run_dir / "manifest.json").exists()

@@ -52,6 +52,7 @@ from typing import Any
 
 from env.launch import USER_ERROR_EXIT
 from env.links import LINK_KINDS, PCIE_LANE_GBPS
+from env.runlock import RunDirBusy, RunDirLock
 from env.runtime import MAX_CPU_PROCESSES
 from train.config import ConfigError, RunConfig, load_config
 
@@ -943,6 +944,11 @@ def main(argv: list[str] | None = None) -> int:
         return USER_ERROR_EXIT
     except OSError as exc:
         print(f"torchrig: bench: cannot create RUN_DIR ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
+        return USER_ERROR_EXIT
+    try:  # one bench per RUN_DIR (env/runlock.py), held until this process exits
+        RunDirLock(plan.run_dir).acquire()
+    except RunDirBusy as exc:
+        print(f"torchrig: bench: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT
     if plan.device_type == "cpu":
         print(
