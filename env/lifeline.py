@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 # Set by the launcher in the workers' environment: the pid their parent must have.
 PARENT_ENV = "TORCHRIG_LAUNCHER_PID"
@@ -25,15 +26,20 @@ PR_SET_PDEATHSIG = 1
 POLL_S = 1.0
 
 
-def _request_death_signal() -> bool:
-    """Ask Linux for SIGKILL when the parent dies; False where the call does not exist."""
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None where there is none (not Linux)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _request_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux for `sig` when the parent dies; False where the call does not exist."""
+    prctl = _prctl()
+    return prctl is not None and prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
 
 
 def _watch(parent: int) -> None:
@@ -53,3 +59,22 @@ def end_with_parent(parent: int | None = None) -> None:
     if os.getppid() != parent:  # the launcher died before the request above: no signal will come
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=_watch, args=(parent,), name="lifeline", daemon=True).start()
+
+
+def signal_when_parent_dies(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets `sig` when this process dies, however it dies (Linux).
+
+    For the host side of RUNTIME=docker: the compose client gets SIGTERM when the dispatcher that
+    started it is killed, and passes it into the container, whose launcher stops its workers
+    after a checkpoint, as on any preemption. libc is loaded here, before the fork: the child only
+    makes the call.
+    """
+    prctl, parent = _prctl(), os.getpid()
+
+    def request() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # died between the fork and the request
+            os.kill(os.getpid(), sig)
+
+    return request

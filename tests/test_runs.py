@@ -254,3 +254,23 @@ def test_end_with_parent_ends_at_once_when_the_parent_is_already_gone() -> None:
     code = "import sys; sys.path.insert(0, sys.argv[1]); from env.lifeline import end_with_parent; end_with_parent(1)"
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], timeout=60)
     assert done.returncode == -signal.SIGKILL
+
+
+def test_the_docker_client_gets_sigterm_when_the_dispatcher_is_killed() -> None:
+    # As env/docker.py starts `docker compose run`: here a stand-in client (sleep) under a stand-in dispatcher.
+    parent_code = (
+        "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from env.lifeline import signal_when_parent_dies;"
+        "p = subprocess.Popen(['sleep', '600'], preexec_fn=signal_when_parent_dies()); print(p.pid, flush=True);"
+        "time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    client = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait()
+        assert _wait_for(lambda: not _alive(client), 60), "the client outlived the dispatcher"
+    finally:
+        if _alive(client):
+            os.kill(client, signal.SIGKILL)
+        parent.stdout.close()
