@@ -100,7 +100,12 @@ def build_manifest(
     extra: dict[str, Any] | None = None,
     repo_dir: Path = ROOT,
 ) -> dict[str, Any]:
-    """The manifest of a run starting now, as a dict (write_manifest's arguments; nothing is written)."""
+    """The manifest of a run starting now, as a dict; nothing is written.
+
+    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
+    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
+    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
+    """
     if kind not in KINDS:
         raise ValueError(f"manifest kind {kind!r} is not one of {', '.join(KINDS)}")
     facts = gather_facts(Path(run_dir), gpu_load=False, probe_docker=False)
@@ -128,23 +133,10 @@ def build_manifest(
     }
 
 
-def write_manifest(
-    run_dir: Path,
-    *,
-    kind: str,
-    config: dict[str, Any] | None = None,
-    p2p: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-    repo_dir: Path = ROOT,
-) -> Path:
-    """Write run_dir/manifest.json atomically and return its path. Call it once, from rank 0, at the run's start.
-
-    kind: "train", "nccl-test" or "bench". config: the resolved config (dataclasses.asdict(cfg)).
-    p2p: the P2P decision the run applied (P2PDecision.to_dict()). extra: anything else the caller
-    wants kept (world size, launcher flags). repo_dir: the checkout whose commit is recorded.
-    """
-    manifest = build_manifest(run_dir, kind=kind, config=config, p2p=p2p, extra=extra, repo_dir=repo_dir)
-    return _write(Path(run_dir), manifest)
+def write_manifest(run_dir: Path, **fields: Any) -> Path:
+    """Write run_dir/manifest.json atomically and return its path; `fields` are build_manifest's keywords.
+    Call it once, from rank 0, at the run's start (nccl-test, bench; training uses record_launch)."""
+    return _write(Path(run_dir), build_manifest(run_dir, **fields))
 
 
 def launch_entry(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -223,6 +223,21 @@ def test_completion_and_history_read_hostile_files_safely(tmp_path) -> None:
     assert [r["step"] for r in earlier_records(tmp_path, 2)] == [1]
 
 
+def _ends_with_killed_parent(parent_code: str) -> bool:
+    """Run parent_code (which starts a child and prints its pid), SIGKILL it, and say whether the child ended."""
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        parent.kill()
+        parent.wait()
+        return _wait_for(lambda: not _alive(child), 60)  # generous: that it ends, not how fast
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+        parent.stdout.close()
+
+
 def test_a_worker_ends_when_its_parent_is_killed() -> None:
     # parent -> child in a session of its own, as torchrun starts workers; the child asks to end with
     # its parent, says so, and sleeps.
@@ -234,19 +249,7 @@ def test_a_worker_ends_when_its_parent_is_killed() -> None:
         "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]],"
         " start_new_session=True); print(p.pid, flush=True); time.sleep(600)"
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", parent_code, child_code, str(ROOT)], stdout=subprocess.PIPE, text=True
-    )
-    child = int(parent.stdout.readline())
-    try:
-        assert parent.stdout.readline().strip() == "ready"
-        parent.kill()
-        parent.wait()
-        assert _wait_for(lambda: not _alive(child), 60), "the child outlived its parent"
-    finally:
-        if _alive(child):
-            os.kill(child, signal.SIGKILL)
-        parent.stdout.close()
+    assert _ends_with_killed_parent(parent_code.replace("sys.argv[1], sys.argv[2]", f"{child_code!r}, sys.argv[1]"))
 
 
 def test_end_with_parent_ends_at_once_when_the_parent_is_already_gone() -> None:
@@ -262,15 +265,6 @@ def test_the_docker_client_gets_sigterm_when_the_dispatcher_is_killed() -> None:
         "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]);"
         "from env.lifeline import signal_when_parent_dies;"
         "p = subprocess.Popen(['sleep', '600'], preexec_fn=signal_when_parent_dies()); print(p.pid, flush=True);"
-        "time.sleep(600)"
+        "print('ready', flush=True); time.sleep(600)"
     )
-    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(ROOT)], stdout=subprocess.PIPE, text=True)
-    client = int(parent.stdout.readline())
-    try:
-        parent.kill()
-        parent.wait()
-        assert _wait_for(lambda: not _alive(client), 60), "the client outlived the dispatcher"
-    finally:
-        if _alive(client):
-            os.kill(client, signal.SIGKILL)
-        parent.stdout.close()
+    assert _ends_with_killed_parent(parent_code), "the client outlived the dispatcher"
