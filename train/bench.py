@@ -41,6 +41,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from env.launch import USER_ERROR_EXIT
+from env.lifeline import signal_when_parent_dies
 from env.links import LINK_KINDS, PCIE_LANE_GBPS
 from env.runlock import RunDirBusy, RunDirLock
 from env.runtime import MAX_CPU_PROCESSES
@@ -737,7 +739,12 @@ def _run_with_progress(command: list[str], log: Path, where: str, steps: int) ->
     """Run one training job with its output in `log`; print a progress line whenever it logs a step."""
     metrics = log.parent / "metrics.jsonl"
     started, shown = time.monotonic(), 0
-    with open(log, "w") as handle, subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT) as job:
+    # A killed bench takes its sub-run along (whose workers follow their launcher: env/lifeline.py).
+    death = signal_when_parent_dies(signal.SIGKILL)
+    with (
+        open(log, "w") as handle,
+        subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, preexec_fn=death) as job,
+    ):
         while True:
             try:
                 code = job.wait(timeout=PROGRESS_POLL_S)

@@ -2,8 +2,10 @@
 
 Runs once per node, before any worker exists, so that a typo in a config key, a missing
 data path or a bad GPUS value is one line and exit 2 rather than N tracebacks. It also
-takes the P2P decision (env/p2p.py) and writes the run manifest, then hands the same
-resolved arguments to torchrun's launcher (env/launch.py), which runs train.worker.
+takes the P2P decision (env/p2p.py) and prepares the run manifest (which rank 0 records once
+the resume check passed), then hands the same resolved arguments to torchrun's launcher
+(env/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
+(env/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
 """
 
 from __future__ import annotations
