@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from env.lifeline import signal_when_parent_dies
 from env.profiles import DEFAULT_CUDA, CudaProfile, UnknownProfile, profile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,7 +346,8 @@ def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str], status:
     client_dir = os.path.dirname(docker_client())
     if client_dir:  # compose v1 runs `docker` from PATH for interactive runs: make it the same client
         compose_env["PATH"] = os.pathsep.join([client_dir, os.environ.get("PATH", "")])
-    with subprocess.Popen(command, cwd=ROOT, env=compose_env) as process:
+    # The client ends (SIGTERM, passed into the container) when this dispatcher is killed (env/lifeline.py).
+    with subprocess.Popen(command, cwd=ROOT, env=compose_env, preexec_fn=signal_when_parent_dies()) as process:
         return _wait_forwarding_signals(process)
 
 

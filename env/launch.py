@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from env.lifeline import PARENT_ENV
+
 # Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
 USER_ERROR_EXIT = 2
 
@@ -91,6 +93,8 @@ def launch(
     # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
+    # The agent runs in this process and is the workers' parent: they end when it dies (env/lifeline.py).
+    os.environ[PARENT_ENV] = str(os.getpid())
     if nodes.nnodes > 1:
         endpoint = f"{nodes.master_addr}:{nodes.master_port}"
         rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": nodes.node_rank}}

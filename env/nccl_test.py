@@ -240,9 +240,15 @@ def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
     os.environ[DECISION_ENV] = json.dumps(decision.to_dict())
     from env.launch import launch
     from env.manifest import write_manifest
+    from env.runlock import RunDirBusy, RunDirLock
 
     if options.nodes.node_rank == 0:
         options.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one job per RUN_DIR, held until this launcher exits (env/runlock.py)
+            RunDirLock(options.run_dir).acquire()
+        except RunDirBusy as exc:
+            print(f"nccl-test: {exc}", file=sys.stderr)
+            return USER_ERROR_EXIT
         write_manifest(options.run_dir, kind="nccl-test", p2p=decision.to_dict(), extra={"argv": argv})
     return launch(
         "env.nccl_test",
@@ -321,6 +327,10 @@ def start_group(place: WorkerPlace, device: Any, options: Options) -> str | None
 def run_worker(options: Options) -> int:
     import torch
     import torch.distributed as dist
+
+    from env.lifeline import end_with_parent
+
+    end_with_parent()
 
     from env.collectives import Context
 

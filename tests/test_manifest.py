@@ -182,3 +182,27 @@ def test_compare_cli_runs_as_a_module(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_each_training_launch_is_appended_and_a_foreign_manifest_is_kept_aside(repo: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = manifest.build_manifest(run_dir, kind="train", config={"train": {"steps": 4}}, repo_dir=repo)
+    second = manifest.build_manifest(run_dir, kind="train", config={"train": {"steps": 8}}, repo_dir=repo)
+    manifest.record_launch(run_dir, first)
+    path = manifest.record_launch(run_dir, second)
+    data = json.loads(path.read_text())
+    assert data["config"] == {"train": {"steps": 4}}  # the run that made the checkpoints
+    assert [launch["config"]["train"]["steps"] for launch in data["launches"]] == [4, 8]
+    assert data["launches"][1]["git"]["commit"] == _git(repo, "rev-parse", "HEAD")
+
+    # Not ours (or an endless device at its name): kept under another name, never overwritten or read forever.
+    for planted in ("not json", None):
+        path.unlink()
+        if planted is None:
+            path.symlink_to("/dev/zero")
+        else:
+            path.write_text(planted)
+        manifest.record_launch(run_dir, second)
+        assert len(json.loads(path.read_text())["launches"]) == 1
+    kept = sorted(p.name for p in run_dir.iterdir() if p.name.startswith("manifest.json.unreadable-"))
+    assert len(kept) == 2 and Path("/dev/zero").exists()

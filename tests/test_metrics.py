@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 from train.metrics import MetricsLogger
 
@@ -24,7 +25,7 @@ def test_lines_append_across_a_resume_and_the_console_shows_an_eta(tmp_path) -> 
     second.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20]
-    assert "eta 0m18s" in console.getvalue().splitlines()[0]  # 90 steps left at 200 ms
+    assert console.getvalue().splitlines()[0].endswith(" 0m18s")  # 90 steps left at 200 ms
 
 
 def test_the_summary_leaves_out_the_warm_up_and_only_the_main_rank_writes(tmp_path) -> None:
@@ -49,3 +50,38 @@ def test_tensorboard_gets_every_numeric_figure(tmp_path) -> None:
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert {"loss", "lr", "step_ms", "samples_per_sec"} <= set(events.Tags()["scalars"])
+
+
+def test_the_eta_is_the_mean_over_the_run_so_one_slow_window_does_not_make_it_jump(tmp_path) -> None:
+    console = io.StringIO()
+    logger = MetricsLogger(tmp_path, is_main=True, total_steps=1000, console=console)
+    # Windows of 100 steps: a start-up window (compilation), then steady ones and one slow one.
+    for step, step_ms in ((100, 3000), (200, 100), (300, 100), (400, 400), (500, 100)):
+        logger.log(record(step, step_ms=step_ms))
+    etas = [line.rsplit("eta", 1)[1].strip() for line in console.getvalue().splitlines()]
+    # The start-up window counts only until another exists; then the mean of the later windows:
+    # 900 x 3 s, 800 x 0.1 s, 700 x 0.1 s, 600 x 0.2 s (not 600 x 0.4 s), 500 x 0.175 s.
+    assert etas == ["45m00s", "1m20s", "1m10s", "2m00s", "1m27s"]
+
+
+def test_console_columns_keep_their_width_as_numbers_grow(tmp_path) -> None:
+    console = io.StringIO()
+    logger = MetricsLogger(tmp_path, is_main=True, total_steps=100000, console=console)
+    logger.log(record(1, step_ms=0.5, loss=0.25) | {"mfu": 0.05, "peak_mem_gb": 0.1})
+    logger.log(record(99999, step_ms=98765.4, loss=12.5) | {"mfu": 0.95, "peak_mem_gb": 123.45})
+    first, second = console.getvalue().splitlines()
+    assert len(first) == len(second)
+    assert [m.start() for m in re.finditer(r"\|", first)] == [m.start() for m in re.finditer(r"\|", second)]
+
+
+def test_a_resumed_run_summarises_the_whole_run_and_drops_rows_of_a_lost_segment(tmp_path) -> None:
+    first = MetricsLogger(tmp_path, is_main=True, total_steps=20, console=io.StringIO())
+    for step in range(1, 13):  # logged to step 12, but its last checkpoint is step 10: 11 and 12 are lost
+        first.log(record(step, step_ms=100, loss=9.0 - step / 10))
+    first.close()
+    second = MetricsLogger(tmp_path, is_main=True, total_steps=20, console=io.StringIO(), start_step=10)
+    for step in range(11, 21):
+        second.log(record(step, step_ms=100, loss=5.0 - step / 10))
+    summary = second.summary({})
+    assert summary["first_loss"] == 8.9 and summary["final_loss"] == 3.0 and summary["steps"] == 20
+    assert summary["resumed_from_step"] == 10

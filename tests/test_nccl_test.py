@@ -334,3 +334,16 @@ def test_the_cli_launches_its_own_workers_and_exits_with_the_verdict(tmp_path: P
     assert json.loads(record_path.read_text())["world_size"] == 2
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["kind"] == "nccl-test" and manifest["p2p"]["source"] == "no-gpu"
+
+
+def test_a_second_nccl_test_into_a_held_run_dir_is_refused_at_once(tmp_path: Path):
+    from env.runlock import RunDirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunDirLock(run_dir):  # the first job, running
+        command = [sys.executable, "-m", "env.nccl_test", "--gpus", "2", "--run-dir", str(run_dir), *GLOO_ARGS]
+        done = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("in use by a running job") == 1 and f"(pid {os.getpid()} on host" in done.stderr
+    assert not (run_dir / "manifest.json").exists()

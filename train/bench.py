@@ -23,8 +23,15 @@ the first logged windows). From them:
   per row and overall REPRODUCED (within ±10% of its samples/s), BETTER or REFUTED, and NOT
   COMPARABLE where the device or the workload differs: a CPU run cannot judge a GPU claim.
 
+Noise: every count runs --repeats times (interleaved: 1..N, then 1..N again, so a load that comes
+and goes hits every count), and every steady logged window of every repeat is one measurement. A
+point is the median of its measurements; its spread is their half-range around it. When a spread is
+wider than ±10%, or an efficiency stays above 100% even at the edge of the spreads, the figures are
+NOISE-BOUND: the table's noise column and a NOISE line say which and why, and the exit code is 3.
+
 Writes RUN_DIR/bench.json (loadable as a later --baseline), bench.csv, bench.md, bench.png (when
-matplotlib is installed) and manifest.json. Exit: 0 done, 2 bad input, else a failed run's code.
+matplotlib is installed) and manifest.json. Exit: 0 done, 2 bad input, 3 done but the figures are
+noise-bound (rerun on an idle machine, or with more STEPS), else a failed run's code.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import csv
 import json
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from env.launch import USER_ERROR_EXIT
+from env.lifeline import signal_when_parent_dies
 from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS
+from env.runlock import RunDirBusy, RunDirLock
 from env.runtime import MAX_CPU_PROCESSES
 from train.config import ConfigError, RunConfig, load_config
 
@@ -52,6 +63,10 @@ DEFAULT_STEPS = 40
 LOG_WINDOWS = 8  # logged windows per run; the summary takes the median over the steady ones
 TOLERANCE = 0.10  # a baseline is REPRODUCED within ±10% of its samples/s
 SCHEMA = 1
+DEFAULT_REPEATS = 2  # runs per count; with the logged windows of each, several measurements per point
+NOISE_SPREAD = 0.10  # a point whose measurements spread wider than ±10% around its median is noise-bound
+NOISE_EXIT = 3  # the table is written, but its figures are noise-bound
+PROGRESS_POLL_S = 2.0
 # Make-variable shorthands train.launch accepts as flags; passed through unchanged.
 LAUNCH_FLAGS = ("seed", "micro_batch", "accum", "precision", "strategy")
 
@@ -244,6 +259,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("gpus", "GPUs", "run", str),
     Column("global_batch", "global batch", "run", str),
     Column("samples_per_sec", "samples/s", "measured", _number(",.1f")),
+    Column("spread", "spread", "measured", lambda v: f"±{v:.0%}"),
     Column("speedup", "speedup", "measured", lambda v: f"{v:.2f}×"),
     Column("efficiency", "efficiency", "measured", _number(".0%")),
     Column("tokens_per_sec", "tokens/s", "measured", _number(",.0f")),
@@ -251,6 +267,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("step_ms", "step ms", "measured", _number(".1f")),
     Column("compute_ms", "compute ms", "measured", _number(".1f")),
     Column("exposed_comm_ms", "exposed comm ms", "measured", _number("+.1f")),
+    Column("noise", "noise", "measured", str),
     Column("pred_comm_ms", "pred. comm ms", "predicted", _number(".1f")),
     Column("pred_step_ms", "pred. step ms", "predicted", _number(".1f")),
     Column("pred_samples_per_sec", "pred. samples/s", "predicted", _number(",.1f")),
@@ -266,27 +283,97 @@ def columns_for(with_baseline: bool) -> list[Column]:
     return [c for c in COLUMNS if with_baseline or c.kind != "baseline"]
 
 
+@dataclass(frozen=True)
+class Point:
+    """One count's measurements (samples/s of every steady window of every repeat): median and spread."""
+
+    samples_per_sec: float
+    step_ms: float
+    low: float
+    high: float
+    measurements: int
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> Point:
+        """From a summary with "windows" (the bench adds them), else from its one steady figure."""
+        windows = summary.get("windows") or [
+            {"samples_per_sec": summary["samples_per_sec"], "step_ms": summary["step_ms"]}
+        ]
+        rates = [w["samples_per_sec"] for w in windows]
+        return cls(
+            statistics.median(rates),
+            statistics.median(w["step_ms"] for w in windows),
+            min(rates),
+            max(rates),
+            len(rates),
+        )
+
+    @property
+    def spread(self) -> float:
+        """Half the range of the measurements, relative to the median: ±spread."""
+        return (self.high - self.low) / 2 / self.samples_per_sec
+
+
 def measured_rows(summaries: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The measured columns from each count's summary.json; speedup and comm relative to the 1-GPU run."""
-    one = summaries[1]
+    """The measured columns from each count's summary.json (and its windows); speedup and comm relative to
+    the 1-GPU run; the noise judgement of every row (noise_findings)."""
+    points = {n: Point.of(summary) for n, summary in summaries.items()}
+    one = points[1]
     rows = []
     for n, summary in sorted(summaries.items()):
-        speedup = summary["samples_per_sec"] / one["samples_per_sec"]
+        point = points[n]
+        speedup = point.samples_per_sec / one.samples_per_sec
         rows.append(
             {
                 "gpus": n,
                 "global_batch": summary["global_batch"],
-                "samples_per_sec": summary["samples_per_sec"],
+                "samples_per_sec": point.samples_per_sec,
+                "spread": point.spread,
+                "measurements": point.measurements,
                 "speedup": speedup,
                 "efficiency": speedup / n,
+                # The efficiency at the edges of both spreads: the slowest n-run over the fastest 1-run, and back.
+                "efficiency_low": point.low / one.high / n,
+                "efficiency_high": point.high / one.low / n,
                 "tokens_per_sec": summary.get("tokens_per_sec"),
                 "mfu": summary.get("mfu"),
-                "step_ms": summary["step_ms"],
-                "compute_ms": one["step_ms"],
-                "exposed_comm_ms": summary["step_ms"] - one["step_ms"],
+                "step_ms": point.step_ms,
+                "compute_ms": one.step_ms,
+                "exposed_comm_ms": point.step_ms - one.step_ms,
             }
         )
+    for row in rows:
+        row["noise"] = row_noise(row)
     return rows
+
+
+def row_noise(row: dict[str, Any], limit: float = NOISE_SPREAD) -> str:
+    """Why a row's figures are noise-bound, in a few words, or "ok"."""
+    problems = []
+    if row["spread"] > limit:
+        problems.append(f"spread ±{row['spread']:.0%}")
+    if row["efficiency_low"] > 1:
+        problems.append(f"efficiency >100% (≥{row['efficiency_low']:.0%})")
+    return "NOISE: " + ", ".join(problems) if problems else "ok"
+
+
+def noise_findings(rows: list[dict[str, Any]], unit: str, limit: float = NOISE_SPREAD) -> list[str]:
+    """One sentence per noise-bound row; empty when every point is within the limit and no efficiency
+    exceeds 100% beyond the spreads. More than linear scaling is not speed: the 1-count run was slowed."""
+    findings = []
+    for row in rows:
+        n, where = row["gpus"], counted(row["gpus"], unit)
+        if row["spread"] > limit:
+            findings.append(
+                f"{where}: samples/s spread ±{row['spread']:.0%} over {row['measurements']} measurements "
+                f"(more than ±{limit:.0%})"
+            )
+        if row["efficiency_low"] > 1:
+            findings.append(
+                f"{where}: efficiency {row['efficiency']:.0%} ({row['speedup']:.2f}× on {n}) stays above 100% "
+                f"even at the edge of the spreads ({row['efficiency_low']:.0%}): the 1-{unit} run was slowed"
+            )
+    return findings
 
 
 def add_prediction(rows: list[dict[str, Any]], plan: CommPlan, busbw_gbps: float) -> None:
@@ -469,6 +556,18 @@ def legend(bench: dict[str, Any]) -> list[str]:
     return lines
 
 
+def noise_lines(noise: dict[str, Any]) -> list[str]:
+    if not noise["bound"]:
+        return [
+            f"noise: every point within ±{noise['limit']:.0%} over {noise['measurements']} measurements or more, "
+            "no efficiency above 100% beyond its spread"
+        ]
+    return [
+        f"NOISE-BOUND: these figures are not to be trusted (exit {NOISE_EXIT}): " + "; ".join(noise["findings"]),
+        "NOISE-BOUND: rerun on an idle machine (check top, nvidia-smi), or with more STEPS",
+    ]
+
+
 def verdict_lines(judged: dict[str, Any] | None) -> list[str]:
     if judged is None:
         return []
@@ -483,7 +582,13 @@ def write_outputs(run_dir: Path, bench: dict[str, Any], columns: list[Column]) -
         writer = csv.writer(handle)
         writer.writerow([c.key for c in columns])
         writer.writerows([["" if row.get(c.key) is None else row.get(c.key) for c in columns] for row in bench["rows"]])
-    report = [markdown_table(bench["rows"], columns), "", *legend(bench), *verdict_lines(bench.get("baseline"))]
+    report = [
+        markdown_table(bench["rows"], columns),
+        "",
+        *legend(bench),
+        *noise_lines(bench["noise"]),
+        *verdict_lines(bench.get("baseline")),
+    ]
     (run_dir / "bench.md").write_text(
         f"# Scaling: {bench['config']} on 1..{counted(bench['rows'][-1]['gpus'], bench['unit'])}\n\n"
         + "\n".join(report)
@@ -516,11 +621,17 @@ def write_plot(path: Path, rows: list[dict[str, Any]], unit: str, with_baseline:
         judged = [(r["gpus"], r["baseline_samples_per_sec"]) for r in rows if r["baseline_samples_per_sec"]]
         throughput.plot([n for n, _ in judged], [v for _, v in judged], "^:", label="baseline")
     throughput.set(xlabel=plural(unit), ylabel="samples/s", title="throughput", xticks=counts)
-    efficiency.plot(counts, [r["efficiency"] for r in rows], "o-", label="measured")
+    # Error bars to the edges of the spreads; a noise-bound point is drawn where it is, never clipped.
+    bars = [
+        [r["efficiency"] - r["efficiency_low"] for r in rows],
+        [r["efficiency_high"] - r["efficiency"] for r in rows],
+    ]
+    efficiency.errorbar(counts, [r["efficiency"] for r in rows], yerr=bars, fmt="o-", capsize=3, label="measured")
     efficiency.plot(counts, [r["pred_speedup"] / r["gpus"] for r in rows], "s--", label="predicted (no overlap)")
     efficiency.set(
-        xlabel=plural(unit), ylabel="speedup / count", title="scaling efficiency", xticks=counts, ylim=(0, 1.1)
-    )
+        xlabel=plural(unit), ylabel="speedup / count", title="scaling efficiency", xticks=counts,
+        ylim=efficiency_limits(rows),
+    )  # fmt: skip
     for axes in (throughput, efficiency):
         axes.grid(alpha=0.3)
         axes.legend()
@@ -528,6 +639,12 @@ def write_plot(path: Path, rows: list[dict[str, Any]], unit: str, with_baseline:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return None
+
+
+def efficiency_limits(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """The efficiency axis: 0 to 110%, or higher so that every measured point and its spread fit."""
+    top = max([1.0, *(r["efficiency_high"] for r in rows), *(r["pred_speedup"] / r["gpus"] for r in rows)])
+    return 0.0, top * 1.1
 
 
 def plural(unit: str) -> str:
@@ -551,6 +668,7 @@ class Plan:
     launch_flags: list[str]  # --micro-batch 32 ... as given
     overrides: list[str]  # the user's key=value
     device_type: str  # "cuda" or "cpu"
+    repeats: int = DEFAULT_REPEATS
 
     @property
     def unit(self) -> str:
@@ -582,29 +700,80 @@ def check_gpus(gpus: int, cuda_gpus: int) -> None:
         raise BenchError(f"--gpus {gpus} but {what}; use GPUS={limit} or fewer")
 
 
-def launch_command(plan: Plan, n: int) -> list[str]:
+def run_dir_of(plan: Plan, n: int, repeat: int) -> Path:
+    """RUN_DIR/n{n} for the first run of a count, RUN_DIR/n{n}/repeat-{k} for the k-th after it."""
+    return plan.run_dir / f"n{n}" / (f"repeat-{repeat}" if repeat > 1 else "")
+
+
+def launch_command(plan: Plan, n: int, repeat: int = 1) -> list[str]:
     log_every = max(1, plan.steps // LOG_WINDOWS)
     return [
         sys.executable, "-m", "train.launch", "--gpus", str(n), "--config", plan.cfg.name,
-        "--run-dir", str(plan.run_dir / f"n{n}"), "--steps", str(plan.steps), *plan.launch_flags,
+        "--run-dir", str(run_dir_of(plan, n, repeat)), "--steps", str(plan.steps), *plan.launch_flags,
         # No checkpoint before the last step; the summary's windows never include saving anyway.
         f"train.log_every={log_every}", f"train.ckpt_every={plan.steps}", *plan.overrides,
         "data.source=synthetic",  # benchmarks measure the step, not the data source
     ]  # fmt: skip
 
 
-def run_count(plan: Plan, n: int) -> dict[str, Any]:
-    """One training job on n workers; its summary.json, or a RunFailed naming its log."""
-    run_dir = plan.run_dir / f"n{n}"
+def steady_windows(run_dir: Path) -> list[dict[str, float]]:
+    """samples/s and step ms of each steady logged window of a finished run (what its summary's medians are over)."""
+    from train.metrics import steady
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{"samples_per_sec": r["samples_per_sec"], "step_ms": r["step_ms"]} for r in steady(rows)]
+
+
+def progress_line(where: str, step: int, steps: int, elapsed_s: float) -> str:
+    """bench: 2 CPU processes (run 1 of 2): step 10/40, eta 0m30s — the ETA from the run's mean step so far."""
+    from train.metrics import format_duration
+
+    eta = format_duration(elapsed_s / step * (steps - step)) if step else "?"
+    return f"bench: {where}: step {step}/{steps}, eta {eta}"
+
+
+def _last_step(metrics: Path) -> int:
+    try:
+        lines = metrics.read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 0  # not written yet, or a line being written
+
+
+def _run_with_progress(command: list[str], log: Path, where: str, steps: int) -> int:
+    """Run one training job with its output in `log`; print a progress line whenever it logs a step."""
+    metrics = log.parent / "metrics.jsonl"
+    started, shown = time.monotonic(), 0
+    # A killed bench takes its sub-run along (whose workers follow their launcher: env/lifeline.py).
+    death = signal_when_parent_dies(signal.SIGKILL)
+    with (
+        open(log, "w") as handle,
+        subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, preexec_fn=death) as job,
+    ):
+        while True:
+            try:
+                code = job.wait(timeout=PROGRESS_POLL_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            step = _last_step(metrics)
+            if step > shown:
+                shown = step
+                print(progress_line(where, step, steps, time.monotonic() - started), flush=True)
+            if code is not None:
+                return code
+
+
+def run_count(plan: Plan, n: int, repeat: int = 1) -> dict[str, Any]:
+    """One training job on n workers; its summary.json with its steady "windows", or a RunFailed naming its log."""
+    run_dir = run_dir_of(plan, n, repeat)
     run_dir.mkdir(parents=True)
     log = run_dir / "launch.log"
+    where = f"{counted(n, plan.unit)} (run {repeat} of {plan.repeats})"
     print(
-        f"bench: running {counted(n, plan.unit)}, global batch {n * plan.cfg.train.micro_batch * plan.cfg.train.accum} "
-        f"(log: {log})",
+        f"bench: running {where}, global batch {n * plan.cfg.train.micro_batch * plan.cfg.train.accum} (log: {log})",
         flush=True,
     )
-    with open(log, "w") as handle:
-        code = subprocess.run(launch_command(plan, n), stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+    code = _run_with_progress(launch_command(plan, n, repeat), log, where, plan.steps)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     if code != 0 or summary is None or summary.get("stopped_early") or not summary.get("samples_per_sec"):
@@ -612,11 +781,23 @@ def run_count(plan: Plan, n: int) -> dict[str, Any]:
         raise RunFailed(n, code or 1, lines[-1] if lines else "no output", log)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # throughput runs: their weights are not wanted
     print(
-        f"bench: {counted(n, plan.unit)}: {summary['samples_per_sec']:,.1f} samples/s, "
-        f"{summary['step_ms']:.1f} ms per step",
+        f"bench: {where}: {summary['samples_per_sec']:,.1f} samples/s, {summary['step_ms']:.1f} ms per step",
         flush=True,
     )
-    return summary
+    return summary | {"windows": steady_windows(run_dir)}
+
+
+def run_all(plan: Plan) -> dict[int, dict[str, Any]]:
+    """Every count, --repeats times, interleaved; per count: the first run's summary with every run's windows."""
+    summaries: dict[int, dict[str, Any]] = {}
+    for repeat in range(1, plan.repeats + 1):
+        for n in plan.counts:
+            summary = run_count(plan, n, repeat)
+            if n in summaries:
+                summaries[n]["windows"] += summary["windows"]
+            else:
+                summaries[n] = summary
+    return summaries
 
 
 class RunFailed(RuntimeError):
@@ -657,6 +838,7 @@ def build_bench(plan: Plan, summaries: dict[int, dict[str, Any]], bandwidth: Ban
         plan.cfg.train.accum,
     )  # fmt: skip
     rows = measured_rows(summaries)
+    findings = noise_findings(rows, plan.unit)
     add_prediction(rows, comm, bandwidth.busbw_gbps)
     judged = None
     if baseline is not None:
@@ -681,6 +863,13 @@ def build_bench(plan: Plan, summaries: dict[int, dict[str, Any]], bandwidth: Ban
         },
         "columns": [{"key": c.key, "header": c.header, "kind": c.kind} for c in columns_for(judged is not None)],
         "rows": rows,
+        "noise": {
+            "bound": bool(findings),
+            "findings": findings,
+            "limit": NOISE_SPREAD,
+            "repeats": plan.repeats,
+            "measurements": min(row["measurements"] for row in rows),
+        },
         "baseline": judged,
         "runs": {str(n): str(plan.run_dir / f"n{n}") for n in summaries},
     }
@@ -700,6 +889,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--counts", default="", help="comma list of counts instead of 1..GPUS, e.g. 1,2,4")
     parser.add_argument("--config", default="", help="config name or .yaml (default: the baseline's, or small/tiny)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per run (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--repeats", type=int, default=DEFAULT_REPEATS, help=f"runs per count, interleaved (default {DEFAULT_REPEATS})"
+    )
     parser.add_argument("--run-dir", default="", help="default runs/bench-CONFIG-TIMESTAMP")
     parser.add_argument("--baseline", default="", help="a shipped name (train/baselines/) or a previous bench.json")
     parser.add_argument("--nccl-json", default="", help="busbw for the prediction from make nccl-test JSON=...")
@@ -740,11 +932,13 @@ def make_plan(args: argparse.Namespace, baseline: dict | None, cuda_gpus: int) -
     as_overrides = [f"train.{flag}={value}" for flag, value in values.items()]
     cfg = load_config(config, [*args.overrides, *as_overrides, f"train.steps={args.steps}", "data.source=synthetic"])
     run_dir = Path(args.run_dir or f"runs/bench-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    taken = [run_dir / f"n{n}" for n in counts if (run_dir / f"n{n}").exists()]
+    taken = [run_dir / f"n{n}" for n in counts if (run_dir / f"n{n}").exists()]  # a repeat's runs go under n{n}/
     if taken:
         raise BenchError(f"{taken[0]} already holds a run; choose a new RUN_DIR")
     flags = [item for flag, value in values.items() for item in (f"--{flag.replace('_', '-')}", value)]
-    return Plan(cfg, counts, args.steps, run_dir, flags, list(args.overrides), device_type)
+    if args.repeats < 1:
+        raise BenchError(f"--repeats {args.repeats} must be at least 1")
+    return Plan(cfg, counts, args.steps, run_dir, flags, list(args.overrides), device_type, args.repeats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,6 +957,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"torchrig: bench: cannot create RUN_DIR ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
         return USER_ERROR_EXIT
+    try:  # one bench per RUN_DIR (env/runlock.py), held until this process exits
+        RunDirLock(plan.run_dir).acquire()
+    except RunDirBusy as exc:
+        print(f"torchrig: bench: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
     if plan.device_type == "cpu":
         print(
             "bench: no GPU: counts are CPU processes on gloo (a testing mode): MFU is null, the processes share "
@@ -779,11 +978,12 @@ def main(argv: list[str] | None = None) -> int:
             "counts": plan.counts,
             "steps": plan.steps,
             "baseline": args.baseline or None,
+            "repeats": plan.repeats,
             "busbw": bandwidth.source,
         },
     )
     try:
-        summaries = {n: run_count(plan, n) for n in plan.counts}
+        summaries = run_all(plan)
     except RunFailed as exc:
         print(f"torchrig: bench: {exc}", file=sys.stderr)
         return exc.code
@@ -792,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     bench = build_bench(plan, summaries, bandwidth, baseline)
     print("\n".join(["", *write_outputs(plan.run_dir, bench, columns_for(baseline is not None))]), flush=True)
-    return 0
+    return NOISE_EXIT if bench["noise"]["bound"] else 0
 
 
 if __name__ == "__main__":

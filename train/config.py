@@ -102,6 +102,9 @@ class TrainConfig:
     bucket_cap_mb: int = 25
     tf32: bool = True
     compile: bool = False
+    # torch.compile's backend: "inductor" generates fused kernels; "aot_eager" traces and runs the same
+    # forward and backward graphs without generating code (cheap: for tests and for debugging a compile).
+    compile_backend: str = "inductor"
     seed: int = 1337
     log_every: int = 10
     ckpt_every: int = 100
@@ -128,6 +131,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("corpus", "synthetic", "files", "images"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.strategy": ("ddp", "fsdp"),
+    "train.compile_backend": ("inductor", "aot_eager"),
     "train.grad_compression": ("none", "bf16", "fp16"),
 }
 

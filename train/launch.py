@@ -2,8 +2,10 @@
 
 Runs once per node, before any worker exists, so that a typo in a config key, a missing
 data path or a bad GPUS value is one line and exit 2 rather than N tracebacks. It also
-takes the P2P decision (env/p2p.py) and writes the run manifest, then hands the same
-resolved arguments to torchrun's launcher (env/launch.py), which runs train.worker.
+takes the P2P decision (env/p2p.py) and prepares the run manifest (which rank 0 records once
+the resume check passed), then hands the same resolved arguments to torchrun's launcher
+(env/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
+(env/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import time
 from pathlib import Path
 
 from env.launch import add_node_arguments, launch, nodes_from_args
+from env.runlock import RunDirBusy, RunDirLock
 from train.config import ConfigError, RunConfig, load_config
+from train.rundir import completed_steps
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
 FLAG_KEYS = {
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from env.manifest import write_manifest
+    from env.manifest import MANIFEST_ENV, build_manifest
     from train.data import DataError, build_dataset
 
     # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
@@ -101,9 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"torchrig: cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
         return 2
+    # Node 0 holds the lock for the job (RUN_DIR is shared storage); other nodes can only join its rendezvous.
+    try:
+        lock = RunDirLock(run_dir).acquire() if nodes.node_rank == 0 else None
+    except RunDirBusy as exc:
+        print(f"torchrig: {exc}", file=sys.stderr)
+        return 2
+    reached = completed_steps(run_dir, cfg.train.steps)
+    if reached is not None:
+        print(
+            f"torchrig: {run_dir} is already complete ({reached} steps, figures in summary.json); "
+            "nothing was changed: give a larger STEPS to train on, or another RUN_DIR",
+            flush=True,
+        )
+        return 0
     p2p = _p2p_decision()
     if nodes.node_rank == 0:
-        write_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p)
+        # Rank 0 records this launch in manifest.json once the resume check passed (train/trainer.py).
+        os.environ[MANIFEST_ENV] = json.dumps(build_manifest(run_dir, kind="train", config=cfg.to_dict(), p2p=p2p))
     print(
         f"torchrig: training {cfg.name} on {nproc * nodes.nnodes} {'GPU(s)' if has_gpu else 'CPU process(es)'}, "
         f"global batch {nproc * nodes.nnodes * cfg.train.micro_batch * cfg.train.accum}, run dir {run_dir}",
@@ -111,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
     code = launch("train.worker", worker_args(args, cfg, run_dir), nproc, nodes=nodes)
+    if lock is not None:
+        lock.release()
     if code > 128 and _stopped_cleanly(run_dir, started):
         return 0  # preempted: the workers saved a checkpoint and said so
     if code == 0 and nodes.node_rank == 0:

@@ -13,6 +13,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -20,6 +21,7 @@ from typing import Any, TextIO, TypeVar
 import torch
 
 from env.atomic import write_fix, write_text_atomically
+from train.rundir import earlier_records
 
 T = TypeVar("T")
 
@@ -45,10 +47,71 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@dataclass
+class StepClock:
+    """Training time per logging window: the mean step time since the last lap, saves left out."""
+
+    device: torch.device
+    _start: float = field(default_factory=time.perf_counter)
+    _steps: int = 0
+
+    def tick(self) -> None:
+        self._steps += 1
+
+    def lap(self) -> float:
+        """Mean seconds per step since the last lap. Waits for the GPU: only logged steps call it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        mean = (now - self._start) / max(1, self._steps)
+        self._start, self._steps = now, 0
+        return mean
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (a checkpoint save) does not count as training time."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - started
+
+
+@dataclass
+class Eta:
+    """Time left, from the mean step time over the run since this launch started, not the last window.
+
+    The first window carries the start-up (allocator warm-up, compilation) and counts only until a
+    later one exists; after that every window counts by its steps, so one slow window moves the
+    estimate by its share and no more. Checkpoint saves are not in step_ms, so they are left out.
+    """
+
+    last_step: int
+    _first: tuple[float, int] | None = None
+    _seconds: float = 0.0
+    _steps: int = 0
+
+    def add(self, step: int, step_s: float) -> None:
+        """A logged window ending at `step`, whose steps took `step_s` each on average."""
+        steps = step - self.last_step
+        self.last_step = step
+        if steps <= 0:
+            return
+        if self._first is None:
+            self._first = (step_s * steps, steps)
+        else:
+            self._seconds += step_s * steps
+            self._steps += steps
+
+    def remaining(self, total_steps: int) -> float:
+        seconds, steps = (self._seconds, self._steps) if self._steps else (self._first or (0.0, 1))
+        return max(0, total_steps - self.last_step) * seconds / steps
 
 
 @dataclass
@@ -62,10 +125,16 @@ class MetricsLogger:
     _jsonl: TextIO | None = None
     _writer: Any = None
     _started: float = field(default_factory=time.perf_counter)
+    # The step this launch resumed from: the rows up to it (metrics.jsonl) count in the summary too.
+    start_step: int = 0
+    _earlier: list[dict[str, Any]] = field(default_factory=list)
+    _eta: Eta = field(init=False)
 
     def __post_init__(self) -> None:
+        self._eta = Eta(self.start_step)
         if not self.is_main:
             return
+        self._earlier = earlier_records(self.run_dir, self.start_step)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._jsonl = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run; appends across resumes
@@ -79,6 +148,7 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         """record holds step, loss, lr, grad_norm, step_ms, samples_per_sec, ... for one step."""
         self._records.append(record)
+        self._eta.add(record["step"], record["step_ms"] / 1000)
         if not self.is_main or self._jsonl is None:
             return
         try:
@@ -94,18 +164,23 @@ class MetricsLogger:
         self.console.flush()
 
     def _progress_line(self, r: dict[str, Any]) -> str:
-        remaining = (self.total_steps - r["step"]) * r["step_ms"] / 1000
-        mfu = f" | mfu {r['mfu'] * 100:4.1f}%" if r.get("mfu") is not None else ""
-        tokens = f" | {r['tokens_per_sec']:,.0f} tok/s" if r.get("tokens_per_sec") else ""
+        """One console line; every column has a fixed width, so the columns stay aligned as numbers grow."""
+        steps = len(str(self.total_steps))
+        mfu = f" | mfu {r['mfu'] * 100:5.1f}%" if r.get("mfu") is not None else ""
+        tokens = f" | {r['tokens_per_sec']:>11,.0f} tok/s" if r.get("tokens_per_sec") else ""
         return (
-            f"step {r['step']:>6}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} "
-            f"| {r['step_ms']:7.1f} ms{tokens} | {r['samples_per_sec']:,.1f} samples/s{mfu} "
-            f"| mem {r['peak_mem_gb']:.2f} GB | eta {_format_duration(remaining)}"
+            f"step {r['step']:>{steps}}/{self.total_steps} | loss {r['loss']:8.4f} | lr {r['lr']:9.2e} "
+            f"| {r['step_ms']:9.1f} ms{tokens} | {r['samples_per_sec']:>10,.1f} samples/s{mfu} "
+            f"| mem {r['peak_mem_gb']:7.2f} GB | eta {format_duration(self._eta.remaining(self.total_steps)):>6}"
         )
 
     def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        """Steady-state figures over the logged steps (the first tenth dropped), written to summary.json."""
-        records = self._records
+        """Steady-state figures over the whole run's logged steps (the first tenth dropped), to summary.json.
+
+        After a resume, the rows the earlier launches logged up to the resumed step count too: the
+        first loss is the run's, not this launch's.
+        """
+        records = self._earlier + self._records
         steady_records = steady(records)
 
         def median(key: str) -> float | None:
@@ -121,7 +196,8 @@ class MetricsLogger:
             "tokens_per_sec": median("tokens_per_sec"),
             "mfu": median("mfu"),
             "peak_mem_gb": max((r["peak_mem_gb"] for r in records), default=None),
-            "wall_s": round(time.perf_counter() - self._started, 2),
+            "wall_s": round(time.perf_counter() - self._started, 2),  # this launch's
+            "resumed_from_step": self.start_step,
             **extra,
         }
         if self.is_main:

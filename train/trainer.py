@@ -8,11 +8,13 @@ own each concern: data, model, distributed, checkpoint, metrics, watchdog.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from env.peaks import peak_flops
+from env.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
+from env.peaks import PeakLookup, peak_flops
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe
@@ -37,7 +40,7 @@ from train.distributed import (
     wrap_model,
 )
 from train.flops import flops_per_sample, mfu
-from train.metrics import MetricsLogger, peak_memory_gb
+from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memory_gb
 from train.model import build_model, moe_balance_step
 from train.watchdog import Watchdog
 
@@ -86,10 +89,14 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> t
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit."""
+    """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit.
+
+    `requested` is this rank's signal; `agreed` is set by each step's all-reduce: some rank asked.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.agreed = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -115,6 +122,20 @@ class FaultHooks:
             hang_step=int(hang_step) if hang_rank and int(hang_rank) == rank else None,
             step_sleep=float(os.environ.get("TORCHRIG_TEST_STEP_SLEEP", "0")),
         )
+
+    def wrap(self, train_step: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        """train_step itself when no fault is set (every normal run), else it with the faults around it."""
+        if self.hang_step is None and not self.step_sleep:
+            return train_step
+
+        def with_faults(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest):
+            while step == self.hang_step:
+                time.sleep(1)
+            figures = train_step(run, batches, watchdog, step, stop)
+            time.sleep(self.step_sleep)
+            return figures
+
+        return with_faults
 
 
 def seed_everything(seed: int) -> None:
@@ -152,7 +173,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
     if cfg.train.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.train.compile_backend)
     optimizer = build_optimizer(model, cfg, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision.use_scaler)
     checkpointer = Checkpointer(
@@ -171,7 +192,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
 
 
-def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
+def _train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
     """One optimizer step over `accum` micro-batches; returns the globally reduced figures.
 
     The step waits for the device once, for the loss and the stop votes. grad_norm and the MoE loads
@@ -202,6 +223,7 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
     stats = torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)])
     all_reduce_sum(stats)
     loss_mean, stop_votes = (stats / run.stats_divisor).tolist()
+    stop.agreed = stop_votes > 0
     if not math.isfinite(loss_mean):
         raise TrainingStopped(
             f"loss became {loss_mean} at step {step}; the optimizer step was not taken and "
@@ -213,8 +235,7 @@ def _train_step(run: Run, batches, watchdog: Watchdog, step: int, stop: StopRequ
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     balance = moe_balance_step(model, all_reduce_sum)
-    figures = {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm, "stop": stop_votes > 0}
-    return figures | balance
+    return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm} | balance
 
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
@@ -245,6 +266,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     watchdog.first_collective_completed()
     try:
         run = setup(cfg, run_dir, info)
+        if info.is_main:  # the resume check passed: this launch trains, and is on record
+            _record_launch(cfg, run_dir)
         return _loop(run, run_dir, watchdog, stop)
     finally:
         watchdog.stop()
@@ -259,75 +282,102 @@ def _dump_flight_recorder(run_dir: Path, info: DistInfo) -> None:
 
 
 def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dict[str, Any]:
+    cfg = run.cfg
+    batches, rates, logger, train_step = _start_loop(run, run_dir)
+    clock = StepClock(run.info.device)
+    step = run.start_step
+    while step < cfg.train.steps:
+        figures = train_step(run, batches, watchdog, step + 1, stop)
+        step += 1
+        clock.tick()
+        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or stop.agreed:
+            logger.log(rates.record(step, figures, clock.lap()))
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop.agreed:
+            with clock.paused():  # saving is not training throughput
+                watchdog.mark(step, "checkpoint")
+                run.checkpointer.save(step)
+        if stop.agreed:
+            if run.info.is_main:
+                print(f"torchrig: stop requested; checkpoint saved at step {step}, exiting cleanly", flush=True)
+            break
+    summary = logger.summary(rates.summary_fields() | {"stopped_early": step < cfg.train.steps})
+    logger.close()
+    return summary
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Turns a step's figures and its mean time into a metrics row: throughput, tokens, MFU, memory."""
+
+    info: DistInfo
+    global_batch: int
+    tokens_per_sample: int
+    flops: float
+    peak: PeakLookup
+    device_name: str
+    precision: str
+    strategy: str
+
+    def record(self, step: int, figures: dict[str, Any], step_s: float) -> dict[str, Any]:
+        samples_per_sec = self.global_batch / step_s
+        return {
+            "step": step,
+            # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
+            **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items()},
+            "step_ms": step_s * 1000,
+            "samples_per_sec": samples_per_sec,
+            "tokens_per_sec": samples_per_sec * self.tokens_per_sample if self.tokens_per_sample else None,
+            "mfu": mfu(self.flops, samples_per_sec, self.info.world_size, self.peak.flops),
+            "peak_mem_gb": peak_memory_gb(self.info.device),
+        }
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {
+            "world_size": self.info.world_size,
+            "global_batch": self.global_batch,
+            "precision": self.precision,
+            "strategy": self.strategy,
+            "device": self.device_name,
+            "flops_per_sample": self.flops,
+            "peak_flops": self.peak.flops,
+            "mfu_note": self.peak.note,
+        }
+
+
+def _start_loop(run: Run, run_dir: Path) -> tuple[Iterator, Rates, MetricsLogger, Callable[..., dict[str, Any]]]:
+    """What the loop needs besides the Run: the batches from the start step, the figures, the logger, the step."""
     cfg, info = run.cfg, run.info
     dataset = build_dataset(cfg)
     batches = iter(build_loader(dataset, cfg, info.rank, info.world_size, run.start_step))
-    global_batch = info.world_size * cfg.train.micro_batch * cfg.train.accum
-    tokens_per_sample = cfg.data.seq_len if cfg.model.arch == "deepseek" else 0
-    flops = flops_per_sample(cfg.model, cfg.data.seq_len)
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
-    peak = peak_flops(device_name, run.precision.name)
-    hooks = FaultHooks.from_env(info.rank)
-    logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard)
+    rates = Rates(
+        info,
+        global_batch=info.world_size * cfg.train.micro_batch * cfg.train.accum,
+        tokens_per_sample=cfg.data.seq_len if cfg.model.arch == "deepseek" else 0,
+        flops=flops_per_sample(cfg.model, cfg.data.seq_len),
+        peak=peak_flops(device_name, run.precision.name),
+        device_name=device_name,
+        precision=run.precision.name,
+        strategy=cfg.train.strategy,
+    )
+    logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard, start_step=run.start_step)
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
     if info.is_main and run.start_step:
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
-    if info.is_main and peak.flops is None:
-        print(f"torchrig: mfu is null: {peak.note}", flush=True)
-    step = run.start_step
-    # Step time is averaged over each logging window, so the GPU is synchronised only when logging.
-    window_start, window_steps = time.perf_counter(), 0
-    while step < cfg.train.steps:
-        if step + 1 == hooks.hang_step:
-            while True:
-                time.sleep(1)
-        figures = _train_step(run, batches, watchdog, step + 1, stop)
-        step += 1
-        time.sleep(hooks.step_sleep)
-        window_steps += 1
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or figures["stop"]:
-            if info.device.type == "cuda":
-                torch.cuda.synchronize(info.device)
-            step_s = (time.perf_counter() - window_start) / window_steps
-            samples_per_sec = global_batch / step_s
-            logger.log(
-                {
-                    "step": step,
-                    # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
-                    **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items() if k != "stop"},
-                    "step_ms": step_s * 1000,
-                    "samples_per_sec": samples_per_sec,
-                    "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
-                    "mfu": mfu(flops, samples_per_sec, info.world_size, peak.flops),
-                    "peak_mem_gb": peak_memory_gb(info.device),
-                }
-            )
-            window_start, window_steps = time.perf_counter(), 0
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or figures["stop"]:
-            saving_started = time.perf_counter()
-            watchdog.mark(step, "checkpoint")
-            run.checkpointer.save(step)
-            window_start += time.perf_counter() - saving_started  # saving is not training throughput
-        if figures["stop"]:
-            if info.is_main:
-                print(f"torchrig: stop requested; checkpoint saved at step {step}, exiting cleanly", flush=True)
-            break
-    summary = logger.summary(
-        {
-            "world_size": info.world_size,
-            "global_batch": global_batch,
-            "precision": run.precision.name,
-            "strategy": cfg.train.strategy,
-            "device": device_name,
-            "flops_per_sample": flops,
-            "peak_flops": peak.flops,
-            "mfu_note": peak.note,
-            "stopped_early": step < cfg.train.steps,
-        }
-    )
-    logger.close()
-    return summary
+    if info.is_main and rates.peak.flops is None:
+        print(f"torchrig: mfu is null: {rates.peak.note}", flush=True)
+    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(_train_step)
+
+
+def _record_launch(cfg: RunConfig, run_dir: Path) -> None:
+    """Add this launch to manifest.json: the launcher's record of it, or one made here (a bare torchrun)."""
+    given = os.environ.get(MANIFEST_ENV)
+    manifest = json.loads(given) if given else build_manifest(run_dir, kind="train", config=cfg.to_dict())
+    try:
+        record_launch(run_dir, manifest)
+    except OSError as exc:
+        raise RunDirWriteError(run_dir / MANIFEST_NAME, exc) from exc
 
 
 def _resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from env.launch import USER_ERROR_EXIT
+from env.lifeline import end_with_parent
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.data import DataError
@@ -38,6 +39,7 @@ def _out_of_memory_hint(cfg_micro_batch: int, accum: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    end_with_parent()  # before anything that takes time: a launcher killed meanwhile ends this worker too
     parser = argparse.ArgumentParser(prog="python -m train.worker")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
