@@ -1,40 +1,38 @@
 # torchrig: every target is a thin call into a Python CLI; `make help` lists them.
-# Variables (GPUS, CONFIG, STEPS, ...) are handed to python3 -m env.runtime, which picks the
-# runtime (docker or local), validates them, and runs the job. See README.md for each one.
+# Variables (GPUS, CONFIG, STEPS, ...) reach python3 -m env.runtime untouched: it reads them from the
+# MAKEFLAGS that make hands every recipe (where make keeps them quoted), checks them against its one
+# table (env/runtime.py MAKE_VARS), picks the runtime (docker or local) and runs the job. This file
+# never expands a variable given on the command line, so a `$(shell ...)`, a `$x` or a quote in a
+# value is passed byte for byte and never run; see README.md for each variable.
 
 .DEFAULT_GOAL := help
-SHELL := /bin/bash
-PYTHON ?= python3
-VENV_PY := .venv/bin/python
-
-VARS := RUNTIME GPUS CONFIG STEPS MICRO_BATCH ACCUM PRECISION STRATEGY SEED RUN_DIR ARGS \
-        NNODES NODE_RANK MASTER_ADDR MASTER_PORT MAX_RESTARTS SIZES DTYPE OPS MIN_BUSBW JSON \
-        BASELINE NCCL_JSON COUNTS LINK A B CUDA INPUT OUTPUT
-# NAME='value' for each variable that is set; single quotes inside values are escaped.
-PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
-DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)
+# make would expand every command-line variable into each recipe's environment (running any
+# $(shell ...) in it): they are unexported, and this file's own names cannot be set from outside.
+unexport $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+override SHELL := /bin/bash
+override DISPATCH = python3 -m env.runtime --from-make $@
 
 .PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' Makefile
 
 setup: ## make .venv from requirements.txt (done automatically on first use)
-	@$(DISPATCH) RUNTIME=local
+	@python3 -m env.runtime setup RUNTIME=local
 
-build: ## build the image for CUDA=12.1 (default) or 12.4/12.6/12.8
+build: ## build the image (CUDA=12.1, the default, or 12.4/12.6/12.8)
 	@$(DISPATCH)
 
-doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (JSON=path)
+doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (GPUS, JSON=path, RUN_DIR)
 	@$(DISPATCH)
 
-nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON)
+nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON, RUN_DIR, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS)
 	@$(DISPATCH)
 
-train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS)
+train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS)
 	@$(DISPATCH)
 
-bench: ## the 1->N GPU scaling table (GPUS, CONFIG, BASELINE)
+bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, BASELINE, NCCL_JSON, COUNTS, LINK)
 	@$(DISPATCH)
 
 compare: ## compare two runs' manifests and figures (A=run_dir B=run_dir)
@@ -47,8 +45,8 @@ shell: ## a shell in the chosen runtime
 	@$(DISPATCH)
 
 test: ## the CPU test suite (gloo, several processes) in .venv
-	@$(PYTHON) -m env.runtime setup RUNTIME=local
-	@$(VENV_PY) -m pytest -q
+	@python3 -m env.runtime setup RUNTIME=local
+	@.venv/bin/python -m pytest -q
 
 test-current: ## the test suite against the newest torch (unpinned), in .build/current-venv
 	@bash env/test_current.sh
