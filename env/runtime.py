@@ -66,6 +66,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "MASTER_ADDR": MakeVar("--master-addr"),
     "MASTER_PORT": MakeVar("--master-port", "count"),
     "MAX_RESTARTS": MakeVar("--max-restarts", "count"),
+    "MASTER_WAIT": MakeVar("--master-wait", "count"),
     "SIZES": MakeVar("--sizes"),
     "DTYPE": MakeVar("--dtype"),
     "OPS": MakeVar("--ops"),
@@ -98,7 +99,7 @@ class Target:
 
 
 RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
-NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS")
+NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",)),
     "nccl-test": Target("env.nccl_test", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
