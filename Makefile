@@ -20,7 +20,7 @@ help: ## list the targets
 setup: ## make .venv from requirements.txt (done automatically on first use)
 	@python3 -m env.runtime setup RUNTIME=local
 
-build: ## build the image (CUDA=12.1, the default, or 12.4/12.6/12.8)
+build: ## build the image (CUDA=12.1, the default, or 12.4/12.6/12.8; CA_BUNDLE)
 	@$(DISPATCH)
 
 doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (GPUS, JSON=path, RUN_DIR)

@@ -30,9 +30,9 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; `{self.prog} --help` lists the arguments")
 
 
-# Without a GPU, GPUS counts CPU processes on gloo: this many by default (two, so that a collective
-# or DDP has a peer), and at most MAX_CPU_PROCESSES (more only oversubscribes the cores).
-CPU_DEFAULT_WORKERS = 2
+# Without a GPU, GPUS counts CPU processes on gloo: one by default (the quick start's `make train`;
+# GPUS=2 gives a collective a peer), at most MAX_CPU_PROCESSES (more only oversubscribes the cores).
+CPU_DEFAULT_WORKERS = 1
 MAX_CPU_PROCESSES = 8
 _ASCII_COUNT = re.compile(r"[0-9]+")
 # A run name becomes a directory under runs/: a plain name, never a path or an option.

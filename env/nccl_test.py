@@ -71,7 +71,7 @@ class Options:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m env.nccl_test", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--gpus", type=count_arg("--gpus"), help="workers: default every visible GPU, or 2 CPU processes on gloo"
+        "--gpus", type=count_arg("--gpus"), help="workers: default every visible GPU, or 1 CPU process on gloo"
     )
     parser.add_argument("--sizes", help="min:max:factor with K/M/G suffixes (default 8:1G:2 on GPU, 8:4M:4 on CPU)")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
@@ -157,7 +157,7 @@ def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Option
 
     args = build_parser().parse_args(argv)
     if in_worker:  # inside torchrun the launcher has already fixed the process count
-        gpus = args.gpus if args.gpus is not None else cuda_gpus or 2
+        gpus = args.gpus if args.gpus is not None else check_workers(None, cuda_gpus)
     else:
         gpus = check_workers(args.gpus, cuda_gpus, "--gpus")
     if args.dtype not in DTYPES:

@@ -44,13 +44,18 @@ class MakeVar:
     """
 
     flag: str  # the flag the target's CLI takes; "" for a positional value or one the dispatcher uses itself
-    kind: str = "text"  # "text", "count" (digits 0-9), "real" (a finite number), "switch" (1 adds the bare flag)
+    # "text", "count" (digits 0-9), "real" (a finite number), "switch" (1 adds the bare flag), or
+    # "environ": set in the job's environment, where env/docker.py and the job read it
+    kind: str = "text"
     config_key: str = ""  # the config key a training shorthand sets (STEPS -> train.steps)
 
 
 MAKE_VARS: dict[str, MakeVar] = {
     "RUNTIME": MakeVar(""),
+    "DOCKER": MakeVar("", "environ"),
+    "COMPOSE": MakeVar("", "environ"),
     "CUDA": MakeVar(""),
+    "CA_BUNDLE": MakeVar("", "environ"),
     "GPUS": MakeVar("--gpus", "count"),
     "CONFIG": MakeVar("--config"),
     "STEPS": MakeVar("--steps", "count", "train.steps"),
@@ -109,14 +114,16 @@ TARGETS: dict[str, Target] = {
     "prepare": Target("train.prepare", ("INPUT", "OUTPUT")),
 }
 # Targets the dispatcher runs itself, and the variables they read.
-OWN_TARGETS: dict[str, tuple[str, ...]] = {"build": ("CUDA",), "setup": (), "shell": ()}
-COMMON_VARS = ("RUNTIME",)  # every target but build takes these
+OWN_TARGETS: dict[str, tuple[str, ...]] = {"build": ("CUDA", "CA_BUNDLE"), "setup": (), "shell": ()}
+COMMON_VARS = ("RUNTIME", "DOCKER", "COMPOSE")  # every target takes these
+# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO).
+ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_")
 
 
 def target_variables(name: str) -> tuple[str, ...]:
     """The make variables a target takes: what its help line in the Makefile must list."""
     if name in OWN_TARGETS:
-        return OWN_TARGETS[name] + (() if name == "build" else COMMON_VARS)
+        return OWN_TARGETS[name] + COMMON_VARS
     target = TARGETS[name]
     return (*target.variables, *target.positional, *COMMON_VARS)
 
@@ -176,10 +183,12 @@ def check_values(target_name: str, values: dict[str, str]) -> None:
     """Refuse in one line what no target could mean: an unknown variable, a control character, a bad number."""
     taken = target_variables(target_name)
     for name, value in values.items():
-        if name not in MAKE_VARS:
-            raise UserError(f"{name} is not a torchrig make variable; `make help` lists each target's variables")
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
             raise UserError(f"{name} holds a newline or another control character; give it on one line")
+        if name.startswith(ENVIRONMENT_PREFIXES):
+            continue
+        if name not in MAKE_VARS:
+            raise UserError(f"{name} is not a torchrig make variable; `make help` lists each target's variables")
         if value and name not in taken:
             raise UserError(f"make {target_name} does not take {name}; it takes {', '.join(taken)}")
         kind = MAKE_VARS[name].kind
@@ -195,7 +204,9 @@ def check_values(target_name: str, values: dict[str, str]) -> None:
 
 def ignored_environment(values: dict[str, str], environ: dict[str, str]) -> list[str]:
     """Make variables set in the shell's environment but not on make's command line: torchrig ignores them."""
-    return sorted(name for name in MAKE_VARS if name in environ and name not in values)
+    return sorted(
+        name for name, var in MAKE_VARS.items() if var.kind != "environ" and name in environ and name not in values
+    )
 
 
 def visible_gpu_count() -> int:
@@ -322,6 +333,9 @@ def build_argv(target: Target, values: dict[str, str], gpus: int | None) -> list
 
 def run(target_name: str, values: dict[str, str]) -> int:
     check_values(target_name, values)
+    for name, value in values.items():
+        if name.startswith(ENVIRONMENT_PREFIXES) or (name in MAKE_VARS and MAKE_VARS[name].kind == "environ"):
+            os.environ[name] = value  # byte for byte, as make's command line gave it
     if target_name == "build":
         from env.docker import build_image
         from env.profiles import DEFAULT_CUDA

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from env.cli import UserError, check_workers
+from env.cli import CPU_DEFAULT_WORKERS, UserError, check_workers
 from tests.conftest import ROOT
 
 PY = sys.executable
@@ -54,7 +54,7 @@ def test_make_train_rejects_bad_gpus_at_once(gpus: str) -> None:
 def test_gpus_validation_against_visible_gpus() -> None:
     assert check_workers(2, 3) == 2
     assert check_workers(8, 0) == 8
-    assert check_workers(None, 3) == 3 and check_workers(None, 0) == 2  # the one CPU default
+    assert check_workers(None, 3) == 3 and check_workers(None, 0) == CPU_DEFAULT_WORKERS  # the one CPU default
     with pytest.raises(UserError, match="only 3"):
         check_workers(4, 3)
     with pytest.raises(UserError, match="at most 8"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import env.nccl_test as nccl_test
-from env.cli import UserError, exit_code
+from env.cli import CPU_DEFAULT_WORKERS, UserError, exit_code
 from env.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pattern, percentile, summed
 from env.links import LINK_KINDS, NVLINK_BY_COMPUTE_CAPABILITY, PCIE_LANE_GBPS, Expectation, expected_busbw, judge
 from env.nccl_test import STALL_ENV, parse_options, parse_sizes
@@ -196,7 +196,7 @@ def test_without_an_expectation_correctness_decides():
 
 def test_options_defaults_depend_on_the_device():
     on_cpu = parse_options([], 0, in_worker=False)
-    assert on_cpu.gpus == 2 and on_cpu.sizes == parse_sizes("8:4M:4") and on_cpu.ops == ["all_reduce"]
+    assert on_cpu.gpus == CPU_DEFAULT_WORKERS and on_cpu.sizes == parse_sizes("8:4M:4") and on_cpu.ops == ["all_reduce"]
     on_gpu = parse_options([], 3, in_worker=False)
     assert on_gpu.gpus == 3 and on_gpu.sizes[-1] == GiB
     assert parse_options(["--ops", "all"], 0, in_worker=False).ops == list(COLLECTIVES)

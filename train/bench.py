@@ -683,7 +683,7 @@ def build_bench(plan: Plan, summaries: dict[int, dict[str, Any]], bandwidth: Ban
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--gpus", type=count_arg("--gpus"), help="largest count: runs 1..GPUS (default: every GPU, or 2 CPU processes)"
+        "--gpus", type=count_arg("--gpus"), help="largest count: runs 1..GPUS (default: every GPU, or 1 CPU process)"
     )
     parser.add_argument("--counts", default="", help="comma list of counts instead of 1..GPUS, e.g. 1,2,4")
     parser.add_argument("--config", default="", help="config name or .yaml (default: the baseline's, or small/tiny)")

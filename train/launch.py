@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.launch", description=__doc__)
     add_run_arguments(parser)
     parser.add_argument(
-        "--gpus", type=count_arg("--gpus"), help="workers on this node (default: every GPU, or 2 CPU processes)"
+        "--gpus", type=count_arg("--gpus"), help="workers on this node (default: every GPU, or 1 CPU process)"
     )
     add_node_arguments(parser)
     args = parser.parse_args(argv)
