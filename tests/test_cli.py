@@ -76,6 +76,9 @@ def test_unknown_runtime_is_one_line() -> None:
         # A node rank outside the job used to wait for the rendezvous forever; nccl-test shares these checks.
         (["--nnodes", "2", "--node-rank", "5", "--master-addr", "127.0.0.1"], "--node-rank 5 must be between 0 and 1"),
         (["--master-port", "70000"], "--master-port 70000 must be between 1 and 65535"),
+        # The launcher's GPUS check is the dispatcher's (env.cli.check_workers), not torch's AssertionError.
+        (["--gpus", "-1"], "--gpus '-1' is not a whole number"),
+        (["--gpus", "0"], "--gpus 0 must be at least 1"),
     ],
 )
 def test_train_preflight_errors_are_one_line(args: list[str], expected: str, tmp_path) -> None:

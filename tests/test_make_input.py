@@ -72,6 +72,22 @@ def test_a_value_reaches_python_byte_for_byte_and_nothing_in_it_runs(tmp_path: P
     assert not canary.exists()
 
 
+@pytest.mark.slow
+def test_a_training_run_dir_and_config_path_arrive_byte_for_byte(tmp_path: Path) -> None:
+    canary = ROOT / f"canary-{os.getpid()}"  # a relative name: a path's '/' would split the directory names
+    where = tmp_path / f"r $x `touch {canary.name}` $(touch {canary.name}) 'q' \"d\" \\ -x"
+    where.mkdir()
+    config = where / "my $cfg.yaml"
+    config.write_text((ROOT / "train/configs/tiny.yaml").read_text())
+    run_dir = where / f"-run $(shell touch {canary.name})"
+    result = make(
+        "train", f"CONFIG={config}", "GPUS=1", "STEPS=2", "MICRO_BATCH=2", f"RUN_DIR={run_dir}", f"ARGS={SMALL}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    assert not canary.exists()
+
+
 def test_a_newline_in_a_value_is_refused_and_never_splits_the_recipe(tmp_path: Path) -> None:
     canary = tmp_path / "canary"
     assert "A holds a newline" in ours(make("compare", f"A=x\ntouch {canary}", "B=y"), "make")
