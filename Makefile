@@ -8,7 +8,10 @@
 .DEFAULT_GOAL := help
 # make would expand every command-line variable into each recipe's environment (running any
 # $(shell ...) in it): they are unexported, and this file's own names cannot be set from outside.
-unexport $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+override COMMAND_LINE_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+unexport $(COMMAND_LINE_VARS)
+# The script targets (test-current, test-image, lint, lock) read their settings from the environment.
+override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variables ($(COMMAND_LINE_VARS)): set them in the environment, e.g. DOCKER=/usr/bin/docker make $@))
 override SHELL := /bin/bash
 override DISPATCH = python3 -m env.runtime --from-make $@
 
@@ -49,15 +52,19 @@ test: ## the CPU test suite (gloo, several processes) in .venv
 	@.venv/bin/python -m pytest -q
 
 test-current: ## the test suite against the newest torch (unpinned), in .build/current-venv
+	@$(SCRIPT_ONLY)
 	@bash env/test_current.sh
 
 test-image: ## build the image on a local base and test it through compose (needs root, installs Docker)
+	@$(SCRIPT_ONLY)
 	@bash env/image_test.sh
 
 lint: ## hadolint, shellcheck, compose config (v1 and v2), ruff
+	@$(SCRIPT_ONLY)
 	@bash env/lint.sh
 
 lock: ## regenerate requirements.txt and the CUDA profile locks
+	@$(SCRIPT_ONLY)
 	@bash env/profiles/lock.sh
 
 clean: ## remove caches and .venv (keeps runs/ and data/)

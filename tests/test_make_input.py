@@ -95,6 +95,17 @@ def test_a_newline_in_a_value_is_refused_and_never_splits_the_recipe(tmp_path: P
     assert "torchrig make: A holds a newline" in ignoring.stderr and not canary.exists()
 
 
+@pytest.mark.parametrize("target", ["lint", "test-current", "test-image", "lock"])
+def test_script_targets_refuse_command_line_variables_without_expanding_them(tmp_path: Path, target: str) -> None:
+    canary = tmp_path / "canary"
+    environ = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        ["make", target, f"DOCKER=$(shell touch {canary})"], cwd=ROOT, capture_output=True, text=True, env=environ
+    )
+    assert result.returncode == 2 and f"make {target} takes no variables (DOCKER)" in result.stderr
+    assert not canary.exists()
+
+
 def test_variables_only_in_the_environment_are_ignored_and_named(tmp_path: Path) -> None:
     run = a_run(tmp_path / "run")
     result = make("compare", f"B={run}", env={"A": str(run), "SEED": "$(shell touch x)"})
