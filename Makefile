@@ -1,41 +1,42 @@
 # torchrig: every target is a thin call into a Python CLI; `make help` lists them.
-# Variables (GPUS, CONFIG, STEPS, ...) are handed to python3 -m env.runtime, which picks the
-# runtime (docker or local), validates them, and runs the job. See README.md for each one.
+# Variables (GPUS, CONFIG, STEPS, ...) reach python3 -m env.runtime untouched: it reads them from the
+# MAKEFLAGS that make hands every recipe (where make keeps them quoted), checks them against its one
+# table (env/runtime.py MAKE_VARS), picks the runtime (docker or local) and runs the job. This file
+# never expands a variable given on the command line, so a `$(shell ...)`, a `$x` or a quote in a
+# value is passed byte for byte and never run; see README.md for each variable.
 
 .DEFAULT_GOAL := help
-SHELL := /bin/bash
-PYTHON ?= python3
-VENV_PY := .venv/bin/python
-
-VARS := RUNTIME GPUS CONFIG STEPS MICRO_BATCH ACCUM PRECISION STRATEGY SEED RUN_DIR ARGS \
-        NNODES NODE_RANK MASTER_ADDR MASTER_PORT MAX_RESTARTS SIZES DTYPE OPS MIN_BUSBW JSON \
-        BASELINE NCCL_JSON COUNTS LINK A B CUDA INPUT OUTPUT
-# NAME='value' for each variable that is set; single quotes inside values are escaped.
-PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
-DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)
+# make would expand every command-line variable into each recipe's environment (running any
+# $(shell ...) in it): they are unexported, and this file's own names cannot be set from outside.
+override COMMAND_LINE_VARS := $(strip $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+unexport $(COMMAND_LINE_VARS)
+# The script targets (test-current, test-image, lint, lock) read their settings from the environment.
+override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variables ($(COMMAND_LINE_VARS)): set them in the environment, e.g. DOCKER=/usr/bin/docker make $@))
+override SHELL := /bin/bash
+override DISPATCH = python3 -m env.runtime --from-make $@
 
 .PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' Makefile
 
 setup: ## make .venv from requirements.txt (done automatically on first use)
-	@$(DISPATCH) RUNTIME=local
+	@python3 -m env.runtime setup RUNTIME=local
 
-build: ## build the image for CUDA=12.1 (default) or 12.4/12.6/12.8
+build: ## build the image (CUDA=12.1, the default, or 12.4/12.6/12.8; CA_BUNDLE)
 	@$(DISPATCH)
 
-doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (JSON=path)
+doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (GPUS, JSON=path, RUN_DIR)
 	@$(DISPATCH)
 
-nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON)
+nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON, RUN_DIR, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
 	@$(DISPATCH)
 
-train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS)
+train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
 	@$(DISPATCH)
 
-bench: ## the 1->N GPU scaling table (GPUS, CONFIG, BASELINE)
+bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, BASELINE, NCCL_JSON, COUNTS, LINK)
 	@$(DISPATCH)
 
 compare: ## compare two runs' manifests and figures (A=run_dir B=run_dir)
@@ -47,29 +48,33 @@ prepare: ## turn text files into a token file (INPUT='corpus/*.txt' OUTPUT=data/
 shell: ## a shell in the chosen runtime
 	@$(DISPATCH)
 
-slurm-train: ## sbatch env/slurm/train.sbatch: NNODES nodes x GPUS, make train's variables, RUNTIME=local|docker|pyxis
+slurm-train: ## sbatch env/slurm/train.sbatch, RUNTIME=local|docker|pyxis (NNODES, GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, MAX_RESTARTS, ARGS)
 	@$(DISPATCH)
 
-slurm-nccl-test: ## sbatch env/slurm/nccl-test.sbatch across NNODES nodes x GPUS (make nccl-test's variables)
+slurm-nccl-test: ## sbatch env/slurm/nccl-test.sbatch across nodes (NNODES, GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON, RUN_DIR)
 	@$(DISPATCH)
 
 test: ## the CPU test suite (gloo, several processes) in .venv
-	@$(PYTHON) -m env.runtime setup RUNTIME=local
-	@$(VENV_PY) -m pytest -q
+	@python3 -m env.runtime setup RUNTIME=local
+	@.venv/bin/python -m pytest -q
 
 test-current: ## the test suite against the newest torch (unpinned), in .build/current-venv
+	@$(SCRIPT_ONLY)
 	@bash env/test_current.sh
 
 test-image: ## build the image on a local base and test it through compose (needs root, installs Docker)
+	@$(SCRIPT_ONLY)
 	@bash env/image_test.sh
 
 test-slurm: ## a real two-node Slurm cluster on this machine, and env/slurm/ tested on it (needs root)
 	@bash env/slurm_check.sh
 
 lint: ## hadolint, shellcheck, compose config (v1 and v2), ruff
+	@$(SCRIPT_ONLY)
 	@bash env/lint.sh
 
 lock: ## regenerate requirements.txt and the CUDA profile locks
+	@$(SCRIPT_ONLY)
 	@bash env/profiles/lock.sh
 
 clean: ## remove caches and .venv (keeps runs/ and data/)

@@ -11,6 +11,9 @@ venv exists.
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -27,18 +30,139 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; `{self.prog} --help` lists the arguments")
 
 
+# Without a GPU, GPUS counts CPU processes on gloo: one by default (the quick start's `make train`;
+# GPUS=2 gives a collective a peer), at most MAX_CPU_PROCESSES (more only oversubscribes the cores).
+CPU_DEFAULT_WORKERS = 1
+MAX_CPU_PROCESSES = 8
+_ASCII_COUNT = re.compile(r"[0-9]+")
+# A run name becomes a directory under runs/: a plain name, never a path or an option.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def count(text: str, what: str = "the value") -> int:
+    """A whole number written in ASCII digits: str.isdigit and int() also take '²', '١' or fullwidth digits."""
+    if not _ASCII_COUNT.fullmatch(text):
+        raise UserError(f"{what} {text!r} is not a whole number written in the digits 0-9, e.g. 2")
+    return int(text)
+
+
+def real(text: str, what: str = "the value") -> float:
+    """A finite decimal number (nan and inf are not figures anyone means)."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{what} {text!r} is not a finite decimal number, e.g. 1.5")
+    return value
+
+
+def plain_name(text: str, what: str = "name") -> str:
+    """A name that is one directory level: no '/', no '..', no leading dot or dash, no control character."""
+    if not _PLAIN_NAME.fullmatch(text) or ".." in text:
+        raise UserError(
+            f"{what}={text!r} is not a plain name; use letters, digits, '_', '-', '.', '+' "
+            "(not first: '.', '-'; no '/' or '..'), e.g. name=tiny-lr3"
+        )
+    return text
+
+
+def count_arg(flag: str) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in ASCII digits, named by its flag in the error."""
+
+    def parse(text: str) -> int:
+        return count(text, flag)
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def real_arg(flag: str) -> Callable[[str], float]:
+    """An argparse `type` for a finite decimal number."""
+
+    def parse(text: str) -> float:
+        return real(text, flag)
+
+    parse.__name__ = "finite number"
+    return parse
+
+
+def check_workers(requested: int | None, visible_gpus: int, flag: str = "GPUS") -> int:
+    """The one GPUS check (make, the launcher, nccl-test, bench): workers on this node.
+
+    None means the default: every visible GPU, else CPU_DEFAULT_WORKERS CPU processes on gloo.
+    """
+    if requested is None:
+        return visible_gpus or CPU_DEFAULT_WORKERS
+    given = f"{flag} {requested}" if flag.startswith("-") else f"{flag}={requested}"  # a flag, or a make variable
+    if requested < 1:
+        raise UserError(f"{given} must be at least 1, e.g. 2")
+    if visible_gpus and requested > visible_gpus:
+        raise UserError(f"{given} but only {visible_gpus} GPU(s) are visible; use {visible_gpus} or fewer")
+    if not visible_gpus and requested > MAX_CPU_PROCESSES:
+        raise UserError(f"{given}: no GPU is visible, so it counts CPU processes on gloo, at most {MAX_CPU_PROCESSES}")
+    return requested
+
+
+# A JSON record the rig writes is a few levels deep; far deeper is not one of ours (and would
+# exhaust Python's recursion in json or in the code that walks it).
+MAX_JSON_DEPTH = 32
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def _json_depth(value: object) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
+    return depth - 1
+
+
+def load_json(path: object, what: str, fix: str, error: type[UserError] = UserError) -> object:
+    """A JSON file a user named, parsed, or an `error` (a UserError): `{what} {path} <problem>; {fix}`.
+
+    Refuses a missing or unreadable file, one that is not UTF-8 text (a binary), not JSON, over
+    MAX_JSON_BYTES, or nested deeper than MAX_JSON_DEPTH; the caller checks the shape it needs.
+    """
+    from pathlib import Path
+
+    file = Path(str(path))
+    try:
+        if file.stat().st_size > MAX_JSON_BYTES:
+            raise error(f"{what} {file} is over {MAX_JSON_BYTES >> 20} MiB, not a record of ours; {fix}")
+        text = file.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise error(f"{what} {file} does not exist; {fix}") from None
+    except OSError as exc:
+        raise error(f"{what} {file} cannot be read ({exc.strerror}); {fix}") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {file} is not UTF-8 text (a binary file?); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {file} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    except RecursionError:
+        raise error(f"{what} {file} is nested too deeply to be a record of ours; {fix}") from None
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise error(f"{what} {file} is nested deeper than {MAX_JSON_DEPTH} levels, not a record of ours; {fix}")
+    return data
+
+
 def one_line(text: str) -> str:
     """A message folded onto one line, so a newline in a user's value cannot forge output lines."""
     return " ".join(str(text).split())
 
 
-def run_cli(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit with its code; a UserError is `torchrig <tool>: <line>`, exit 2."""
+def exit_code(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """`main(argv)`'s exit code; a UserError is printed as `torchrig <tool>: <line>` and is 2."""
     try:
-        code = main(argv)
+        return main(argv)
     except UserError as exc:
         print(f"torchrig {tool}: {one_line(str(exc))}", file=sys.stderr, flush=True)
-        code = 2
+        return 2
     except KeyboardInterrupt:
-        code = 130
-    sys.exit(code)
+        return 130
+
+
+def run_cli(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:
+    """The end of every entry point: run `main(argv)` and exit with exit_code's code."""
+    sys.exit(exit_code(tool, main, argv))

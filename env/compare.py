@@ -9,13 +9,13 @@ Exit status: 0 after printing, 2 when a path or its manifest is missing or unrea
 
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from env.cli import ArgumentParser, UserError, load_json, run_cli
 
 MANIFEST_NAME = "manifest.json"
 SUMMARY_NAME = "summary.json"
@@ -37,7 +37,7 @@ SKIPPED_KEYS = (
 VALUE_WIDTH = 40
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     """A path that is not a run: one line for the user."""
 
 
@@ -50,12 +50,14 @@ class Run:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CompareError(f"cannot read {path}: {exc}") from exc
+    fix = "give a run directory written by make train, nccl-test or bench"
+    data = load_json(path, "file", fix, CompareError)
     if not isinstance(data, dict):
-        raise CompareError(f"{path} holds no JSON object")
+        raise CompareError(f"{path} holds no JSON object; {fix}")
+    packages = data.get("packages", {})
+    listed = packages.get("list", []) if isinstance(packages, dict) else None
+    if not isinstance(listed, list) or not all(isinstance(line, str) for line in listed):
+        raise CompareError(f"{path}: 'packages' is not an object with a list of name==version strings; {fix}")
     return data
 
 
@@ -173,18 +175,13 @@ def render(a: Run, b: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
+    parser = ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
     parser.add_argument("a", metavar="A", help="run directory or manifest.json of the first run")
     parser.add_argument("b", metavar="B", help="run directory or manifest.json of the second run")
     args = parser.parse_args(argv)
-    try:
-        runs = load_run(args.a), load_run(args.b)
-    except CompareError as exc:
-        print(f"compare: {exc}", file=sys.stderr)
-        return 2
-    print(render(*runs))
+    print(render(load_run(args.a), load_run(args.b)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("compare", main)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from env.cli import ArgumentParser, UserError, run_cli
 from env.lifeline import signal_when_parent_dies
-from env.profiles import DEFAULT_CUDA, CudaProfile, UnknownProfile, profile
+from env.profiles import DEFAULT_CUDA, CudaProfile, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_REPOSITORY = "torchrig"
@@ -188,20 +189,17 @@ def build_image(
     ca_bundle: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> int:
-    """Build the image of one CUDA profile with BuildKit; returns the exit code (2 for bad input).
+    """Build the image of one CUDA profile with BuildKit; returns the exit code (a UserError for bad input).
 
     By default it is tagged torchrig:cuXYZ and torchrig:latest. ca_bundle (default $CA_BUNDLE) is a PEM
     file handed to the build as the `ca_bundle` secret, for TLS-intercepting proxies.
     """
-    try:
-        chosen = profile(cuda)
-    except UnknownProfile as exc:
-        _say(str(exc))
-        return 2
+    chosen = profile(cuda)
     ca_bundle = ca_bundle if ca_bundle is not None else os.environ.get("CA_BUNDLE", "")
     if ca_bundle and not Path(ca_bundle).is_file():
-        _say(f"CA_BUNDLE={ca_bundle} is not a file; give the path of a PEM bundle your proxy's TLS verifies with")
-        return 2
+        raise UserError(
+            f"CA_BUNDLE={ca_bundle} is not a file; give the path of a PEM bundle your proxy's TLS verifies with"
+        )
     problem = _engine_problem() or _buildx_problem()
     if problem:
         _say(f"cannot build: {problem}")
@@ -365,13 +363,12 @@ def _build(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if not args.argv:
-        _say("nothing to run; e.g. python3 -m env.docker run -- python -m env.profiles list")
-        return 2
+        raise UserError("nothing to run; e.g. python3 -m env.docker run -- python -m env.profiles list")
     return run_in_container(args.argv, gpu=args.gpu, env=passthrough_env())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m env.docker", description="torchrig's Docker side")
+    parser = ArgumentParser(prog="python3 -m env.docker", description="torchrig's Docker side")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="does a Docker engine answer, with the NVIDIA runtime?").set_defaults(
         run=_status
@@ -394,4 +391,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("docker", main)

@@ -34,7 +34,6 @@ import platform
 import re
 import resource
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any
 
 from env.atomic import write_text_atomically
 from env.checks import CHECKS, Facts, Outcome, Status, run_checks, worst
+from env.cli import ArgumentParser, UserError, count_arg, run_cli
 from env.docker import engine_status
 from env.nvml import Snapshot, read_snapshot
 from env.p2p import decide_p2p, torch_copy_check
@@ -347,17 +347,12 @@ def render_report(facts: Facts, outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m env.doctor", description="Check this box for the rig.")
+    parser = ArgumentParser(prog="python -m env.doctor", description="Check this box for the rig.")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (schema 1) here")
-    parser.add_argument("--gpus", type=_count, metavar="N", help="GPUs (or CPU processes) the runs will use")
+    parser.add_argument(
+        "--gpus", type=count_arg("--gpus"), metavar="N", help="GPUs (or CPU processes) the runs will use"
+    )
     parser.add_argument("--run-dir", default="runs", metavar="DIR", help="where runs and checkpoints go (disk check)")
     parser.add_argument(
         "--no-load",
@@ -380,10 +375,9 @@ def main(argv: list[str] | None = None, facts: Facts | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(path, json.dumps(report_dict(facts, outcomes), indent=2) + "\n")
         except OSError as exc:
-            print(f"doctor: cannot write --json {path}: {exc.strerror}; choose a writable path", file=sys.stderr)
-            return 2
+            raise UserError(f"cannot write --json {path}: {exc.strerror}; choose a writable path") from None
     return exit_code(outcomes)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("doctor", main)

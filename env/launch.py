@@ -12,17 +12,24 @@ PET_RDZV_BACKEND=c10d (as env/slurm/ sets it).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
+import time
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from env.cli import UserError, count_arg
 from env.lifeline import PARENT_ENV
 
 # Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
 USER_ERROR_EXIT = 2
+# How long a multi-node rank waits for the others (a node rank > 0 for the master to answer, node
+# rank 0 for every node to join) before it gives up in one line: MASTER_WAIT, in seconds.
+DEFAULT_MASTER_WAIT_S = 300
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class Nodes:
     master_addr: str = ""
     master_port: int = 29500
     max_restarts: int = 0  # times the whole group is restarted after a failure
+    master_wait_s: int = DEFAULT_MASTER_WAIT_S  # see DEFAULT_MASTER_WAIT_S
 
     def problem(self) -> str | None:
         """What is wrong with these flags, in one line naming the flag, or None."""
@@ -42,6 +50,7 @@ class Nodes:
             ("--node-rank", self.node_rank, 0, self.nnodes - 1),
             ("--master-port", self.master_port, 1, 65535),
             ("--max-restarts", self.max_restarts, 0, None),
+            ("--master-wait", self.master_wait_s, 1, None),
         )
         for flag, value, low, high in bounds:
             if value < low or (high is not None and value > high):
@@ -53,16 +62,74 @@ class Nodes:
 
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nnodes", type=int, default=1)
-    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--nnodes", type=count_arg("--nnodes"), default=1)
+    parser.add_argument("--node-rank", type=count_arg("--node-rank"), default=0)
     parser.add_argument("--master-addr", default="")
-    parser.add_argument("--master-port", type=int, default=29500)
-    parser.add_argument("--max-restarts", type=int, default=0, help="restart the group this often after a failure")
+    parser.add_argument("--master-port", type=count_arg("--master-port"), default=29500)
+    parser.add_argument(
+        "--max-restarts",
+        type=count_arg("--max-restarts"),
+        default=0,
+        help="restart the group this often after a failure",
+    )
+    parser.add_argument(
+        "--master-wait",
+        type=count_arg("--master-wait"),
+        default=DEFAULT_MASTER_WAIT_S,
+        help=f"seconds to wait for the other nodes (default {DEFAULT_MASTER_WAIT_S})",
+    )
 
 
 def nodes_from_args(args: argparse.Namespace) -> Nodes:
     """The flags add_node_arguments added, unchecked: see Nodes.problem."""
-    return Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.max_restarts)
+    return Nodes(args.nnodes, args.node_rank, args.master_addr, args.master_port, args.max_restarts, args.master_wait)
+
+
+def check_rendezvous(nodes: Nodes) -> None:
+    """Before any worker starts: node rank 0 can take MASTER_PORT; any other node reaches the master in time.
+
+    Without this a bound port is torchrun's 46-line traceback and an absent master a silent wait.
+    """
+    if nodes.nnodes < 2:
+        return
+    where = f"{nodes.master_addr}:{nodes.master_port}"
+    if nodes.node_rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("", nodes.master_port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                raise UserError(
+                    f"MASTER_PORT {nodes.master_port} is already in use on this host (another job?); "
+                    "choose a free MASTER_PORT, the same on every node"
+                ) from None
+        print(
+            f"torchrig: node 0 of {nodes.nnodes}: waiting up to {nodes.master_wait_s} s at {where} for the other "
+            "nodes (MASTER_WAIT)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    print(
+        f"torchrig: node {nodes.node_rank} of {nodes.nnodes}: waiting up to {nodes.master_wait_s} s for the master "
+        f"(NODE_RANK=0) at {where} (MASTER_WAIT)",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = time.monotonic() + nodes.master_wait_s
+    while True:
+        try:
+            with socket.create_connection((nodes.master_addr, nodes.master_port), timeout=5):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"no master answered at {where} within {nodes.master_wait_s} s; start NODE_RANK=0 there first "
+                    "(same MASTER_ADDR and MASTER_PORT), check the address and firewall, or raise MASTER_WAIT"
+                ) from None
+            time.sleep(1)
 
 
 def _threads_per_worker(nproc: int) -> str:
@@ -97,10 +164,14 @@ def launch(
     os.environ[PARENT_ENV] = str(os.getpid())
     if nodes.nnodes > 1:
         endpoint = f"{nodes.master_addr}:{nodes.master_port}"
-        rdzv = {"rdzv_backend": "static", "rdzv_endpoint": endpoint, "rdzv_configs": {"rank": nodes.node_rank}}
+        rdzv = {
+            "rdzv_backend": "static",
+            "rdzv_endpoint": endpoint,
+            "rdzv_configs": {"rank": nodes.node_rank, "timeout": nodes.master_wait_s},
+        }
         if os.environ.get("PET_RDZV_BACKEND") == "c10d":  # torchrun's variable; env/slurm/ sets it
             # c10d: the nodes meet in a store on the first node and are ranked as they join, under one run id.
-            rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": endpoint, "rdzv_configs": {}}
+            rdzv = {"rdzv_backend": "c10d", "rdzv_endpoint": endpoint, "rdzv_configs": {"timeout": nodes.master_wait_s}}
         # The rendezvous keys are prefixed with the run id, so every node of the job must use the same one.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", f"torchrig-{endpoint}")
     else:
@@ -122,8 +193,7 @@ def launch(
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()  # the earliest failure is the cause; later ones follow from it
         if failure.exitcode not in explained:
-            how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            print(f"torchrig: worker rank {rank} failed ({how}); its output above says why", file=sys.stderr)
+            print(f"torchrig: {failure_line(rank, failure.exitcode, failure.signal_name())}", file=sys.stderr)
         return failure.exitcode if failure.exitcode > 0 else 1
     except SignalException as exc:
         return 128 + int(exc.sigval)
@@ -135,3 +205,18 @@ def launch(
         )
         return 1
     return 0
+
+
+def failure_line(rank: int, exitcode: int, signal_name: str) -> str:
+    """What a failed worker's exit says: a signal leaves no output of its own, so the line must say where to look."""
+    if exitcode >= 0:
+        return f"worker rank {rank} failed (exit code {exitcode}); its traceback above says why"
+    if signal_name == "SIGKILL":
+        return (
+            f"worker rank {rank} was killed by signal 9 (SIGKILL) and could print nothing: most often the kernel's "
+            "out-of-memory killer (see `dmesg` or `journalctl -k`; lower MICRO_BATCH or GPUS), else someone ran kill -9"
+        )
+    return (
+        f"worker rank {rank} was killed by signal {-exitcode} ({signal_name}) and could print nothing; "
+        "see `dmesg` or `journalctl -k` for who sent it"
+    )

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from env.atomic import write_text_atomically
-from env.launch import USER_ERROR_EXIT, Nodes, add_node_arguments, nodes_from_args
+from env.cli import ArgumentParser, UserError, check_workers, count_arg, real_arg, run_cli
+from env.launch import USER_ERROR_EXIT, Nodes, add_node_arguments, check_rendezvous, nodes_from_args
 from env.links import Expectation, expected_busbw, judge
 from env.nvml import read_snapshot
 from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p, p2p_mode, torch_copy_check, visible_gpu_indices
@@ -32,8 +33,10 @@ from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p, p2p_mode, torch
 ROOT = Path(__file__).resolve().parent.parent
 # The lock the image was built from (it may be a newer CUDA profile's), else the checkout's default lock.
 PIN_SOURCES = (Path("/opt/torchrig/requirements.lock"), ROOT / "requirements.txt")
-MAX_CPU_PROCESSES = 8
 DEFAULT_SIZES = {"cuda": "8:1G:2", "cpu": "8:4M:4"}
+# gloo on CPU copies each message through the host at well under a GB/s and holds several copies
+# per rank: beyond this a run takes minutes and gigabytes, and says nothing about GPU links.
+CPU_MAX_SIZE = 64 << 20
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 LARGE_MESSAGE_MIN_BYTES = 64 << 20  # below this, busbw is latency-bound and says nothing about the links
 LARGE_MESSAGE_SPAN = 4  # large-message busbw: the mean over sizes within 4x of the largest
@@ -47,15 +50,6 @@ HANG_HINT = (
     " (disable ACS in the BIOS, or boot with iommu=pt), a too-small /dev/shm (docker --shm-size=16g or --ipc=host),"
     " and across nodes a firewall or the wrong interface (open the ports, set NCCL_SOCKET_IFNAME)"
 )
-
-
-class UsageError(ValueError):
-    """Bad input: printed as one line, exit 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
 
 
 @dataclass
@@ -75,17 +69,27 @@ class Options:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m env.nccl_test", description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, help="workers: default every visible GPU, or 2 CPU processes on gloo")
+    parser = ArgumentParser(prog="python -m env.nccl_test", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--gpus", type=count_arg("--gpus"), help="workers: default every visible GPU, or 1 CPU process on gloo"
+    )
     parser.add_argument("--sizes", help="min:max:factor with K/M/G suffixes (default 8:1G:2 on GPU, 8:4M:4 on CPU)")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     parser.add_argument("--ops", default="all_reduce", help="comma list of collectives, or all (default all_reduce)")
-    parser.add_argument("--min-busbw", type=float, help="GB/s the large-message busbw must reach (overrides the links)")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per size (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per size first (default 5)")
+    parser.add_argument(
+        "--min-busbw",
+        type=real_arg("--min-busbw"),
+        help="GB/s the large-message busbw must reach (overrides the links)",
+    )
+    parser.add_argument("--iters", type=count_arg("--iters"), default=20, help="timed calls per size (default 20)")
+    parser.add_argument(
+        "--warmup", type=count_arg("--warmup"), default=5, help="untimed calls per size first (default 5)"
+    )
     parser.add_argument("--json", help=f"the JSON record's path (default RUN_DIR/{JSON_NAME})")
     parser.add_argument("--run-dir", help="directory for the JSON record when --json is not given")
-    parser.add_argument("--first-timeout", type=float, default=30.0, help="seconds the first collective may take")
+    parser.add_argument(
+        "--first-timeout", type=real_arg("--first-timeout"), default=30.0, help="seconds the first collective may take"
+    )
     parser.add_argument("--launch-overhead", action="store_true", help="benchmark: time per 8 B call, queued vs waited")
     add_node_arguments(parser)
     return parser
@@ -95,7 +99,7 @@ def parse_size(text: str) -> int:
     """A size such as 8, 64K or 1G (binary units, as nccl-tests) in bytes."""
     match = re.fullmatch(r"(\d+)([KMG]?)B?", text.strip(), re.IGNORECASE)
     if match is None or int(match.group(1)) == 0:
-        raise UsageError(f"'{text}' is not a size; use a positive number with an optional K, M or G, e.g. 8:1G:2")
+        raise UserError(f"'{text}' is not a size; use a positive number with an optional K, M or G, e.g. 8:1G:2")
     return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
 
 
@@ -103,17 +107,17 @@ def parse_sizes(spec: str) -> list[int]:
     """nccl-tests' min:max:factor (or min:max, factor 2, or one size) -> the sizes in bytes."""
     parts = spec.split(":")
     if len(parts) > 3:
-        raise UsageError(f"--sizes {spec}: write min:max:factor, e.g. 8:1G:2")
+        raise UserError(f"--sizes {spec}: write min:max:factor, e.g. 8:1G:2")
     try:
         low = parse_size(parts[0])
         high = parse_size(parts[1]) if len(parts) > 1 else low
-    except UsageError as exc:
-        raise UsageError(f"--sizes {spec}: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"--sizes {spec}: {exc}") from None
     factor_text = parts[2].strip() if len(parts) > 2 else "2"
     if not factor_text.isdigit() or int(factor_text) < 2:
-        raise UsageError(f"--sizes {spec}: the factor '{factor_text}' must be a whole number of at least 2")
+        raise UserError(f"--sizes {spec}: the factor '{factor_text}' must be a whole number of at least 2")
     if low > high:
-        raise UsageError(f"--sizes {spec}: min {parts[0]} is larger than max {parts[1]}; write min:max:factor")
+        raise UserError(f"--sizes {spec}: min {parts[0]} is larger than max {parts[1]}; write min:max:factor")
     sizes = [low]
     while sizes[-1] * int(factor_text) <= high:
         sizes.append(sizes[-1] * int(factor_text))
@@ -123,14 +127,14 @@ def parse_sizes(spec: str) -> list[int]:
 def parse_ops(spec: str, known: list[str]) -> list[str]:
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if not names:
-        raise UsageError(f"--ops is empty; choose from {', '.join(known)}, or all")
+        raise UserError(f"--ops is empty; choose from {', '.join(known)}, or all")
     if "all" in names:
         return list(known)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            raise UsageError(f"unknown op '{name}' in --ops; {hint}choose from {', '.join(known)}, or all")
+            raise UserError(f"unknown op '{name}' in --ops; {hint}choose from {', '.join(known)}, or all")
     return list(dict.fromkeys(names))
 
 
@@ -144,42 +148,41 @@ def format_size(nbytes: int) -> str:
 def _check_range(name: str, value: float, low: float, high: float | None = None) -> None:
     if value < low or (high is not None and value > high):
         bound = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-        raise UsageError(f"{name} {value:g} must be {bound}")
-
-
-def _check_gpus(gpus: int, cuda_gpus: int) -> None:
-    _check_range("--gpus", gpus, 1)
-    if cuda_gpus and gpus > cuda_gpus:
-        raise UsageError(f"--gpus {gpus} but only {cuda_gpus} GPU(s) are visible; use --gpus {cuda_gpus} or fewer")
-    if not cuda_gpus and gpus > MAX_CPU_PROCESSES:
-        raise UsageError(f"--gpus {gpus}: no GPU is visible, so it counts CPU processes on gloo, at most 8")
+        raise UserError(f"{name} {value:g} must be {bound}")
 
 
 def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Options:
-    """Every flag checked before anything starts; raises UsageError naming the problem and the fix."""
+    """Every flag checked before anything starts; raises UserError naming the problem and the fix."""
     from env.collectives import COLLECTIVES, DTYPES
 
     args = build_parser().parse_args(argv)
-    gpus = args.gpus if args.gpus is not None else cuda_gpus or 2
-    if not in_worker:  # inside torchrun the launcher has already fixed the process count
-        _check_gpus(gpus, cuda_gpus)
+    if in_worker:  # inside torchrun the launcher has already fixed the process count
+        gpus = args.gpus if args.gpus is not None else check_workers(None, cuda_gpus)
+    else:
+        gpus = check_workers(args.gpus, cuda_gpus, "--gpus")
     if args.dtype not in DTYPES:
-        raise UsageError(f"--dtype {args.dtype} is not one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {args.dtype} is not one of {', '.join(DTYPES)}")
     _check_range("--iters", args.iters, 1)
     _check_range("--warmup", args.warmup, 0)
     if args.first_timeout <= 0:
-        raise UsageError(f"--first-timeout {args.first_timeout:g} must be more than 0 seconds")
+        raise UserError(f"--first-timeout {args.first_timeout:g} must be more than 0 seconds")
     if args.min_busbw is not None:
         _check_range("--min-busbw", args.min_busbw, 0)
     nodes = nodes_from_args(args)
     if nodes.problem():
-        raise UsageError(nodes.problem())
+        raise UserError(nodes.problem())
     # Workers get --run-dir from the launcher, so every process agrees on the default's time stamp.
     run_dir = Path(args.run_dir or f"runs/nccl-test-{time.strftime('%Y%m%d-%H%M%S')}")
     json_path = Path(args.json) if args.json else run_dir / JSON_NAME
+    sizes = parse_sizes(args.sizes or DEFAULT_SIZES["cuda" if cuda_gpus else "cpu"])
+    if not cuda_gpus and sizes[-1] > CPU_MAX_SIZE:
+        raise UserError(
+            f"--sizes {args.sizes}: on CPU (gloo) sizes are capped at {format_size(CPU_MAX_SIZE)} (larger ones take "
+            "minutes and gigabytes and measure no GPU link); use e.g. --sizes 8:4M:4"
+        )
     return Options(
         gpus=gpus,
-        sizes=parse_sizes(args.sizes or DEFAULT_SIZES["cuda" if cuda_gpus else "cpu"]),
+        sizes=sizes,
         dtype=DTYPES[args.dtype],
         ops=parse_ops(args.ops, list(COLLECTIVES)),
         min_busbw=args.min_busbw,
@@ -554,16 +557,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not in_worker:
+        options = parse_options(argv, cuda_gpus, in_worker=False)
+        check_rendezvous(options.nodes)
+        return launch_workers(options, argv, cuda_gpus)
     try:
-        options = parse_options(argv, cuda_gpus, in_worker=in_worker)
-    except UsageError as exc:
-        if not in_worker or os.environ.get("RANK") == "0":
-            print(f"nccl-test: {exc}", file=sys.stderr)
+        options = parse_options(argv, cuda_gpus, in_worker=True)
+    except UserError as exc:  # every rank meets it; rank 0 says it, and the launcher knows exit 2 needs no more
+        if os.environ.get("RANK") == "0":
+            print(f"torchrig nccl-test: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT
-    if in_worker:
-        return run_worker(options)
-    return launch_workers(options, argv, cuda_gpus)
+    return run_worker(options)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("nccl-test", main)

@@ -19,6 +19,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from env.cli import ArgumentParser, UserError, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -97,7 +99,7 @@ PROFILES: tuple[CudaProfile, ...] = (
 DEFAULT_CUDA = "12.1"
 
 
-class UnknownProfile(ValueError):
+class UnknownProfile(UserError):
     """A CUDA version with no profile; the message names the valid ones."""
 
 
@@ -270,7 +272,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m env.profiles", description="torchrig CUDA profiles")
+    parser = ArgumentParser(prog="python3 -m env.profiles", description="torchrig CUDA profiles")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every profile")
     listing.add_argument("--format", choices=("table", "tsv"), default="table")
@@ -288,12 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         run=_check_locks
     )
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except UnknownProfile as exc:
-        print(f"torchrig: {exc}", file=sys.stderr)
-        return 2
+    return args.run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("profiles", main)

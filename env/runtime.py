@@ -16,9 +16,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from env.cli import UserError, check_workers, count, real, run_cli
 
 if TYPE_CHECKING:
     from env.docker import EngineStatus
@@ -27,70 +29,151 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 LOCK = ROOT / "requirements.txt"
 STAMP = VENV / ".torchrig-lock-sha256"
-MAX_CPU_PROCESSES = 8
 # Measured on the cu121 lock: the installed .venv is 5.2 GB and pip's downloaded wheels, held in its temporary
 # directory until the install ends, 2.8 GB. Rounded up, these are what making .venv needs free.
 VENV_BYTES = 5.5e9
 WHEELS_BYTES = 3.0e9
 
 
-class UsageError(ValueError):
-    """Bad input from the make command line; printed as one line, exit 2."""
+@dataclass(frozen=True)
+class MakeVar:
+    """A make variable: the CLI flag it becomes, and what kind of value it takes.
+
+    The one table of them is MAKE_VARS; the Makefile's help lines, the dispatcher, the launcher
+    and bench all read it (tests/test_cli.py fails when the Makefile and the table differ).
+    """
+
+    flag: str  # the flag the target's CLI takes; "" for a positional value or one the dispatcher uses itself
+    # "text", "count" (digits 0-9), "real" (a finite number), "switch" (1 adds the bare flag), or
+    # "environ": set in the job's environment, where env/docker.py and the job read it
+    kind: str = "text"
+    config_key: str = ""  # the config key a training shorthand sets (STEPS -> train.steps)
+
+
+MAKE_VARS: dict[str, MakeVar] = {
+    "RUNTIME": MakeVar(""),
+    "DOCKER": MakeVar("", "environ"),
+    "COMPOSE": MakeVar("", "environ"),
+    "CUDA": MakeVar(""),
+    "CA_BUNDLE": MakeVar("", "environ"),
+    "GPUS": MakeVar("--gpus", "count"),
+    "CONFIG": MakeVar("--config"),
+    "STEPS": MakeVar("--steps", "count", "train.steps"),
+    "MICRO_BATCH": MakeVar("--micro-batch", "count", "train.micro_batch"),
+    "ACCUM": MakeVar("--accum", "count", "train.accum"),
+    "PRECISION": MakeVar("--precision", config_key="train.precision"),
+    "STRATEGY": MakeVar("--strategy", config_key="train.strategy"),
+    "SEED": MakeVar("--seed", "count", "train.seed"),
+    "RUN_DIR": MakeVar("--run-dir"),
+    "ARGS": MakeVar(""),
+    "NNODES": MakeVar("--nnodes", "count"),
+    "NODE_RANK": MakeVar("--node-rank", "count"),
+    "MASTER_ADDR": MakeVar("--master-addr"),
+    "MASTER_PORT": MakeVar("--master-port", "count"),
+    "MAX_RESTARTS": MakeVar("--max-restarts", "count"),
+    "MASTER_WAIT": MakeVar("--master-wait", "count"),
+    "SIZES": MakeVar("--sizes"),
+    "DTYPE": MakeVar("--dtype"),
+    "OPS": MakeVar("--ops"),
+    "MIN_BUSBW": MakeVar("--min-busbw", "real"),
+    "JSON": MakeVar("--json"),
+    "BASELINE": MakeVar("--baseline"),
+    "NCCL_JSON": MakeVar("--nccl-json"),
+    "COUNTS": MakeVar("--counts"),
+    "LINK": MakeVar("--link"),
+    "A": MakeVar(""),
+    "B": MakeVar(""),
+    "INPUT": MakeVar("--input"),
+    "OUTPUT": MakeVar("--output"),
+}
+
+
+def shorthand_keys() -> dict[str, str]:
+    """CLI flag name (steps, micro_batch) -> the config key it sets, for the launcher and bench."""
+    return {v.flag[2:].replace("-", "_"): v.config_key for v in MAKE_VARS.values() if v.config_key}
 
 
 @dataclass(frozen=True)
 class Target:
-    """A make target: the Python module it runs and how make variables become its flags."""
+    """A make target: the Python module it runs and the make variables it takes, in order."""
 
     module: str
-    flags: dict[str, str] = field(default_factory=dict)  # make variable -> CLI flag
-    positional: tuple[str, ...] = ()  # make variables passed as positional arguments
-    gpus: bool = False  # validates GPUS and passes it as --gpus
+    variables: tuple[str, ...] = ()  # names in MAKE_VARS: flagged ones become `--flag=value`
+    positional: tuple[str, ...] = ()  # make variables passed as positional arguments, after `--`
     workers: bool = True  # GPUS counts worker processes it starts (the doctor only judges for that many)
 
 
-RUN_FLAGS = {
-    "CONFIG": "--config",
-    "STEPS": "--steps",
-    "RUN_DIR": "--run-dir",
-    "SEED": "--seed",
-    "MICRO_BATCH": "--micro-batch",
-    "ACCUM": "--accum",
-    "PRECISION": "--precision",
-    "STRATEGY": "--strategy",
-}
-NODE_FLAGS = {
-    "NNODES": "--nnodes",
-    "NODE_RANK": "--node-rank",
-    "MASTER_ADDR": "--master-addr",
-    "MASTER_PORT": "--master-port",
-    "MAX_RESTARTS": "--max-restarts",
-}
+RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
+NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 TARGETS: dict[str, Target] = {
-    "train": Target("train.launch", {**RUN_FLAGS, **NODE_FLAGS}, positional=("ARGS",), gpus=True),
-    "nccl-test": Target(
-        "env.nccl_test",
-        {
-            "SIZES": "--sizes",
-            "DTYPE": "--dtype",
-            "OPS": "--ops",
-            "MIN_BUSBW": "--min-busbw",
-            "JSON": "--json",
-            "RUN_DIR": "--run-dir",
-            **NODE_FLAGS,
-        },
-        gpus=True,
-    ),
-    "doctor": Target("env.doctor", {"JSON": "--json", "RUN_DIR": "--run-dir"}, gpus=True, workers=False),
-    "bench": Target(
-        "train.bench",
-        {**RUN_FLAGS, "BASELINE": "--baseline", "NCCL_JSON": "--nccl-json", "COUNTS": "--counts", "LINK": "--link"},
-        positional=("ARGS",),
-        gpus=True,
-    ),
+    "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",)),
+    "nccl-test": Target("env.nccl_test", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
+    "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
+    "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
     "compare": Target("env.compare", positional=("A", "B")),
-    "prepare": Target("train.prepare", {"INPUT": "--input", "OUTPUT": "--output"}),
+    "prepare": Target("train.prepare", ("INPUT", "OUTPUT")),
 }
+# Targets the dispatcher runs itself, and the variables they read.
+OWN_TARGETS: dict[str, tuple[str, ...]] = {
+    "build": ("CUDA", "CA_BUNDLE"),
+    "setup": (),
+    "shell": (),
+    # sbatch from the login node (env/slurm/job.py checks the rest): no runtime is chosen and no GPU counted here.
+    "slurm-train": (*RUN_VARS, "MAX_RESTARTS", "NNODES", "ARGS"),
+    "slurm-nccl-test": ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", "NNODES"),
+}
+COMMON_VARS = ("RUNTIME", "DOCKER", "COMPOSE")  # every target takes these
+# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO).
+ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_")
+
+
+def target_variables(name: str) -> tuple[str, ...]:
+    """The make variables a target takes: what its help line in the Makefile must list."""
+    if name in OWN_TARGETS:
+        return OWN_TARGETS[name] + COMMON_VARS
+    target = TARGETS[name]
+    return (*target.variables, *target.positional, *COMMON_VARS)
+
+
+def _split_makeflags(text: str) -> list[str]:
+    """MAKEFLAGS as make wrote it: words split at blanks, `\\x` is x and `$$` is `$` (make's quote_for_env)."""
+    words: list[str] = []
+    word: list[str] = []
+    chars = iter(text)
+    for char in chars:
+        if char == "\\":
+            word.append(next(chars, "\\"))
+        elif char == "$":
+            if next(chars, "") != "$":
+                raise UserError("MAKEFLAGS holds an unquoted '$'; run make without -e and without setting MAKEFLAGS")
+            word.append("$")
+        elif char in " \t":
+            if word:
+                words.append("".join(word))
+            word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def make_command_line(makeflags: str) -> dict[str, str]:
+    """The variables given on make's command line, byte for byte, from the MAKEFLAGS make hands its recipes.
+
+    The Makefile never expands them (a `$(shell ...)` in a value would run, a `$x` would vanish) and
+    unexports them (make would expand them for the recipe's environment): MAKEFLAGS keeps them quoted.
+    """
+    words = _split_makeflags(makeflags)
+    if "--" not in words:
+        return {}
+    values: dict[str, str] = {}
+    for word in words[words.index("--") + 1 :]:
+        name, _, value = word.partition("=")
+        if name.endswith(":") or not name:
+            raise UserError(f"'{word}': give make variables as NAME=value (make evaluates NAME:=value itself)")
+        values[name] = value
+    return values
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -98,9 +181,39 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"unexpected argument '{item}'; pass make variables as NAME=value")
+            raise UserError(f"unexpected argument '{item}'; pass make variables as NAME=value")
         values[name] = value
     return values
+
+
+def check_values(target_name: str, values: dict[str, str]) -> None:
+    """Refuse in one line what no target could mean: an unknown variable, a control character, a bad number."""
+    taken = target_variables(target_name)
+    for name, value in values.items():
+        if any(ord(char) < 32 or ord(char) == 127 for char in value):
+            raise UserError(f"{name} holds a newline or another control character; give it on one line")
+        if name.startswith(ENVIRONMENT_PREFIXES):
+            continue
+        if name not in MAKE_VARS:
+            raise UserError(f"{name} is not a torchrig make variable; `make help` lists each target's variables")
+        if value and name not in taken:
+            raise UserError(f"make {target_name} does not take {name}; it takes {', '.join(taken)}")
+        kind = MAKE_VARS[name].kind
+        if name == "ARGS":
+            split_args(value)
+        elif value and kind == "count":
+            count(value, name)
+        elif value and kind == "real":
+            real(value, name)
+        elif value and kind == "switch" and value not in ("0", "1"):
+            raise UserError(f"{name}={value!r}: give {name}=1 to turn it on (or leave it out)")
+
+
+def ignored_environment(values: dict[str, str], environ: dict[str, str]) -> list[str]:
+    """Make variables set in the shell's environment but not on make's command line: torchrig ignores them."""
+    return sorted(
+        name for name, var in MAKE_VARS.items() if var.kind != "environ" and name in environ and name not in values
+    )
 
 
 def visible_gpu_count() -> int:
@@ -119,26 +232,10 @@ def visible_gpu_count() -> int:
     return count
 
 
-def validate_gpus(raw: str, visible: int) -> int:
-    """GPUS as a count of worker processes; a clear UsageError for anything else."""
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"GPUS={raw} is not a whole number of at least 1; e.g. GPUS=2")
-    gpus = int(raw)
-    if visible > 0 and gpus > visible:
-        raise UsageError(
-            f"GPUS={gpus} but only {visible} GPU(s) are visible (nvidia-smi -L); use GPUS={visible} or fewer"
-        )
-    if visible == 0 and gpus > MAX_CPU_PROCESSES:
-        raise UsageError(
-            f"GPUS={gpus}: no GPU is visible, so GPUS counts CPU processes on gloo, at most {MAX_CPU_PROCESSES}"
-        )
-    return gpus
-
-
 def choose_runtime(requested: str) -> tuple[str, str, EngineStatus | None]:
     """('docker' | 'local', why, the engine's status when it was asked)."""
     if requested not in ("", "docker", "local"):
-        raise UsageError(f"RUNTIME={requested} is not docker or local")
+        raise UserError(f"RUNTIME={requested} is not docker or local")
     if requested:
         return requested, "RUNTIME was set", None
     from env.docker import engine_status
@@ -171,7 +268,7 @@ def check_disk_for_venv() -> None:
     for where, size in _venv_disk_needs():
         free = shutil.disk_usage(where).free
         if free < size:
-            raise UsageError(
+            raise UserError(
                 f"making .venv needs about {size / 1e9:.1f} GB free on the disk holding {where} "
                 f"(the venv plus pip's downloads) and it has {free / 1e9:.1f} GB; {_DISK_FIX}"
             )
@@ -183,44 +280,72 @@ def ensure_venv() -> Path:
     if python.exists() and STAMP.exists() and STAMP.read_text().strip() == _lock_digest():
         return python
     if sys.version_info < (3, 10):  # noqa: UP036 - this file runs under any system python3
-        raise UsageError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
+        raise UserError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
     if not python.exists():  # a first install; updating a venv for a changed lock needs only the changes' room
         check_disk_for_venv()
     print(f"torchrig: making .venv from {LOCK.name} (first use: 5.2 GB installed, a few minutes)", flush=True)
     if not python.exists():
         made = subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=False)
         if made.returncode != 0:
-            raise UsageError("python3 -m venv failed; install your distribution's python3-venv package")
+            raise UserError("python3 -m venv failed; install your distribution's python3-venv package")
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--require-hashes", "-r", str(LOCK)]
     if subprocess.run(pip, check=False).returncode != 0:
         full = [where for where, _ in _venv_disk_needs() if shutil.disk_usage(where).free < 0.5e9]
         if full:
-            raise UsageError(f"the disk holding {full[0]} filled up while installing .venv; {_DISK_FIX}")
-        raise UsageError("installing requirements.txt into .venv failed (see pip's message above); fix it, then rerun")
+            raise UserError(f"the disk holding {full[0]} filled up while installing .venv; {_DISK_FIX}")
+        raise UserError("installing requirements.txt into .venv failed (see pip's message above); fix it, then rerun")
     STAMP.write_text(_lock_digest())
     return python
 
 
+def split_args(text: str) -> list[str]:
+    """ARGS as key=value overrides (shell quoting allowed); a flag in ARGS would bypass the checks of its variable."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+        raise UserError(
+            f"ARGS={text!r}: {str(exc).lower()}; quote each value once, e.g. ARGS=\"name='my run'\""
+        ) from None
+    for word in words:
+        if word.startswith("-") or "=" not in word:
+            raise UserError(
+                f"ARGS holds '{word}': ARGS takes key=value config overrides only (e.g. ARGS=\"train.lr=3e-4\"); "
+                "flags have their own make variables (GPUS, STEPS, ...: `make help`)"
+            )
+    return words
+
+
 def build_argv(target: Target, values: dict[str, str], gpus: int | None) -> list[str]:
+    """The CLI's argv: `--flag=value` (so that a value starting with '-' stays a value), positionals after `--`."""
     argv = ["python", "-m", target.module]
     if gpus is not None:
-        argv += ["--gpus", str(gpus)]
-    for var, flag in target.flags.items():
-        if values.get(var, "") != "":
-            argv += [flag, values[var]]
+        argv.append(f"--gpus={gpus}")
+    for var in target.variables:
+        value = values.get(var, "")
+        if var == "GPUS" or value == "":
+            continue
+        flag = MAKE_VARS[var].flag
+        if MAKE_VARS[var].kind == "switch":
+            argv += [flag] if value == "1" else []
+        else:
+            argv.append(f"{flag}={value}")
+    positional: list[str] = []
     for var in target.positional:
         if var == "ARGS":
-            argv += shlex.split(values.get("ARGS", ""))
+            positional += split_args(values.get("ARGS", ""))
         elif values.get(var, "") != "":
-            argv.append(values[var])
-    return argv
+            positional.append(values[var])
+    return [*argv, "--", *positional] if positional else argv
 
 
-# make slurm-TARGET: sbatch from the login node, so no runtime is chosen and no GPU counted here.
 SLURM_TARGETS = ("slurm-train", "slurm-nccl-test")
 
 
 def run(target_name: str, values: dict[str, str]) -> int:
+    check_values(target_name, values)
+    for name, value in values.items():
+        if name.startswith(ENVIRONMENT_PREFIXES) or (name in MAKE_VARS and MAKE_VARS[name].kind == "environ"):
+            os.environ[name] = value  # byte for byte, as make's command line gave it
     if target_name in SLURM_TARGETS:
         command = [sys.executable, "-m", "env.slurm.job", "submit", target_name.removeprefix("slurm-")]
         os.chdir(ROOT)
@@ -236,21 +361,21 @@ def run(target_name: str, values: dict[str, str]) -> int:
         if runtime == "local":
             ensure_venv()
         return 0
+    target = TARGETS.get(target_name)
+    takes_gpus = target is not None and "GPUS" in target.variables
     # nvidia-smi only where the answer is used: GPUS checks, and the container's gpu or cpu service.
-    counts_gpus = runtime == "docker" or (target_name != "shell" and TARGETS[target_name].gpus)
-    visible = visible_gpu_count() if counts_gpus else 0
-    if target_name == "shell":
+    visible = visible_gpu_count() if runtime == "docker" or takes_gpus else 0
+    if target is None:  # shell
         argv = ["bash"]
     else:
-        target = TARGETS[target_name]
         gpus = None
-        if target.gpus:
-            # Unset GPUS is left to each CLI: every visible GPU, or its own CPU default.
-            gpus = validate_gpus(values["GPUS"], visible) if values.get("GPUS", "") else None
+        if takes_gpus:
+            # Unset GPUS is left to each CLI, which applies the same check_workers default.
+            gpus = check_workers(count(values["GPUS"], "GPUS"), visible) if values.get("GPUS", "") else None
             if visible == 0 and target.workers:
-                count = f"{gpus} CPU process(es)" if gpus else "CPU processes"
+                many = f"{gpus} CPU process(es)" if gpus else "CPU processes"
                 print(
-                    f"torchrig: no GPU visible: {count} on gloo (testing mode: same code path, slower)",
+                    f"torchrig: no GPU visible: {many} on gloo (testing mode: same code path, slower)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -268,19 +393,30 @@ def run(target_name: str, values: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    known = sorted([*TARGETS, *SLURM_TARGETS, "build", "setup", "shell"])
+    """`python3 -m env.runtime [--from-make] TARGET [NAME=value ...]`.
+
+    --from-make (the Makefile's recipes) reads the variables of make's command line from MAKEFLAGS;
+    NAME=value arguments come after and win. Variables only set in the shell's environment are ignored,
+    with a note, so that a stale `export SEED=...` never changes a run unseen.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    from_make = bool(args) and args[0] == "--from-make"
+    args = args[1:] if from_make else args
+    known = sorted([*TARGETS, *OWN_TARGETS])
     if not args or args[0] not in known:
-        print(f"torchrig: unknown target {args[0] if args else '(none)'}; one of: {', '.join(known)}", file=sys.stderr)
-        return 2
-    try:
-        return run(args[0], parse_assignments(args[1:]))
-    except UsageError as exc:
-        print(f"torchrig: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        raise UserError(f"unknown target {args[0] if args else '(none)'}; one of: {', '.join(known)}")
+    values = make_command_line(os.environ.get("MAKEFLAGS", "")) if from_make else {}
+    values |= parse_assignments(args[1:])
+    ignored = ignored_environment(values, dict(os.environ))
+    if ignored:
+        print(
+            f"torchrig: ignoring {', '.join(ignored)} from the shell's environment; "
+            "only make's command line sets torchrig variables (e.g. make train SEED=3)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return run(args[0], values)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("make", main)

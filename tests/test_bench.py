@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from env.cli import exit_code
 from tests.conftest import ROOT
 from tests.trainrun import SMALL
 from train import bench
@@ -215,7 +216,7 @@ def test_launch_command_forces_synthetic_data_after_the_users_overrides(tmp_path
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], names: str) -> None:
-    code = bench.main([*argv, "--run-dir", str(tmp_path / "bench")])
+    code = exit_code("bench", bench.main, [*argv, "--run-dir", str(tmp_path / "bench")])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and names in err

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from env.runtime import UsageError, validate_gpus
+from env.cli import CPU_DEFAULT_WORKERS, UserError, check_workers
 from tests.conftest import ROOT
 
 PY = sys.executable
@@ -47,22 +47,23 @@ def test_make_help_lists_every_target_once() -> None:
 def test_make_train_rejects_bad_gpus_at_once(gpus: str) -> None:
     result = run(["make", "train", f"GPUS={gpus}", "RUNTIME=local"])
     assert result.returncode != 0
-    ours = [line for line in result.stderr.splitlines() if line.startswith("torchrig: GPUS")]
+    ours = [line for line in result.stderr.splitlines() if line.startswith("torchrig make: GPUS")]
     assert len(ours) == 1 and "Traceback" not in result.stderr
 
 
 def test_gpus_validation_against_visible_gpus() -> None:
-    assert validate_gpus("2", 3) == 2
-    assert validate_gpus("8", 0) == 8
-    with pytest.raises(UsageError, match="only 3"):
-        validate_gpus("4", 3)
-    with pytest.raises(UsageError, match="at most 8"):
-        validate_gpus("9", 0)
+    assert check_workers(2, 3) == 2
+    assert check_workers(8, 0) == 8
+    assert check_workers(None, 3) == 3 and check_workers(None, 0) == CPU_DEFAULT_WORKERS  # the one CPU default
+    with pytest.raises(UserError, match="only 3"):
+        check_workers(4, 3)
+    with pytest.raises(UserError, match="at most 8"):
+        check_workers(9, 0)
 
 
 def test_unknown_runtime_is_one_line() -> None:
     result = run([PY, "-m", "env.runtime", "train", "RUNTIME=podman"])
-    assert result.returncode == 2 and result.stderr.strip() == "torchrig: RUNTIME=podman is not docker or local"
+    assert result.returncode == 2 and result.stderr.strip() == "torchrig make: RUNTIME=podman is not docker or local"
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,9 @@ def test_unknown_runtime_is_one_line() -> None:
         # A node rank outside the job used to wait for the rendezvous forever; nccl-test shares these checks.
         (["--nnodes", "2", "--node-rank", "5", "--master-addr", "127.0.0.1"], "--node-rank 5 must be between 0 and 1"),
         (["--master-port", "70000"], "--master-port 70000 must be between 1 and 65535"),
+        # The launcher's GPUS check is the dispatcher's (env.cli.check_workers), not torch's AssertionError.
+        (["--gpus", "-1"], "--gpus '-1' is not a whole number"),
+        (["--gpus", "0"], "--gpus 0 must be at least 1"),
     ],
 )
 def test_train_preflight_errors_are_one_line(args: list[str], expected: str, tmp_path) -> None:
@@ -132,7 +136,7 @@ def test_a_disk_too_full_for_the_venv_is_refused_before_pip_starts(monkeypatch, 
     import env.runtime as runtime
 
     ran = _fake_disk(monkeypatch, tmp_path, free_bytes=6e9)
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UserError) as err:
         runtime.ensure_venv()
     # The venv and pip's downloads share this disk: 5.5 + 3.0 GB are needed and 6 GB is not enough.
     assert "needs about 8.5 GB free" in str(err.value) and "has 6.0 GB" in str(err.value)
@@ -148,7 +152,7 @@ def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) ->
     monkeypatch.setattr(runtime, "check_disk_for_venv", lambda: None)
     full = runtime.shutil.disk_usage(tmp_path)._replace(free=0)
     monkeypatch.setattr(runtime.shutil, "disk_usage", lambda _: full)  # pip then fills the disk
-    with pytest.raises(UsageError, match=r"filled up while installing \.venv"):
+    with pytest.raises(UserError, match=r"filled up while installing \.venv"):
         runtime.ensure_venv()
     assert ran and "pip" in ran[-1]
     assert not (tmp_path / ".venv" / "stamp").exists()  # the next make remakes the venv
@@ -160,6 +164,6 @@ def test_a_lock_update_of_an_existing_venv_skips_the_first_install_disk_check(mo
     ran = _fake_disk(monkeypatch, tmp_path, free_bytes=2e9)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     (tmp_path / ".venv" / "bin" / "python").touch()  # made before; its stamp names an older lock
-    with pytest.raises(UsageError, match="see pip's message above"):  # the fake pip fails, with room left
+    with pytest.raises(UserError, match="see pip's message above"):  # the fake pip fails, with room left
         runtime.ensure_venv()
     assert len(ran) == 1 and "pip" in ran[0]

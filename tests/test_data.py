@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from env.cli import exit_code
 from tests.conftest import ROOT
 from train import prepare
 from train.config import RunConfig
@@ -284,4 +285,4 @@ def test_loader_benchmark_prints_a_row_per_source_and_worker_count(
     assert len(rows) == 1 and rows[0][1] == "0"
     rate, ratio = float(rows[0][3].replace(",", "")), float(rows[0][4].rstrip("×").replace(",", ""))
     assert rate > 0 and ratio == pytest.approx(rate / 1000, rel=0.01, abs=0.06)
-    assert data_loader.main([*argv, "--workers", "two"]) == 2
+    assert exit_code("data-loader", data_loader.main, [*argv, "--workers", "two"]) == 2

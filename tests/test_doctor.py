@@ -15,6 +15,7 @@ import pytest
 
 from env import checks, doctor
 from env.checks import CHECKS, GIB, MIB, CheckResult, Facts, Status, run_checks
+from env.cli import exit_code
 from env.nvml import Snapshot
 from tests.conftest import ROOT
 
@@ -362,7 +363,12 @@ def test_doctor_without_torch_reports_fail_and_no_traceback(tmp_path: Path) -> N
 def test_unwritable_json_path_is_one_line_and_exit_2(healthy: Facts, tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert doctor.main(["--json", str(blocker / "x.json")], facts=copy.deepcopy(healthy)) == 2
+    assert (
+        exit_code(
+            "doctor", lambda argv: doctor.main(argv, facts=copy.deepcopy(healthy)), ["--json", str(blocker / "x.json")]
+        )
+        == 2
+    )
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

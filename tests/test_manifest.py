@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from env import compare, doctor, manifest
+from env.cli import exit_code
 from tests.conftest import ROOT
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
@@ -166,7 +167,7 @@ def test_diff_manifests_flattens_nested_lists() -> None:
 def test_compare_missing_path_is_one_line_and_exit_2(tmp_path: Path, missing: str, capsys) -> None:
     a = _run_dir(tmp_path / "a", _manifest())
     (tmp_path / "empty_dir").mkdir()
-    assert compare.main([str(a), str(tmp_path / missing)]) == 2
+    assert exit_code("compare", compare.main, [str(a), str(tmp_path / missing)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and missing in err
 

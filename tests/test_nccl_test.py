@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import env.nccl_test as nccl_test
+from env.cli import CPU_DEFAULT_WORKERS, UserError, exit_code
 from env.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pattern, percentile, summed
 from env.links import LINK_KINDS, NVLINK_BY_COMPUTE_CAPABILITY, PCIE_LANE_GBPS, Expectation, expected_busbw, judge
-from env.nccl_test import STALL_ENV, UsageError, parse_options, parse_sizes
+from env.nccl_test import STALL_ENV, parse_options, parse_sizes
 from env.nvml import Snapshot
 from tests.conftest import ROOT
 
@@ -52,12 +53,12 @@ def test_sizes_follow_min_max_factor():
 
 @pytest.mark.parametrize("spec", ["8:1X:2", "abc", "0:1K", "-8:1K", "1.5M", "8:1G:1", "8:1G:x", "1:2:3:4", "8::2"])
 def test_bad_sizes_are_usage_errors(spec: str):
-    with pytest.raises(UsageError, match="--sizes"):
+    with pytest.raises(UserError, match="--sizes"):
         parse_sizes(spec)
 
 
 def test_min_above_max_is_a_usage_error():
-    with pytest.raises(UsageError, match="larger than max"):
+    with pytest.raises(UserError, match="larger than max"):
         parse_sizes("1G:8")
 
 
@@ -195,7 +196,7 @@ def test_without_an_expectation_correctness_decides():
 
 def test_options_defaults_depend_on_the_device():
     on_cpu = parse_options([], 0, in_worker=False)
-    assert on_cpu.gpus == 2 and on_cpu.sizes == parse_sizes("8:4M:4") and on_cpu.ops == ["all_reduce"]
+    assert on_cpu.gpus == CPU_DEFAULT_WORKERS and on_cpu.sizes == parse_sizes("8:4M:4") and on_cpu.ops == ["all_reduce"]
     on_gpu = parse_options([], 3, in_worker=False)
     assert on_gpu.gpus == 3 and on_gpu.sizes[-1] == GiB
     assert parse_options(["--ops", "all"], 0, in_worker=False).ops == list(COLLECTIVES)
@@ -218,7 +219,7 @@ def test_options_defaults_depend_on_the_device():
     ],
 )
 def test_bad_options_are_one_line_usage_errors(argv: list[str], cuda_gpus: int, message: str):
-    with pytest.raises(UsageError, match=message) as caught:
+    with pytest.raises(UserError, match=message) as caught:
         parse_options(argv, cuda_gpus, in_worker=False)
     assert "\n" not in str(caught.value)
 
@@ -231,9 +232,9 @@ def test_main_rejects_bad_input_before_launching(monkeypatch, capsys):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(nccl_test, "launch_workers", lambda *a: pytest.fail("launched despite bad input"))
-    assert nccl_test.main(["--ops", "all_reduce", "--dtype", "int8"]) == 2
+    assert exit_code("nccl-test", nccl_test.main, ["--ops", "all_reduce", "--dtype", "int8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("nccl-test: --dtype int8") and "\n" not in err
+    assert err.startswith("torchrig nccl-test: --dtype int8") and "\n" not in err
 
 
 def test_main_hands_valid_input_to_the_launcher(monkeypatch):

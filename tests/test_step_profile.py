@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from env.cli import exit_code
 from train.benchmarks import step_profile
 from train.benchmarks.step_profile import summarize, union_us
 
@@ -57,5 +58,5 @@ def test_the_cli_profiles_a_cpu_step_and_lists_the_host_operators(capsys, tmp_pa
 
 
 def test_zero_steps_is_one_line_and_exit_2(capsys) -> None:
-    assert step_profile.main(["--steps", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --steps 0: profile at least 1 step"
+    assert exit_code("step-profile", step_profile.main, ["--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "torchrig step-profile: --steps 0: profile at least 1 step"

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -51,12 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from env.launch import USER_ERROR_EXIT
+from env.cli import ArgumentParser, UserError, check_workers, count_arg, load_json, run_cli
 from env.lifeline import signal_when_parent_dies
 from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS
-from env.runlock import RunDirBusy, RunDirLock
-from env.runtime import MAX_CPU_PROCESSES
-from train.config import ConfigError, RunConfig, load_config
+from env.runlock import RunDirLock
+from env.runtime import shorthand_keys
+from train.config import RunConfig, load_config
 
 BASELINE_DIR = Path(__file__).parent / "baselines"
 DEFAULT_STEPS = 40
@@ -68,10 +69,11 @@ NOISE_SPREAD = 0.10  # a point whose measurements spread wider than ±10% around
 NOISE_EXIT = 3  # the table is written, but its figures are noise-bound
 PROGRESS_POLL_S = 2.0
 # Make-variable shorthands train.launch accepts as flags; passed through unchanged.
-LAUNCH_FLAGS = ("seed", "micro_batch", "accum", "precision", "strategy")
+# The training shorthands of the one make-variable table; bench has its own --steps.
+LAUNCH_FLAGS = tuple(flag for flag in shorthand_keys() if flag != "steps")
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """Bad input: one line naming the problem and the fix, exit 2."""
 
 
@@ -114,18 +116,16 @@ def assumed_bandwidth(link: str) -> Bandwidth:
 
 def bandwidth_from_nccl_json(path: Path) -> Bandwidth:
     """The large-message all_reduce busbw of an env.nccl_test JSON record."""
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BenchError(f"--nccl-json {path} does not exist; write it with make nccl-test JSON={path}") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"--nccl-json {path} is not readable JSON ({exc}); rerun make nccl-test JSON={path}") from None
-    op = record.get("ops", {}).get("all_reduce", {}) if isinstance(record, dict) else {}
+    fix = f"rerun make nccl-test GPUS=2 (or more) OPS=all_reduce JSON={path}"
+    record = load_json(path, "--nccl-json", fix, BenchError)
+    ops = record.get("ops") if isinstance(record, dict) else None
+    op = ops.get("all_reduce") if isinstance(ops, dict) else None
+    op = op if isinstance(op, dict) else {}
     busbw = op.get("large_busbw") or op.get("peak_busbw")
-    if not isinstance(busbw, (int, float)) or busbw <= 0:
+    if not isinstance(busbw, (int, float)) or isinstance(busbw, bool) or not math.isfinite(busbw) or busbw <= 0:
         raise BenchError(
-            f"--nccl-json {path} holds no all_reduce bus bandwidth (a 1-rank run crosses no link); "
-            "rerun make nccl-test GPUS=2 (or more) OPS=all_reduce JSON=..."
+            f"--nccl-json {path} holds no all_reduce bus bandwidth (a 1-rank run crosses no link, or it is not "
+            f"an env.nccl_test record); {fix}"
         )
     world = record.get("world_size", "?")
     nodes = record.get("nodes", 1)
@@ -439,13 +439,19 @@ def resolve_baseline(spec: str) -> Path:
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BenchError(f"baseline {path} is not readable JSON ({exc}); give a bench.json or a shipped name") from None
+    fix = "give a bench.json or a shipped name"
+    data = load_json(path, "baseline", fix, BenchError)
     rows = data.get("rows") if isinstance(data, dict) else None
-    if not rows or not all(isinstance(r, dict) and {"gpus", "samples_per_sec"} <= r.keys() for r in rows):
-        raise BenchError(f"baseline {path} has no rows with gpus and samples_per_sec; give a bench.json")
+
+    def usable(row: object) -> bool:
+        if not isinstance(row, dict):
+            return False
+        gpus, rate = row.get("gpus"), row.get("samples_per_sec")
+        numbers = isinstance(gpus, int) and not isinstance(gpus, bool) and gpus >= 1
+        return numbers and isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate)
+
+    if not isinstance(rows, list) or not rows or not all(usable(r) for r in rows):
+        raise BenchError(f"baseline {path} has no rows with gpus and samples_per_sec; {fix}")
     data.setdefault("name", path.stem)
     return data
 
@@ -690,16 +696,6 @@ def parse_counts(text: str, gpus: int, unit: str) -> list[int]:
     return counts
 
 
-def check_gpus(gpus: int, cuda_gpus: int) -> None:
-    """GPUS may be at most the visible GPUs, or MAX_CPU_PROCESSES CPU processes without a GPU."""
-    limit = cuda_gpus or MAX_CPU_PROCESSES
-    if gpus < 1:
-        raise BenchError(f"--gpus {gpus} must be at least 1")
-    if gpus > limit:
-        what = f"only {cuda_gpus} GPU(s) are visible" if cuda_gpus else f"with no GPU at most {limit} CPU processes run"
-        raise BenchError(f"--gpus {gpus} but {what}; use GPUS={limit} or fewer")
-
-
 def run_dir_of(plan: Plan, n: int, repeat: int) -> Path:
     """RUN_DIR/n{n} for the first run of a count, RUN_DIR/n{n}/repeat-{k} for the k-th after it."""
     return plan.run_dir / f"n{n}" / (f"repeat-{repeat}" if repeat > 1 else "")
@@ -878,19 +874,18 @@ def build_bench(plan: Plan, summaries: dict[int, dict[str, Any]], bandwidth: Ban
 # ---- command line -------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise BenchError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--gpus", type=int, default=0, help="largest count: runs 1..GPUS (default: every GPU, or 1)")
+    parser = ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--gpus", type=count_arg("--gpus"), help="largest count: runs 1..GPUS (default: every GPU, or 1 CPU process)"
+    )
     parser.add_argument("--counts", default="", help="comma list of counts instead of 1..GPUS, e.g. 1,2,4")
     parser.add_argument("--config", default="", help="config name or .yaml (default: the baseline's, or small/tiny)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per run (default {DEFAULT_STEPS})")
     parser.add_argument(
-        "--repeats", type=int, default=DEFAULT_REPEATS, help=f"runs per count, interleaved (default {DEFAULT_REPEATS})"
+        "--steps", type=count_arg("--steps"), default=DEFAULT_STEPS, help=f"steps per run (default {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--repeats", type=count_arg("--repeats"), default=DEFAULT_REPEATS, help=f"runs per count, interleaved (default {DEFAULT_REPEATS})"
     )
     parser.add_argument("--run-dir", default="", help="default runs/bench-CONFIG-TIMESTAMP")
     parser.add_argument("--baseline", default="", help="a shipped name (train/baselines/) or a previous bench.json")
@@ -923,8 +918,7 @@ def flag_values(args: argparse.Namespace, baseline: dict | None, device_type: st
 def make_plan(args: argparse.Namespace, baseline: dict | None, cuda_gpus: int) -> Plan:
     device_type = "cuda" if cuda_gpus else "cpu"
     unit = "GPU" if cuda_gpus else "CPU process"
-    gpus = args.gpus or cuda_gpus or 1
-    check_gpus(gpus, cuda_gpus)
+    gpus = check_workers(args.gpus, cuda_gpus, "--gpus")
     counts = parse_counts(args.counts, gpus, unit)
     if args.steps < 2:
         raise BenchError(f"--steps {args.steps} must be at least 2 (the first logged window is warm-up)")
@@ -951,17 +945,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args, baseline, cuda_gpus)
         bandwidth = resolve_bandwidth(args.nccl_json, args.link, plan.device_type, plan.counts[-1])
         plan.run_dir.mkdir(parents=True, exist_ok=True)
-    except (BenchError, ConfigError) as exc:
-        print(f"torchrig: bench: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except OSError as exc:
-        print(f"torchrig: bench: cannot create RUN_DIR ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
-        return USER_ERROR_EXIT
-    try:  # one bench per RUN_DIR (env/runlock.py), held until this process exits
-        RunDirLock(plan.run_dir).acquire()
-    except RunDirBusy as exc:
-        print(f"torchrig: bench: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
+        raise BenchError(f"cannot create RUN_DIR ({exc.strerror}); choose a writable RUN_DIR") from None
+    RunDirLock(plan.run_dir).acquire()  # one bench per RUN_DIR (env/runlock.py), held until this process exits
     if plan.device_type == "cpu":
         print(
             "bench: no GPU: counts are CPU processes on gloo (a testing mode): MFU is null, the processes share "
@@ -996,4 +982,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("bench", main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,21 @@ from typing import Any
 
 import yaml
 
+from env.cli import UserError, plain_name
+
 CONFIG_DIR = Path(__file__).parent / "configs"
+# What a config file may hold: ours are a few hundred bytes, three levels and a few dozen values.
+# Bounded before anything is built, so YAML aliases that expand to gigabytes (billion laughs),
+# deep nesting or a huge file are one line instead of a hang.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 8
+MAX_CONFIG_NODES = 10_000
+# More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
+# counting its parameters alone would take minutes.
+MAX_LAYERS = 4096
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-caused configuration problem; its message is one line with the fix."""
 
 
@@ -152,9 +164,13 @@ def _coerce(dotted: str, raw: Any, target_type: type) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     invalid = ConfigError(f"{dotted}={raw!r} is not a valid {target_type.__name__}; fix the value")
     if target_type is str:
+        if isinstance(raw, (dict, list)):
+            raise invalid
         return str(raw)
     if isinstance(raw, str):  # from the command line, or YAML 1.1 scalars such as 3e-4
         text = raw.strip().lower()
+        if not text.isascii():  # int() and float() also take Arabic-Indic, fullwidth and other Unicode digits
+            raise invalid
         if target_type is bool:
             if text not in BOOL_WORDS:
                 raise invalid
@@ -171,6 +187,8 @@ def _coerce(dotted: str, raw: Any, target_type: type) -> Any:
         if isinstance(raw, float) and raw.is_integer():
             return int(raw)
     if target_type is float and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if not math.isfinite(raw):
+            raise ConfigError(f"{dotted}={raw!r} is not a finite number; give a figure such as 3e-4")
         return float(raw)
     raise invalid
 
@@ -195,7 +213,7 @@ def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
     parts = dotted.split(".")
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     if dotted == "name":
-        cfg.name = str(raw)
+        cfg.name = plain_name(str(raw), "name")  # it names the run's directory under runs/
         return
     if len(parts) != 2 or parts[0] not in sections:
         raise _unknown_key(cfg, dotted, sections)
@@ -222,13 +240,60 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key == "<<":
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(tree: Any, path: Path) -> None:
+    """Count the values the tree holds, with aliases expanded, stopping at the bound (never building them)."""
+    nodes, level, depth = 0, [tree], 0
+    while level:
+        depth += 1
+        nodes += len(level)
+        if depth > MAX_CONFIG_DEPTH or nodes > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{path}: more than {MAX_CONFIG_DEPTH} levels or {MAX_CONFIG_NODES} values once its aliases are "
+                "expanded; a config is sections of key: value"
+            )
+        level = [
+            child
+            for value in level
+            if isinstance(value, (dict, list))
+            for child in (value.values() if isinstance(value, dict) else value)
+        ]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, not a config; give a small YAML file")
+        text = path.read_bytes().decode("utf-8")
+        tree = yaml.load(text, Loader=_ConfigLoader) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply; a config is sections of key: value") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, train)")
+    _check_size(tree, path)
     return tree
 
 
@@ -304,6 +369,8 @@ def validate_model(m: ModelConfig) -> None:
     for key, value in sizes.items():
         if value < 1:
             raise ConfigError(f"model.{key}={value} must be at least 1")
+    if m.n_layers + m.mtp_depth > MAX_LAYERS:
+        raise ConfigError(f"model.n_layers + model.mtp_depth = {m.n_layers + m.mtp_depth} exceeds {MAX_LAYERS}")
     if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
         raise ConfigError(
             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and at least 2 (RoPE rotates pairs)"
@@ -338,6 +405,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be at least 1")
+    # A collective timeout of 0 s fails the first collective and blames whichever rank is slowest.
+    for key, value in {"train.first_timeout_s": t.first_timeout_s, "train.timeout_s": t.timeout_s}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be more than 0 seconds, e.g. 60")
     validate_model(m)
     if m.arch == "deepseek" and cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(

@@ -53,6 +53,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from env.atomic import replace_atomically
+from env.cli import UserError
 from train.config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +76,7 @@ ARCH_INPUT = {"deepseek": "tokens", "resnet50": "images"}
 SOURCE_INPUT = {"corpus": "tokens", "files": "tokens", "images": "images"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-caused data problem; its message is one line naming the problem and the fix."""
 
 

@@ -13,24 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from env.launch import add_node_arguments, launch, nodes_from_args
-from env.runlock import RunDirBusy, RunDirLock
+from env.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
+from env.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
+from env.runlock import RunDirLock
+from env.runtime import shorthand_keys
 from train.config import ConfigError, RunConfig, load_config
 from train.rundir import completed_steps
 
-# Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100").
-FLAG_KEYS = {
-    "steps": "train.steps",
-    "seed": "train.seed",
-    "micro_batch": "train.micro_batch",
-    "accum": "train.accum",
-    "precision": "train.precision",
-    "strategy": "train.strategy",
-}
+# Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100"),
+# from the one make-variable table.
+FLAG_KEYS = shorthand_keys()
+# FSDP2 (fully_shard) on CPU/gloo needs torch 2.6; older ones reach for CUDA and fail with a driver error.
+FSDP_CPU_TORCH = (2, 6)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +50,8 @@ def resolve_config(args: argparse.Namespace, has_gpu: bool) -> RunConfig:
 
 
 def worker_args(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> list[str]:
-    """The resolved run, as arguments every worker parses the same way."""
-    return ["--config", args.config or cfg.name, "--run-dir", str(run_dir), *_overrides(args)]
+    """The resolved run, as arguments every worker parses the same way (`--flag=value`: a value may start with '-')."""
+    return [f"--config={args.config or cfg.name}", f"--run-dir={run_dir}", "--", *_overrides(args)]
 
 
 def _p2p_decision() -> dict | None:
@@ -72,45 +69,90 @@ def _p2p_decision() -> dict | None:
     return decision.to_dict()
 
 
+# Training holds, per parameter, fp32 weights and gradients and AdamW's two moments.
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def memory_bytes(has_gpu: bool) -> int:
+    """What one worker may use: a GPU's memory, or this machine's RAM (CPU workers share it)."""
+    import torch
+
+    if has_gpu:
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg: RunConfig, nproc: int, world: int, has_gpu: bool) -> None:
+    """Refuse, before anything is allocated, a model whose training state alone cannot fit in memory."""
+    from train.flops import count_params
+
+    params = count_params(cfg.model).total
+    per_worker = params * TRAINING_BYTES_PER_PARAM // (world if cfg.train.strategy == "fsdp" else 1)
+    needed, where = (per_worker, "one GPU's memory") if has_gpu else (per_worker * nproc, "this machine's RAM")
+    available = memory_bytes(has_gpu)
+    if needed > available:
+        raise ConfigError(
+            f"the model has {params:,} parameters: training them needs about {needed / 2**30:,.1f} GiB "
+            f"(16 bytes each) and {where} is {available / 2**30:,.1f} GiB; shrink model.dim, model.n_layers "
+            "or model.vocab_size"
+        )
+
+
+def _preflight(args: argparse.Namespace, has_gpu: bool) -> tuple[RunConfig, Path]:
+    """Every check a user's input needs before a worker starts; a UserError is one line, exit 2."""
+    import torch
+
+    from train.data import DataError, build_dataset
+
+    nodes = nodes_from_args(args)
+    cfg = resolve_config(args, has_gpu)
+    if nodes.nnodes > 1 and not (args.run_dir and nodes.master_addr):
+        raise ConfigError("multi-node runs need RUN_DIR and MASTER_ADDR (the same on every node)")
+    if nodes.problem():  # the same checks as nccl-test's: a NODE_RANK outside NNODES would wait forever
+        raise ConfigError(nodes.problem())
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if cfg.train.strategy == "fsdp" and not has_gpu and version < FSDP_CPU_TORCH:
+        raise ConfigError(
+            f"STRATEGY=fsdp on CPU needs torch >= 2.6 (this is {torch.__version__}) or a GPU; use STRATEGY=ddp here"
+        )
+    workers = check_workers(args.gpus, torch.cuda.device_count() if has_gpu else 0, "--gpus")
+    check_fits(cfg, workers, workers * nodes.nnodes, has_gpu)
+    run_dir = Path(args.run_dir or f"runs/{plain_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once
+    except OSError as exc:
+        raise DataError(f"cannot read {exc.filename} ({exc.strerror}); check data.path and its permissions") from None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UserError(f"RUN_DIR {run_dir} is not writable by this user; choose a writable RUN_DIR")
+    check_rendezvous(nodes)
+    return cfg, run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.launch", description=__doc__)
+    parser = ArgumentParser(prog="python -m train.launch", description=__doc__)
     add_run_arguments(parser)
-    parser.add_argument("--gpus", type=int, default=0, help="workers on this node (default: every GPU, or 1)")
+    parser.add_argument(
+        "--gpus", type=count_arg("--gpus"), help="workers on this node (default: every GPU, or 1 CPU process)"
+    )
     add_node_arguments(parser)
     args = parser.parse_args(argv)
-    nodes = nodes_from_args(args)
 
     import torch
 
     from env.manifest import MANIFEST_ENV, build_manifest
-    from train.data import DataError, build_dataset
 
     # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     has_gpu = torch.cuda.is_available()
-    nproc = args.gpus or (torch.cuda.device_count() if has_gpu else 1)
-    try:
-        cfg = resolve_config(args, has_gpu)
-        if nodes.nnodes > 1 and not (args.run_dir and nodes.master_addr):
-            raise ConfigError("multi-node runs need RUN_DIR and MASTER_ADDR (the same on every node)")
-        if nodes.problem():  # the same checks as nccl-test's: a NODE_RANK outside NNODES would wait forever
-            raise ConfigError(nodes.problem())
-        run_dir = Path(args.run_dir or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once
-    except (ConfigError, DataError) as exc:
-        print(f"torchrig: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"torchrig: cannot create RUN_DIR {run_dir} ({exc.strerror}); choose a writable RUN_DIR", file=sys.stderr)
-        return 2
+    nproc = check_workers(args.gpus, torch.cuda.device_count() if has_gpu else 0, "--gpus")
+    nodes = nodes_from_args(args)
+    cfg, run_dir = _preflight(args, has_gpu)
     # Node 0 holds the lock for the job (RUN_DIR is shared storage); other nodes can only join its rendezvous.
-    try:
-        lock = RunDirLock(run_dir).acquire() if nodes.node_rank == 0 else None
-    except RunDirBusy as exc:
-        print(f"torchrig: {exc}", file=sys.stderr)
-        return 2
+    lock = RunDirLock(run_dir).acquire() if nodes.node_rank == 0 else None
     reached = completed_steps(run_dir, cfg.train.steps)
     if reached is not None:
         print(
@@ -147,4 +189,4 @@ def _stopped_cleanly(run_dir: Path, since: float) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("train", main)

@@ -21,12 +21,13 @@ from typing import Any, TextIO, TypeVar
 import torch
 
 from env.atomic import write_fix, write_text_atomically
+from env.cli import UserError
 from train.rundir import earlier_records
 
 T = TypeVar("T")
 
 
-class RunDirWriteError(Exception):
+class RunDirWriteError(UserError):
     """Writing a run's figures into RUN_DIR failed (a full disk, say): one line with the file and the fix."""
 
     def __init__(self, path: Path, error: OSError):

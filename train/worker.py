@@ -6,7 +6,6 @@ knows needs nothing added); anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -15,13 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from env.cli import ArgumentParser, UserError
 from env.launch import USER_ERROR_EXIT
 from env.lifeline import end_with_parent
 from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.data import DataError
 from train.launch import add_run_arguments, resolve_config
-from train.metrics import RunDirWriteError
 from train.trainer import TrainingStopped, train
 from train.watchdog import FIRING
 
@@ -40,15 +37,15 @@ def _out_of_memory_hint(cfg_micro_batch: int, accum: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     end_with_parent()  # before anything that takes time: a launcher killed meanwhile ends this worker too
-    parser = argparse.ArgumentParser(prog="python -m train.worker")
+    parser = ArgumentParser(prog="python -m train.worker")
     add_run_arguments(parser)
-    args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
     cfg = None
     try:
+        args = parser.parse_args(argv)
         cfg = resolve_config(args, torch.cuda.is_available())
         train(cfg, Path(args.run_dir))
-    except (ConfigError, DataError, CheckpointError, TrainingStopped, RunDirWriteError) as exc:
+    except (UserError, CheckpointError, TrainingStopped) as exc:
         if rank == 0:  # every rank meets the same problem; one says it
             print(f"torchrig: {exc}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT

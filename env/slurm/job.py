@@ -28,15 +28,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from env.cli import UserError, run_cli
+from env.cli import UserError, check_workers, count, run_cli
 from env.runtime import (
-    NODE_FLAGS,
+    NODE_VARS,
     ROOT,
     TARGETS,
-    UsageError,
     build_argv,
     parse_assignments,
-    validate_gpus,
     visible_gpu_count,
 )
 
@@ -46,12 +44,12 @@ RUNTIMES = ("local", "docker", "pyxis")
 # (30 s by default), after which Slurm kills this process and a container would outlive the job.
 CONTAINER_GRACE_S = 20
 # The variables Slurm decides; NNODES is also how `make slurm-*` asks for nodes.
-SLURM_OWNED = tuple(NODE_FLAGS.keys() - {"MAX_RESTARTS"})
+SLURM_OWNED = tuple(name for name in NODE_VARS if name not in ("MAX_RESTARTS", "MASTER_WAIT"))
 
 
 def allowed_variables(target: str) -> list[str]:
     spec = TARGETS[target]
-    names = {"RUNTIME", "GPUS", *spec.flags, *spec.positional} - set(SLURM_OWNED)
+    names = {"RUNTIME", "GPUS", *spec.variables, *spec.positional} - set(SLURM_OWNED)
     return sorted(names)
 
 
@@ -67,7 +65,7 @@ def check_variables(target: str, values: dict[str, str]) -> None:
     if runtime not in RUNTIMES:
         raise UserError(f"RUNTIME={runtime} is not one of {', '.join(RUNTIMES)} (local: the .venv)")
     if values.get("GPUS", ""):
-        validate_gpus(values["GPUS"], 0)
+        check_workers(count(values["GPUS"], "GPUS"), 0)
 
 
 def _target(name: str) -> str:
@@ -237,7 +235,7 @@ def node(target: str, addr: str, port: str, values: dict[str, str]) -> int:
     if runtime == "local":  # make's own dispatcher: the .venv from the lock, the same checks, exec
         assignments = [f"{name}={value}" for name, value in values.items()]
         os.execve(sys.executable, [sys.executable, "-m", "env.runtime", target, "RUNTIME=local", *assignments], env)
-    gpus = validate_gpus(values["GPUS"], visible_gpu_count())
+    gpus = check_workers(count(values["GPUS"], "GPUS"), visible_gpu_count()) if values.get("GPUS") else None
     argv = build_argv(TARGETS[target], values, gpus)
     if runtime == "pyxis":  # already inside the image (srun --container-image): its python is on PATH
         os.execvpe(argv[0], argv, env)
@@ -301,15 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) < 2 or args[0] not in commands:
         raise UserError(f"usage: python3 -m env.slurm.job {{{'|'.join(commands)}}} TARGET [VAR=value ...]")
     command, target, rest = args[0], args[1], args[2:]
-    try:
-        if command == "node":
-            if len(rest) < 2:
-                raise UserError("node needs the first node's address and port before the variables")
-            return node(target, rest[0], rest[1], parse_assignments(rest[2:]))
-        values = parse_assignments(rest)
-        return submit(target, values) if command == "submit" else batch(target, values)
-    except UsageError as exc:  # env.runtime's checks, reused: the same one line
-        raise UserError(str(exc)) from None
+    if command == "node":
+        if len(rest) < 2:
+            raise UserError("node needs the first node's address and port before the variables")
+        return node(target, rest[0], rest[1], parse_assignments(rest[2:]))
+    values = parse_assignments(rest)
+    return submit(target, values) if command == "submit" else batch(target, values)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 
 
@@ -12,13 +11,6 @@ def benchmark_main(
     run: Callable[[argparse.Namespace], None],
     argv: list[str] | None,
 ) -> int:
-    """A benchmark's CLI: a config or data mistake is one line and exit 2."""
-    from train.config import ConfigError
-    from train.data import DataError
-
-    try:
-        run(parse_args(argv))
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """A benchmark's CLI; run it through env.cli.run_cli, which makes a UserError one line and exit 2."""
+    run(parse_args(argv))
     return 0

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
+from env.cli import ArgumentParser, run_cli
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
 from train.data import ARCH_INPUT, build_dataset, build_loader
@@ -95,7 +95,7 @@ def measure_consumption(cfg: RunConfig, steps: int) -> tuple[float, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.data_loader", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.benchmarks.data_loader", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
     parser.add_argument("--workers", default="0,2", help="comma-separated data.num_workers values (default: 0,2)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds to draw batches per measurement")
@@ -152,4 +152,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("data-loader", main)

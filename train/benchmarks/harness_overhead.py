@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from env.cli import ArgumentParser, run_cli
 from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
@@ -110,9 +110,7 @@ def harness_step_ms(cfg: RunConfig) -> tuple[float, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.benchmarks.harness_overhead", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m train.benchmarks.harness_overhead", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
     parser.add_argument("--steps", type=int, default=50, help="steps per side (default: 50)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.micro_batch=32")
@@ -145,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("harness-overhead", main)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from env.cli import ArgumentParser, run_cli
 from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.benchmarks.harness_overhead import bare_step, benchmark_config
@@ -135,7 +135,7 @@ def report(result: StepProfile, host_ops: list[OpRow]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.step_profile", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m train.benchmarks.step_profile", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps, after warm-up (default: 5)")
     parser.add_argument("--trace", default="", help="also keep the Chrome/Perfetto trace here")
@@ -181,4 +181,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("step-profile", main)
