@@ -88,8 +88,12 @@ TARGETS: dict[str, Target] = {
         positional=("ARGS",),
         gpus=True,
     ),
-    "compare": Target("env.compare", positional=("A", "B")),
-    "prepare": Target("train.prepare", {"INPUT": "--input", "OUTPUT": "--output"}),
+    "compare": Target("env.compare", {"OUTPUT": "--plot"}, positional=("A", "B")),
+    "prepare": Target(
+        "train.prepare",
+        {"INPUT": "--input", "OUTPUT": "--output", "TOKENIZER": "--tokenizer", "VOCAB": "--vocab", "FORCE": "--force"},
+    ),
+    "eval": Target("train.eval", {"RUN_DIR": "--run-dir", "DATA": "--data"}, gpus=True),
 }
 
 

@@ -36,6 +36,7 @@ from train.distributed import (
     shutdown,
     wrap_model,
 )
+from train.eval import Evaluator
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, peak_memory_gb
 from train.model import build_model, moe_balance_step
@@ -267,6 +268,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
     peak = peak_flops(device_name, run.precision.name)
     hooks = FaultHooks.from_env(info.rank)
     logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard)
+    evaluator = Evaluator(run, run_dir, dataset)  # validation (train/eval.py); checks the split before step 1
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
     if info.is_main and run.start_step:
@@ -284,7 +286,15 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
         step += 1
         time.sleep(hooks.step_sleep)
         window_steps += 1
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or figures["stop"]:
+        figures |= evaluator.after_step(step, figures["stop"])  # val_loss etc. on eval steps
+        window_start += figures.pop("eval_s", 0.0)  # evaluating is not training throughput
+        if (
+            step == 1
+            or step % cfg.train.log_every == 0
+            or step == cfg.train.steps
+            or figures["stop"]
+            or "val_loss" in figures
+        ):
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             step_s = (time.perf_counter() - window_start) / window_steps
@@ -294,6 +304,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
                     "step": step,
                     # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
                     **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items() if k != "stop"},
+                    "tokens": step * global_batch * tokens_per_sample,
                     "step_ms": step_s * 1000,
                     "samples_per_sec": samples_per_sec,
                     "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
