@@ -475,6 +475,11 @@ def _data_vocab_size(cfg: RunConfig) -> int:
             "model.vocab_size=auto takes the size from the data; data.source=synthetic has none: give a number"
         )
     if source == "files" and path.endswith(".bin"):
+        if not Path(path).is_file():
+            raise DataError(
+                f"model.vocab_size=auto reads the vocabulary of data.path={path!r}, which does not exist; "
+                "make it with make prepare (see the config file's header) or set model.vocab_size"
+            )
         _, meta = read_token_file(path)
         try:
             return int(meta["vocab_size"])
