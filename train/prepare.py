@@ -43,6 +43,7 @@ WRITER = "train.prepare"
 # large files, and the cut points (so the tokens) depend only on the text.
 PIECE_BYTES = 1 << 20
 PROGRESS_EVERY_S = 2.0
+ENCODE_BATCH = 8  # pieces per encode_batch call: progress between calls
 
 
 def tokenizer_path(bin_path: Path) -> Path:
@@ -100,9 +101,9 @@ def _pieces(text: str) -> Iterator[str]:
 
 def _texts(files: list[Path], progress: Progress) -> Iterator[str]:
     for path in files:
-        data = _read(path)
-        progress.add(len(data))
-        yield from _pieces(_text(path, data))
+        for piece in _pieces(_text(path, _read(path))):
+            yield piece
+            progress.add(len(piece.encode("utf-8")))
 
 
 def _byte_chunks(files: list[Path], progress: Progress) -> Iterator[np.ndarray]:
@@ -114,10 +115,12 @@ def _byte_chunks(files: list[Path], progress: Progress) -> Iterator[np.ndarray]:
 
 def _token_chunks(files: list[Path], tokenizer: Any, separator: int, progress: Progress) -> Iterator[np.ndarray]:
     for path in files:
-        data = _read(path)
-        ids = [encoding.ids for encoding in tokenizer.encode_batch(list(_pieces(_text(path, data))))]
-        progress.add(len(data))
-        yield np.fromiter((i for piece in ids for i in piece), dtype=np.int64)
+        pieces = list(_pieces(_text(path, _read(path))))
+        for start in range(0, len(pieces), ENCODE_BATCH):
+            batch = pieces[start : start + ENCODE_BATCH]
+            ids = [encoding.ids for encoding in tokenizer.encode_batch(batch)]
+            progress.add(sum(len(piece.encode("utf-8")) for piece in batch))
+            yield np.fromiter((i for piece in ids for i in piece), dtype=np.int64)
         yield np.array([separator], dtype=np.int64)
 
 
