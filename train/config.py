@@ -120,7 +120,7 @@ class TrainConfig:
     # Validation every this many steps, and at the last step (0 turns it off): val_loss in metrics.jsonl,
     # the console, TensorBoard and summary.json. It never changes the training figures.
     eval_every: int = 100
-    # Global batches (world_size x micro_batch x accum samples) per validation; 0 means the whole split.
+    # Batches of world_size x micro_batch validation samples per evaluation; 0 means the whole split.
     eval_batches: int = 20
 
 

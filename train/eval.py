@@ -165,8 +165,11 @@ class Evaluator:
         self.byte_lengths = byte_lengths_for(cfg, tokenizer, info.device)
 
     def after_step(self, step: int, stopping: bool) -> dict[str, float]:
-        """{} on other steps; on eval steps the figures and eval_s, the seconds it took."""
-        if not self.every or not (step % self.every == 0 or step == self.run.cfg.train.steps or stopping):
+        """{} on other steps; on eval steps the figures and eval_s, the seconds it took.
+
+        Not when stopping: a preempted job saves its checkpoint first, within the grace period.
+        """
+        if not self.every or stopping or not (step % self.every == 0 or step == self.run.cfg.train.steps):
             return {}
         started = time.perf_counter()
         figures = run_evaluation(self.run, self.dataset, self.indices, self.n_samples, self.byte_lengths)
@@ -264,9 +267,8 @@ def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Da
             from train.tokenizer import end_of_text_id
 
             loaded = load_tokenizer(tokenizer)
-            separator = end_of_text_id(loaded)
-            separator = loaded.get_vocab_size() - 1 if separator is None else separator
-            tokens = np.concatenate(list(_token_chunks(files, loaded, separator, Progress("tokenized", 0))))
+            chunks = _token_chunks(files, loaded, end_of_text_id(loaded), Progress("tokenized", 0))
+            tokens = np.concatenate(list(chunks))
     if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
         raise EvalError(
             f"DATA={data} holds token id {int(tokens.max())}, beyond the model's vocab_size={cfg.model.vocab_size}"

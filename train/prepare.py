@@ -113,7 +113,7 @@ def _byte_chunks(files: list[Path], progress: Progress) -> Iterator[np.ndarray]:
         yield np.frombuffer(data + b"\x00", dtype=np.uint8)
 
 
-def _token_chunks(files: list[Path], tokenizer: Any, separator: int, progress: Progress) -> Iterator[np.ndarray]:
+def _token_chunks(files: list[Path], tokenizer: Any, separator: int | None, progress: Progress) -> Iterator[np.ndarray]:
     for path in files:
         pieces = list(_pieces(_text(path, _read(path))))
         for start in range(0, len(pieces), ENCODE_BATCH):
@@ -121,7 +121,8 @@ def _token_chunks(files: list[Path], tokenizer: Any, separator: int, progress: P
             ids = [encoding.ids for encoding in tokenizer.encode_batch(batch)]
             progress.add(sum(len(piece.encode("utf-8")) for piece in batch))
             yield np.fromiter((i for piece in ids for i in piece), dtype=np.int64)
-        yield np.array([separator], dtype=np.int64)
+        if separator is not None:
+            yield np.array([separator], dtype=np.int64)
 
 
 def _is_ours(bin_path: Path) -> bool:
@@ -178,8 +179,6 @@ def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, forc
     else:
         tokenizer = load_tokenizer(given)
     separator = end_of_text_id(tokenizer)
-    if separator is None:  # a given tokenizer without <|endoftext|>: its last id separates documents
-        separator = tokenizer.get_vocab_size() - 1
     vocab_size = tokenizer.get_vocab_size()
     final = tokenizer_path(bin_path)
     try:
@@ -190,7 +189,8 @@ def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, forc
             shutil.copyfile(given, final)
     except OSError as exc:
         raise DataError(f"cannot write {final} ({exc.strerror}); choose a writable OUTPUT") from None
-    record = {"kind": kind, "file": final.name, "sha256": sha256_of(final), "vocab_size": vocab_size}
+    record = {"kind": kind, "file": final.name, "sha256": sha256_of(final), "vocab_size": vocab_size,
+              "end_of_document": separator}  # fmt: skip
     chunks = _token_chunks(files, tokenizer, separator, Progress("tokenized", total))
     return write_token_file(
         bin_path, chunks, vocab_size, dtype=token_dtype(vocab_size), meta=_meta(files, {"tokenizer": record})

@@ -21,6 +21,8 @@ from typing import Any
 from train.data import DataError
 
 END_OF_TEXT = "<|endoftext|>"
+# The end-of-document tokens of common tokenizer.json files, tried in turn for a given tokenizer.
+END_TOKENS = (END_OF_TEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]")
 RUN_TOKENIZER_NAME = "tokenizer.json"
 # tokenizers parallelises training and batch encoding; one thread keeps the merges' tie-breaking,
 # and so the trained file, the same on every machine.
@@ -83,7 +85,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) 
 
 
 def end_of_text_id(tokenizer: Any) -> int | None:
-    return tokenizer.token_to_id(END_OF_TEXT)
+    """The id that ends a document (END_TOKENS, first found), or None: documents then simply run on."""
+    for token in END_TOKENS:
+        found = tokenizer.token_to_id(token)
+        if found is not None:
+            return found
+    return None
 
 
 def token_byte_lengths(tokenizer: Any) -> list[int] | None:

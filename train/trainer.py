@@ -304,7 +304,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
                     "step": step,
                     # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
                     **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items() if k != "stop"},
-                    "tokens": step * global_batch * tokens_per_sample,
+                    "tokens": step * global_batch * tokens_per_sample or None,
                     "step_ms": step_s * 1000,
                     "samples_per_sec": samples_per_sec,
                     "tokens_per_sec": samples_per_sec * tokens_per_sample if tokens_per_sample else None,
