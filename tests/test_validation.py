@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -16,7 +17,7 @@ from env.runtime import TARGETS, build_argv
 from tests.conftest import ROOT
 from tests.trainrun import launch_train, losses, metrics
 from train.config import ConfigError, RunConfig, load_config
-from train.data import DataError, build_dataset, build_loader, read_token_file, split_samples
+from train.data import DataError, build_dataset, build_loader, read_token_file, split_samples, validation_set
 from train.tokenizer import load_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本語", "return", "def", "x = 1"]
@@ -80,6 +81,26 @@ def test_validation_samples_are_never_trained_on_for_any_seed(tmp_path: Path) ->
                 seen |= {tuple(row.tolist()) for row in inputs}
         assert not seen & val_windows
         assert seen == {tuple(dataset[int(i)][0].tolist()) for i in split.train}
+
+
+def test_a_separate_validation_set_leaves_all_of_data_path_to_training(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "train", files=1, lines=40)
+    write_corpus(tmp_path / "val", files=1, lines=10)
+    cfg = files_config(str(tmp_path / "train" / "*.txt"), seed=1)
+    cfg.data.val_path = str(tmp_path / "val" / "*.txt")
+    dataset = build_dataset(cfg)
+    assert len(split_samples(dataset, cfg).train) == len(dataset)
+    held_out, indices = validation_set(dataset, cfg)
+    assert held_out.origin == cfg.data.val_path and list(indices) == list(range(len(held_out)))
+
+
+def test_progress_shows_throughput_and_an_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import prepare
+
+    monkeypatch.setattr(prepare, "PROGRESS_EVERY_S", 0.0)
+    out = io.StringIO()
+    prepare.Progress("tokenized", 4 * 2**20, out).add(2**20)
+    assert "tokenized 1.0 of 4.0 MiB (25%)" in out.getvalue() and "MiB/s, eta" in out.getvalue()
 
 
 # ---------------------------------------------------------------------------- data.path and vocab auto

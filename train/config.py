@@ -80,7 +80,7 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = True
     # Share of the samples held out for validation (train/data.py: the tail of a token source);
-    # never trained on, whatever the seed or world size. 0 holds none out.
+    # never trained on, whatever the seed or world size. 0 holds none out (and turns evaluation off).
     val_fraction: float = 0.05
     # A separate validation set (a text glob or token file, like data.path); then all of data.path trains.
     val_path: str = ""

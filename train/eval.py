@@ -156,7 +156,8 @@ class Evaluator:
     def __init__(self, run: Any, run_dir: Path, dataset: Dataset) -> None:
         cfg, info = run.cfg, run.info
         self.run = run
-        self.every = cfg.train.eval_every
+        # data.val_fraction=0 without data.val_path holds nothing out: there is nothing to evaluate on.
+        self.every = cfg.train.eval_every if cfg.data.val_fraction or cfg.data.val_path else 0
         tokenizer = record_tokenizer(cfg, run_dir, info.is_main)
         if not self.every:
             return

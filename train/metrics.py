@@ -103,7 +103,7 @@ class MetricsLogger:
             raise RunDirWriteError(self.run_dir / "metrics.jsonl", exc) from exc
         if self._writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self._writer.add_scalar(key, value, record["step"])
         self.console.write(self._progress_line(record) + "\n")
         self.console.flush()
