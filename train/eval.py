@@ -201,7 +201,8 @@ def run_evaluation(
 
     cfg, info = run.cfg, run.info
     return evaluate(
-        run.model,
+        # Under torch.compile, the eager module: a no-grad eval-mode graph would be a second compilation.
+        getattr(run.model, "_orig_mod", run.model),
         dataset,
         indices,
         n_samples=n_samples,
