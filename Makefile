@@ -15,7 +15,7 @@ override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variab
 override SHELL := /bin/bash
 override DISPATCH = python3 -m env.runtime --from-make $@
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train bench compare prepare eval shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
@@ -39,10 +39,13 @@ train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, S
 bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, BASELINE, NCCL_JSON, COUNTS, LINK)
 	@$(DISPATCH)
 
-compare: ## compare two runs' manifests and figures (A=run_dir B=run_dir)
+compare: ## compare two runs' manifests and figures, and overlay their losses in a PNG (A=run_dir B=run_dir OUTPUT=png)
 	@$(DISPATCH)
 
-prepare: ## turn text files into a token file (INPUT='corpus/*.txt' OUTPUT=data/corpus.bin)
+prepare: ## turn text files into a token file, bytes or BPE (INPUT='corpus/*.txt' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 FORCE=1)
+	@$(DISPATCH)
+
+eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS)
 	@$(DISPATCH)
 
 shell: ## a shell in the chosen runtime

@@ -3,7 +3,10 @@
 A and B are run directories (holding manifest.json, and summary.json when the run finished)
 or manifest paths. Printed: the manifest keys whose values differ (flattened, noisy keys such
 as timestamps and temperatures left out), the package differences (added, removed, changed),
-and every numeric figure both summaries have, side by side with the ratio B/A.
+and every numeric figure both summaries have (val_loss and val_bpb among them), side by side
+with the ratio B/A. For two training runs it also draws one PNG overlaying both runs' training
+and validation loss and throughput (env/plots.py): --plot PATH (make compare OUTPUT=…), by
+default A's run directory / compare-<B's name>.png.
 Exit status: 0 after printing, 2 when a path or its manifest is missing or unreadable.
 """
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from env.cli import ArgumentParser, UserError, load_json, run_cli
+from env.plots import METRICS_NAME, PlotError, write_compare_plot
 
 MANIFEST_NAME = "manifest.json"
 SUMMARY_NAME = "summary.json"
@@ -178,9 +182,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
     parser.add_argument("a", metavar="A", help="run directory or manifest.json of the first run")
     parser.add_argument("b", metavar="B", help="run directory or manifest.json of the second run")
+    parser.add_argument("--output", "--plot", dest="plot", default="", help="where the overlay PNG goes (default: in A's run directory)")
     args = parser.parse_args(argv)
-    print(render(load_run(args.a), load_run(args.b)))
+    runs = load_run(args.a), load_run(args.b)
+    print(render(*runs))
+    print(overlay(*runs, args.plot))
     return 0
+
+
+def overlay(a: Run, b: Run, plot: str) -> str:
+    """Draw the overlay PNG of two training runs; the line that says where it went, or why not."""
+    dirs = a.manifest_path.parent, b.manifest_path.parent
+    if not all((d / METRICS_NAME).is_file() for d in dirs):
+        return "\nplot: none (only training runs, with a metrics.jsonl, are drawn)"
+    out = Path(plot) if plot else dirs[0] / f"compare-{dirs[1].resolve().name}.png"
+    try:
+        write_compare_plot(dirs[0], dirs[1], out)
+    except (PlotError, OSError) as exc:
+        return f"\nplot: none ({exc})"
+    return f"\nplot: {out} (A and B overlaid: loss against step and tokens, validation dashed, throughput)"
 
 
 if __name__ == "__main__":

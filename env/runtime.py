@@ -85,6 +85,10 @@ MAKE_VARS: dict[str, MakeVar] = {
     "B": MakeVar(""),
     "INPUT": MakeVar("--input"),
     "OUTPUT": MakeVar("--output"),
+    "TOKENIZER": MakeVar("--tokenizer"),
+    "VOCAB": MakeVar("--vocab", "count"),
+    "FORCE": MakeVar("--force", "switch"),
+    "DATA": MakeVar("--data"),
 }
 
 
@@ -110,8 +114,9 @@ TARGETS: dict[str, Target] = {
     "nccl-test": Target("env.nccl_test", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
     "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
     "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
-    "compare": Target("env.compare", positional=("A", "B")),
-    "prepare": Target("train.prepare", ("INPUT", "OUTPUT")),
+    "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),
+    "prepare": Target("train.prepare", ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE")),
+    "eval": Target("train.eval", ("GPUS", "RUN_DIR", "DATA")),
 }
 # Targets the dispatcher runs itself, and the variables they read.
 OWN_TARGETS: dict[str, tuple[str, ...]] = {

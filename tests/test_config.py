@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 
 from train.config import ConfigError, available_configs, config_from_dict, load_config
+from train.data import DataError
 
 
 def test_every_shipped_config_loads() -> None:
     names = available_configs()
     assert {"tiny", "small", "medium", "dense", "resnet50"} <= set(names)
     for name in names:
-        assert load_config(name).name == name
+        try:
+            assert load_config(name).name == name
+        except DataError as exc:  # a config on prepared data (small-bpe) names the command that makes it
+            assert "make prepare" in str(exc)
 
 
 def test_overrides_are_typed_by_field() -> None:

@@ -27,6 +27,7 @@ from train.data import (
     build_loader,
     describe,
     read_token_file,
+    split_samples,
     stream_indices,
     write_token_file,
 )
@@ -117,7 +118,8 @@ def test_loader_yields_the_stream_and_resumes_exactly(text_files: list[Path]) ->
     assert_same_batches(uninterrupted[resume_step * cfg.train.accum :], resumed)
 
     inputs, targets = uninterrupted[3]  # step 1, micro-batch 1
-    expected = stream_indices(1, 1, rank, world_size, 2, 2, len(dataset), cfg.train.seed)
+    train = split_samples(dataset, cfg).train  # the stream runs over the training split only
+    expected = train[stream_indices(1, 1, rank, world_size, 2, 2, len(train), cfg.train.seed)]
     assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (2, cfg.data.seq_len)
     assert torch.equal(inputs, torch.stack([dataset[i][0] for i in expected]))
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
@@ -189,7 +191,7 @@ def test_prepare_round_trip_keeps_the_bytes(tmp_path: Path, text_files: list[Pat
     assert prepare.main(["--input", str(tmp_path / "*.txt"), "--output", str(output)]) == 0
     meta = json.loads(output.with_suffix(".json").read_text())
     expected = b"".join(path.read_bytes() + DOC_SEPARATOR for path in sorted(text_files))
-    assert meta["dtype"] == "uint16" and meta["count"] == len(expected) and meta["vocab_size"] == 256
+    assert meta["dtype"] == "uint8" and meta["count"] == len(expected) and meta["vocab_size"] == 256
 
     for path in (str(output), str(tmp_path / "*.txt")):  # the prepared file and the raw glob agree
         dataset = build_dataset(make_config("files", path, seq_len=16))

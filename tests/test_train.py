@@ -76,6 +76,7 @@ def test_a_tiny_batch_can_be_overfitted(tmp_path) -> None:
         "train.log_every=10",
         "data.source=files",
         f"data.path={text}",
+        "data.val_fraction=0",  # one sample: none to hold out
     )
     assert result.returncode == 0, result.stderr
     assert losses(run_dir)[0] > 3.0 and losses(run_dir)[-1] < 0.5

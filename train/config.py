@@ -30,6 +30,8 @@ MAX_CONFIG_NODES = 10_000
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
 MAX_LAYERS = 4096
+# model.vocab_size=auto is stored as this until train.data.resolve_data takes the size from the data.
+VOCAB_AUTO = 0
 
 
 class ConfigError(UserError):
@@ -41,7 +43,7 @@ class ModelConfig:
     """A DeepSeek-V3-style decoder (MLA + DeepSeekMoE), or a torchvision image model."""
 
     arch: str = "deepseek"  # "deepseek" or "resnet50"
-    vocab_size: int = 256  # byte-level by default
+    vocab_size: int = 256  # byte-level by default; "auto": the data's (256 for bytes, a token file's sidecar)
     max_seq_len: int = 256
     dim: int = 128
     n_layers: int = 4
@@ -89,6 +91,11 @@ class DataConfig:
     seq_len: int = 256
     num_workers: int = 0
     pin_memory: bool = True
+    # Share of the samples held out for validation (train/data.py: the tail of a token source);
+    # never trained on, whatever the seed or world size. 0 holds none out (and turns evaluation off).
+    val_fraction: float = 0.05
+    # A separate validation set (a text glob or token file, like data.path); then all of data.path trains.
+    val_path: str = ""
 
 
 @dataclass
@@ -125,6 +132,11 @@ class TrainConfig:
     first_timeout_s: float = 60.0
     timeout_s: float = 600.0
     tensorboard: bool = False
+    # Validation every this many steps, and at the last step (0 turns it off): val_loss in metrics.jsonl,
+    # the console, TensorBoard and summary.json. It never changes the training figures.
+    eval_every: int = 100
+    # Batches of world_size x micro_batch validation samples per evaluation; 0 means the whole split.
+    eval_batches: int = 20
 
 
 @dataclass
@@ -215,6 +227,8 @@ def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
     if dotted == "name":
         cfg.name = plain_name(str(raw), "name")  # it names the run's directory under runs/
         return
+    if dotted == "model.vocab_size" and str(raw).strip().lower() == "auto":
+        raw = VOCAB_AUTO
     if len(parts) != 2 or parts[0] not in sections:
         raise _unknown_key(cfg, dotted, sections)
     section = getattr(cfg, parts[0])
@@ -316,8 +330,12 @@ def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) 
     cfg = RunConfig(name=path.stem)
     for dotted, value in flatten(_read_yaml(path)).items():
         _set(cfg, dotted, value)
-    for dotted, value in parse_overrides(overrides).items():
+    given = parse_overrides(overrides)
+    for dotted, value in given.items():
         _set(cfg, dotted, value)
+    from train.data import resolve_data  # the data decides vocab_size=auto and a source inferred from a path
+
+    resolve_data(cfg, source_given="data.source" in given)
     validate(cfg)
     return cfg
 
@@ -409,6 +427,11 @@ def validate(cfg: RunConfig) -> None:
     for key, value in {"train.first_timeout_s": t.first_timeout_s, "train.timeout_s": t.timeout_s}.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be more than 0 seconds, e.g. 60")
+    for key, value in {"train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be 0 or more")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be at least 0 and below 1, e.g. 0.05")
     validate_model(m)
     if m.arch == "deepseek" and cfg.data.seq_len > m.max_seq_len:
         raise ConfigError(

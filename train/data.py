@@ -14,16 +14,29 @@ Sources (data.source):
 - files: data.path is a glob of text files (each byte is a token) or a prepared token file (.bin).
 - images: a torchvision ImageFolder tree at data.path, with the usual training augmentations.
 
+A data.path given with the default source (corpus) picks the source from the path: a .bin token
+file or a text glob is `files`, a directory is `images`; a path that contradicts a source given on
+the same command line is refused (resolve_data). model.vocab_size=auto takes the vocabulary from
+the data: 256 for bytes, the sidecar's vocab_size for a token file.
+
 Token file format (what `python -m train.prepare` writes; write it yourself from any tokenizer):
 
 - NAME.bin: the token ids as raw little-endian unsigned integers, no header.
-- NAME.json: {"dtype": "uint16" or "uint32", "vocab_size": V, "count": number of tokens};
-  uint16 when every id fits (V <= 65536), else uint32. uint8 is read too; other keys are kept
-  as information.
+- NAME.json: {"dtype": "uint8", "uint16" or "uint32", "vocab_size": V, "count": number of tokens};
+  the smallest that holds every id (uint8 for bytes, uint16 up to V = 65536, else uint32). Other
+  keys are kept as information; prepare adds "tokenizer": {"file", "sha256", "vocab_size"} when
+  the ids come from NAME.tokenizer.json (train/tokenizer.py).
+
+The validation split (data.val_fraction, or data.val_path): the LAST ceil(val_fraction * N) samples
+of a token source (a contiguous tail, so no validation text sits next to training text), or for
+images and synthetic data the samples that a fixed permutation (SPLIT_SEED, not the run's seed)
+puts first. It depends on nothing but the data and val_fraction: no seed or world size changes
+which samples are held out, and the training stream below runs over the remaining N' samples
+only. With data.val_path the whole of data.path trains and val_path is the validation set.
 
 The sample stream: a language-model sample is a non-overlapping window, sample i being
 tokens[i*T : i*T + T + 1] with inputs w[:-1] and targets w[1:], so there are N = (len-1) // T
-samples. Epoch e is a permutation of range(N) drawn from (seed, e), and the stream is the epochs
+samples. Epoch e is a permutation of the N' training samples drawn from (seed, e), and the stream is the epochs
 one after another. Optimizer step s consumes the G = world_size * micro_batch * accum stream
 positions from s*G on; micro-batch m of rank r takes the micro_batch positions from
 s*G + (m*world_size + r) * micro_batch. Within an epoch no sample is seen twice and none is
@@ -41,10 +54,12 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +69,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from env.atomic import replace_atomically
 from env.cli import UserError
-from train.config import RunConfig
+from train.config import VOCAB_AUTO, ConfigError, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_MAX_BYTES = 16 * 2**20
@@ -74,6 +89,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # What each model architecture eats, and what each source gives ("synthetic" follows the model).
 ARCH_INPUT = {"deepseek": "tokens", "resnet50": "images"}
 SOURCE_INPUT = {"corpus": "tokens", "files": "tokens", "images": "images"}
+# The validation split of sources without a natural order is drawn with this seed, never the run's.
+SPLIT_SEED = 20240601
 
 
 class DataError(UserError):
@@ -85,7 +102,7 @@ class DataError(UserError):
 
 def token_dtype(vocab_size: int) -> str:
     """The narrowest token file dtype that holds every id below vocab_size."""
-    return "uint16" if vocab_size <= 2**16 else "uint32"
+    return "uint8" if vocab_size <= 2**8 else "uint16" if vocab_size <= 2**16 else "uint32"
 
 
 def sidecar_path(bin_path: Path) -> Path:
@@ -163,7 +180,10 @@ def document_chunks(paths: Iterable[Path], max_bytes: int | None = None) -> Iter
     """Each file's bytes followed by DOC_SEPARATOR, as uint8 arrays, stopping at max_bytes in all."""
     remaining = sys.maxsize if max_bytes is None else max_bytes
     for path in paths:
-        document = (Path(path).read_bytes() + DOC_SEPARATOR)[:remaining]
+        try:
+            document = (Path(path).read_bytes() + DOC_SEPARATOR)[:remaining]
+        except OSError as exc:
+            raise DataError(f"cannot read {path} ({exc.strerror}); check its permissions or leave it out") from None
         remaining -= len(document)
         yield np.frombuffer(document, dtype=np.uint8)
         if remaining == 0:
@@ -420,6 +440,75 @@ SOURCES: dict[str, Callable[[RunConfig], Dataset]] = {
 }
 
 
+def _source_of_path(path: str) -> str:
+    """The source a data path means: a directory is an image folder, anything else text or tokens."""
+    return "images" if os.path.isdir(path) else "files"
+
+
+def resolve_data(cfg: RunConfig, source_given: bool) -> None:
+    """Settle what the data decides, in place: a source inferred from data.path, and vocab_size=auto.
+
+    source_given: data.source was set on this command line (not only by the config file), so a
+    data.path that contradicts it is refused instead of silently winning or losing.
+    """
+    data = cfg.data
+    if data.path:
+        inferred = _source_of_path(data.path)
+        if not source_given:
+            data.source = inferred
+        elif data.source != inferred:
+            kind = "a directory (an image folder)" if inferred == "images" else "a text glob or token file"
+            raise ConfigError(
+                f"data.path={data.path!r} is {kind}, which data.source={data.source} does not read; "
+                f"drop data.source (the path picks data.source={inferred}) or drop data.path"
+            )
+    if data.val_path and SOURCE_INPUT.get(_source_of_path(data.val_path)) != SOURCE_INPUT.get(data.source, "tokens"):
+        raise ConfigError(f"data.val_path={data.val_path!r} is not the same kind of data as data.source={data.source}")
+    if cfg.model.vocab_size == VOCAB_AUTO:
+        cfg.model.vocab_size = _data_vocab_size(cfg)
+
+
+def _data_vocab_size(cfg: RunConfig) -> int:
+    source, path = cfg.data.source, cfg.data.path
+    if source == "synthetic":
+        raise ConfigError(
+            "model.vocab_size=auto takes the size from the data; data.source=synthetic has none: give a number"
+        )
+    if source == "files" and path.endswith(".bin"):
+        if not Path(path).is_file():
+            raise DataError(
+                f"model.vocab_size=auto reads the vocabulary of data.path={path!r}, which does not exist; "
+                "make it with make prepare (see the config file's header) or set model.vocab_size"
+            )
+        _, meta = read_token_file(path)
+        try:
+            return int(meta["vocab_size"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{sidecar_path(Path(path))} has no vocab_size; add it or set model.vocab_size") from None
+    return BYTE_VOCAB
+
+
+def data_tokenizer(cfg: RunConfig) -> Path | None:
+    """The tokenizer.json the run's token file was made with (checked against its sidecar), or None for bytes."""
+    path = cfg.data.path
+    if cfg.data.source != "files" or not path.endswith(".bin"):
+        return None
+    _, meta = read_token_file(path)
+    record = meta.get("tokenizer")
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+        return None
+    tokenizer = Path(path).parent / Path(record["file"]).name
+    try:
+        actual = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise DataError(
+            f"{path} was made with {tokenizer}, which cannot be read ({exc.strerror}); restore it"
+        ) from None
+    if actual != record.get("sha256"):
+        raise DataError(f"{tokenizer} is not the tokenizer {path} was made with (sha256 differs); re-run make prepare")
+    return tokenizer
+
+
 def build_dataset(cfg: RunConfig) -> Dataset:
     """The map-style dataset of cfg.data.source; DataError (one line with the fix) for bad data."""
     source, arch = cfg.data.source, cfg.model.arch
@@ -431,6 +520,41 @@ def build_dataset(cfg: RunConfig) -> Dataset:
             f"use data.source={' or '.join(fits)}"
         )
     return SOURCES[source](cfg)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Dataset indices: those the training stream draws from, and the held-out ones."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def split_samples(dataset: Dataset, cfg: RunConfig) -> Split:
+    """The validation split of the module docstring: a function of the data and data.val_fraction only."""
+    n = len(dataset)
+    everything = np.arange(n, dtype=np.int64)
+    if cfg.data.val_path or not cfg.data.val_fraction:
+        return Split(everything, everything[:0])
+    # ceil, less a rounding hair: 100 samples at 0.05 hold out 5, not 6
+    n_val = math.ceil(n * cfg.data.val_fraction - 1e-9)
+    if n_val >= n:
+        raise DataError(
+            f"data.val_fraction={cfg.data.val_fraction} holds out all {n} samples; lower it or use more data"
+        )
+    if isinstance(dataset, TokenWindows):
+        return Split(everything[: n - n_val], everything[n - n_val :])
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return Split(np.sort(order[n_val:]), np.sort(order[:n_val]))
+
+
+def validation_set(dataset: Dataset, cfg: RunConfig) -> tuple[Dataset, np.ndarray]:
+    """The dataset and indices evaluation reads: data.val_path whole, or the held-out part of `dataset`."""
+    if cfg.data.val_path:
+        own = replace(cfg, data=replace(cfg.data, path=cfg.data.val_path, source=_source_of_path(cfg.data.val_path)))
+        val = build_dataset(own)
+        return val, np.arange(len(val), dtype=np.int64)
+    return dataset, split_samples(dataset, cfg).val
 
 
 def describe(dataset: Dataset) -> str:
@@ -478,10 +602,12 @@ class StreamBatchSampler(Sampler):
     """This rank's micro-batches of the global stream, forever, from optimizer step start_step."""
 
     def __init__(
-        self, n_samples: int, rank: int, world_size: int, micro_batch: int, accum: int, seed: int, start_step: int
+        self, samples: np.ndarray, rank: int, world_size: int, micro_batch: int, accum: int, seed: int, start_step: int
     ) -> None:
         super().__init__()
-        self.n_samples = n_samples
+        # Stream position p reads dataset index samples[p]: the training split, in dataset order.
+        self.samples = samples
+        self.n_samples = len(samples)
         self.rank = rank
         self.world_size = world_size
         self.micro_batch = micro_batch
@@ -492,9 +618,10 @@ class StreamBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for step in itertools.count(self.start_step):
             for micro in range(self.accum):
-                yield stream_indices(
+                positions = stream_indices(
                     step, micro, self.rank, self.world_size, self.micro_batch, self.accum, self.n_samples, self.seed
                 )
+                yield self.samples[positions].tolist()
 
 
 def build_loader(dataset: Dataset, cfg: RunConfig, rank: int, world_size: int, start_step: int) -> DataLoader:
@@ -503,7 +630,13 @@ def build_loader(dataset: Dataset, cfg: RunConfig, rank: int, world_size: int, s
     if workers < 0:
         raise DataError(f"data.num_workers={workers} must be 0 or more")
     sampler = StreamBatchSampler(
-        len(dataset), rank, world_size, cfg.train.micro_batch, cfg.train.accum, cfg.train.seed, start_step
+        split_samples(dataset, cfg).train,
+        rank,
+        world_size,
+        cfg.train.micro_batch,
+        cfg.train.accum,
+        cfg.train.seed,
+        start_step,
     )
     return DataLoader(
         dataset,

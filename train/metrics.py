@@ -22,6 +22,7 @@ import torch
 
 from env.atomic import write_fix, write_text_atomically
 from env.cli import UserError
+from env.plots import PlotError, write_loss_plot
 from train.rundir import earlier_records
 
 T = TypeVar("T")
@@ -39,6 +40,19 @@ class RunDirWriteError(UserError):
 def steady(windows: list[T]) -> list[T]:
     """The steady state of a run's logged windows: the first tenth dropped (at least the first of several)."""
     return windows[len(windows) // 10 :] if len(windows) >= 10 else windows[1:] or windows
+
+
+VAL_KEYS = ("val_loss", "val_bpb", "val_perplexity")
+
+
+def _validation_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last validation figures of the run, and the best val_loss with its step (none without eval)."""
+    evaluated = [r for r in records if r.get("val_loss") is not None]
+    if not evaluated:
+        return {}
+    best = min(evaluated, key=lambda r: r["val_loss"])
+    last = {key: evaluated[-1][key] for key in VAL_KEYS if evaluated[-1].get(key) is not None}
+    return {**last, "best_val_loss": best["val_loss"], "best_val_step": best["step"]}
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -147,7 +161,8 @@ class MetricsLogger:
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:
-        """record holds step, loss, lr, grad_norm, step_ms, samples_per_sec, ... for one step."""
+        """record holds step, loss, lr, grad_norm, step_ms, samples_per_sec, ... (val_loss on eval steps)."""
+        record = {**record, "time": round(time.time(), 3)}  # wall clock, Unix seconds
         self._records.append(record)
         self._eta.add(record["step"], record["step_ms"] / 1000)
         if not self.is_main or self._jsonl is None:
@@ -159,7 +174,7 @@ class MetricsLogger:
             raise RunDirWriteError(self.run_dir / "metrics.jsonl", exc) from exc
         if self._writer is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
+                if isinstance(value, (int, float)) and key not in ("step", "time"):
                     self._writer.add_scalar(key, value, record["step"])
         self.console.write(self._progress_line(record) + "\n")
         self.console.flush()
@@ -169,10 +184,11 @@ class MetricsLogger:
         steps = len(str(self.total_steps))
         mfu = f" | mfu {r['mfu'] * 100:5.1f}%" if r.get("mfu") is not None else ""
         tokens = f" | {r['tokens_per_sec']:>11,.0f} tok/s" if r.get("tokens_per_sec") else ""
+        val = "".join(f" | {key} {r[key]:8.4f}" for key in VAL_KEYS if r.get(key) is not None)
         return (
             f"step {r['step']:>{steps}}/{self.total_steps} | loss {r['loss']:8.4f} | lr {r['lr']:9.2e} "
             f"| {r['step_ms']:9.1f} ms{tokens} | {r['samples_per_sec']:>10,.1f} samples/s{mfu} "
-            f"| mem {r['peak_mem_gb']:7.2f} GB | eta {format_duration(self._eta.remaining(self.total_steps)):>6}"
+            f"| mem {r['peak_mem_gb']:7.2f} GB | eta {format_duration(self._eta.remaining(self.total_steps)):>6}{val}"
         )
 
     def summary(self, extra: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +215,7 @@ class MetricsLogger:
             "peak_mem_gb": max((r["peak_mem_gb"] for r in records), default=None),
             "wall_s": round(time.perf_counter() - self._started, 2),  # this launch's
             "resumed_from_step": self.start_step,
+            **_validation_summary(records),
             **extra,
         }
         if self.is_main:
@@ -209,6 +226,11 @@ class MetricsLogger:
         return summary
 
     def close(self) -> None:
+        if self.is_main and self._jsonl is not None:
+            try:  # the whole run's records (metrics.jsonl holds earlier segments too), drawn as RUN_DIR/loss.png
+                write_loss_plot(self.run_dir)
+            except PlotError as exc:
+                self.console.write(f"torchrig: no loss.png: {exc}\n")
         if self._jsonl is not None:
             with contextlib.suppress(OSError):  # a write that failed already said so
                 self._jsonl.close()

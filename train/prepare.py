@@ -1,23 +1,208 @@
-"""Turn text files into a token file for data.source=files.
+"""Turn text files into a token file for data.source=files (`make prepare`).
 
-    python -m train.prepare --input 'corpus/*.txt' --output data/mycorpus.bin
+    python -m train.prepare --input 'corpus/*.txt' --output data/x.bin [--tokenizer bytes|bpe|PATH] [--vocab 8192]
 
-Byte-level: each file's bytes are its tokens, followed by a NUL separator, written as uint16
-into data/mycorpus.bin with its sidecar data/mycorpus.json (the format is described in
-train/data.py, so a file from your own tokenizer can be written the same way). Train on it
-with ARGS="data.source=files data.path=data/mycorpus.bin".
+--tokenizer bytes (the default): each file's bytes are its tokens, then a NUL separator, stored
+as uint8. --tokenizer bpe: trains a byte-level BPE of --vocab tokens on the input
+(deterministic: the same files give the same tokenizer) and writes it to data/x.tokenizer.json;
+--tokenizer PATH uses an existing tokenizer.json (any model's works offline). Each document then
+ends with <|endoftext|>, and the ids are stored in the smallest dtype that fits (uint16 up to 65,536
+tokens, else uint32). The sidecar data/x.json records dtype, count, vocab_size and the
+tokenizer's file, sha256 and size (format: train/data.py).
+
+Files that prepare did not write (data/x.bin, data/x.json, data/x.tokenizer.json) are never
+replaced without --force. Train with ARGS="data.path=data/x.bin model.vocab_size=auto".
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import shutil
 import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
 
-from train.data import BYTE_VOCAB, DataError, document_chunks, expand_globs, sidecar_path, write_token_file
+import numpy as np
+
+from env.cli import ArgumentParser, count_arg, run_cli
+from train.data import (
+    BYTE_VOCAB,
+    TOKEN_DTYPES,
+    DataError,
+    expand_globs,
+    sidecar_path,
+    token_dtype,
+    write_token_file,
+)
+from train.tokenizer import end_of_text_id, load_tokenizer, sha256_of, train_bpe
+
+WRITER = "train.prepare"
+# Texts are encoded in pieces of about this size, cut after a newline: memory stays bounded on
+# large files, and the cut points (so the tokens) depend only on the text.
+PIECE_BYTES = 1 << 20
+PROGRESS_EVERY_S = 2.0
+ENCODE_BATCH = 8  # pieces per encode_batch call: progress between calls
+
+
+def tokenizer_path(bin_path: Path) -> Path:
+    return bin_path.with_name(bin_path.stem + ".tokenizer.json")
+
+
+class Progress:
+    """Bytes read out of a known total, with throughput and an ETA, every few seconds on stderr."""
+
+    def __init__(self, what: str, total: int, out: TextIO = sys.stderr) -> None:
+        self.what, self.total, self.out = what, total, out
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def add(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0.0
+            self.out.write(
+                f"prepare: {self.what} {self.done / 2**20:,.1f} of {self.total / 2**20:,.1f} MiB "
+                f"({self.done / max(self.total, 1):.0%}), {rate / 2**20:,.1f} MiB/s, eta {eta:.0f} s\n"
+            )
+            self.out.flush()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(
+            f"cannot read the input {path} ({exc.strerror}); check its permissions or leave it out"
+        ) from None
+
+
+def _text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"the input {path} is not UTF-8 text (byte {exc.start}); a BPE needs text: drop it or use TOKENIZER=bytes"
+        ) from None
+
+
+def _pieces(text: str) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        cut = text.find("\n", start + PIECE_BYTES)
+        end = len(text) if cut < 0 else cut + 1
+        yield text[start:end]
+        start = end
+
+
+def _texts(files: list[Path], progress: Progress) -> Iterator[str]:
+    for path in files:
+        for piece in _pieces(_text(path, _read(path))):
+            yield piece
+            progress.add(len(piece.encode("utf-8")))
+
+
+def _byte_chunks(files: list[Path], progress: Progress) -> Iterator[np.ndarray]:
+    for path in files:
+        data = _read(path)
+        progress.add(len(data))
+        yield np.frombuffer(data + b"\x00", dtype=np.uint8)
+
+
+def _token_chunks(files: list[Path], tokenizer: Any, separator: int | None, progress: Progress) -> Iterator[np.ndarray]:
+    for path in files:
+        pieces = list(_pieces(_text(path, _read(path))))
+        for start in range(0, len(pieces), ENCODE_BATCH):
+            batch = pieces[start : start + ENCODE_BATCH]
+            ids = [encoding.ids for encoding in tokenizer.encode_batch(batch)]
+            progress.add(sum(len(piece.encode("utf-8")) for piece in batch))
+            yield np.fromiter((i for piece in ids for i in piece), dtype=np.int64)
+        if separator is not None:
+            yield np.array([separator], dtype=np.int64)
+
+
+def _is_ours(bin_path: Path) -> bool:
+    """A sidecar prepare wrote (or the byte prepare before it), describing the .bin beside it."""
+    try:
+        meta = json.loads(sidecar_path(bin_path).read_text())
+        expected = int(meta["count"]) * TOKEN_DTYPES[meta["dtype"]].itemsize
+        return {"dtype", "count", "vocab_size", "sha256"} <= meta.keys() and (
+            not bin_path.exists() or bin_path.stat().st_size == expected
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_overwrite(bin_path: Path, tokenizer_out: Path | None, force: bool) -> None:
+    """Refuse to replace a file that prepare did not write, unless forced."""
+    if force:
+        return
+    meta_path = sidecar_path(bin_path)
+    if meta_path.exists() and not _is_ours(bin_path):
+        raise DataError(f"{meta_path} exists and was not written by prepare; move it away or pass FORCE=1")
+    if bin_path.exists() and not meta_path.exists():
+        raise DataError(f"{bin_path} exists and was not written by prepare; move it away or pass FORCE=1")
+    if tokenizer_out is not None and tokenizer_out.exists():
+        recorded = (json.loads(meta_path.read_text()).get("tokenizer") or {}) if meta_path.exists() else {}
+        if recorded.get("sha256") != sha256_of(tokenizer_out):
+            raise DataError(f"{tokenizer_out} exists and was not written by prepare; move it away or pass FORCE=1")
+
+
+def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, force: bool) -> dict[str, Any]:
+    if not output.endswith(".bin"):
+        raise DataError(f"OUTPUT={output!r} must end in .bin, e.g. data/mycorpus.bin")
+    bin_path = Path(output)
+    files = expand_globs(inputs, "INPUT", "check the path and quote globs")
+    total = 0
+    for path in files:
+        try:
+            total += path.stat().st_size
+        except OSError as exc:
+            raise DataError(f"cannot read the input {path} ({exc.strerror}); check it or leave it out") from None
+    kind = "bytes" if tokenizer_arg == "bytes" else "bpe" if tokenizer_arg == "bpe" else "file"
+    tokenizer_out = tokenizer_path(bin_path) if kind != "bytes" else None
+    given = Path(tokenizer_arg) if kind == "file" else None
+    if given is not None and not given.is_file():
+        raise DataError(f"TOKENIZER={tokenizer_arg!r} is neither bytes, bpe nor an existing tokenizer.json")
+    if given is not None and tokenizer_out is not None and given.resolve() == tokenizer_out.resolve():
+        tokenizer_out = None  # the tokenizer already lies where it would be copied
+    check_overwrite(bin_path, tokenizer_out, force)
+    if kind == "bytes":
+        chunks = _byte_chunks(files, Progress("tokenized", total))
+        return write_token_file(bin_path, chunks, BYTE_VOCAB, meta=_meta(files, {"kind": "bytes"}))
+    if kind == "bpe":
+        tokenizer = train_bpe(_texts(files, Progress("BPE training read", total)), vocab)
+    else:
+        tokenizer = load_tokenizer(given)
+    separator = end_of_text_id(tokenizer)
+    vocab_size = tokenizer.get_vocab_size()
+    final = tokenizer_path(bin_path)
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "bpe":
+            tokenizer.save(str(final))
+        elif tokenizer_out is not None:
+            shutil.copyfile(given, final)
+    except OSError as exc:
+        raise DataError(f"cannot write {final} ({exc.strerror}); choose a writable OUTPUT") from None
+    record = {"kind": kind, "file": final.name, "sha256": sha256_of(final), "vocab_size": vocab_size,
+              "end_of_document": separator}  # fmt: skip
+    chunks = _token_chunks(files, tokenizer, separator, Progress("tokenized", total))
+    return write_token_file(
+        bin_path, chunks, vocab_size, dtype=token_dtype(vocab_size), meta=_meta(files, {"tokenizer": record})
+    )
+
+
+def _meta(files: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
+    return {"written_by": WRITER, "files": len(files), "bytes": sum(p.stat().st_size for p in files), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.prepare", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.prepare", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input",
         nargs="+",
@@ -29,24 +214,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", required=True, metavar="PATH.bin", help="the token file to write; its .json sidecar goes next to it"
     )
+    parser.add_argument("--tokenizer", default="bytes", help="bytes (default), bpe (train one), or a tokenizer.json")
+    parser.add_argument("--vocab", type=count_arg("VOCAB"), default=8192, help="vocabulary size of a trained BPE")
+    parser.add_argument("--force", action="store_true", help="replace files that prepare did not write (FORCE=1)")
     args = parser.parse_args(argv)
+    vocab = args.vocab
+    if vocab > 2**32:
+        raise DataError(f"VOCAB={vocab} does not fit a uint32 token file; use at most {2**32}")
     try:
-        if not args.output.endswith(".bin"):
-            raise DataError(f"--output {args.output!r} must end in .bin, e.g. data/mycorpus.bin")
-        files = expand_globs(args.input, "--input", "check the path and quote globs")
-        info = write_token_file(args.output, document_chunks(files), BYTE_VOCAB, meta={"files": len(files)})
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        info = prepare(args.input, args.output, args.tokenizer, vocab, args.force)
     except OSError as exc:
-        print(f"error: cannot read or write {exc.filename} ({exc.strerror}); check the paths", file=sys.stderr)
-        return 2
+        raise DataError(f"cannot write {args.output} ({exc.strerror}); choose a writable OUTPUT") from None
+    tokenizer = info.get("tokenizer")
+    extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if tokenizer else ""
     print(
-        f"wrote {args.output} and {sidecar_path(args.output)}: {info['count']:,} {info['dtype']} tokens "
-        f'from {len(files)} files; train with ARGS="data.source=files data.path={args.output}"'
+        f"wrote {args.output} and {sidecar_path(Path(args.output))}: {info['count']:,} {info['dtype']} tokens "
+        f'from {info["files"]} files{extra}; train with ARGS="data.path={args.output} model.vocab_size=auto"'
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("prepare", main)

@@ -39,6 +39,7 @@ from train.distributed import (
     shutdown,
     wrap_model,
 )
+from train.eval import Evaluator
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memory_gb
 from train.model import build_model, moe_balance_step
@@ -283,14 +284,17 @@ def _dump_flight_recorder(run_dir: Path, info: DistInfo) -> None:
 
 def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dict[str, Any]:
     cfg = run.cfg
-    batches, rates, logger, train_step = _start_loop(run, run_dir)
+    batches, rates, logger, train_step, evaluator = _start_loop(run, run_dir)
     clock = StepClock(run.info.device)
     step = run.start_step
     while step < cfg.train.steps:
         figures = train_step(run, batches, watchdog, step + 1, stop)
         step += 1
         clock.tick()
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or stop.agreed:
+        with clock.paused():  # evaluating is not training throughput
+            figures |= evaluator.after_step(step, stop.agreed)  # val_loss etc. on eval steps
+        figures.pop("eval_s", None)
+        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or stop.agreed or "val_loss" in figures:
             logger.log(rates.record(step, figures, clock.lap()))
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop.agreed:
             with clock.paused():  # saving is not training throughput
@@ -324,6 +328,7 @@ class Rates:
             "step": step,
             # grad_norm and the MoE loads are device tensors, read only now: reading waits for the device
             **{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in figures.items()},
+            "tokens": step * self.global_batch * self.tokens_per_sample or None,  # seen so far
             "step_ms": step_s * 1000,
             "samples_per_sec": samples_per_sec,
             "tokens_per_sec": samples_per_sec * self.tokens_per_sample if self.tokens_per_sample else None,
@@ -344,8 +349,11 @@ class Rates:
         }
 
 
-def _start_loop(run: Run, run_dir: Path) -> tuple[Iterator, Rates, MetricsLogger, Callable[..., dict[str, Any]]]:
-    """What the loop needs besides the Run: the batches from the start step, the figures, the logger, the step."""
+def _start_loop(
+    run: Run, run_dir: Path
+) -> tuple[Iterator, Rates, MetricsLogger, Callable[..., dict[str, Any]], Evaluator]:
+    """What the loop needs besides the Run: the batches from the start step, the figures, the logger, the step,
+    and the validation (train/eval.py), which checks its split before step 1."""
     cfg, info = run.cfg, run.info
     dataset = build_dataset(cfg)
     batches = iter(build_loader(dataset, cfg, info.rank, info.world_size, run.start_step))
@@ -361,13 +369,14 @@ def _start_loop(run: Run, run_dir: Path) -> tuple[Iterator, Rates, MetricsLogger
         strategy=cfg.train.strategy,
     )
     logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard, start_step=run.start_step)
+    evaluator = Evaluator(run, run_dir, dataset)
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
     if info.is_main and run.start_step:
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
     if info.is_main and rates.peak.flops is None:
         print(f"torchrig: mfu is null: {rates.peak.note}", flush=True)
-    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(_train_step)
+    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(_train_step), evaluator
 
 
 def _record_launch(cfg: RunConfig, run_dir: Path) -> None:
