@@ -17,6 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     say "installing slurm-wlm and munge (Debian packages)"
+    apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
 fi
 # The tests run in .venv, which make test made before this stage; make it when run on its own.

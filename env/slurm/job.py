@@ -20,6 +20,7 @@ Standard library only: it runs with the system python3, before any venv exists.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from env.cli import UserError, check_workers, count, run_cli
+from env.cli import UserError, check_workers, count, one_line, run_cli
 from env.runtime import (
     NODE_VARS,
     ROOT,
@@ -107,7 +108,7 @@ def submit(target: str, values: dict[str, str]) -> int:
     command = sbatch_command(_target(target), values)
     if shutil.which("sbatch") is None:
         raise UserError("sbatch is not on PATH: run this on a Slurm login node (or load the slurm module)")
-    print(f"torchrig: {' '.join(command)}", file=sys.stderr, flush=True)
+    print(f"torchrig: {one_line(shlex.join(command))}", file=sys.stderr, flush=True)
     os.execvp(command[0], command)
     return 0  # not reached
 
@@ -182,7 +183,10 @@ def batch(target: str, values: dict[str, str]) -> int:
             path.mkdir(exist_ok=True)
     preemption = Preemption(job)
     command = srun_command(target, values, first_node_address(), free_port())
-    print(f"torchrig: job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}: {' '.join(command)}", flush=True)
+    print(
+        f"torchrig: job {job} on {os.environ.get('SLURM_JOB_NODELIST', '?')}: {one_line(shlex.join(command))}",
+        flush=True,
+    )
     code = subprocess.run(command, cwd=ROOT, check=False).returncode
     # Only a running job is requeued: a plain scancel also sends SIGTERM here, and a cancelled job stays cancelled.
     if preemption.requested and target == "train" and _scontrol_fields("job", job).get("JobState") == "RUNNING":
