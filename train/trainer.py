@@ -39,6 +39,7 @@ from train.distributed import (
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, peak_memory_gb
 from train.model import build_model, moe_balance_step
+from train.models import get_spec
 from train.watchdog import Watchdog
 
 
@@ -146,7 +147,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = cfg.model.arch == "resnet50"
+        torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
@@ -261,7 +262,7 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
     dataset = build_dataset(cfg)
     batches = iter(build_loader(dataset, cfg, info.rank, info.world_size, run.start_step))
     global_batch = info.world_size * cfg.train.micro_batch * cfg.train.accum
-    tokens_per_sample = cfg.data.seq_len if cfg.model.arch == "deepseek" else 0
+    tokens_per_sample = cfg.data.seq_len if get_spec(cfg.model.arch).inputs == "tokens" else 0
     flops = flops_per_sample(cfg.model, cfg.data.seq_len)
     device_name = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
     peak = peak_flops(device_name, run.precision.name)
