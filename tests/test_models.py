@@ -91,6 +91,13 @@ def test_a_config_names_a_model_and_never_imports_one(tmp_path: Path, monkeypatc
         build_model(ModelConfig(arch="planted"))
     assert not marker.exists() and "planted" not in sys.modules
 
+    # make exports its command-line variables, so `make train TORCHRIG_MODELS=planted` is refused too.
+    monkeypatch.setenv("TORCHRIG_MODELS", "planted")
+    monkeypatch.setenv("MAKEFLAGS", " -- GPUS=2 TORCHRIG_MODELS=planted")
+    with pytest.raises(ConfigError, match="TORCHRIG_MODELS was given as a make variable"):
+        load_config("tiny", ["model.arch=planted"])
+    assert not marker.exists() and "planted" not in sys.modules
+
 
 @pytest.mark.parametrize(
     ("source", "value", "expected"),

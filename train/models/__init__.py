@@ -8,8 +8,10 @@ The built-in families are the SPEC of each module named in BUILT_IN. A model of 
 file exporting `SPEC = ModelSpec(...)`: either put it in this package and add its name to BUILT_IN, or
 keep it anywhere importable and name its module in the TORCHRIG_MODELS environment variable
 (comma-separated, e.g. TORCHRIG_MODELS=mymodels.toy), which every worker inherits. Only that
-variable, set deliberately by whoever starts the run, ever makes the registry import code: a config
-file or a `model.arch` value is a name looked up among the registered specs, never a module to import.
+variable, set deliberately in the environment by whoever starts the run, ever makes the registry
+import code: a config file or a `model.arch` value is a name looked up among the registered specs,
+never a module to import, and the variable given on make's command line (which make exports too) is
+refused.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ def _import_failure(where: str, module_name: str, exc: Exception) -> ConfigError
 def registered() -> dict[str, ModelSpec]:
     """Every spec: the built-in families, then those of the modules in TORCHRIG_MODELS."""
     specs = _built_in()
+    if os.environ.get(PLUGINS_ENV) and re.search(rf"(^|\s){PLUGINS_ENV}=", os.environ.get("MAKEFLAGS", "")):
+        raise ConfigError(
+            f"{PLUGINS_ENV} was given as a make variable, and make variables never import code; "
+            f"set it in the environment instead: {PLUGINS_ENV}=mymodels.toy make train ..."
+        )
     for module_name in filter(None, (part.strip() for part in os.environ.get(PLUGINS_ENV, "").split(","))):
         spec = _plugin_spec(module_name)
         if spec.name in specs and specs[spec.name] is not spec:
