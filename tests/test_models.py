@@ -11,13 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from env.runtime import STAMP, _lock_digest
-from tests.conftest import ROOT
+from tests.conftest import ROOT, finish_gloo_worker, free_port
 from tests.toy_model import SPEC as TOY
 from tests.trainrun import metrics
 from train.config import ConfigError, ModelConfig, load_config
+from train.distributed import DistInfo, wrap_model
 from train.models import BUILT_IN, build_model, get_spec, registered
 
 TOY_ARGS = [
@@ -145,3 +149,28 @@ def test_every_built_in_family_builds_counts_and_shards(monkeypatch: pytest.Monk
         assert not nested, arch
         assert spec.count_params(cfg).total == sum(p.numel() for p in model.parameters()), arch
     assert len(get_spec("deepseek").shard_units(build_model(small["deepseek"]))) == small["deepseek"].n_layers + 1
+
+
+def fsdp_wrap_worker(rank: int, port: int, plugins: str) -> None:
+    sys.path.insert(0, plugins)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHRIG_MODELS="tests.toy_model,toy_ends")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    info = DistInfo(rank, rank, 2, torch.device("cpu"), "gloo")
+    for overrides in (["model.mtp_depth=1"], TOY_ARGS, [*TOY_ARGS, "model.arch=toy_ends"]):
+        cfg = load_config("tiny", [*overrides, "train.strategy=fsdp"])
+        model = build_model(cfg.model)
+        units = get_spec(cfg.model.arch).shard_units(model)
+        wrap_model(model, cfg, info, param_dtype=None)
+        # fully_shard turns a module into an FSDP module: exactly the spec's units and the root are.
+        sharded = [module for module in model.modules() if hasattr(module, "reshard")]
+        assert [id(m) for m in sharded] == [id(model), *map(id, units)], cfg.model.arch
+    finish_gloo_worker()
+
+
+def test_fsdp_shards_the_units_each_spec_names(tmp_path: Path) -> None:
+    # Units unlike the built-ins' (blocks in .layers): the embedding and the head of the toy.
+    (tmp_path / "toy_ends.py").write_text(
+        "import dataclasses\nfrom tests.toy_model import SPEC as TOY\n\n"
+        "SPEC = dataclasses.replace(TOY, name='toy_ends', shard_units=lambda model: [model.embed, model.head])\n"
+    )
+    mp.spawn(fsdp_wrap_worker, args=(free_port(), str(tmp_path)), nprocs=2)
