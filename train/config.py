@@ -42,7 +42,7 @@ class ConfigError(UserError):
 class ModelConfig:
     """A DeepSeek-V3-style decoder (MLA + DeepSeekMoE), or a torchvision image model."""
 
-    arch: str = "deepseek"  # "deepseek" or "resnet50"
+    arch: str = "deepseek"  # a registered model (train/models): "deepseek", "resnet50" or your own
     vocab_size: int = 256  # byte-level by default; "auto": the data's (256 for bytes, a token file's sidecar)
     max_seq_len: int = 256
     dim: int = 128
@@ -151,7 +151,6 @@ class RunConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("deepseek", "resnet50"),
     "data.source": ("corpus", "synthetic", "files", "images"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.strategy": ("ddp", "fsdp"),
@@ -363,9 +362,14 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
 
 
 def validate_model(m: ModelConfig) -> None:
-    """The model's own shape checks (train.model.build_model runs them too, for a ModelConfig made in code)."""
-    if m.arch != "deepseek":
-        return
+    """The model's own checks, from its registry spec (build_model runs them too, for a ModelConfig made in code)."""
+    from train.models import get_spec  # the registry imports this module
+
+    get_spec(m.arch).validate(m)
+
+
+def validate_decoder(m: ModelConfig) -> None:
+    """The DeepSeek decoder's shape checks (train/models/deepseek.py)."""
     sizes = {
         "dim": m.dim,
         "n_layers": m.n_layers,
@@ -433,9 +437,12 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be at least 0 and below 1, e.g. 0.05")
     validate_model(m)
-    if m.arch == "deepseek" and cfg.data.seq_len > m.max_seq_len:
+    from train.models import get_spec
+
+    limit = get_spec(m.arch).seq_len_limit
+    if limit and cfg.data.seq_len > getattr(m, limit):
         raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower one or raise the other"
+            f"data.seq_len={cfg.data.seq_len} exceeds model.{limit}={getattr(m, limit)}; lower one or raise the other"
         )
     if cfg.data.source == "files" and not cfg.data.path:
         raise ConfigError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')

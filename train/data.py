@@ -9,7 +9,7 @@ Sources (data.source):
   Python version. The corpus therefore depends on the Python version (3.10 in the image, 3.11
   in a typical local venv), and so do the losses: compare runs only on the same corpus (its
   sha256 is in the cache's .json and in describe()).
-- synthetic: random tokens (random images and labels for model.arch=resnet50), a pure function
+- synthetic: random tokens (random images and labels for an image model), a pure function
   of (seed, index), for benchmarks.
 - files: data.path is a glob of text files (each byte is a token) or a prepared token file (.bin).
 - images: a torchvision ImageFolder tree at data.path, with the usual training augmentations.
@@ -70,6 +70,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from env.atomic import replace_atomically
 from env.cli import UserError
 from train.config import VOCAB_AUTO, ConfigError, RunConfig
+from train.models import get_spec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS_MAX_BYTES = 16 * 2**20
@@ -86,8 +87,7 @@ TOKEN_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "uint32": n
 CORPUS_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# What each model architecture eats, and what each source gives ("synthetic" follows the model).
-ARCH_INPUT = {"deepseek": "tokens", "resnet50": "images"}
+# What each source gives ("synthetic" follows the model); each model's spec says what it eats.
 SOURCE_INPUT = {"corpus": "tokens", "files": "tokens", "images": "images"}
 # The validation split of sources without a natural order is drawn with this seed, never the run's.
 SPLIT_SEED = 20240601
@@ -423,7 +423,7 @@ def _files_dataset(cfg: RunConfig) -> Dataset:
 
 def _synthetic_dataset(cfg: RunConfig) -> Dataset:
     m = cfg.model
-    if ARCH_INPUT[m.arch] == "images":
+    if get_spec(m.arch).inputs == "images":
         return SyntheticImages(m.image_size, m.num_classes, cfg.train.seed)
     return SyntheticTokens(m.vocab_size, cfg.data.seq_len, cfg.train.seed)
 
@@ -512,11 +512,11 @@ def data_tokenizer(cfg: RunConfig) -> Path | None:
 def build_dataset(cfg: RunConfig) -> Dataset:
     """The map-style dataset of cfg.data.source; DataError (one line with the fix) for bad data."""
     source, arch = cfg.data.source, cfg.model.arch
-    wanted = SOURCE_INPUT.get(source)
-    if wanted and wanted != ARCH_INPUT[arch]:
-        fits = [name for name, kind in SOURCE_INPUT.items() if kind == ARCH_INPUT[arch]] + ["synthetic"]
+    wanted, needed = SOURCE_INPUT.get(source), get_spec(arch).inputs
+    if wanted and wanted != needed:
+        fits = [name for name, kind in SOURCE_INPUT.items() if kind == needed] + ["synthetic"]
         raise DataError(
-            f"data.source={source} gives {wanted} but model.arch={arch} needs {ARCH_INPUT[arch]}; "
+            f"data.source={source} gives {wanted} but model.arch={arch} needs {needed}; "
             f"use data.source={' or '.join(fits)}"
         )
     return SOURCES[source](cfg)

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config import RunConfig
+from train.models import get_spec
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def wrap_model(model: nn.Module, cfg: RunConfig, info: DistInfo, param_dtype: to
     if cfg.train.strategy == "fsdp":
         fully_shard, MixedPrecisionPolicy = _fully_shard()
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        for block in [*model.layers, *getattr(model, "mtp", [])]:
+        for block in get_spec(cfg.model.arch).shard_units(model):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model

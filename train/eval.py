@@ -125,7 +125,9 @@ def evaluate(
 
 def byte_lengths_for(cfg: RunConfig, tokenizer_path: Path | None, device: torch.device) -> torch.Tensor | None:
     """Bytes of text per token id: ones for byte data, the tokenizer's table, or None when unknown."""
-    if cfg.model.arch != "deepseek":
+    from train.models import get_spec
+
+    if get_spec(cfg.model.arch).inputs != "tokens":
         return None
     if tokenizer_path is None:
         if cfg.data.source == "synthetic" or cfg.model.vocab_size > BYTE_VOCAB:

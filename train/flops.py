@@ -85,10 +85,20 @@ def _blocks(m: ModelConfig) -> list[_Block]:
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
-    """Parameter counts of build_model(cfg), computed analytically."""
-    if cfg.arch == "resnet50":
-        total = RESNET50_BACKBONE_PARAMS + (RESNET50_FEATURES + 1) * cfg.num_classes
-        return ParamCount(total=total, active=total, embedding=0)
+    """Parameter counts of build_model(cfg), computed analytically by its registry spec."""
+    from train.models import get_spec  # the specs import the counters below
+
+    return get_spec(cfg.arch).count_params(cfg)
+
+
+def resnet50_params(cfg: ModelConfig) -> ParamCount:
+    """torchvision's ResNet-50 with cfg.num_classes outputs."""
+    total = RESNET50_BACKBONE_PARAMS + (RESNET50_FEATURES + 1) * cfg.num_classes
+    return ParamCount(total=total, active=total, embedding=0)
+
+
+def decoder_params(cfg: ModelConfig) -> ParamCount:
+    """The decoder's counts, block by block as train/model.py builds it."""
     blocks = _blocks(cfg)
     embedding = cfg.vocab_size * cfg.dim
     head_and_final_norm = cfg.dim * cfg.vocab_size + cfg.dim
@@ -98,6 +108,15 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a token model: a sample is seq_len tokens."""
+    from train.models import get_spec
+
+    if get_spec(cfg.arch).inputs != "tokens":
+        raise ValueError(f"flops_per_token is for token models, not {cfg.arch}; use flops_per_sample")
+    return flops_per_sample(cfg, seq_len) / seq_len
+
+
+def decoder_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token of the decoder.
 
         6 * N_matmul  +  6 * seq_len * n_heads * (qk_nope + qk_rope + v_head_dim) * n_blocks
@@ -111,8 +130,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     convention, so MFU figures compare across those tools (causal kernels skip about half of it).
     MTP blocks see slightly shorter sequences; counting them at seq_len overstates by < depth/seq_len.
     """
-    if cfg.arch != "deepseek":
-        raise ValueError(f"flops_per_token is for the decoder, not {cfg.arch}; use flops_per_sample")
     blocks = _blocks(cfg)
     head = cfg.dim * cfg.vocab_size * (1 + cfg.mtp_depth)
     matmul = head + sum(b.matmul_active for b in blocks)
@@ -121,14 +138,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per sample: a sequence of seq_len tokens, or one image for resnet50.
+    """Training FLOPs per sample (a sequence of seq_len tokens, or one image), by the model's registry spec."""
+    from train.models import get_spec
 
-    ResNet-50: 3 x forward FLOPs (backward ~ 2 x forward), forward 8.18 GFLOP at 224x224 scaled by
+    return get_spec(cfg.arch).flops_per_sample(cfg, seq_len)
+
+
+def resnet50_flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+    """ResNet-50: 3 x forward FLOPs (backward ~ 2 x forward), forward 8.18 GFLOP at 224x224 scaled by
     (image_size / 224)^2 since conv work grows with the pixel count.
     """
-    if cfg.arch == "resnet50":
-        return 3.0 * RESNET50_FORWARD_FLOPS_224 * (cfg.image_size / 224) ** 2
-    return flops_per_token(cfg, seq_len) * seq_len
+    return 3.0 * RESNET50_FORWARD_FLOPS_224 * (cfg.image_size / 224) ** 2
 
 
 def mfu(flops_per_sample: float, samples_per_sec: float, n_devices: int, peak: float | None) -> float | None:

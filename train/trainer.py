@@ -43,6 +43,7 @@ from train.eval import Evaluator
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memory_gb
 from train.model import build_model, moe_balance_step
+from train.models import get_spec
 from train.watchdog import Watchdog
 
 
@@ -168,7 +169,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = cfg.model.arch == "resnet50"
+        torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
@@ -361,7 +362,7 @@ def _start_loop(
     rates = Rates(
         info,
         global_batch=info.world_size * cfg.train.micro_batch * cfg.train.accum,
-        tokens_per_sample=cfg.data.seq_len if cfg.model.arch == "deepseek" else 0,
+        tokens_per_sample=cfg.data.seq_len if get_spec(cfg.model.arch).inputs == "tokens" else 0,
         flops=flops_per_sample(cfg.model, cfg.data.seq_len),
         peak=peak_flops(device_name, run.precision.name),
         device_name=device_name,

@@ -24,7 +24,8 @@ import torch
 from env.cli import ArgumentParser, run_cli
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
-from train.data import ARCH_INPUT, build_dataset, build_loader
+from train.data import build_dataset, build_loader
+from train.models import get_spec
 
 TARGET_RATIO = 10.0
 # What a batch counts for each kind of input: tokens of a language model, samples of an image model.
@@ -46,7 +47,7 @@ class LoaderRate:
 
 def measure_loader(cfg: RunConfig, seconds: float) -> LoaderRate:
     """One rank's loader rate after its first batch (startup: building the dataset and workers)."""
-    count = UNITS[ARCH_INPUT[cfg.model.arch]][1]
+    count = UNITS[get_spec(cfg.model.arch).inputs][1]
     started = time.perf_counter()
     batches = iter(build_loader(build_dataset(cfg), cfg, rank=0, world_size=1, start_step=0))
     next(batches)
@@ -72,7 +73,7 @@ def measure_consumption(cfg: RunConfig, steps: int) -> tuple[float, str]:
     synthetic = replace(cfg, data=replace(cfg.data, source="synthetic", num_workers=0))
     batches = iter(build_loader(build_dataset(synthetic), synthetic, rank=0, world_size=1, start_step=0))
     inputs, targets = (t.to(device) for t in next(batches))
-    count = UNITS[ARCH_INPUT[cfg.model.arch]][1]
+    count = UNITS[get_spec(cfg.model.arch).inputs][1]
 
     def train_step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -118,7 +119,7 @@ def parse_workers(text: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
-    kind = ARCH_INPUT[cfg.model.arch]
+    kind = get_spec(cfg.model.arch).inputs
     unit = UNITS[kind][0]
     sources = args.sources.split(",") if args.sources else DEFAULT_SOURCES[kind]
     if not args.sources and cfg.data.path:

@@ -37,6 +37,7 @@ from train.config import ConfigError, RunConfig, load_config
 from train.data import build_dataset, build_loader
 from train.metrics import steady
 from train.model import build_model, moe_balance_step
+from train.models import get_spec
 from train.trainer import Precision, build_optimizer, seed_everything, train
 
 TARGET_OVERHEAD = 0.03
@@ -64,7 +65,7 @@ def bare_step(cfg: RunConfig, device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":  # the backend settings train.trainer.setup makes
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = cfg.model.arch == "resnet50"
+        torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
     precision = Precision.resolve(cfg.train.precision, device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg, device)

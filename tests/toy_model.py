@@ -1,0 +1,59 @@
+"""A model of the user's own, registered from outside the project: TORCHRIG_MODELS=tests.toy_model.
+
+It is what the README's "Bring your own model" asks for, and nothing more: one file exporting SPEC.
+An embedding, n_layers residual ReLU layers and an output head, sized by the shared model.* keys
+(vocab_size, dim, n_layers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import ConfigError, ModelConfig
+from train.flops import ParamCount
+from train.models import ModelSpec
+
+
+class ToyLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(nn.Linear(cfg.dim, cfg.dim) for _ in range(cfg.n_layers))
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.embed(inputs)
+        for layer in self.layers:
+            hidden = hidden + F.relu(layer(hidden))
+        logits = self.head(hidden)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    embedding = cfg.vocab_size * cfg.dim
+    total = 2 * embedding + cfg.n_layers * (cfg.dim + 1) * cfg.dim
+    return ParamCount(total=total, active=total - embedding, embedding=embedding)
+
+
+def flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+    return 6.0 * (cfg.n_layers * cfg.dim + cfg.vocab_size) * cfg.dim * seq_len
+
+
+def validate(cfg: ModelConfig) -> None:
+    if cfg.n_layers < 1:
+        raise ConfigError(f"model.n_layers={cfg.n_layers} must be at least 1")
+
+
+SPEC = ModelSpec(
+    name="toy",
+    build=ToyLM,
+    count_params=count_params,
+    flops_per_sample=flops_per_sample,
+    inputs="tokens",
+    shard_units=lambda model: list(model.layers),
+    validate=validate,
+)
