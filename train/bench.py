@@ -709,6 +709,7 @@ def launch_command(plan: Plan, n: int, repeat: int = 1) -> list[str]:
         # No checkpoint before the last step; the summary's windows never include saving anyway.
         f"train.log_every={log_every}", f"train.ckpt_every={plan.steps}", *plan.overrides,
         "data.source=synthetic",  # benchmarks measure the step, not the data source
+        "train.eval_every=0",  # nor the validation
     ]  # fmt: skip
 
 

@@ -15,7 +15,16 @@ from train.config import flatten
 # Config keys whose change breaks an exact resume. Everything else (budget, logging, timeouts,
 # lr schedule, workers, and the split of the global batch) may change between runs of one RUN_DIR.
 RESUME_FIXED_PREFIXES = ("model.",)
-RESUME_FIXED_KEYS = ("data.source", "data.path", "data.seq_len", "train.seed", "train.strategy")
+# The validation split shapes the training stream too (train/data.py split_samples).
+RESUME_FIXED_KEYS = (
+    "data.source",
+    "data.path",
+    "data.seq_len",
+    "data.val_fraction",
+    "data.val_path",
+    "train.seed",
+    "train.strategy",
+)
 BATCH_KEYS = ("world_size", "train.micro_batch", "train.accum")
 
 
