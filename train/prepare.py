@@ -16,8 +16,8 @@ replaced without --force. Train with ARGS="data.path=data/x.bin model.vocab_size
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from env.atomic import replace_atomically
 from env.cli import ArgumentParser, count_arg, run_cli
 from train.data import (
     BYTE_VOCAB,
@@ -181,20 +182,21 @@ def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, forc
     separator = end_of_text_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
     final = tokenizer_path(bin_path)
-    try:
-        bin_path.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "bpe":
-            tokenizer.save(str(final))
-        elif tokenizer_out is not None:
-            shutil.copyfile(given, final)
-    except OSError as exc:
-        raise DataError(f"cannot write {final} ({exc.strerror}); choose a writable OUTPUT") from None
-    record = {"kind": kind, "file": final.name, "sha256": sha256_of(final), "vocab_size": vocab_size,
-              "end_of_document": separator}  # fmt: skip
+    # The tokenizer file is written last, after the sidecar that records its sha256: an interrupted
+    # prepare leaves no tokenizer.json that a rerun would take for a stranger's.
+    content = tokenizer.to_str(pretty=True).encode() if kind == "bpe" else given.read_bytes()
+    record = {"kind": kind, "file": final.name, "sha256": hashlib.sha256(content).hexdigest(),
+              "vocab_size": vocab_size, "end_of_document": separator}  # fmt: skip
     chunks = _token_chunks(files, tokenizer, separator, Progress("tokenized", total))
-    return write_token_file(
+    info = write_token_file(
         bin_path, chunks, vocab_size, dtype=token_dtype(vocab_size), meta=_meta(files, {"tokenizer": record})
     )
+    if tokenizer_out is not None:
+        try:
+            replace_atomically(final, lambda out: out.write(content), "wb")
+        except OSError as exc:
+            raise DataError(f"cannot write {final} ({exc.strerror}); choose a writable OUTPUT") from None
+    return info
 
 
 def _meta(files: list[Path], extra: dict[str, Any]) -> dict[str, Any]:
