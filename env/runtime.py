@@ -1,6 +1,9 @@
-"""The dispatcher behind every make target: choose the runtime, validate GPUS, run the CLI.
+"""The dispatcher behind every make target: read and check the variables, choose the runtime, run the CLI.
 
-`make train GPUS=2 CONFIG=tiny` becomes `python3 -m env.runtime train GPUS=2 CONFIG=tiny`.
+`make train GPUS=2 CONFIG=tiny` runs `python3 -m env.runtime --from-make train`, which reads
+GPUS=2 CONFIG=tiny byte for byte from the MAKEFLAGS make hands its recipe (the Makefile never
+expands a value), checks each against MAKE_VARS, the one table of make variables, and turns them
+into the CLI's `--flag=value` arguments (`python -m train.launch --gpus=2 --config=tiny`).
 This module picks RUNTIME (docker when an engine with the NVIDIA runtime answers, else
 local), says which and why, checks GPUS against the visible GPUs before anything starts,
 makes .venv from the lock on first use, and then runs the target's Python CLI there or in
