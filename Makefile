@@ -9,12 +9,13 @@ VENV_PY := .venv/bin/python
 
 VARS := RUNTIME GPUS CONFIG STEPS MICRO_BATCH ACCUM PRECISION STRATEGY SEED RUN_DIR ARGS \
         NNODES NODE_RANK MASTER_ADDR MASTER_PORT MAX_RESTARTS SIZES DTYPE OPS MIN_BUSBW JSON \
-        BASELINE NCCL_JSON COUNTS LINK A B CUDA INPUT OUTPUT
+        BASELINE NCCL_JSON COUNTS LINK A B CUDA INPUT OUTPUT \
+        PROMPT TOKENS TEMPERATURE TOP_K TOP_P CACHE SPECULATE FORCE
 # NAME='value' for each variable that is set; single quotes inside values are escaped.
 PASS := $(foreach v,$(VARS),$(if $($(v)),$(v)='$(subst ','\'',$($(v)))'))
 DISPATCH = $(PYTHON) -m env.runtime $@ $(PASS)
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare shell test test-current test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train bench compare prepare sample export shell test test-current test-image lint lock clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +42,12 @@ compare: ## compare two runs' manifests and figures (A=run_dir B=run_dir)
 	@$(DISPATCH)
 
 prepare: ## turn text files into a token file (INPUT='corpus/*.txt' OUTPUT=data/corpus.bin)
+	@$(DISPATCH)
+
+sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)
+	@$(DISPATCH)
+
+export: ## a run's weights as safetensors + config.json (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, FORCE=1)
 	@$(DISPATCH)
 
 shell: ## a shell in the chosen runtime

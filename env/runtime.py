@@ -90,6 +90,23 @@ TARGETS: dict[str, Target] = {
     ),
     "compare": Target("env.compare", positional=("A", "B")),
     "prepare": Target("train.prepare", {"INPUT": "--input", "OUTPUT": "--output"}),
+    "sample": Target(
+        "train.sample",
+        {
+            "RUN_DIR": "--run-dir",
+            "PROMPT": "--prompt",
+            "TOKENS": "--tokens",
+            "TEMPERATURE": "--temperature",
+            "TOP_K": "--top-k",
+            "TOP_P": "--top-p",
+            "SEED": "--seed",
+            "CACHE": "--cache",
+            "SPECULATE": "--speculate",
+        },
+    ),
+    "export": Target(
+        "train.export", {"RUN_DIR": "--run-dir", "OUTPUT": "--output", "DTYPE": "--dtype", "FORCE": "--force"}
+    ),
 }
 
 

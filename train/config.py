@@ -110,6 +110,11 @@ class TrainConfig:
     first_timeout_s: float = 60.0
     timeout_s: float = 600.0
     tensorboard: bool = False
+    # Fine-tuning: start from the weights of an export directory (make export) or of a run
+    # directory's newest valid checkpoint, with a fresh optimizer and schedule. The model config
+    # must match (the first differing weight is named). Ignored when this run resumes from its
+    # own checkpoint.
+    init_from: str = ""
 
 
 @dataclass
