@@ -13,8 +13,9 @@ DeepSeek-V3 report (section 2.2) proposes: from the main model's last hidden sta
 embedding of the token just emitted, the MTP block drafts the token after next; one cached
 forward of the main model over [token just emitted, draft] yields the next token and, when it
 equals the draft, the one after it as well; otherwise the draft's cache entry is rolled back.
-Every emitted token is drawn from the main model's distribution, so greedy output is identical
-to plain greedy decoding and sampled output has the same distribution.
+Every emitted token is drawn from the main model's distribution at its position, in order, from
+the same RNG, so greedy output is identical to plain greedy decoding, and sampled output with the
+same SEED is too (up to float rounding: the verify forward reads two positions at once).
 
 Context longer than model.max_seq_len: a sliding window. When the next token would need more
 positions than the model has, the oldest tokens are dropped so that the newest max_seq_len/2
@@ -460,9 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note(cache_figures(model, autocast)[2])
     if args.speculate:
         plain = Generator(model, sampling, args.seed, device, autocast).run(prompt, args.tokens, cache=True)
-        same = "identical to" if plain.tokens == result.tokens else "different from (sampled: same distribution)"
-        if sampling.temperature == 0 and plain.tokens != result.tokens:
-            same = "DIFFERENT from (a numerical near-tie flipped a greedy choice)"
+        same = "identical to" if plain.tokens == result.tokens else "DIFFERENT from (float rounding flipped a near-tie)"
         acceptance = f"{result.acceptance:.1%}" if result.acceptance is not None else "n/a (no draft verified)"
         note(
             f"speculation: {result.accepted} of {result.drafts} drafts accepted ({acceptance}), "
