@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -26,7 +29,7 @@ from tests.sampling import (
 from tests.trainrun import launch_train
 from train.config import load_config
 from train.model import MultiHeadLatentAttention, build_model, rope_cache
-from train.sample import ByteCodec, Generator, Sampling, window_start
+from train.sample import ByteCodec, Generator, SampleError, Sampling, make_codec, printable, window_start
 from train.weights import build_loaded_model
 
 
@@ -142,6 +145,30 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens() -> None:
     assert {Sampling(1.0, top_p=0.5).pick(logits, rng) for _ in range(50)} == {0}
 
 
+def test_a_byte_level_bpe_tokenizer_encodes_the_prompt_and_streams_whole_characters(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["def main():\n    return 1\n", "café au lait, naïve"] * 20, trainer)
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    codec = make_codec(tmp_path, {}, vocab_size=512)
+    ids = codec.encode("def café():")
+    assert codec.decode(ids) == "def café():"
+    # Streamed one token at a time, the text never shows half of a two-byte character.
+    pieces = [codec.stream([token]) for token in codec.tokenizer.encode("naïve café").ids]
+    assert "".join(pieces) == "naïve café" and not any("\ufffd" in piece for piece in pieces)
+    size = codec.tokenizer.get_vocab_size()
+    with pytest.raises(SampleError, match=f"has {size} tokens but the model's vocabulary is 256"):
+        make_codec(tmp_path, {}, vocab_size=256)
+
+
+def test_model_output_cannot_drive_the_terminal() -> None:
+    assert printable("ok\x1b[2J\rgone\x00\ttab\n") == "ok\ufffd[2J\ufffdgone\ufffd\ttab\n"
+
+
 def sample_cli(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "train.sample", "--run-dir", str(run_dir), *args],
@@ -246,6 +273,7 @@ BAD_SAMPLES = {
 
 
 @needs_make
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_SAMPLES))
 def test_bad_sampling_input_is_one_line(bad_inputs, case: str) -> None:
     name, variables, expected = BAD_SAMPLES[case]
@@ -256,3 +284,68 @@ def test_bad_sampling_input_is_one_line(bad_inputs, case: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("torchrig sample: "), result.stderr
     assert re.search(expected, lines[0]), lines[0]
     assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained model writes text, not noise
+
+
+def held_out_bytes() -> bytes:
+    """Python source the built-in corpus (the standard library) does not hold: this repository's own."""
+    files = sorted((ROOT / "train").glob("*.py")) + sorted((ROOT / "env").glob("*.py"))
+    return b"\x00".join(path.read_bytes() for path in files)
+
+
+def unigram_bits_per_byte(corpus: np.ndarray, text: bytes) -> float:
+    """Cross-entropy of `text` under the corpus's byte frequencies (add-one smoothed), in bits per byte."""
+    counts = np.bincount(corpus, minlength=256).astype(np.float64) + 1
+    log_p = np.log2(counts / counts.sum())
+    return float(-log_p[np.frombuffer(text, dtype=np.uint8)].mean())
+
+
+def model_bits_per_byte(model: torch.nn.Module, text: bytes, windows: int) -> float:
+    length = model.cfg.max_seq_len + 1
+    data = torch.frombuffer(bytearray(text[: windows * length]), dtype=torch.uint8).long().view(windows, length)
+    with torch.no_grad():
+        logits = model(data[:, :-1])
+    nats = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
+    return float(nats) / math.log(2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a couple of minutes on two free cores; a busy machine may take longer
+def test_tiny_trained_300_steps_beats_the_byte_frequency_baseline_on_held_out_text(tmp_path: Path) -> None:
+    from train.data import build_corpus, read_token_file
+
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "train.launch", "--gpus", "1", "--config", "tiny", "--run-dir", str(run_dir),
+        "--steps", "300", "train.precision=fp32", "train.micro_batch=4", "data.seq_len=64", "train.log_every=50",
+        "train.ckpt_every=300", "data.num_workers=0",
+    ]  # fmt: skip
+    # Its own session, so that a timeout ends the launcher's workers too, not only the launcher.
+    # One intra-op thread: the matrices are small, and on a shared machine idle threads spin for the busy one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        _, stderr = job.communicate(timeout=840)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.communicate()
+        raise
+    assert job.returncode == 0, stderr.decode(errors="replace")[-2000:]
+    model, _, _ = build_loaded_model(run_dir, torch.device("cpu"))
+
+    text = held_out_bytes()
+    corpus, _ = read_token_file(build_corpus())
+    baseline = unigram_bits_per_byte(np.asarray(corpus), text)
+    learned = model_bits_per_byte(model, text, windows=min(64, len(text) // (model.cfg.max_seq_len + 1)))
+    assert learned < baseline, f"model {learned:.2f} bits/byte vs unigram {baseline:.2f}"
+
+    # And what it writes reads like text: mostly printable ASCII, where random bytes are 38% so.
+    generator = Generator(model, Sampling(temperature=0.8), seed=1, device=torch.device("cpu"))
+    written = bytes(generator.run(ByteCodec(256).encode("import "), 200).tokens)
+    printable_share = sum(32 <= b < 127 or b in (9, 10) for b in written) / len(written)
+    assert printable_share > 0.75, written
