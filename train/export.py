@@ -83,11 +83,14 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a run directory (its newest valid checkpoint)")
-    parser.add_argument("--output", required=True, help="the directory to write")
+    parser.add_argument("--run-dir", default="", help="a run directory (its newest valid checkpoint)")
+    parser.add_argument("--output", default="", help="the directory to write")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
     parser.add_argument("--force", default="0", help="1: write into a non-empty OUTPUT")
     args = parser.parse_args(argv)
+    for value, name in ((args.run_dir, "RUN_DIR"), (args.output, "OUTPUT")):
+        if not value:
+            raise ExportError(f"{name} is not set; e.g. make export RUN_DIR=runs/tiny-x OUTPUT=exports/tiny-x")
     if args.dtype not in DTYPES:
         raise ExportError(f"DTYPE={args.dtype} is not one of {', '.join(DTYPES)}")
     if args.force not in ("0", "1"):

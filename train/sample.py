@@ -347,7 +347,7 @@ SWITCH_RULE = "0 or 1"
 
 def parse_args(argv: Sequence[str] | None) -> Any:
     parser = ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", required=True, help="a run directory (its newest valid checkpoint) or an export")
+    parser.add_argument("--run-dir", default="", help="a run directory (its newest valid checkpoint) or an export")
     parser.add_argument("--prompt", default="", help="the text to continue (default: a new document)")
     parser.add_argument("--tokens", default="200", help="tokens to generate (default 200)")
     parser.add_argument("--temperature", default="0.8", help="0 is greedy (default 0.8)")
@@ -363,6 +363,8 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         at = args.index("--prompt")
         args[at : at + 2] = [f"--prompt={args[at + 1]}"]
     ns = parser.parse_args(args)
+    if not ns.run_dir:
+        raise SampleError("RUN_DIR is not set; give a run or export directory, e.g. make sample RUN_DIR=runs/tiny-x")
     ns.tokens = _number(int, "TOKENS", lambda v: v >= 1, "a whole number of at least 1")(ns.tokens)
     ns.temperature = _number(float, "TEMPERATURE", lambda v: 0 <= v < float("inf"), "0 (greedy) or more, e.g. 0.8")(
         ns.temperature
@@ -422,6 +424,11 @@ def cache_figures(model: Any, dtype: torch.dtype | None) -> tuple[int, int, str]
     return latent, naive, line
 
 
+def note(text: str) -> None:
+    """A figure or remark, on stderr: stdout holds only the text."""
+    print(f"torchrig sample: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -433,7 +440,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     codec = make_codec(run_dir, config, cfg.vocab_size)
     prompt = codec.encode(args.prompt)
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    note = lambda text: print(f"torchrig sample: {text}", file=sys.stderr, flush=True)  # noqa: E731
     note(f"{run_dir} step {step}, {cfg.n_layers} layers, on {device.type}, text as {codec.name}")
     if len(prompt) + args.tokens > cfg.max_seq_len:
         note(
