@@ -15,7 +15,7 @@ override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variab
 override SHELL := /bin/bash
 override DISPATCH = python3 -m env.runtime --from-make $@
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare eval shell test test-current test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train bench compare prepare eval sample export shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
@@ -46,6 +46,12 @@ prepare: ## turn text files into a token file, bytes or BPE (INPUT='corpus/*.txt
 	@$(DISPATCH)
 
 eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS)
+	@$(DISPATCH)
+
+sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)
+	@$(DISPATCH)
+
+export: ## a run's weights as safetensors + config.json (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, FORCE=1)
 	@$(DISPATCH)
 
 shell: ## a shell in the chosen runtime

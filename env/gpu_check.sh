@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a real GPU, in one run on a machine with one GPU: the CUDA-marked tests and
 # the model tests, a short bf16 train of `small` with its MFU, the doctor on real NVML, the collective
-# test on one rank and its launch overhead, the harness, step-profile and data-loader benchmarks, and a one-GPU
-# ResNet-50 bench against the published 4090 claim.
+# test on one rank and its launch overhead, the harness, step-profile and data-loader benchmarks, a one-GPU
+# ResNet-50 bench against the published 4090 claim, and decoding speed (latent KV cache, MTP speculation).
 #
 #   bash env/gpu_check.sh            logs and JSON into ${OUT:-runs/gpu-check}, a summary table at the end
 #
@@ -197,6 +197,10 @@ note "$(loader_note "$OUT/data-loader.log")"
 run_step data-loader-resnet50 60 "yaml torchvision" "$PY" -m train.benchmarks.data_loader --config resnet50 \
     --workers 0,4 --seconds 2
 note "$(loader_note "$OUT/data-loader-resnet50.log")"
+
+# Decoding: tokens/s without a cache, with MLA's latent cache and with MTP speculation, after a short train.
+run_step sample-decode 90 "yaml" "$PY" -m train.benchmarks.sample --config tiny --train-steps 200 --tokens 200
+note "$(last_line "$OUT/sample-decode.log" '^speculation speed-up'); $(last_line "$OUT/sample-decode.log" '^latent cache' | tr -s ' ')"
 
 echo
 echo "=== gpu_check summary ($((SECONDS - started_all))s of ${BUDGET_S}s budget; logs in $OUT)"

@@ -92,6 +92,13 @@ MAKE_VARS: dict[str, MakeVar] = {
     "VOCAB": MakeVar("--vocab", "count"),
     "FORCE": MakeVar("--force", "switch"),
     "DATA": MakeVar("--data"),
+    "PROMPT": MakeVar("--prompt"),
+    "TOKENS": MakeVar("--tokens", "count"),
+    "TEMPERATURE": MakeVar("--temperature", "real"),
+    "TOP_K": MakeVar("--top-k", "count"),
+    "TOP_P": MakeVar("--top-p", "real"),
+    "CACHE": MakeVar("--cache"),
+    "SPECULATE": MakeVar("--speculate"),
 }
 
 
@@ -120,6 +127,11 @@ TARGETS: dict[str, Target] = {
     "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),
     "prepare": Target("train.prepare", ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE")),
     "eval": Target("train.eval", ("GPUS", "RUN_DIR", "DATA")),
+    "sample": Target(
+        "train.sample",
+        ("RUN_DIR", "PROMPT", "TOKENS", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "CACHE", "SPECULATE"),
+    ),
+    "export": Target("train.export", ("RUN_DIR", "OUTPUT", "DTYPE", "FORCE")),
 }
 # Targets the dispatcher runs itself, and the variables they read.
 OWN_TARGETS: dict[str, tuple[str, ...]] = {

@@ -137,6 +137,11 @@ class TrainConfig:
     eval_every: int = 100
     # Batches of world_size x micro_batch validation samples per evaluation; 0 means the whole split.
     eval_batches: int = 20
+    # Fine-tuning: start from the weights of an export directory (make export) or of a run
+    # directory's newest valid checkpoint, with a fresh optimizer and schedule. The model config
+    # must match (the first differing weight is named). Ignored when this run resumes from its
+    # own checkpoint.
+    init_from: str = ""
 
 
 @dataclass

@@ -13,6 +13,13 @@ Reads top to bottom like the paper (DeepSeek-V3 technical report, arXiv:2412.194
   got fewer tokens than average.
 - Multi-token prediction (2.2): D extra blocks, the d-th combining the previous depth's hidden
   state at position i with the embedding of token i+d to predict token i+d+1.
+- Decoding with the latent KV cache (DeepSeek-V3 inference/model.py, attn_impl="absorb"):
+  `LatentKVCache` keeps per layer only the normalised latent c_kv and the rotated shared key
+  k_rope; `MultiHeadLatentAttention.forward_absorbed` folds W_UK into the query and W_UV into
+  the output, so keys and values are never expanded per head. `Transformer.forward_cached` and
+  `MTPModule.forward_cached` run a prompt or the next tokens at the cache's position, the MTP one
+  drafting for speculative decoding (report section 2.2: MTP modules can serve it); train/sample.py
+  drives them.
 
 Initialisation: the constructor draws every weight from the global torch RNG (N(0, init_std),
 norms at 1), so `torch.manual_seed(seed)` before `build_model(cfg)` makes it deterministic.
@@ -119,6 +126,87 @@ class MultiHeadLatentAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, heads * self.v_head_dim))
 
+    def forward_absorbed(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        latent: torch.Tensor,
+        rope_key: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """The same attention for x at positions start.. (cos/sin: the full tables), reading and
+        extending the cache `latent` [batch, capacity, kv_lora_rank] and `rope_key` [batch, capacity, rope].
+
+        As DeepSeek-V3's "absorb" mode: q_nope . (W_UK c) = (q_nope W_UK) . c, and
+        sum_t p_t (W_UV c_t) = W_UV (sum_t p_t c_t), so scores and outputs are taken against the
+        latent itself and per-head keys and values are never made.
+        """
+        batch, seq_len, _ = x.shape
+        heads, nope = self.n_heads, self.qk_nope_head_dim
+        end = start + seq_len
+        cos, sin = cos[start:end], sin[start:end]
+
+        q = self.query(x).view(batch, seq_len, heads, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = q.split([nope, self.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)  # [batch, heads, seq, rope]
+
+        kv_latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent[:batch, start:end] = self.kv_norm(kv_latent)
+        rope_key[:batch, start:end] = apply_rope(k_rope, cos, sin)
+        cached, cached_rope = latent[:batch, :end], rope_key[:batch, :end]
+
+        wkv_b = self.wkv_b.weight.view(heads, nope + self.v_head_dim, self.kv_lora_rank)
+        q_latent = torch.einsum("bhsd,hdc->bhsc", q_nope, wkv_b[:, :nope].to(q_nope.dtype))
+        scores = torch.einsum("bhsc,btc->bhst", q_latent, cached.to(q_latent.dtype))
+        scores = (scores + torch.einsum("bhsr,btr->bhst", q_rope, cached_rope.to(q_rope.dtype))) * self.softmax_scale
+        # Query i sits at position start+i and sees the positions up to its own.
+        future = torch.arange(end, device=x.device) > torch.arange(start, end, device=x.device).unsqueeze(1)
+        probs = scores.float().masked_fill(future, float("-inf")).softmax(dim=-1).type_as(scores)
+        out = torch.einsum("bhst,btc->bhsc", probs, cached.to(probs.dtype))
+        out = torch.einsum("bhsc,hdc->bshd", out, wkv_b[:, nope:].to(out.dtype))
+        return self.wo(out.reshape(batch, seq_len, heads * self.v_head_dim))
+
+
+class LatentKVCache:
+    """The decoding state of MLA: per layer the normalised latent c_kv and the rotated shared key.
+
+    Per token and layer that is kv_lora_rank + qk_rope_head_dim numbers, where a plain KV cache
+    holds n_heads * (qk_nope_head_dim + qk_rope_head_dim) for keys plus n_heads * v_head_dim for
+    values (`naive_numbers_per_token`). `position` counts the positions filled; `rollback` forgets
+    those after a point (a rejected speculative draft), which the next write overwrites.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.capacity = cfg.max_seq_len
+        shape = (batch, self.capacity)
+        self.latent = [torch.zeros(*shape, cfg.kv_lora_rank, device=device, dtype=dtype) for _ in range(layers)]
+        self.rope_key = [torch.zeros(*shape, cfg.qk_rope_head_dim, device=device, dtype=dtype) for _ in range(layers)]
+        self.position = 0
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latent[index], self.rope_key[index]
+
+    def advance(self, count: int) -> None:
+        if self.position + count > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.position} + {count} do not fit")
+        self.position += count
+
+    def rollback(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to position {position} from {self.position}")
+        self.position = position
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token's entries take, all layers together, measured on the tensors held."""
+        tensors = [*self.latent, *self.rope_key]
+        return sum(t.element_size() * t.shape[-1] for t in tensors)
+
+    @staticmethod
+    def naive_numbers_per_token(cfg: ModelConfig) -> int:
+        """Numbers per token and layer of a cache of full per-head keys and values."""
+        return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+
 
 class Router(nn.Module):
     """Sigmoid affinities, bias-adjusted group-limited top-k choice, normalised gate weights."""
@@ -202,6 +290,14 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
+    def forward_cached(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache, layer: int
+    ) -> torch.Tensor:
+        """forward() for x at cache.position.., attention through layer `layer` of the latent cache."""
+        latent, rope_key = cache.layer(layer)
+        x = x + self.attn.forward_absorbed(self.attn_norm(x), cos, sin, latent, rope_key, cache.position)
+        return x + self.ffn(self.ffn_norm(x))
+
 
 class MTPModule(nn.Module):
     """One multi-token-prediction depth: merge h_i with emb(t_{i+d}), run a block, predict t_{i+d+1}."""
@@ -223,6 +319,15 @@ class MTPModule(nn.Module):
         """
         merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embed)], dim=-1))
         hidden = self.block(merged, cos, sin)
+        return hidden, self.norm(hidden)
+
+    def forward_cached(
+        self, hidden: torch.Tensor, next_embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentKVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward() at cache.position.. with a one-layer cache of this module's own attention; advances it."""
+        merged = self.proj(torch.cat([self.hidden_norm(hidden), self.embed_norm(next_embed)], dim=-1))
+        hidden = self.block.forward_cached(merged, cos, sin, cache, 0)
+        cache.advance(hidden.shape[1])
         return hidden, self.norm(hidden)
 
 
@@ -266,6 +371,37 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
+
+    def new_cache(self, layers: int | None = None, batch: int = 1, dtype: torch.dtype | None = None) -> LatentKVCache:
+        """An empty latent cache of max_seq_len positions: `layers` (default: the main model's) deep."""
+        return LatentKVCache(
+            self.cfg,
+            self.cfg.n_layers if layers is None else layers,
+            batch,
+            device=self.embed.weight.device,
+            dtype=dtype or self.embed.weight.dtype,
+        )
+
+    def forward_cached(self, inputs: torch.Tensor, cache: LatentKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """inputs [batch, seq] at positions cache.position.. -> (logits, last hidden state before the norm).
+
+        Prefill is one call with the prompt, decoding one call per new token (or per verified
+        draft); the cache advances by seq. The hidden state is what the MTP module drafts from.
+        """
+        hidden = self.embed(inputs)
+        for index, layer in enumerate(self.layers):
+            hidden = layer.forward_cached(hidden, self.rope_cos, self.rope_sin, cache, index)
+        cache.advance(inputs.shape[1])
+        return self.head(self.norm(hidden)), hidden
+
+    def draft_cached(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: LatentKVCache) -> torch.Tensor:
+        """The first MTP depth at cache.position..: logits for token i+2 from h_i and token i+1.
+
+        hidden: the main model's hidden states at those positions; next_tokens: the tokens that
+        followed them; cache: a one-layer cache (new_cache(layers=1)) at the same positions.
+        """
+        _, normed = self.mtp[0].forward_cached(hidden, self.embed(next_tokens), self.rope_cos, self.rope_sin, cache)
+        return self.head(normed)
 
     def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """mtp_weight times the mean over depths d of the loss predicting token i+d+1 at position i.

@@ -45,6 +45,7 @@ from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memor
 from train.model import build_model, moe_balance_step
 from train.models import get_spec
 from train.watchdog import Watchdog
+from train.weights import init_from
 
 
 class TrainingStopped(RuntimeError):
@@ -172,6 +173,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
         torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
+    init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
     if cfg.train.compile:

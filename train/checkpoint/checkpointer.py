@@ -281,6 +281,19 @@ class Checkpointer:
             )
         return None
 
+    def newest_header(self) -> tuple[int, dict[str, Any]] | None:
+        """The newest usable checkpoint's step and header (its config, its layout), verified but not loaded.
+
+        A damaged one is skipped with a warning line, as load_latest does; None when none is usable.
+        """
+        for step in from_rank0(self._candidate_steps() if self.rank == 0 else []):
+            header = self._verified_header(step)
+            if not isinstance(header, Unusable):
+                return step, header
+            if self.rank == 0:
+                log.warning(f"{header.reason}; trying the one before")
+        return None
+
     def latest_step(self) -> int | None:
         """The newest complete step (sidecar valid, file sizes right), without hashing or loading; any rank."""
         for step in self._candidate_steps():

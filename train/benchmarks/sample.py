@@ -1,0 +1,144 @@
+"""Decoding speed: no cache, MLA's latent KV cache, and MTP speculation, with the cache's size.
+
+    python -m train.benchmarks.sample [--config tiny] [--run-dir RUN] [--train-steps 100] [--tokens 100]
+        [--prompt-tokens 16] [--repeats 3] [key=value ...]
+
+Greedy decoding of --tokens tokens after a prompt from the built-in corpus, each method --repeats
+times interleaved (so a busy machine slows all of them alike); the median tokens/s of each is
+printed with its speed-up over no cache, and the speculative row with its measured acceptance
+rate. The model is a run's (--run-dir) or the config's, trained --train-steps steps in this process
+first so that the MTP drafts mean something (0: as initialised). On the first CUDA device if there
+is one (bf16 autocast where supported), else the CPU. Figures only, no pass/fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from dataclasses import replace
+
+import torch
+
+from train.benchmarks import benchmark_main
+from train.config import ConfigError, load_config
+from train.sample import Generator, Sampling, cache_figures
+
+METHODS = {"no cache": {"cache": False}, "latent cache": {"cache": True}, "speculative": {"speculate": True}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
+    parser.add_argument("--run-dir", help="measure this run's (or export's) model instead of training one")
+    parser.add_argument("--train-steps", type=int, default=100, help="steps to train the config's model first")
+    parser.add_argument("--tokens", type=int, default=100, help="tokens to generate per measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length, taken from the corpus")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is shown)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layers=2")
+    return parser.parse_args(argv)
+
+
+def trained_model(args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None) -> torch.nn.Module:
+    from train.data import build_dataset, build_loader
+    from train.model import build_model, moe_balance_step
+    from train.trainer import build_optimizer, lr_at
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.arch != "deepseek":
+        raise ConfigError(f"--config {args.config} is a {cfg.model.arch} model; decoding needs a deepseek config")
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    steps = replace(cfg, train=replace(cfg.train, steps=max(1, args.train_steps), warmup_steps=0))
+    batches = iter(build_loader(build_dataset(cfg), cfg, rank=0, world_size=1, start_step=0))
+    for step in range(args.train_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps)
+        inputs, targets = (t.to(device) for t in next(batches))
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = model(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        moe_balance_step(model)
+    if args.train_steps:
+        print(f"trained {args.train_steps} steps of {cfg.name} in this process: final loss {loss.item():.3f}")
+    return model.eval()
+
+
+def corpus_prompt(length: int) -> list[int]:
+    from train.data import build_corpus, read_token_file
+
+    tokens, _ = read_token_file(build_corpus())
+    middle = len(tokens) // 2
+    return [int(t) for t in tokens[middle : middle + length]]
+
+
+def run(args: argparse.Namespace) -> None:
+    for name in ("train_steps", "tokens", "prompt_tokens", "repeats"):
+        if getattr(args, name) < (0 if name == "train_steps" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} is too small")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if args.run_dir:
+        from train.sample import load_language_model
+
+        model, _, step = load_language_model(args.run_dir, device)
+        print(f"model: {args.run_dir} at step {step}")
+    else:
+        model = trained_model(args, device, autocast)
+    cfg = model.cfg
+    methods = dict(METHODS) if len(model.mtp) else {k: v for k, v in METHODS.items() if k != "speculative"}
+    prompt = corpus_prompt(min(args.prompt_tokens, cfg.max_seq_len))
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} CPUs)"
+    print(
+        f"decoding benchmark · {cfg.n_layers} layers, dim {cfg.dim}, max_seq_len {cfg.max_seq_len} · greedy, "
+        f"{args.tokens} tokens after {len(prompt)} · {where}, {'bf16' if autocast else 'fp32'} · "
+        f"torch {torch.__version__}"
+    )
+    latent, naive, line = cache_figures(model, autocast)
+    print(line)
+    generator = Generator(model, Sampling(temperature=0.0), seed=0, device=device, autocast_dtype=autocast)
+    generator.run(prompt, min(4, args.tokens))  # warm-up: allocations, kernel selection
+    rates: dict[str, list[float]] = {name: [] for name in methods}
+    outputs: dict[str, list[int]] = {}
+    acceptance: list[float] = []
+    for _ in range(args.repeats):
+        for name, options in methods.items():
+            result = generator.run(prompt, args.tokens, **options)
+            rates[name].append(result.tokens_per_sec)
+            outputs[name] = result.tokens
+            if result.acceptance is not None:
+                acceptance.append(result.acceptance)
+    base = statistics.median(rates["no cache"])
+    print(f"\n{'method':<14} {'tokens/s':>10} {'× no cache':>11}  note")
+    for name in methods:
+        rate = statistics.median(rates[name])
+        if name == "speculative":
+            same = "same tokens as cached greedy" if outputs[name] == outputs["latent cache"] else "DIFFERENT tokens"
+            accepted = f"{statistics.median(acceptance):.1%}" if acceptance else "n/a"
+            note = f"acceptance {accepted}; {same}"
+        elif name == "latent cache":
+            note = f"{latent:,} B/token vs {naive:,} B/token for full K/V ({naive / latent:.1f}x smaller)"
+        else:
+            note = "recomputes the whole context every token"
+        print(f"{name:<14} {rate:>10,.1f} {rate / base:>10.2f}x  {note}")
+    if "speculative" in rates:
+        speedup = statistics.median(rates["speculative"]) / statistics.median(rates["latent cache"])
+        print(f"speculation speed-up over the latent cache: {speedup:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from env.cli import UserError
+
+    try:
+        return benchmark_main(parse_args, run, argv)
+    except UserError as exc:  # a --run-dir without a usable model
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

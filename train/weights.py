@@ -1,0 +1,178 @@
+"""Model weights out of a run, and into a new one: the seam between checkpoints and their users.
+
+`load_model_weights(path) -> (state_dict, config, step)` is the one way sampling, export and
+fine-tuning (`train.init_from`) read weights. `path` is either
+
+- a run directory: its newest valid checkpoint (a DDP file or an FSDP DCP directory), verified
+  against its sidecar's sha256 as training's resume does; a damaged one is reported and the one
+  before is used; or
+- an export directory (train/export.py): `model.safetensors` and `config.json`.
+
+`config` is a RunConfig.to_dict()-shaped tree holding at least "model". Everything read is data:
+safetensors holds only tensors, checkpoints load with weights_only=True, and the DCP metadata
+passes train.checkpoint's allow-list before DCP reads the shards.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.config import ConfigError, ModelConfig, RunConfig, config_from_dict, validate_model
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+EXPORT_FORMAT = 1
+
+
+class WeightsError(ConfigError):
+    """Weights cannot be found, read or used; one line with the fix. A ConfigError too, so the
+    training worker reports it as one (train.init_from)."""
+
+
+def load_model_weights(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(model state dict on the CPU, config tree, training step) from a run or an export directory."""
+    path = Path(path)
+    if (path / EXPORT_WEIGHTS).is_file():
+        return read_export(path)
+    if not path.is_dir():
+        raise WeightsError(f"{path} is not a directory; give a run directory (RUN_DIR) or an export directory")
+    return _checkpoint_weights(path)
+
+
+def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
+    """The ModelConfig of a config tree read from disk, type-checked field by field."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise WeightsError(f"{where} holds no model config; re-export it or use the run directory")
+    try:
+        cfg = config_from_dict({"model": model}).model
+        validate_model(cfg)
+    except ConfigError as exc:
+        raise WeightsError(f"{where}: its model config is not valid ({exc})") from None
+    return cfg
+
+
+def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any], int]:
+    """A model from load_model_weights(path) in eval mode on `device`: (model, config tree, step)."""
+    from train.model import build_model
+
+    state, config, step = load_model_weights(path)
+    cfg = model_config(config, path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device=device)
+    if hasattr(model, "init_weights"):
+        model.init_weights()  # fills the derived buffers (RoPE tables), which no state dict holds
+    load_checked(model, state, str(path))
+    return model.eval(), config, step
+
+
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict, with a mismatch named by its first key in the model's order (one line)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise WeightsError(f"{where} has no weight '{key}', which this model config needs; use a matching config")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"{where}: weight '{key}' has shape {list(state[key].shape)} there but {list(tensor.shape)} in this "
+                "model config; use the model config it was trained with"
+            )
+    extra = [key for key in state if key not in expected]
+    if extra:
+        raise WeightsError(f"{where} has weight '{extra[0]}', which this model config lacks; use a matching config")
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports
+
+
+def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((directory / EXPORT_CONFIG).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{directory} has {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}; export it again") from None
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{directory / EXPORT_CONFIG} is not readable JSON ({exc}); export it again") from None
+    try:
+        state = load_file(directory / EXPORT_WEIGHTS, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise WeightsError(
+            f"{directory / EXPORT_WEIGHTS} is not a safetensors file ({reason}); export it again"
+        ) from None
+    model_config(config, directory / EXPORT_CONFIG)
+    step = config.get("export", {}).get("step", 0) if isinstance(config.get("export"), dict) else 0
+    return state, config, int(step) if isinstance(step, int) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints (train/checkpoint/: any strategy, any world size, read in this one process)
+
+
+def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    from train.checkpoint import Checkpointer, CheckpointError, load_model
+    from train.models import build_model
+
+    newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
+    if newest is None:
+        raise WeightsError(
+            f"{run_dir} has no valid checkpoint; train it first (make train RUN_DIR={run_dir}) or give another run"
+        )
+    saved = newest[1].get("config")
+    config = {k: v for k, v in saved.items() if k != "world_size"} if isinstance(saved, dict) else {}
+    model = build_model(model_config(config, run_dir))
+    try:
+        step = load_model(run_dir, model)
+    except CheckpointError as exc:
+        raise WeightsError(str(exc)) from None
+    return dict(model.state_dict()), config, int(step or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def find_tokenizer(path: Path | str, config: dict[str, Any]) -> Path | None:
+    """The tokenizer.json of a run or export: in the directory itself, else beside the run's token
+    file (data/x.bin -> data/x.tokenizer.json, as `make prepare TOKENIZER=...` writes it). None: bytes."""
+    path = Path(path)
+    if (path / TOKENIZER_FILE).is_file():
+        return path / TOKENIZER_FILE
+    data_path = str(config.get("data", {}).get("path", "")) if isinstance(config.get("data"), dict) else ""
+    if data_path.endswith(".bin"):
+        beside = Path(data_path).with_suffix(".tokenizer.json")
+        if beside.is_file():
+            return beside
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning: train.init_from
+
+
+def init_from(model: nn.Module, cfg: RunConfig, run_dir: Path) -> int | None:
+    """Load train.init_from's weights into a freshly built `model` (before wrapping); the step they
+    came from, or None when init_from is unset or the run resumes from its own checkpoint."""
+    source = cfg.train.init_from
+    if not source:
+        return None
+    from train.checkpoint import Checkpointer
+
+    if Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).latest_step() is not None:
+        return None  # resuming: the run's own checkpoint holds newer weights
+    state, _, step = load_model_weights(source)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        load_checked(model, {k: v.to(device) for k, v in state.items()}, f"train.init_from={source}")
+    return step
