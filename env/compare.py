@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
     parser.add_argument("a", metavar="A", help="run directory or manifest.json of the first run")
     parser.add_argument("b", metavar="B", help="run directory or manifest.json of the second run")
-    parser.add_argument("--output", "--plot", dest="plot", default="", help="where the overlay PNG goes (default: in A's run directory)")
+    parser.add_argument(
+        "--output", "--plot", dest="plot", default="", help="where the overlay PNG goes (default: in A's run directory)"
+    )
     args = parser.parse_args(argv)
     runs = load_run(args.a), load_run(args.b)
     print(render(*runs))

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -168,15 +167,13 @@ class Evaluator:
         self.byte_lengths = byte_lengths_for(cfg, tokenizer, info.device)
 
     def after_step(self, step: int, stopping: bool) -> dict[str, float]:
-        """{} on other steps; on eval steps the figures and eval_s, the seconds it took.
+        """{} on other steps; on eval steps the validation figures (the loop leaves their time out of step_ms).
 
         Not when stopping: a preempted job saves its checkpoint first, within the grace period.
         """
         if not self.every or stopping or not (step % self.every == 0 or step == self.run.cfg.train.steps):
             return {}
-        started = time.perf_counter()
-        figures = run_evaluation(self.run, self.dataset, self.indices, self.n_samples, self.byte_lengths)
-        return {**figures, "eval_s": time.perf_counter() - started}
+        return run_evaluation(self.run, self.dataset, self.indices, self.n_samples, self.byte_lengths)
 
 
 def check_eval_size(cfg: RunConfig, available: int, world_size: int) -> int:

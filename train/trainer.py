@@ -296,10 +296,10 @@ def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dic
         clock.tick()
         with clock.paused():  # evaluating is not training throughput
             figures |= evaluator.after_step(step, stop.agreed)  # val_loss etc. on eval steps
-        figures.pop("eval_s", None)
-        if step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.steps or stop.agreed or "val_loss" in figures:
+        last = step == cfg.train.steps or stop.agreed
+        if step == 1 or step % cfg.train.log_every == 0 or last or "val_loss" in figures:
             logger.log(rates.record(step, figures, clock.lap()))
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stop.agreed:
+        if step % cfg.train.ckpt_every == 0 or last:
             with clock.paused():  # saving is not training throughput
                 watchdog.mark(step, "checkpoint")
                 run.checkpointer.save(step)
