@@ -76,6 +76,7 @@ test-image: ## build the image on a local base and test it through compose (need
 	@bash env/image_test.sh
 
 test-slurm: ## a real two-node Slurm cluster on this machine, and env/slurm/ tested on it (needs root)
+	@$(SCRIPT_ONLY)
 	@bash env/slurm_check.sh
 
 lint: ## hadolint, shellcheck, compose config (v1 and v2), ruff

@@ -30,9 +30,13 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "train.benchmarks.data_loader": ("torchrig data-loader: ", ["--config", "nope"]),
     "train.benchmarks.harness_overhead": ("torchrig harness-overhead: ", ["--config", "nope"]),
     "train.benchmarks.step_profile": ("torchrig step-profile: ", ["--steps", "0"]),
+    "train.benchmarks.sample": ("torchrig sample-bench: ", ["--run-dir", "/no/such/run"]),
+    "train.eval": ("torchrig eval: ", ["--run-dir", "/no/such/run"]),
+    "train.sample": ("torchrig sample: ", ["--run-dir", "/no/such/run"]),
+    "train.export": ("torchrig export: ", ["--run-dir", "/no/such/run", "--output", "/no/such/out"]),
+    "env.slurm.job": ("torchrig slurm: ", ["submit", "train", "NNODES=x"]),
 }
-# train/prepare.py belongs to another branch at the time of writing; it must end in run_cli too.
-NOT_YET = {"train.prepare"}
+NOT_YET: set[str] = set()
 
 
 def discovered() -> set[str]:

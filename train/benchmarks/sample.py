@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from dataclasses import replace
 
 import torch
 
+from env.cli import ArgumentParser, count_arg, run_cli
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, load_config
 from train.sample import Generator, Sampling, cache_figures
@@ -29,13 +29,19 @@ METHODS = {"no cache": {"cache": False}, "latent cache": {"cache": True}, "specu
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m train.benchmarks.sample", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m train.benchmarks.sample", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny", help="config name or YAML path (default: tiny)")
     parser.add_argument("--run-dir", help="measure this run's (or export's) model instead of training one")
-    parser.add_argument("--train-steps", type=int, default=100, help="steps to train the config's model first")
-    parser.add_argument("--tokens", type=int, default=100, help="tokens to generate per measurement")
-    parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length, taken from the corpus")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is shown)")
+    parser.add_argument(
+        "--train-steps", type=count_arg("--train-steps"), default=100, help="steps to train the config's model first"
+    )
+    parser.add_argument("--tokens", type=count_arg("--tokens"), default=100, help="tokens to generate per measurement")
+    parser.add_argument(
+        "--prompt-tokens", type=count_arg("--prompt-tokens"), default=16, help="prompt length, taken from the corpus"
+    )
+    parser.add_argument(
+        "--repeats", type=count_arg("--repeats"), default=3, help="measurements per method (the median is shown)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.n_layers=2")
     return parser.parse_args(argv)
 
@@ -131,14 +137,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from env.cli import UserError
-
-    try:
-        return benchmark_main(parse_args, run, argv)
-    except UserError as exc:  # a --run-dir without a usable model
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return benchmark_main(parse_args, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("sample-bench", main)
