@@ -16,7 +16,8 @@ from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_config
 from train.model import build_model
-from train.trainer import build_optimizer
+from train.distributed import DistInfo
+from train.trainer import _checkpoint_parts, build_optimizer
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
 
@@ -44,8 +45,11 @@ def trained_in_process(cfg: RunConfig, steps: int = 2, seed: int = 3) -> torch.n
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: RunConfig, step: int, strategy: str = "ddp") -> None:
     """A checkpoint as training writes it (one process), with the config the trainer records."""
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    extra = {"step": step, "config": {**cfg.to_dict(), "world_size": 1}}
-    Checkpointer(run_dir, keep=3, rank=0, world_size=1, strategy=strategy).save(step, model, optimizer, extra)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    parts = _checkpoint_parts(model, optimizer, scaler, info)
+    config = {**cfg.to_dict(), "world_size": 1}
+    Checkpointer(run_dir, parts, keep=3, rank=0, world_size=1, strategy=strategy, config=config).save(step)
 
 
 def write_export(directory: Path, model: torch.nn.Module, model_config: dict) -> None:
