@@ -351,6 +351,6 @@ def test_a_second_bench_into_a_held_run_dir_is_refused(tmp_path: Path, monkeypat
     run_dir = tmp_path / "bench"
     run_dir.mkdir()
     with RunDirLock(run_dir):
-        assert cli.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)]) == 2
+        assert exit_code("bench", cli.main, ["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("in use by a running job") == 1 and not (run_dir / "manifest.json").exists()

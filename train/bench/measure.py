@@ -53,8 +53,8 @@ def launch_command(plan: Plan, n: int, repeat: int = 1) -> list[str]:
         "--run-dir", str(run_dir_of(plan, n, repeat)), "--steps", str(plan.steps), *plan.launch_flags,
         # No checkpoint before the last step; the summary's windows never include saving anyway.
         f"train.log_every={log_every}", f"train.ckpt_every={plan.steps}", *plan.overrides,
-        "data.source=synthetic",  # benchmarks measure the step, not the data source
-        "train.eval_every=0",  # nor the validation
+        "train.eval_every=0",  # benchmarks measure the step, not the validation
+        "data.source=synthetic",  # nor the data source
     ]  # fmt: skip
 
 
