@@ -32,6 +32,10 @@ NOISE-BOUND: the table's noise column and a NOISE line say which and why, and th
 Writes RUN_DIR/bench.json (loadable as a later --baseline), bench.csv, bench.md, bench.png (when
 matplotlib is installed) and manifest.json. Exit: 0 done, 2 bad input, 3 done but the figures are
 noise-bound (rerun on an idle machine, or with more STEPS), else a failed run's code.
+
+One module per concern: bandwidth (where busbw comes from), comm (the bytes a step moves and the
+prediction), baseline (verdicts), measure (the runs, their windows and noise), report (bench.json and
+its table, CSV, Markdown and PNG), cli (arguments, the plan, main).
 """
 
 from __future__ import annotations
