@@ -122,6 +122,16 @@ def _own_input(count: int, rank: int, world: int, like: torch.Tensor) -> torch.T
     return pattern(0, count, rank, world, like)
 
 
+def _ring_all_reduce(n: int) -> float:
+    """A ring all-reduce: a reduce-scatter then an all-gather, each moving (n-1)/n of the buffer over each link."""
+    return 2 * (n - 1) / n
+
+
+def _ring_shard(n: int) -> float:
+    """All-gather, reduce-scatter, all-to-all: each rank receives (or sends) the other ranks' (n-1)/n."""
+    return (n - 1) / n
+
+
 COLLECTIVES: dict[str, Collective] = {
     row.name: row
     for row in (
@@ -129,7 +139,7 @@ COLLECTIVES: dict[str, Collective] = {
             name="all_reduce",
             redop="sum",
             root=-1,
-            busbw_factor=lambda n: 2 * (n - 1) / n,
+            busbw_factor=_ring_all_reduce,
             sharded=False,
             in_place=True,
             send_elems=_whole,
@@ -142,7 +152,7 @@ COLLECTIVES: dict[str, Collective] = {
             name="all_gather",
             redop="none",
             root=-1,
-            busbw_factor=lambda n: (n - 1) / n,
+            busbw_factor=_ring_shard,
             sharded=True,
             in_place=False,
             send_elems=_chunk,
@@ -160,7 +170,7 @@ COLLECTIVES: dict[str, Collective] = {
             name="reduce_scatter",
             redop="sum",
             root=-1,
-            busbw_factor=lambda n: (n - 1) / n,
+            busbw_factor=_ring_shard,
             sharded=True,
             in_place=False,
             send_elems=_whole,
@@ -175,7 +185,7 @@ COLLECTIVES: dict[str, Collective] = {
             name="all_to_all",
             redop="none",
             root=-1,
-            busbw_factor=lambda n: (n - 1) / n,
+            busbw_factor=_ring_shard,
             sharded=True,
             in_place=False,
             send_elems=_whole,

@@ -15,25 +15,23 @@ import pytest
 from env.cli import exit_code
 from tests.conftest import ROOT
 from tests.trainrun import SMALL
-from train import bench
-from train.bench import (
+from train.bench import BenchError, cli, measure
+from train.bench.bandwidth import bandwidth_from_nccl_json
+from train.bench.baseline import (
     BETTER,
     NOT_COMPARABLE,
     REFUTED,
     REPRODUCED,
-    BenchError,
-    CommPlan,
     add_baseline,
-    add_prediction,
-    bandwidth_from_nccl_json,
     incomparable_reasons,
     load_baseline,
-    markdown_table,
-    measured_rows,
     overall_verdict,
     resolve_baseline,
     row_verdict,
 )
+from train.bench.comm import CommPlan, add_prediction
+from train.bench.measure import measured_rows
+from train.bench.report import columns_for, markdown_table, write_plot
 
 GPU = "NVIDIA GeForce RTX 4090"
 
@@ -185,19 +183,19 @@ def test_the_shipped_claim_loads_and_is_self_consistent() -> None:
 def test_markdown_shows_missing_figures_as_a_dash_and_baseline_columns_only_with_a_baseline() -> None:
     rows = measured_rows(SUMMARIES)
     add_prediction(rows, CommPlan.for_run(1000, "ddp", "bf16", "none", 1), 10.0)
-    table = markdown_table(rows, bench.columns_for(with_baseline=False))
+    table = markdown_table(rows, columns_for(with_baseline=False))
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows) and "verdict" not in lines[0] and "pred. speedup" in lines[0]
-    tokens_column = [c.key for c in bench.columns_for(False)].index("tokens_per_sec")
+    tokens_column = [c.key for c in columns_for(False)].index("tokens_per_sec")
     assert all(line.split("|")[1 + tokens_column].strip() == "-" for line in lines[2:])
 
 
 def test_launch_command_forces_synthetic_data_after_the_users_overrides(tmp_path: Path) -> None:
-    args = bench.build_parser().parse_args(
+    args = cli.build_parser().parse_args(
         ["--gpus", "2", "--config", "tiny", "--micro-batch", "4", "data.source=corpus"]
     )
-    plan = bench.make_plan(args, None, cuda_gpus=0)
-    command = bench.launch_command(plan, 2)
+    plan = cli.make_plan(args, None, cuda_gpus=0)
+    command = measure.launch_command(plan, 2)
     assert command[command.index("--gpus") + 1] == "2" and command[command.index("--micro-batch") + 1] == "4"
     assert command[-1] == "data.source=synthetic" and "data.source=corpus" in command
     assert plan.cfg.train.micro_batch == 4 and plan.counts == [1, 2]
@@ -216,7 +214,7 @@ def test_launch_command_forces_synthetic_data_after_the_users_overrides(tmp_path
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], names: str) -> None:
-    code = exit_code("bench", bench.main, [*argv, "--run-dir", str(tmp_path / "bench")])
+    code = exit_code("bench", cli.main, [*argv, "--run-dir", str(tmp_path / "bench")])
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and names in err
@@ -232,9 +230,9 @@ def test_a_real_bench_on_cpu_writes_consistent_outputs(tmp_path: Path) -> None:
     ]  # fmt: skip
     result = subprocess.run([*command, "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=240)
     # Two processes on a busy CPU may well be noise-bound: then it must say so, in the table and the exit code.
-    assert result.returncode in (0, bench.NOISE_EXIT), result.stderr + result.stdout
+    assert result.returncode in (0, measure.NOISE_EXIT), result.stderr + result.stdout
     report = json.loads((run_dir / "bench.json").read_text())
-    assert report["noise"]["bound"] == (result.returncode == bench.NOISE_EXIT) == ("NOISE-BOUND" in result.stdout)
+    assert report["noise"]["bound"] == (result.returncode == measure.NOISE_EXIT) == ("NOISE-BOUND" in result.stdout)
     assert "bench: 2 CPU processes (run 1 of 1): step 3/3, eta" in result.stdout
     rows = report["rows"]
     assert [row["gpus"] for row in rows] == [1, 2]
@@ -274,13 +272,13 @@ def test_figures_within_their_spread_are_not_noise() -> None:
     rows = measured_rows(noisy_summaries((1000, 990, 1010), (1800, 1790, 1820)))
     assert rows[0]["spread"] == pytest.approx(0.01) and rows[1]["measurements"] == 3
     assert rows[1]["efficiency"] == pytest.approx(0.9)
-    assert [row["noise"] for row in rows] == ["ok", "ok"] and bench.noise_findings(rows, "GPU") == []
+    assert [row["noise"] for row in rows] == ["ok", "ok"] and measure.noise_findings(rows, "GPU") == []
 
 
 def test_a_wide_spread_is_noise_bound() -> None:
     rows = measured_rows(noisy_summaries((1000, 600, 1400), (1800, 1790, 1820)))
     assert rows[0]["spread"] == pytest.approx(0.4) and rows[0]["noise"].startswith("NOISE")
-    (finding,) = bench.noise_findings(rows, "GPU")
+    (finding,) = measure.noise_findings(rows, "GPU")
     assert "1 GPU" in finding and "±40%" in finding and "3 measurements" in finding
 
 
@@ -288,25 +286,25 @@ def test_efficiency_above_100_percent_beyond_the_spread_is_noise_bound() -> None
     # The case seen under load: the 1-process run slowed by another job, 334% "efficiency".
     rows = measured_rows(noisy_summaries((300, 299, 301), (2004, 2000, 2010)))
     assert rows[1]["efficiency"] == pytest.approx(3.34) and rows[1]["efficiency_low"] > 1
-    findings = bench.noise_findings(rows, "CPU process")
+    findings = measure.noise_findings(rows, "CPU process")
     assert len(findings) == 1 and "efficiency 334%" in findings[0] and "6.68×" in findings[0]
     # Within the spread, more than 100% is not flagged: 1000±10% and 2050 is 102.5%, at least 93%.
     rows = measured_rows(noisy_summaries((1000, 900, 1100), (2050, 2050, 2050)))
-    assert rows[1]["efficiency"] > 1 and bench.noise_findings(rows, "GPU") == []
+    assert rows[1]["efficiency"] > 1 and measure.noise_findings(rows, "GPU") == []
 
 
 def test_a_noise_bound_bench_says_so_in_the_table_and_exits_3(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "run_all", lambda plan: noisy_summaries((300, 299, 301), (2004, 2000, 2010)))
+    monkeypatch.setattr(cli, "run_all", lambda plan: noisy_summaries((300, 299, 301), (2004, 2000, 2010)))
     run_dir = tmp_path / "bench"
-    code = bench.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)])
+    code = cli.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)])
     out = capsys.readouterr().out
-    assert code == bench.NOISE_EXIT == 3
+    assert code == measure.NOISE_EXIT == 3
     assert "NOISE-BOUND" in out and "efficiency 334%" in out
     table = (run_dir / "bench.md").read_text()
     assert "NOISE-BOUND" in table and "NOISE: efficiency >100%" in table
     assert json.loads((run_dir / "bench.json").read_text())["noise"]["bound"] is True
-    monkeypatch.setattr(bench, "run_all", lambda plan: noisy_summaries((1000, 990, 1010), (1800, 1790, 1820)))
-    assert bench.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(tmp_path / "quiet")]) == 0
+    monkeypatch.setattr(cli, "run_all", lambda plan: noisy_summaries((1000, 990, 1010), (1800, 1790, 1820)))
+    assert cli.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(tmp_path / "quiet")]) == 0
 
 
 def test_the_plot_shows_every_measured_point(tmp_path: Path, monkeypatch) -> None:
@@ -317,14 +315,14 @@ def test_the_plot_shows_every_measured_point(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: saved.append(figure))
     rows = measured_rows(noisy_summaries((300, 299, 301), (2004, 2000, 2010)))
     add_prediction(rows, CommPlan.for_run(1000, "ddp", "bf16", "none", 1), 10.0)
-    assert bench.write_plot(tmp_path / "bench.png", rows, "GPU", with_baseline=False) is None
+    assert write_plot(tmp_path / "bench.png", rows, "GPU", with_baseline=False) is None
     efficiency_axes = saved[0].axes[1]
     low, high = efficiency_axes.get_ylim()
     assert low <= min(r["efficiency_low"] for r in rows) and high >= max(r["efficiency_high"] for r in rows)
 
 
 def test_progress_is_printed_while_a_sub_run_trains(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "PROGRESS_POLL_S", 0.05)
+    monkeypatch.setattr(measure, "PROGRESS_POLL_S", 0.05)
     # A stand-in for a training job: it logs three steps, a moment apart, then exits.
     script = (
         "import json, sys, time\n"
@@ -334,23 +332,25 @@ def test_progress_is_printed_while_a_sub_run_trains(tmp_path: Path, monkeypatch,
     )
     log = tmp_path / "launch.log"
     command = [sys.executable, "-c", script, str(tmp_path / "metrics.jsonl")]
-    assert bench._run_with_progress(command, log, "2 GPUs (run 1 of 2)", 3) == 0
+    assert measure._run_with_progress(command, log, "2 GPUs (run 1 of 2)", 3) == 0
     lines = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith("bench: 2 GPUs (run 1 of 2): step")
     ]
     assert lines and lines[-1].startswith("bench: 2 GPUs (run 1 of 2): step 3/3, eta 0m00s")
     steps = [int(line.split("step ")[1].split("/")[0]) for line in lines]
     assert steps == sorted(set(steps))
-    assert bench.progress_line("1 GPU (run 1 of 1)", 10, 40, 20.0) == "bench: 1 GPU (run 1 of 1): step 10/40, eta 1m00s"
+    assert (
+        measure.progress_line("1 GPU (run 1 of 1)", 10, 40, 20.0) == "bench: 1 GPU (run 1 of 1): step 10/40, eta 1m00s"
+    )
 
 
 def test_a_second_bench_into_a_held_run_dir_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
     from env.runlock import RunDirLock
 
-    monkeypatch.setattr(bench, "run_all", lambda plan: pytest.fail("a refused bench ran a job"))
+    monkeypatch.setattr(cli, "run_all", lambda plan: pytest.fail("a refused bench ran a job"))
     run_dir = tmp_path / "bench"
     run_dir.mkdir()
     with RunDirLock(run_dir):
-        assert bench.main(["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)]) == 2
+        assert exit_code("bench", cli.main, ["--gpus", "2", "--config", "tiny", "--run-dir", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("in use by a running job") == 1 and not (run_dir / "manifest.json").exists()

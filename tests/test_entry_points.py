@@ -43,7 +43,8 @@ def discovered() -> set[str]:
     modules = set()
     for path in [*ROOT.glob("env/**/*.py"), *ROOT.glob("train/**/*.py")]:
         if re.search(r"^if __name__ == .__main__.:", path.read_text(), re.MULTILINE):
-            modules.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules.add(".".join(parts[:-1] if parts[-1] == "__main__" else parts))  # a package runs as itself
     return modules
 
 

@@ -9,15 +9,9 @@ import pytest
 
 from env import manifest
 from env.links import NETWORK_LINKS
-from train.bench import (
-    LINK_ASSUMPTIONS,
-    BenchError,
-    CommPlan,
-    add_prediction,
-    assumed_bandwidth,
-    bandwidth_from_nccl_json,
-    resolve_bandwidth,
-)
+from train.bench import BenchError
+from train.bench.bandwidth import LINK_ASSUMPTIONS, assumed_bandwidth, bandwidth_from_nccl_json, resolve_bandwidth
+from train.bench.comm import CommPlan, add_prediction
 
 INTER_NODE = ("eth10", "eth25", "eth100", "ib-hdr", "ib-ndr")
 

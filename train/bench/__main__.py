@@ -1,0 +1,7 @@
+"""python -m train.bench: the scaling table (train/bench/cli.py)."""
+
+from env.cli import run_cli
+from train.bench.cli import main
+
+if __name__ == "__main__":
+    run_cli("bench", main)
