@@ -121,7 +121,7 @@ RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STR
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",)),
-    "nccl-test": Target("env.nccl_test", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
+    "nccl-test": Target("env.nccl.launch", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
     "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
     "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
     "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),

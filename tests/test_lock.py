@@ -142,3 +142,11 @@ def test_pins_come_from_the_lock_of_the_image_profile(monkeypatch) -> None:
     assert profiles.lock_path() == ROOT / "env/profiles/cu128.txt"
     monkeypatch.setenv("TORCHRIG_LOCK", "/elsewhere/lock.txt")
     assert profiles.lock_path() == Path("/elsewhere/lock.txt")
+
+
+def test_pinned_nccl_is_read_from_the_lock(tmp_path: Path):
+    lock = tmp_path / "requirements.txt"
+    lock.write_text("numpy==2.0.2 \\\n    --hash=sha256:abc\nnvidia-nccl-cu12==2.20.5 \\\n    --hash=sha256:def\n")
+    missing = tmp_path / "missing.lock"
+    assert profiles.locked_version(profiles.NCCL_DIST, (missing, lock)) == "2.20.5"
+    assert profiles.locked_version(profiles.NCCL_DIST, (missing,)) is None
