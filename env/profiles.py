@@ -291,7 +291,7 @@ def lock_path() -> Path:
             return ROOT / profile(cuda_profile).lock
         except UnknownProfile:
             pass  # an image from a newer checkout: fall back to the default lock, the pins check will say so
-    return ROOT / "requirements.txt"
+    return ROOT / profile(DEFAULT_CUDA).lock
 
 
 def locked_version(name: str, locks: tuple[Path, ...] | None = None) -> str | None:
