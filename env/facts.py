@@ -28,7 +28,7 @@ from typing import Any
 from env.docker import engine_status
 from env.nvml import Snapshot, read_snapshot
 from env.p2p import decide_p2p, torch_copy_check
-from env.profiles import NCCL_DIST, TRIO, dist_version, lock_path, read_pins
+from env.profiles import NCCL_DIST, TRIO, dist_version, loaded_nccl, lock_path, read_pins
 
 DISTRIBUTIONS = (*TRIO, NCCL_DIST, "nvidia-ml-py", "numpy")
 ENV_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "CUDA_")
@@ -113,7 +113,7 @@ def torch_facts() -> dict[str, Any]:
     if torch.version.cuda:
         try:
             # (major, minor, patch), with a suffix string after them on some builds
-            facts["nccl_version"] = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
+            facts["nccl_version"] = loaded_nccl(torch)
         except Exception as exc:
             facts["nccl_error"] = f"{type(exc).__name__}: {exc}"
     return facts

@@ -23,6 +23,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from env.cli import ArgumentParser, UserError, run_cli
 
@@ -180,6 +181,11 @@ def dist_version(name: str) -> str | None:
         return None
 
 
+def loaded_nccl(torch: Any) -> str:
+    """The NCCL the imported torch loads, "2.20.5"; raises (AttributeError, RuntimeError) on a CPU build."""
+    return ".".join(str(part) for part in tuple(torch.cuda.nccl.version())[:3])
+
+
 def installed_stack() -> InstalledStack:
     """Read without a GPU: NCCL's version is a library call that needs no device."""
     try:
@@ -187,7 +193,7 @@ def installed_stack() -> InstalledStack:
     except ImportError:
         return InstalledStack(None, None, None, dist_version("nvidia-nccl-cu12"))
     try:
-        nccl_loaded = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
+        nccl_loaded = loaded_nccl(torch)
     except (AttributeError, RuntimeError):  # a CPU build has no NCCL
         nccl_loaded = None
     base_version = torch.__version__.split("+")[0]

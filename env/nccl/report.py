@@ -15,7 +15,7 @@ from env.links import Expectation, expected_busbw, judge
 from env.nccl.options import Options, format_size
 from env.nvml import read_snapshot
 from env.p2p import P2PDecision, p2p_mode, visible_gpu_indices
-from env.profiles import NCCL_DIST, locked_version
+from env.profiles import NCCL_DIST, loaded_nccl, locked_version
 
 if TYPE_CHECKING:
     from env.nccl.worker import WorkerPlace
@@ -67,7 +67,7 @@ def collect_versions(device_type: str) -> dict[str, Any]:
 
     loaded = None
     if device_type == "cuda":
-        loaded = ".".join(str(part) for part in tuple(torch.cuda.nccl.version())[:3])
+        loaded = loaded_nccl(torch)
     pinned = locked_version(NCCL_DIST)
     return {
         "torch": torch.__version__,
