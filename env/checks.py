@@ -1,7 +1,7 @@
 """The doctor's checks: pure functions of `Facts`, kept as a table (`CHECKS`) that the doctor walks.
 
-`Facts` holds everything the doctor gathered about the machine (env/doctor.py gathers it;
-tests build it by hand or load it from tests/fixtures/doctor/*.json). Each check turns
+`Facts` (env/facts.py) holds everything gathered about the machine (tests build it by hand or
+load it from tests/fixtures/doctor/*.json); version tables and pins come from env/profiles.py. Each check turns
 Facts into a `CheckResult`: a status (OK, WARN or FAIL), one line of evidence, and one
 line of fix when the status is not OK. No check reads the machine itself.
 
@@ -11,16 +11,17 @@ WARN rather than fail: a CPU-only machine is a valid place to run the rig.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from env.facts import Facts
 from env.links import PCIE_LANE_GBPS
 from env.nvml import GpuInfo, Snapshot
 from env.p2p import DISABLE_VAR, P2PDecision, decide_p2p
+from env.profiles import CUDA_MIN_DRIVER, NCCL_DIST, TORCH_TRIOS, TRIO
 
 MIB = 2**20
 GIB = 2**30
@@ -45,57 +46,6 @@ class CheckResult:
     status: Status
     evidence: str
     fix: str = ""
-
-
-@dataclass
-class Facts:
-    """Everything the checks look at. Plain JSON-friendly fields, so it round-trips through a file."""
-
-    snapshot: Snapshot = field(default_factory=Snapshot)
-    pcie_load: str = "not run"  # "ran", or "not run: why": was the snapshot read while the GPUs were busy?
-    gpus_requested: int | None = None  # --gpus N: how many GPUs (or CPU processes) the run will use
-    python_version: str = ""
-    platform: str = ""
-    # torch, as imported; torch_error is set (and the rest empty) when `import torch` failed.
-    torch_version: str | None = None
-    torch_error: str | None = None
-    torch_cuda: str | None = None  # torch.version.cuda; None for a CPU-only build
-    torch_cuda_available: bool = False
-    torch_device_count: int = 0
-    arch_list: list[str] = field(default_factory=list)  # sm_XY / compute_XY the build carries
-    nccl_version: str | None = None  # the NCCL torch loaded at run time, "2.20.5"
-    nccl_error: str | None = None
-    # Installed distribution versions (importlib.metadata), None where not installed.
-    dist_versions: dict[str, str | None] = field(default_factory=dict)
-    # Pins from the lock (requirements.txt or $TORCHRIG_LOCK): normalised name -> version.
-    pins: dict[str, str] = field(default_factory=dict)
-    lock_path: str = ""
-    shm_bytes: int | None = None  # size of /dev/shm; None when there is none
-    shm_mount_options: str = ""
-    mem_total_bytes: int | None = None
-    ulimits: dict[str, list[int | None]] = field(default_factory=dict)  # name -> [soft, hard], None = unlimited
-    in_container: bool = False
-    container_evidence: str = ""
-    image_labels: dict[str, str] = field(default_factory=dict)  # the image's TORCHRIG_* variables (doctor.IMAGE_VARS)
-    # On the host: env.docker.engine_status() as a dict (answers, nvidia, reason), and probed.
-    docker: dict[str, Any] = field(default_factory=dict)
-    run_dir: str = ""
-    disk_free_bytes: int | None = None
-    cpu_count: int = 0
-    cpu_usable: float = 0.0  # affinity mask, capped by the cgroup CPU quota
-    numa_nodes: dict[str, str] = field(default_factory=dict)  # node id -> its CPU list, "0-15"
-    environ: dict[str, str] = field(default_factory=dict)  # NCCL_*, TORCH_*, PYTORCH_*, CUDA_* variables
-    # decide_p2p's answer with real peer copies (P2PDecision.to_dict()); None when no GPU work was allowed.
-    p2p: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Facts:
-        names = {f.name for f in dataclasses.fields(cls)} - {"snapshot"}
-        known = {k: v for k, v in data.items() if k in names}
-        return cls(snapshot=Snapshot.from_dict(data.get("snapshot", {})), **known)
 
 
 # --- small helpers -------------------------------------------------------------------------
@@ -185,20 +135,6 @@ def check_gpus(f: Facts) -> CheckResult:
     return CheckResult(Status.OK, evidence)
 
 
-# Minimum Linux driver for each CUDA toolkit release (CUDA release notes, "toolkit driver version").
-CUDA_MIN_DRIVER: dict[tuple[int, int], str] = {
-    (11, 8): "520.61.05",
-    (12, 0): "525.60.13",
-    (12, 1): "530.30.02",
-    (12, 2): "535.54.03",
-    (12, 3): "545.23.06",
-    (12, 4): "550.54.14",
-    (12, 5): "555.42.02",
-    (12, 6): "560.28.03",
-    (12, 8): "570.26",
-    (12, 9): "575.51.03",
-    (13, 0): "580.65.06",
-}
 # Forward compatibility (the cuda-compat package) works on datacenter GPUs only, not on GeForce.
 # Matched against the words of NVML's name ("NVIDIA A100-SXM4-80GB", "Tesla T4").
 DATACENTER_MODELS = frozenset(
@@ -320,32 +256,6 @@ def check_arch(f: Facts) -> CheckResult:
     return CheckResult(status, evidence, fixes[status])
 
 
-# torch -> (torchvision, torchaudio) built against it. A torchvision built for another torch fails
-# at import or first use with "operator torchvision::nms does not exist".
-TORCH_TRIOS: dict[str, tuple[str, str]] = {
-    "2.0.0": ("0.15.1", "2.0.1"),
-    "2.0.1": ("0.15.2", "2.0.2"),
-    "2.1.0": ("0.16.0", "2.1.0"),
-    "2.1.1": ("0.16.1", "2.1.1"),
-    "2.1.2": ("0.16.2", "2.1.2"),
-    "2.2.0": ("0.17.0", "2.2.0"),
-    "2.2.1": ("0.17.1", "2.2.1"),
-    "2.2.2": ("0.17.2", "2.2.2"),
-    "2.3.0": ("0.18.0", "2.3.0"),
-    "2.3.1": ("0.18.1", "2.3.1"),
-    "2.4.0": ("0.19.0", "2.4.0"),
-    "2.4.1": ("0.19.1", "2.4.1"),
-    "2.5.0": ("0.20.0", "2.5.0"),
-    "2.5.1": ("0.20.1", "2.5.1"),
-    "2.6.0": ("0.21.0", "2.6.0"),
-    "2.7.0": ("0.22.0", "2.7.0"),
-    "2.7.1": ("0.22.1", "2.7.1"),
-    "2.8.0": ("0.23.0", "2.8.0"),
-    "2.9.0": ("0.24.0", "2.9.0"),
-    "2.9.1": ("0.24.1", "2.9.1"),
-}
-
-
 def _torchvision_by_rule(torch_version: str) -> str:
     """The pattern the table follows from 2.1 on: torch 2.m.p pairs with torchvision 0.(m+15).p."""
     parts = version_tuple(torch_version)
@@ -384,9 +294,6 @@ def check_trio(f: Facts) -> CheckResult:
     return CheckResult(Status.OK, f"{evidence} (torch {torch_v} not in the table; torchvision fits the usual rule)")
 
 
-PINNED_STACK = ("torch", "torchvision", "torchaudio")
-
-
 def check_pins(f: Facts) -> CheckResult:
     if not f.pins:
         return CheckResult(
@@ -394,14 +301,11 @@ def check_pins(f: Facts) -> CheckResult:
             f"no pins read from {f.lock_path or 'requirements.txt'}",
             "run from the torchrig checkout, or set TORCHRIG_LOCK to the lock file",
         )
-    checked = [(name, f.pins[name], base_version(f.dist_versions.get(name))) for name in PINNED_STACK if name in f.pins]
+    checked = [(name, f.pins[name], base_version(f.dist_versions.get(name))) for name in TRIO if name in f.pins]
     wrong = [f"{name} {have or 'missing'} (lock: {pin})" for name, pin, have in checked if have != pin]
     if wrong:
         return CheckResult(Status.FAIL, "differs from the lock: " + ", ".join(wrong), SETUP_FIX)
     return CheckResult(Status.OK, "matches the lock: " + ", ".join(f"{n}=={p}" for n, p, _ in checked))
-
-
-NCCL_DIST = "nvidia-nccl-cu12"
 
 
 def check_nccl(f: Facts) -> CheckResult:

@@ -181,10 +181,10 @@ note "$(last_line "$OUT/harness-overhead.log" '^overhead')"
 run_step doctor 60 "" "$PY" -m env.doctor --json "$OUT/doctor.json"
 note "$(figures doctor "$OUT/doctor.json")"
 
-run_step nccl-1rank 60 "" "$PY" -m env.nccl_test --gpus 1 --json "$OUT/nccl.json"
+run_step nccl-1rank 60 "" "$PY" -m env.nccl.launch --gpus 1 --json "$OUT/nccl.json"
 note "$(last_line "$OUT/nccl-1rank.log" '^VERDICT')"
 
-run_step launch-overhead 45 "" "$PY" -m env.nccl_test --gpus 1 --launch-overhead
+run_step launch-overhead 45 "" "$PY" -m env.nccl.launch --gpus 1 --launch-overhead
 note "$(last_line "$OUT/launch-overhead.log" 'launch overhead' | sed 's/^# //')"
 
 # Where the step's time goes, should the MFU fall short: the device idle share, kernels and host syncs per step.

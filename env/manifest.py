@@ -2,7 +2,7 @@
 
 The collective test and the bench call `write_manifest` from rank 0; training calls
 `record_launch` from rank 0 once the resume check passed (a refused launch writes nothing). It records
-the doctor's facts (without the doctor's GPU load, so it stays cheap), the git commit and
+the machine facts (env.facts, without the doctor's GPU load, so it stays cheap), the git commit and
 whether the tree was dirty, the image and its labels, the installed packages with a hash,
 the resolved config, the NCCL_*/TORCH_* environment and the P2P decision. `python -m
 env.compare A B` reads two of them back.
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from env.atomic import write_text_atomically
-from env.doctor import ROOT, gather_facts
-from env.profiles import normalise_name
+from env.facts import gather_facts
+from env.profiles import ROOT, normalise_name
 from env.readfile import read_regular
 
 SCHEMA = 1

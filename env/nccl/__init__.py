@@ -1,0 +1,1 @@
+"""`make nccl-test`: launch.py (the launcher), worker.py (one rank), options.py, report.py, watchdog.py."""
