@@ -142,10 +142,8 @@ def test_compare_shows_config_and_package_changes_and_figures(tmp_path: Path, ca
     assert "config.train.micro_batch" in out and "config.train.steps" not in out
     assert "created" not in out and "temperature" not in out
     assert "+ triton==3.2.0" in out and "- pyyaml==6.0.2" in out and "~ torch 2.4.1 -> 2.6.0" in out
-    figures = {
-        line.split()[0]: line.split()[1:]
-        for line in out.splitlines()[out.splitlines().index("figures (summary.json):") + 2 :]
-    }
+    table = out.split("figures (summary.json):\n", 1)[1].split("\n\n", 1)[0]  # up to the plot line
+    figures = {line.split()[0]: line.split()[1:] for line in table.splitlines()[1:]}
     assert set(figures) == {"samples_per_sec", "mfu"}
     assert figures["samples_per_sec"][-1] == f"{2300 / 1200:.3f}"
 

@@ -27,7 +27,7 @@ def test_submit_passes_nodes_and_gpus_to_sbatch_and_every_value_literally() -> N
         ({"MASTER_ADDR": "10.0.0.1"}, "MASTER_ADDR is set by Slurm"),
         ({"STEPZ": "3"}, "unknown variable STEPZ"),
         ({"RUNTIME": "podman"}, "RUNTIME=podman is not one of local, docker, pyxis"),
-        ({"GPUS": "two"}, "GPUS=two is not a whole number"),
+        ({"GPUS": "two"}, "GPUS 'two' is not a whole number"),
     ],
 )
 def test_bad_variables_are_one_line_before_anything_is_submitted(values: dict, message: str) -> None:

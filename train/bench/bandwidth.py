@@ -48,7 +48,7 @@ def assumed_bandwidth(link: str) -> Bandwidth:
 
 
 def bandwidth_from_nccl_json(path: Path) -> Bandwidth:
-    """The large-message all_reduce busbw of an env.nccl_test JSON record."""
+    """The large-message all_reduce busbw of a make nccl-test JSON record."""
     fix = f"rerun make nccl-test GPUS=2 (or more) OPS=all_reduce JSON={path}"
     record = load_json(path, "--nccl-json", fix, BenchError)
     ops = record.get("ops") if isinstance(record, dict) else None
@@ -58,7 +58,7 @@ def bandwidth_from_nccl_json(path: Path) -> Bandwidth:
     if not isinstance(busbw, (int, float)) or isinstance(busbw, bool) or not math.isfinite(busbw) or busbw <= 0:
         raise BenchError(
             f"--nccl-json {path} holds no all_reduce bus bandwidth (a 1-rank run crosses no link, or it is not "
-            f"an env.nccl_test record); {fix}"
+            f"a make nccl-test record); {fix}"
         )
     world = record.get("world_size", "?")
     nodes = record.get("nodes", 1)
