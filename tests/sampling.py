@@ -15,8 +15,8 @@ from tests.conftest import ROOT
 from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_config
-from train.model import build_model
 from train.distributed import DistInfo
+from train.model import build_model
 from train.trainer import _checkpoint_parts, build_optimizer
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
