@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import ROOT
 from tests.trainrun import SMALL
-from train.checkpoint import Checkpointer
+from train.checkpoint import Checkpointer, ModelState, OptimizerState
 from train.config import RunConfig, load_config
 from train.models import build_model
 from train.trainer import build_optimizer
@@ -44,8 +44,9 @@ def trained_in_process(cfg: RunConfig, steps: int = 2, seed: int = 3) -> torch.n
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: RunConfig, step: int, strategy: str = "ddp") -> None:
     """A checkpoint as training writes it (one process), with the config the trainer records."""
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
-    extra = {"step": step, "config": {**cfg.to_dict(), "world_size": 1}}
-    Checkpointer(run_dir, keep=3, rank=0, world_size=1, strategy=strategy).save(step, model, optimizer, extra)
+    parts = {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)}
+    config = {**cfg.to_dict(), "world_size": 1}
+    Checkpointer(run_dir, parts, keep=3, rank=0, world_size=1, strategy=strategy, config=config).save(step)
 
 
 def write_export(directory: Path, model: torch.nn.Module, model_config: dict) -> None:
