@@ -370,6 +370,13 @@ def validate_model(m: ModelConfig) -> None:
     get_spec(m.arch).validate(m)
 
 
+def require_positive(values: dict[str, int]) -> None:
+    """A ConfigError for the first key whose value is below 1 (keys as the user writes them, e.g. "train.steps")."""
+    for key, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be at least 1")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m, t = cfg.model, cfg.train
@@ -382,9 +389,7 @@ def validate(cfg: RunConfig) -> None:
         "train.ckpt_every": t.ckpt_every,
         "train.keep_ckpts": t.keep_ckpts,
     }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1")
+    require_positive(positive)
     # A collective timeout of 0 s fails the first collective and blames whichever rank is slowest.
     for key, value in {"train.first_timeout_s": t.first_timeout_s, "train.timeout_s": t.timeout_s}.items():
         if value <= 0:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, require_positive
 from train.flops import ParamCount
 from train.models import ModelSpec
 
@@ -492,9 +492,7 @@ def validate_decoder(m: ModelConfig) -> None:
             "n_expert_groups": m.n_expert_groups,
             "n_limited_groups": m.n_limited_groups,
         }
-    for key, value in sizes.items():
-        if value < 1:
-            raise ConfigError(f"model.{key}={value} must be at least 1")
+    require_positive({f"model.{key}": value for key, value in sizes.items()})
     if m.n_layers + m.mtp_depth > MAX_LAYERS:
         raise ConfigError(f"model.n_layers + model.mtp_depth = {m.n_layers + m.mtp_depth} exceeds {MAX_LAYERS}")
     if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
