@@ -472,6 +472,10 @@ def moe_balance_step(
     return {"moe_load_max": load.max(), "moe_load_min": load.min()}
 
 
+# ---------------------------------------------------------------------------------------------
+# The config: the model.* checks (train.config.validate_model runs them through SPEC).
+
+
 def validate_decoder(m: ModelConfig) -> None:
     """The decoder's model.* checks, each a ConfigError with the fix (the config runs them before every build)."""
     sizes = {
@@ -512,6 +516,10 @@ def validate_decoder(m: ModelConfig) -> None:
                 f"model.n_activated_experts={m.n_activated_experts} exceeds the {reachable} experts that "
                 "model.n_limited_groups groups hold; raise n_limited_groups or lower n_activated_experts"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# The counts from the config alone, block by block as the classes above build them, and SPEC.
 
 
 @dataclass(frozen=True)
