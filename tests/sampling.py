@@ -16,7 +16,7 @@ from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer
 from train.config import RunConfig, load_config
 from train.distributed import DistInfo
-from train.model import build_model
+from train.models import build_model
 from train.trainer import _checkpoint_parts, build_optimizer
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
@@ -28,7 +28,7 @@ def small_config(*overrides: str) -> RunConfig:
 
 def trained_in_process(cfg: RunConfig, steps: int = 2, seed: int = 3) -> torch.nn.Module:
     """A model of cfg after a few AdamW steps on random tokens: weights and routing biases off their init."""
-    from train.model import moe_balance_step
+    from train.models.deepseek import moe_balance_step
 
     torch.manual_seed(seed)
     model = build_model(cfg.model)

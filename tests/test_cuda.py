@@ -11,7 +11,7 @@ from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import load_config
 from train.data import build_dataset, build_loader
-from train.model import build_model
+from train.models import build_model
 from train.trainer import build_optimizer, train
 
 pytestmark = pytest.mark.cuda

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from env.peaks import PEAKS, peak_flops
 from train.config import ModelConfig, load_config
 from train.flops import count_params, flops_per_sample, flops_per_token, mfu
-from train.model import build_model
+from train.models import build_model
 
 SMALL_LM = ModelConfig(
     vocab_size=64,

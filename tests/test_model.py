@@ -13,7 +13,8 @@ from torch import nn
 
 from tests.conftest import finish_gloo_worker, free_port
 from train.config import ConfigError, ModelConfig
-from train.model import MoE, Router, build_model, moe_balance_step
+from train.models import build_model
+from train.models.deepseek import MoE, Router, moe_balance_step
 
 TINY = ModelConfig(
     vocab_size=64,

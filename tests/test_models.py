@@ -76,7 +76,7 @@ def test_unknown_arch_is_one_line_naming_the_closest(monkeypatch: pytest.MonkeyP
         env={k: v for k, v in os.environ.items() if k != "TORCHRIG_MODELS"},
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("torchrig: model.arch='deepsek'")
+    assert result.stderr.strip().splitlines()[-1].startswith("torchrig train: model.arch='deepsek'")
     assert "did you mean 'deepseek'" in result.stderr
 
 

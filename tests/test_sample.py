@@ -28,7 +28,8 @@ from tests.sampling import (
 )
 from tests.trainrun import launch_train
 from train.config import load_config
-from train.model import MultiHeadLatentAttention, build_model, rope_cache
+from train.models import build_model
+from train.models.deepseek import MultiHeadLatentAttention, rope_cache
 from train.sample import ByteCodec, Generator, SampleError, Sampling, make_codec, printable, window_start
 from train.weights import build_loaded_model
 

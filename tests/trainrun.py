@@ -13,7 +13,7 @@ import torch
 from tests.conftest import ROOT
 from train.checkpoint import Checkpointer, ModelState, OptimizerState
 from train.config import load_config
-from train.model import build_model
+from train.models import build_model
 from train.trainer import build_optimizer
 
 # A tiny fp32 run that takes a fraction of a second per step on two CPU cores.

@@ -39,7 +39,7 @@ class ExportError(UserError):
 
 
 def parameter_names(config: dict) -> set[str]:
-    from train.model import build_model
+    from train.models import build_model
 
     with torch.device("meta"):
         return {name for name, _ in build_model(model_config(config, "the checkpoint")).named_parameters()}

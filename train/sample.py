@@ -4,7 +4,7 @@
         [--top-k 0] [--top-p 1] [--seed 1337] [--cache 1] [--speculate 0] [--device auto]
 
 The text goes to stdout; the figures (tokens/s, the KV cache per token, speculation's acceptance
-and speed-up) to stderr. Decoding runs with MLA's latent KV cache (train/model.py LatentKVCache):
+and speed-up) to stderr. Decoding runs with MLA's latent KV cache (train/models/deepseek.py LatentKVCache):
 the prompt is read in one forward (prefill), then one token per forward. --cache 0 recomputes the
 whole context every token instead; greedy decoding (--temperature 0) gives the same tokens both ways.
 

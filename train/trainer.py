@@ -42,8 +42,8 @@ from train.distributed import (
 from train.eval import Evaluator
 from train.flops import flops_per_sample, mfu
 from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memory_gb
-from train.model import build_model, moe_balance_step
-from train.models import get_spec
+from train.models import build_model, get_spec
+from train.models.deepseek import moe_balance_step
 from train.watchdog import Watchdog
 from train.weights import init_from
 

@@ -60,7 +60,7 @@ def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
 
 def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any], int]:
     """A model from load_model_weights(path) in eval mode on `device`: (model, config tree, step)."""
-    from train.model import build_model
+    from train.models import build_model
 
     state, config, step = load_model_weights(path)
     cfg = model_config(config, path)

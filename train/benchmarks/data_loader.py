@@ -4,7 +4,7 @@
 
 For each source and worker count it prints the loader's rate (tokens/s, or samples/s for image
 models) from one rank's loader, and its ratio to the consumption of one rank: the figure given
-by --step-tokens-per-sec, or one measured from a few training steps of train.model.build_model
+by --step-tokens-per-sec, or one measured from a few training steps of train.models.build_model
 on this machine's first device. The target is a loader at least 10x faster than consumption,
 so that data never shows up in the step time. Ranks on one host share its CPU cores: divide
 the loader figures by the number of ranks per host when comparing.
@@ -63,7 +63,7 @@ def measure_loader(cfg: RunConfig, seconds: float) -> LoaderRate:
 
 def measure_consumption(cfg: RunConfig, steps: int) -> tuple[float, str]:
     """Units per second that training steps of build_model eat on one device, and how it was measured."""
-    from train.model import build_model
+    from train.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -2,7 +2,7 @@
 
     python -m train.benchmarks.harness_overhead [--config tiny] [--steps 50] [key=value ...]
 
-Both sides train the same model (train.model.build_model), on the same micro-batch, in the same
+Both sides train the same model (train.models.build_model), on the same micro-batch, in the same
 precision (autocast, and the gradient scaler for fp16), with the same optimizer (the trainer's
 AdamW groups) and the same per-step math: gradient clipping and the MoE balancing update.
 
@@ -36,8 +36,8 @@ from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
 from train.data import build_dataset, build_loader
 from train.metrics import steady
-from train.model import build_model, moe_balance_step
-from train.models import get_spec
+from train.models import build_model, get_spec
+from train.models.deepseek import moe_balance_step
 from train.trainer import Precision, build_optimizer, seed_everything, train
 
 TARGET_OVERHEAD = 0.03

@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def trained_model(args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None) -> torch.nn.Module:
     from train.data import build_dataset, build_loader
-    from train.model import build_model, moe_balance_step
+    from train.models import build_model
+    from train.models.deepseek import moe_balance_step
     from train.trainer import build_optimizer, lr_at
 
     cfg = load_config(args.config, args.overrides)

@@ -73,7 +73,7 @@ class ModelSpec:
 
 
 def _built_in() -> dict[str, ModelSpec]:
-    # Imported on first use: the families import train.model and train.flops, which use this registry.
+    # Imported on first use: the families import train.config and train.flops, which call back into this registry.
     specs = [importlib.import_module(name).SPEC for name in BUILT_IN]
     return {spec.name: spec for spec in specs}
 

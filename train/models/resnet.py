@@ -1,16 +1,62 @@
 """torchvision's ResNet-50 as a registry spec: an image model, for comparison with public figures.
 
-The model is train/model.py's ResNet50 wrapper and its counts are train/flops.py's resnet50
-counters; each moves into this file once the branches that edit those modules have merged.
+The family in one file: the model (torchvision's network regrouped for FSDP), its parameter and
+FLOP counts from the config alone, and SPEC.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from train.flops import resnet50_flops_per_sample, resnet50_params
-from train.model import ResNet50
+from train.config import ModelConfig
+from train.flops import ParamCount
 from train.models import ModelSpec
+
+# ResNet-50 at 224²: 4.09 G multiply-adds forward (torchvision's "GFLOPS" figure counts a
+# multiply-add as one), i.e. 8.18 GFLOP counting both, the unit peak FLOP/s tables use.
+RESNET50_FORWARD_FLOPS_224 = 8.18e9
+# ResNet-50 without its classifier; the classifier adds (2048 + 1) per class.
+RESNET50_BACKBONE_PARAMS = 23_508_032
+RESNET50_FEATURES = 2048
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 regrouped as stem, `layers` (its four stages, for FSDP) and head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        import torchvision  # only image runs need it
+
+        net = torchvision.models.resnet50(num_classes=cfg.num_classes)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        self.pool = net.avgpool
+        self.fc = net.fc
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """images [batch, 3, H, W] -> logits [batch, classes], or the mean cross-entropy given labels."""
+        x = self.stem(images)
+        for stage in self.layers:
+            x = stage(x)
+        logits = self.fc(torch.flatten(self.pool(x), 1))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float(), labels)
+
+
+def resnet50_params(cfg: ModelConfig) -> ParamCount:
+    """torchvision's ResNet-50 with cfg.num_classes outputs."""
+    total = RESNET50_BACKBONE_PARAMS + (RESNET50_FEATURES + 1) * cfg.num_classes
+    return ParamCount(total=total, active=total, embedding=0)
+
+
+def resnet50_flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+    """ResNet-50: 3 x forward FLOPs (backward ~ 2 x forward), forward 8.18 GFLOP at 224x224 scaled by
+    (image_size / 224)^2 since conv work grows with the pixel count.
+    """
+    return 3.0 * RESNET50_FORWARD_FLOPS_224 * (cfg.image_size / 224) ** 2
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
