@@ -159,6 +159,11 @@ def exit_code(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequ
     except UserError as exc:
         print(f"torchrig {tool}: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return 2
+    except OSError as exc:  # a path the user gave that the system refuses: too long, no permission, disk full
+        where = f"{exc.filename}: " if exc.filename else ""
+        fix = "check the path, its length and its permissions, and the free disk space"
+        print(f"torchrig {tool}: {one_line(where + (exc.strerror or str(exc)))}; {fix}", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -192,12 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_plot_path(out: Path) -> None:
+    """OUTPUT is a .png, and an existing file there must be a PNG (an earlier overlay): nothing else is replaced."""
+    if out.suffix.lower() != ".png":
+        raise CompareError(f"OUTPUT={out} does not end in .png; name the overlay PNG, e.g. OUTPUT=compare.png")
+    if out.is_symlink() or not out.exists():
+        return  # a link is replaced, never written through (env.atomic)
+    if not out.is_file() or out.read_bytes()[: len(PNG_MAGIC)] != PNG_MAGIC:
+        raise CompareError(f"OUTPUT={out} exists and is not a PNG; it is left alone: choose another OUTPUT")
+
+
 def overlay(a: Run, b: Run, plot: str) -> str:
     """Draw the overlay PNG of two training runs; the line that says where it went, or why not."""
     dirs = a.manifest_path.parent, b.manifest_path.parent
     if not all((d / METRICS_NAME).is_file() for d in dirs):
         return "\nplot: none (only training runs, with a metrics.jsonl, are drawn)"
     out = Path(plot) if plot else dirs[0] / f"compare-{dirs[1].resolve().name}.png"
+    check_plot_path(out)
     try:
         write_compare_plot(dirs[0], dirs[1], out)
     except (PlotError, OSError) as exc:

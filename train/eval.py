@@ -30,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,7 +228,8 @@ def newest_checkpoint_layout(run_dir: Path) -> dict[str, Any]:
             return {"world_size": int(layout["world_size"]), "strategy": str(layout["strategy"])}
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    raise EvalError(f"{run_dir} has no checkpoint to evaluate; train first (make train RUN_DIR={run_dir})")
+    train = f"make train RUN_DIR={shlex.quote(str(run_dir))}"
+    raise EvalError(f"{run_dir} has no checkpoint to evaluate; train first ({train})")
 
 
 def run_config(run_dir: Path) -> RunConfig:

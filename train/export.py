@@ -14,6 +14,7 @@ with `make sample RUN_DIR=DIR`, or fine-tune from it with ARGS="train.init_from=
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
 
     if output.exists() and not output.is_dir():
         raise ExportError(f"OUTPUT={output} is a file; give a directory")
+    in_a_run = (output / "checkpoints").exists() or (output / "manifest.json").exists()
+    if output.resolve() == run_dir.resolve() or in_a_run:
+        # sampling and fine-tuning read an export before checkpoints: one inside a run would hide newer training
+        raise ExportError(f"OUTPUT={output} is a training run's directory; export into a directory of its own")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise ExportError(f"OUTPUT={output} is not empty; choose an empty or new directory, or set FORCE=1 to replace")
     state, config, step = load_model_weights(run_dir)
@@ -99,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"torchrig export: wrote {output}/{EXPORT_WEIGHTS} ({done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB "
         f"{args.dtype}, step {done['step']}), {EXPORT_CONFIG}"
         + (f", {TOKENIZER_FILE}" if done["tokenizer"] else "")
-        + f'; sample with make sample RUN_DIR={output}, fine-tune with ARGS="train.init_from={output}"'
+        + f"; sample with make sample RUN_DIR={shlex.quote(str(output))}, fine-tune with make train "
+        + shlex.quote(f"ARGS=train.init_from={shlex.quote(str(output))}")
     )
     return 0
 

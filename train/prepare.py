@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -157,7 +158,11 @@ def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, forc
     if not output.endswith(".bin"):
         raise DataError(f"OUTPUT={output!r} must end in .bin, e.g. data/mycorpus.bin")
     bin_path = Path(output)
-    files = expand_globs(inputs, "INPUT", "check the path and quote globs")
+    # prepare's own outputs are never its input: a glob over their folder would read a rerun's token file as text
+    own = {p.resolve() for p in (bin_path, sidecar_path(bin_path), tokenizer_path(bin_path))}
+    files = [p for p in expand_globs(inputs, "INPUT", "check the path and quote globs") if p.resolve() not in own]
+    if not files:
+        raise DataError(f"INPUT={' '.join(inputs)!r} matches only this prepare's own outputs; give the text files")
     total = 0
     for path in files:
         try:
@@ -231,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if tokenizer else ""
     print(
         f"wrote {args.output} and {sidecar_path(Path(args.output))}: {info['count']:,} {info['dtype']} tokens "
-        f'from {info["files"]} files{extra}; train with ARGS="data.path={args.output} model.vocab_size=auto"'
+        f'from {info["files"]} files{extra}; train with make train '
+        + shlex.quote(f"ARGS=data.path={args.output} model.vocab_size=auto")
     )
     return 0
 

@@ -16,6 +16,7 @@ passes train.checkpoint's allow-list before DCP reads the shards.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Modul
     cfg = model_config(config, path)
     with torch.device("meta"):
         model = build_model(cfg)
+    check_weights(model.state_dict(), state, str(path))  # shapes first, on the meta model: nothing allocated yet
     model = model.to_empty(device=device)
     if hasattr(model, "init_weights"):
         model.init_weights()  # fills the derived buffers (RoPE tables), which no state dict holds
@@ -75,7 +77,12 @@ def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Modul
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict, with a mismatch named by its first key in the model's order (one line)."""
-    expected = model.state_dict()
+    check_weights(model.state_dict(), state, where)
+    model.load_state_dict(state)
+
+
+def check_weights(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str) -> None:
+    """Every weight the model needs, of its shape and kind (floating or not), finite; the first problem named."""
     for key, tensor in expected.items():
         if key not in state:
             raise WeightsError(f"{where} has no weight '{key}', which this model config needs; use a matching config")
@@ -84,10 +91,13 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -
                 f"{where}: weight '{key}' has shape {list(state[key].shape)} there but {list(tensor.shape)} in this "
                 "model config; use the model config it was trained with"
             )
+        if state[key].is_floating_point() != tensor.is_floating_point():
+            raise WeightsError(f"{where}: weight '{key}' is {state[key].dtype}, not {tensor.dtype}; export it again")
+        if state[key].is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            raise WeightsError(f"{where}: weight '{key}' holds NaN or inf; use an earlier checkpoint or export")
     extra = [key for key in state if key not in expected]
     if extra:
         raise WeightsError(f"{where} has weight '{extra[0]}', which this model config lacks; use a matching config")
-    model.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,7 +137,8 @@ def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[st
     newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
     if newest is None:
         raise WeightsError(
-            f"{run_dir} has no valid checkpoint; train it first (make train RUN_DIR={run_dir}) or give another run"
+            f"{run_dir} has no usable checkpoint (none was written, or each is damaged: the lines above say which); "
+            f"train it (make train RUN_DIR={shlex.quote(str(run_dir))}) or give another run"
         )
     saved = newest[1].get("config")
     config = {k: v for k, v in saved.items() if k != "world_size"} if isinstance(saved, dict) else {}
@@ -171,7 +182,10 @@ def init_from(model: nn.Module, cfg: RunConfig, run_dir: Path) -> int | None:
 
     if Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).latest_step() is not None:
         return None  # resuming: the run's own checkpoint holds newer weights
-    state, _, step = load_model_weights(source)
+    try:
+        state, _, step = load_model_weights(source)
+    except WeightsError as exc:
+        raise WeightsError(f"train.init_from={source}: {exc}") from None
     device = next(model.parameters()).device
     with torch.no_grad():
         load_checked(model, {k: v.to(device) for k, v in state.items()}, f"train.init_from={source}")

@@ -52,6 +52,8 @@ from train.models import ModelSpec
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
 MAX_LAYERS = 4096
+# A context far past any this rig trains (DeepSeek-V3: 128K); sampling's cache is sized by it.
+MAX_SEQ_LEN = 1 << 20
 
 
 class RMSNorm(nn.Module):
@@ -497,6 +499,8 @@ def validate_decoder(m: ModelConfig) -> None:
             "n_limited_groups": m.n_limited_groups,
         }
     require_positive({f"model.{key}": value for key, value in sizes.items()})
+    if m.max_seq_len > MAX_SEQ_LEN:
+        raise ConfigError(f"model.max_seq_len={m.max_seq_len} exceeds {MAX_SEQ_LEN:,}; lower it")
     if m.n_layers + m.mtp_depth > MAX_LAYERS:
         raise ConfigError(f"model.n_layers + model.mtp_depth = {m.n_layers + m.mtp_depth} exceeds {MAX_LAYERS}")
     if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
