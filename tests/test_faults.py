@@ -91,7 +91,8 @@ def _worker_pid(run_dir: Path, rank: int) -> int:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"train.worker" in cmdline and str(run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+        ours = f"--run-dir={run_dir}".encode() in cmdline  # the launcher passes --flag=value to its workers
+        if b"train.worker" in cmdline and ours and f"RANK={rank}".encode() in environ:
             return int(entry.name)
     raise AssertionError(f"no worker of rank {rank}")
 
