@@ -346,7 +346,8 @@ def test_every_make_variable_is_in_the_one_table_and_the_help_lines() -> None:
 
 def test_the_launcher_and_bench_read_the_shorthands_from_the_table() -> None:
     from env.runtime import MAKE_VARS
-    from train import bench, launch
+    from train import launch
+    from train.bench import cli as bench
 
     shorthands = {name for name, var in MAKE_VARS.items() if var.config_key}
     assert {f"--{flag.replace('_', '-')}" for flag in launch.FLAG_KEYS} == {MAKE_VARS[n].flag for n in shorthands}
