@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if tokenizer else ""
     print(
         f"wrote {args.output} and {sidecar_path(Path(args.output))}: {info['count']:,} {info['dtype']} tokens "
-        f'from {info["files"]} files{extra}; train with make train '
+        f"from {info['files']} files{extra}; train with make train "
         + shlex.quote(f"ARGS=data.path={args.output} model.vocab_size=auto")
     )
     return 0
