@@ -244,7 +244,7 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 BAD_SAMPLES = {
-    "no checkpoint": ("empty", [], r"has no valid checkpoint; train it first"),
+    "no checkpoint": ("empty", [], r"has no usable checkpoint"),
     "prompt byte outside a 128-byte vocabulary": (
         "bytes128",
         ["PROMPT=café"],

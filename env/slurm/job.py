@@ -261,7 +261,10 @@ def docker_command(argv: Sequence[str], values: dict[str, str], env: dict[str, s
         mounts.append(f"{run_dir}:{run_dir}")
     docker = os.environ.get("DOCKER", "docker")
     command = [docker, "run", "--rm", "--name", name, "--label", f"slurm_job={env.get('SLURM_JOB_ID', '')}"]
-    command += ["--init", "--network", "host", "--ipc", "host", "--ulimit", "memlock=-1", "-w", "/workspace"]
+    # memlock as docker-compose.yml asks (unlimited); an engine without CAP_SYS_RESOURCE (rootless, a sandbox)
+    # cannot grant that, and TORCHRIG_DOCKER_MEMLOCK (bytes) lowers it there.
+    memlock = os.environ.get("TORCHRIG_DOCKER_MEMLOCK", "-1")
+    command += ["--init", "--network", "host", "--ipc", "host", "--ulimit", f"memlock={memlock}", "-w", "/workspace"]
     command += ["--user", f"{os.getuid()}:{os.getgid()}", "-e", "HOME=/tmp"]
     if gpu:
         command += ["--gpus", "all"]

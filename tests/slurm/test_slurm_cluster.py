@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -216,6 +217,16 @@ def _image_exists() -> bool:
     return inspected.returncode == 0
 
 
+def _memlock() -> str:
+    """docker-compose.yml's memlock (unlimited), or this engine's own limit where it cannot grant that (a sandbox)."""
+    docker = os.environ.get("DOCKER", "docker")
+    probe = [docker, "run", "--rm", "--ulimit", "memlock=-1", IMAGE, "true"]
+    if subprocess.run(probe, capture_output=True, check=False, timeout=120).returncode == 0:
+        return "-1"
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    return "-1" if hard == resource.RLIM_INFINITY else str(hard)
+
+
 def test_runtime_docker_through_sbatch_trains_like_the_venv(reference, tmp_path) -> None:
     if not _image_exists():
         pytest.skip(f"no image {IMAGE} (make test-image builds it) or no Docker engine answering")
@@ -226,7 +237,7 @@ def test_runtime_docker_through_sbatch_trains_like_the_venv(reference, tmp_path)
         "train",
         "RUNTIME=docker",
         *train_variables(run_dir, STEPS, *CKPT),
-        env={**ENV, "TORCHRIG_IMAGE": IMAGE},
+        env={**ENV, "TORCHRIG_IMAGE": IMAGE, "TORCHRIG_DOCKER_MEMLOCK": _memlock()},
     )
     assert job.wait(timeout=300) == "COMPLETED", job.output()
     assert losses(run_dir) == losses(reference)
