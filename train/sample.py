@@ -391,11 +391,10 @@ def load_language_model(run_dir: Path, device: torch.device) -> tuple[Any, dict[
     """The run's (or export's) model, refusing what is not a language model before building it."""
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
-    from train.weights import build_loaded_model, load_model_weights
+    from train.weights import build_loaded_model, saved_config
 
     try:
-        _, config, _ = load_model_weights(run_dir)
-        cfg = model_config(config, run_dir)
+        cfg = model_config(saved_config(run_dir), run_dir)  # the arch first: no weights read for a ResNet
         if cfg.arch != "deepseek":
             raise SampleError(
                 f"{run_dir} holds a {cfg.arch} run, an image classifier, not a language model; "

@@ -130,9 +130,18 @@ def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 # Checkpoints (train/checkpoint/: any strategy, any world size, read in this one process)
 
 
-def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    from train.checkpoint import Checkpointer, CheckpointError, load_model
-    from train.models import build_model
+def saved_config(path: Path | str) -> dict[str, Any]:
+    """The config tree of an export (config.json) or of a run's newest usable checkpoint, without its weights."""
+    path = Path(path)
+    if (path / EXPORT_WEIGHTS).is_file():
+        return read_export(path)[1]
+    if not path.is_dir():
+        raise WeightsError(f"{path} is not a directory; give a run directory (RUN_DIR) or an export directory")
+    return _checkpoint_config(path)
+
+
+def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
+    from train.checkpoint import Checkpointer
 
     newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
     if newest is None:
@@ -141,7 +150,14 @@ def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[st
             f"train it (make train RUN_DIR={shlex.quote(str(run_dir))}) or give another run"
         )
     saved = newest[1].get("config")
-    config = {k: v for k, v in saved.items() if k != "world_size"} if isinstance(saved, dict) else {}
+    return {k: v for k, v in saved.items() if k != "world_size"} if isinstance(saved, dict) else {}
+
+
+def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    from train.checkpoint import CheckpointError, load_model
+    from train.models import build_model
+
+    config = _checkpoint_config(run_dir)
     model = build_model(model_config(config, run_dir))
     try:
         step = load_model(run_dir, model)
