@@ -68,7 +68,8 @@ def make(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHON": "python3"},
+        # a user's own make, not one nested in `make test` (which would pass its MAKEFLAGS and say make[1])
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")},
     )
 
 

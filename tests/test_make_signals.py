@@ -30,7 +30,14 @@ def _start(run_dir: Path) -> subprocess.Popen:
          "MICRO_BATCH=2", f"RUN_DIR={run_dir}", f"ARGS={' '.join(SMALL)} train.ckpt_every=100"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**environ, "TORCHRIG_TEST_STEP_SLEEP": "0.3"},  # a pause per step (test-only): time to signal
+        preexec_fn=_terminal_signals,
     )  # fmt: skip
+
+
+def _terminal_signals() -> None:
+    """A terminal's job gets SIGINT and SIGQUIT; a suite started as a background job (`make test &`) has them ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
