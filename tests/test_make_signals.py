@@ -35,7 +35,7 @@ def _start(run_dir: Path) -> subprocess.Popen:
 
 
 def _terminal_signals() -> None:
-    """A terminal's job gets SIGINT and SIGQUIT; a suite started as a background job (`make test &`) has them ignored."""
+    """A terminal job gets SIGINT and SIGQUIT; a suite run as a background job (`make test &`) has them ignored."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
