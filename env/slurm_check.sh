@@ -42,6 +42,9 @@ stop() {
     for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
         wait "${pids[i]}" 2>/dev/null || true
     done
+    # A daemon that outlived the kill of its pid (seen: slurmd with a stuck step) is ended by its paths,
+    # which are this run's own temporary directory.
+    pkill -KILL -f -- "$top/" 2>/dev/null || true
     if [ "$code" -ne 0 ] && [ -d "$top/log" ]; then
         say "daemon logs (last lines):"
         tail -n 15 "$top"/log/*.log >&2 || true
