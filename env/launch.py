@@ -12,6 +12,7 @@ PET_RDZV_BACKEND=c10d (as env/slurm/ sets it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -19,8 +20,9 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 
 from env.cli import UserError, count_arg
 from env.lifeline import PARENT_ENV
@@ -30,6 +32,7 @@ USER_ERROR_EXIT = 2
 # How long a multi-node rank waits for the others (a node rank > 0 for the master to answer, node
 # rank 0 for every node to join) before it gives up in one line: MASTER_WAIT, in seconds.
 DEFAULT_MASTER_WAIT_S = 300
+ELASTIC_LOGGER = "torch.distributed.elastic"
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,11 @@ def launch(
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # The agent logs each worker failure at ERROR level with a traceback; we report it ourselves.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent logs each worker failure at ERROR level with a traceback, and each signal; we report them
+    # ourselves. torch sets a level on each of its module loggers, so the parent's level alone is not enough.
+    for name in [ELASTIC_LOGGER, *logging.root.manager.loggerDict]:
+        if name == ELASTIC_LOGGER or name.startswith(ELASTIC_LOGGER + "."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
     # The agent runs in this process and is the workers' parent: they end when it dies (env/lifeline.py).
     os.environ[PARENT_ENV] = str(os.getpid())
@@ -189,7 +195,8 @@ def launch(
         **rdzv,
     )
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
+        with _one_stop_per_signal():
+            elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()  # the earliest failure is the cause; later ones follow from it
         if failure.exitcode not in explained:
@@ -205,6 +212,33 @@ def launch(
         )
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _one_stop_per_signal() -> Iterator[None]:
+    """The agent's signal handler raises on the first SIGTERM/SIGINT and ignores the ones after it.
+
+    torch's handler raises SignalException on every signal. A second one lands while the agent is
+    shutting down, often inside a logging call: that leaves logging's lock held and the agent waits
+    forever for its keep-alive thread, which wants that lock. A second signal is the rule, not a
+    corner: GNU make passes a SIGTERM on to its child, which the process group's SIGTERM already
+    reached. The agent's shutdown is bounded on its own (SIGKILL to the workers after 30 s).
+    """
+    from torch.distributed.elastic.multiprocessing import api
+
+    raise_signal = api._terminate_process_handler
+    seen: list[int] = []
+
+    def first_only(signum: int, frame: FrameType | None) -> None:
+        if not seen:
+            seen.append(signum)
+            raise_signal(signum, frame)
+
+    api._terminate_process_handler = first_only  # looked up when the agent starts its workers
+    try:
+        yield
+    finally:
+        api._terminate_process_handler = raise_signal
 
 
 def failure_line(rank: int, exitcode: int, signal_name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -67,23 +68,44 @@ def test_a_signal_through_make_saves_and_the_shell_sees_make_die_by_it(tmp_path:
     assert "Traceback" not in err
 
 
+def test_more_signals_during_the_shutdown_neither_hang_it_nor_print_a_traceback(tmp_path: Path) -> None:
+    """GNU make passes a SIGTERM on to the launcher that the group's SIGTERM already reached; a user presses Ctrl-C twice."""
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    _wait_for_step(run_dir, 2, proc)
+    launcher = _pid_of(b"train.launch", run_dir)
+    os.killpg(proc.pid, signal.SIGTERM)
+    for _ in range(5):
+        time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(launcher, signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGTERM, err
+    assert "checkpoint saved at step" in out, out
+    assert "Traceback" not in err and "Logging error" not in err and "death signal" not in err, err
+
+
 def test_a_sigkilled_worker_is_named_with_the_signal_and_where_to_look(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     _wait_for_step(run_dir, 2, proc)
-    worker = next(
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit()
-        and b"train.worker" in _read(entry / "cmdline")
-        and str(run_dir).encode() in _read(entry / "cmdline")
-        and b"RANK=1\0" in _read(entry / "environ")
-    )
-    os.kill(worker, signal.SIGKILL)
+    os.kill(_pid_of(b"train.worker", run_dir, b"RANK=1\0"), signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 2, err  # make's own status for a failed recipe
     assert "worker rank 1 was killed by signal 9 (SIGKILL)" in err and "dmesg" in err, err
     assert "its output above says why" not in err
+
+
+def _pid_of(module: bytes, run_dir: Path, environ: bytes = b"") -> int:
+    """The process running `module` for this run (and with `environ` in its environment)."""
+    return next(
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit()
+        and module in _read(entry / "cmdline")
+        and str(run_dir).encode() in _read(entry / "cmdline")
+        and environ in _read(entry / "environ")
+    )
 
 
 def _read(path: Path) -> bytes:
