@@ -69,7 +69,7 @@ def test_a_signal_through_make_saves_and_the_shell_sees_make_die_by_it(tmp_path:
 
 
 def test_more_signals_during_the_shutdown_neither_hang_it_nor_print_a_traceback(tmp_path: Path) -> None:
-    """GNU make passes a SIGTERM on to the launcher that the group's SIGTERM already reached; a user presses Ctrl-C twice."""
+    """GNU make passes on a SIGTERM the group's SIGTERM already reached the launcher with; Ctrl-C pressed twice."""
     run_dir = tmp_path / "run"
     proc = _start(run_dir)
     _wait_for_step(run_dir, 2, proc)
