@@ -6,6 +6,8 @@ import pytest
 
 from train.config import ConfigError, available_configs, config_from_dict, load_config
 from train.data import DataError
+from train.models.deepseek import DeepSeekConfig
+from train.models.resnet import ResNetConfig
 
 
 def test_every_shipped_config_loads() -> None:
@@ -90,6 +92,37 @@ def test_cross_field_checks() -> None:
 def test_round_trip_through_a_plain_dict() -> None:
     cfg = load_config("tiny", ["train.lr=0.01"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_each_model_has_its_own_keys_and_another_arch_starts_from_its_defaults(tmp_path) -> None:
+    resnet = load_config("resnet50")
+    assert type(resnet.model) is ResNetConfig and not hasattr(resnet.model, "dim")
+    assert type(load_config("tiny").model) is DeepSeekConfig and not hasattr(load_config("tiny").model, "num_classes")
+    with pytest.raises(ConfigError, match=r"'model.num_classes' \(model.arch=deepseek has no such key\)"):
+        load_config("tiny", ["model.num_classes=10"])
+    with pytest.raises(ConfigError, match=r"'model.dim' \(model.arch=resnet50 has no such key\)"):
+        load_config("resnet50", ["model.dim=64"])
+    # Another arch on the command line: the file's model section (written for deepseek) gives way, whatever
+    # the order of the overrides; its data and train sections still apply.
+    switched = load_config("tiny", ["model.num_classes=7", "model.arch=resnet50"])
+    assert switched.model == ResNetConfig(num_classes=7) and switched.train == load_config("tiny").train
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model:\n  arch: resnet50\n  dim: 64\n")
+    with pytest.raises(ConfigError, match=r"model\.arch=resnet50 has no such key"):
+        load_config(str(mine))
+
+
+def test_a_config_saved_before_the_per_model_classes_still_reads() -> None:
+    """Checkpoints and exports written before held every built-in model's keys in one model section."""
+    other_models = {"tiny": {"num_classes": 1000, "image_size": 224}, "resnet50": {"dim": 128, "mtp_depth": 0}}
+    for name, others in other_models.items():
+        cfg = load_config(name)
+        saved = cfg.to_dict()
+        saved["model"].update(others)
+        assert config_from_dict(saved) == cfg
+        saved["model"]["planted"] = 1  # a key no model has is still an error
+        with pytest.raises(ConfigError, match=r"'model\.planted'"):
+            config_from_dict(saved)
 
 
 def test_a_yaml_path_works_and_bad_yaml_is_one_line(tmp_path) -> None:

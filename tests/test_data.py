@@ -31,6 +31,7 @@ from train.data import (
     stream_indices,
     write_token_file,
 )
+from train.models.resnet import ResNetConfig
 
 
 def make_config(source: str = "synthetic", path: str = "", seq_len: int = 8, **train: int) -> RunConfig:
@@ -143,7 +144,7 @@ def test_synthetic_samples_are_a_function_of_seed_and_index() -> None:
     assert int(tokens[9][0].max()) < 50
 
     cfg = make_config("synthetic", micro_batch=4)
-    cfg.model.arch, cfg.model.image_size, cfg.model.num_classes = "resnet50", 20, 10
+    cfg.model = ResNetConfig(image_size=20, num_classes=10)
     images, labels = take(build_loader(build_dataset(cfg), cfg, 0, 1, 0), 1)[0]
     assert images.shape == (4, 3, 20, 20) and images.dtype == torch.float32
     assert labels.dtype == torch.int64 and labels.shape == (4,) and int(labels.max()) < 10
@@ -158,7 +159,7 @@ def test_image_folder_batches(tmp_path: Path) -> None:
         for i in range(2):
             Image.new("RGB", (40, 30), colour).save(tmp_path / label / f"{i}.png")
     cfg = make_config("images", str(tmp_path), micro_batch=2)
-    cfg.model.arch, cfg.model.image_size, cfg.model.num_classes = "resnet50", 24, 2
+    cfg.model = ResNetConfig(image_size=24, num_classes=2)
     dataset = build_dataset(cfg)
     images, labels = take(build_loader(dataset, cfg, 0, 1, 0), 1)[0]
     assert images.shape == (2, 3, 24, 24) and labels.dtype == torch.int64
@@ -247,7 +248,7 @@ def bad_configs(tmp_path: Path) -> dict[str, tuple[RunConfig, str]]:
 
 def test_user_errors_are_one_line_data_errors(tmp_path: Path) -> None:
     configs = bad_configs(tmp_path)
-    configs["missing image dir"][0].model.arch = "resnet50"
+    configs["missing image dir"][0].model = ResNetConfig()
     for name, (cfg, fix) in configs.items():
         with pytest.raises(DataError) as caught:
             build_dataset(cfg)

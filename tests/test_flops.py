@@ -10,11 +10,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from env.peaks import PEAKS, peak_flops
-from train.config import ModelConfig, load_config
+from train.config import load_config
 from train.flops import count_params, flops_per_sample, flops_per_token, mfu
 from train.models import build_model
+from train.models.deepseek import DeepSeekConfig
+from train.models.resnet import ResNetConfig
 
-SMALL_LM = ModelConfig(
+SMALL_LM = DeepSeekConfig(
     vocab_size=64,
     max_seq_len=32,
     dim=32,
@@ -31,7 +33,7 @@ SMALL_LM = ModelConfig(
 )
 
 # DeepSeek-V2-Lite (arXiv:2405.04434, appendix B): 15.7B total, 2.4B activated.
-V2_LITE = ModelConfig(
+V2_LITE = DeepSeekConfig(
     vocab_size=102400,
     dim=2048,
     n_layers=27,
@@ -69,7 +71,7 @@ V3 = dataclasses.replace(
 )
 
 
-def built_numel(cfg: ModelConfig) -> int:
+def built_numel(cfg: DeepSeekConfig) -> int:
     return sum(p.numel() for p in build_model(cfg).parameters())
 
 
@@ -79,7 +81,7 @@ def built_numel(cfg: ModelConfig) -> int:
         load_config("tiny").model,
         load_config("dense").model,
         dataclasses.replace(SMALL_LM, q_lora_rank=8, mtp_depth=2, n_shared_experts=2),
-        ModelConfig(arch="resnet50", num_classes=10),
+        ResNetConfig(num_classes=10),
     ],
     ids=["tiny", "dense", "lowrank-q-mtp2", "resnet50"],
 )
@@ -143,7 +145,7 @@ def test_mtp_flops_are_counted():
 
 @pytest.mark.parametrize("image_size", [224, 320])
 def test_resnet50_flops_per_sample_matches_torchs_flop_counter(image_size):
-    cfg = ModelConfig(arch="resnet50", num_classes=1000, image_size=image_size)
+    cfg = ResNetConfig(num_classes=1000, image_size=image_size)
     model = build_model(cfg).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, image_size, image_size))
@@ -153,7 +155,7 @@ def test_resnet50_flops_per_sample_matches_torchs_flop_counter(image_size):
 def test_flops_per_sample_is_a_sequence_of_tokens_for_the_decoder():
     assert flops_per_sample(SMALL_LM, 16) == pytest.approx(16 * flops_per_token(SMALL_LM, 16))
     with pytest.raises(ValueError, match="flops_per_sample"):
-        flops_per_token(ModelConfig(arch="resnet50"), 16)
+        flops_per_token(ResNetConfig(), 16)
 
 
 def test_mfu_is_achieved_over_combined_peak():

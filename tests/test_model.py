@@ -12,11 +12,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.conftest import finish_gloo_worker, free_port
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError
 from train.models import build_model
-from train.models.deepseek import MoE, Router, moe_balance_step
+from train.models.deepseek import DeepSeekConfig, MoE, Router, moe_balance_step
+from train.models.resnet import ResNetConfig
 
-TINY = ModelConfig(
+TINY = DeepSeekConfig(
     vocab_size=64,
     max_seq_len=32,
     dim=32,
@@ -223,7 +224,7 @@ def test_top_k_beyond_the_allowed_groups_is_a_config_error():
 
 def test_resnet50_wrapper_has_stages_logits_and_loss():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="resnet50", num_classes=10))
+    model = build_model(ResNetConfig(num_classes=10))
     assert len(model.layers) == 4
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     assert model(images).shape == (2, 10)

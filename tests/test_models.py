@@ -23,6 +23,7 @@ from tests.trainrun import metrics
 from train.config import ConfigError, ModelConfig, load_config
 from train.distributed import DistInfo, wrap_model
 from train.models import BUILT_IN, build_model, get_spec, registered
+from train.models.resnet import ResNetConfig
 
 TOY_ARGS = [
     "model.arch=toy",
@@ -136,7 +137,7 @@ def test_every_built_in_family_builds_counts_and_shards(monkeypatch: pytest.Monk
     monkeypatch.delenv("TORCHRIG_MODELS", raising=False)
     small = {
         "deepseek": load_config("tiny", ["model.mtp_depth=1"]).model,
-        "resnet50": ModelConfig(arch="resnet50", num_classes=10),
+        "resnet50": ResNetConfig(num_classes=10),
     }
     assert set(registered()) == set(small) and len(BUILT_IN) == len(small)
     for arch, cfg in small.items():

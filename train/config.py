@@ -1,7 +1,8 @@
 """Typed run configuration: YAML files under train/configs/ read into dataclasses.
 
-A config file has up to three sections, `model`, `data` and `train`, each matching a
-dataclass below. `key=value` overrides address any field by its dotted name
+A config file has up to three sections, `model`, `data` and `train`. `data` and `train` match
+the dataclasses below; `model` is the config class of the model that `model.arch` names (its
+registry spec's, train/models/). `key=value` overrides address any field by its dotted name
 (`train.lr=3e-4`). Unknown keys are errors that name the closest valid key.
 """
 
@@ -35,48 +36,29 @@ class ConfigError(UserError):
     """A user-caused configuration problem; its message is one line with the fix."""
 
 
+# The model a config without model.arch trains.
+DEFAULT_ARCH = "deepseek"
+
+
 @dataclass
 class ModelConfig:
-    """A DeepSeek-V3-style decoder (MLA + DeepSeekMoE), or a torchvision image model."""
+    """The `model:` section: `arch` names a registered model (train/models), whose spec's config class,
+    a subclass of this one, holds the rest (DeepSeekConfig in train/models/deepseek.py, ResNetConfig in
+    train/models/resnet.py, or your own).
+    """
 
-    arch: str = "deepseek"  # a registered model (train/models): "deepseek", "resnet50" or your own
-    vocab_size: int = 256  # byte-level by default; "auto": the data's (256 for bytes, a token file's sidecar)
-    max_seq_len: int = 256
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    norm_eps: float = 1e-6
-    # Dense SwiGLU width, used by the first `n_dense_layers` layers (all layers when no MoE).
-    inter_dim: int = 384
-    n_dense_layers: int = 1
-    # DeepSeekMoE: n_routed_experts == 0 means a dense model.
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2
-    moe_inter_dim: int = 96
-    n_expert_groups: int = 1
-    n_limited_groups: int = 1
-    route_scale: float = 1.0
-    # Auxiliary-loss-free balancing: step size of the per-expert selection bias.
-    bias_update_speed: float = 0.001
-    # Multi-head Latent Attention; q_lora_rank == 0 means a full-rank query projection.
-    q_lora_rank: int = 0
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    rope_theta: float = 10000.0
-    # Multi-token prediction: extra depth predicting token t+2 (0 turns it off).
-    mtp_depth: int = 0
-    mtp_weight: float = 0.3
-    init_std: float = 0.02
-    # Image models only.
-    num_classes: int = 1000
-    image_size: int = 224
+    arch: str = DEFAULT_ARCH
 
-    def is_dense_layer(self, layer_id: int) -> bool:
-        """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
-        return self.n_routed_experts == 0 or layer_id < self.n_dense_layers
+
+def model_config_for(arch: str) -> ModelConfig:
+    """The defaults of model.arch=arch: its spec's config class, or a ConfigError naming the closest model."""
+    from train.models import get_spec  # the registry imports this module
+
+    return get_spec(arch).new_config()
+
+
+def _default_model() -> ModelConfig:
+    return model_config_for(DEFAULT_ARCH)
 
 
 @dataclass
@@ -144,7 +126,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     name: str = "tiny"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=_default_model)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -219,7 +201,8 @@ def _field_types(section: Any) -> dict[str, type]:
 
 def _unknown_key(cfg: RunConfig, dotted: str, sections: list[str]) -> ConfigError:
     all_keys = [f"{s}.{k}" for s in sections for k in _field_types(getattr(cfg, s))] + ["name"]
-    return ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+    whose = f" (model.arch={cfg.model.arch} has no such key)" if dotted.startswith("model.") else ""
+    return ConfigError(f"unknown config key '{dotted}'{whose}{_closest(dotted, all_keys)}")
 
 
 def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
@@ -227,6 +210,11 @@ def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
     sections = [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
     if dotted == "name":
         cfg.name = plain_name(str(raw), "name")  # it names the run's directory under runs/
+        return
+    if dotted == "model.arch":
+        arch = _coerce(dotted, raw, str)
+        if arch != cfg.model.arch:
+            cfg.model = model_config_for(arch)  # that model's defaults: the keys below it are its own
         return
     if dotted == "model.vocab_size" and str(raw).strip().lower() == "auto":
         raw = VOCAB_AUTO
@@ -325,15 +313,29 @@ def resolve_config_path(name: str) -> Path:
     )
 
 
+def _apply(cfg: RunConfig, flat: dict[str, Any]) -> None:
+    """Set dotted keys, model.arch first: it picks the config class the other model.* keys belong to."""
+    if "model.arch" in flat:
+        _set(cfg, "model.arch", flat["model.arch"])
+    for dotted, value in flat.items():
+        if dotted != "model.arch":
+            _set(cfg, dotted, value)
+
+
 def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
-    """Read a named config (or a YAML path) and apply `key=value` overrides on top."""
+    """Read a named config (or a YAML path) and apply `key=value` overrides on top.
+
+    An override that names another model.arch than the file's starts from that model's defaults: the
+    file's model section describes its own model (its data and train sections still apply).
+    """
     path = resolve_config_path(name)
     cfg = RunConfig(name=path.stem)
-    for dotted, value in flatten(_read_yaml(path)).items():
-        _set(cfg, dotted, value)
+    from_file = flatten(_read_yaml(path))
     given = parse_overrides(overrides)
-    for dotted, value in given.items():
-        _set(cfg, dotted, value)
+    if "model.arch" in given and str(given["model.arch"]) != str(from_file.get("model.arch", DEFAULT_ARCH)):
+        from_file = {key: value for key, value in from_file.items() if not key.startswith("model.")}
+    _apply(cfg, from_file)
+    _apply(cfg, given)
     from train.data import resolve_data  # the data decides vocab_size=auto and a source inferred from a path
 
     resolve_data(cfg, source_given="data.source" in given)
@@ -356,11 +358,26 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, A
 
 
 def config_from_dict(tree: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from RunConfig.to_dict() output (checkpoints, manifests)."""
+    """Rebuild a RunConfig from RunConfig.to_dict() output (checkpoints, manifests, exports).
+
+    Files saved before each model had its own config class hold every built-in model's fields in
+    their model section; the fields of the other models are skipped (any other unknown key is an error).
+    """
     cfg = RunConfig(name=str(tree.get("name", "tiny")))
-    for dotted, value in flatten({k: v for k, v in tree.items() if k != "name"}).items():
-        _set(cfg, dotted, value)
+    flat = flatten({k: v for k, v in tree.items() if k != "name"})
+    _set(cfg, "model.arch", flat.pop("model.arch", DEFAULT_ARCH))
+    own = _field_types(cfg.model)
+    others = _built_in_model_keys()
+    _apply(
+        cfg, {k: v for k, v in flat.items() if not (k.startswith("model.") and k[6:] not in own and k[6:] in others)}
+    )
     return cfg
+
+
+def _built_in_model_keys() -> set[str]:
+    from train.models import built_in_specs
+
+    return {f.name for spec in built_in_specs().values() for f in dataclasses.fields(spec.config)}
 
 
 def validate_model(m: ModelConfig) -> None:

@@ -194,10 +194,20 @@ def expand_globs(patterns: Iterable[str], what: str, fix: str) -> list[Path]:
     """Files matching any of the globs (** recurses), sorted; DataError naming `what` and `fix` when none match."""
     patterns = list(patterns)
     files = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+    shown = " ".join(repr(p) for p in patterns)
     if not files:
-        shown = " ".join(repr(p) for p in patterns)
         raise DataError(f"{what}={shown} matches no files; {fix}")
+    if not any(_size(path) for path in files):  # an unreadable one says so when it is read
+        count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
+        raise DataError(f"{what}={shown} matches only empty files ({count}, 0 bytes); give files that hold text")
     return files
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 1
 
 
 # ---------------------------------------------------------------------------- datasets
@@ -209,7 +219,8 @@ class TokenWindows(Dataset):
     def __init__(self, tokens: np.ndarray, seq_len: int, source: str, origin: str) -> None:
         if len(tokens) < seq_len + 1:
             raise DataError(
-                f"{origin} holds {len(tokens)} tokens, fewer than data.seq_len+1={seq_len + 1}; "
+                f"{origin} holds {len(tokens)} token{'' if len(tokens) == 1 else 's'}, fewer than "
+                f"data.seq_len+1={seq_len + 1}; "
                 "use more text or lower data.seq_len"
             )
         self.tokens = tokens
@@ -464,7 +475,7 @@ def resolve_data(cfg: RunConfig, source_given: bool) -> None:
             )
     if data.val_path and SOURCE_INPUT.get(_source_of_path(data.val_path)) != SOURCE_INPUT.get(data.source, "tokens"):
         raise ConfigError(f"data.val_path={data.val_path!r} is not the same kind of data as data.source={data.source}")
-    if cfg.model.vocab_size == VOCAB_AUTO:
+    if getattr(cfg.model, "vocab_size", None) == VOCAB_AUTO:  # a token model's (INPUT_KEYS)
         cfg.model.vocab_size = _data_vocab_size(cfg)
 
 

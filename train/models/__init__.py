@@ -1,8 +1,9 @@
 """The model registry: every model family is one spec, and `model.arch` names one.
 
 A spec says everything the rest of the rig needs to know about a model, so that nothing else
-switches on the arch string: how to build it, how to check its config, its parameter and FLOP
-counts, the batch it takes (and so which data sources fit), and its FSDP2 shard units.
+switches on the arch string: its config dataclass (the keys of the `model:` section), how to build
+it, how to check its config, its parameter and FLOP counts, the batch it takes (and so which data
+sources fit), and its FSDP2 shard units.
 
 The built-in families are the SPEC of each module named in BUILT_IN. A model of your own is one
 file exporting `SPEC = ModelSpec(...)`: either put it in this package and add its name to BUILT_IN, or
@@ -23,7 +24,7 @@ import os
 import re
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 
 from torch import nn
 
@@ -36,6 +37,9 @@ PLUGINS_ENV = "TORCHRIG_MODELS"
 # What a model's batch holds: (inputs, targets) of token ids [batch, seq] and next tokens, or of
 # images [batch, 3, H, W] and class labels. train/data.py says which sources give which.
 INPUT_KINDS = ("tokens", "images")
+# The model.* keys the data needs of each kind: a token model's vocabulary (model.vocab_size=auto takes
+# it from the data), an image model's classes and input size.
+INPUT_KEYS = {"tokens": ("vocab_size",), "images": ("num_classes", "image_size")}
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -48,6 +52,8 @@ class ModelSpec:
     """One model family. The model built must take `forward(inputs, targets) -> scalar loss`."""
 
     name: str  # the model.arch value that selects it
+    # The `model:` section: a dataclass subclassing train.config.ModelConfig, defaults for every key.
+    config: type[ModelConfig]
     # The model, its weights drawn from the global torch RNG (the trainer seeds it first), on the CPU.
     build: Callable[[ModelConfig], nn.Module]
     # Parameter counts from the config alone, without building (train/flops.py ParamCount).
@@ -65,14 +71,25 @@ class ModelSpec:
     cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
+        where = f"model spec {self.name!r}"
+        if not (isinstance(self.config, type) and issubclass(self.config, ModelConfig) and is_dataclass(self.config)):
+            raise ConfigError(
+                f"{where}: config={self.config!r} is not a dataclass subclassing train.config.ModelConfig"
+            )
         if self.inputs not in INPUT_KINDS:
             kinds = " or ".join(INPUT_KINDS)
-            raise ConfigError(f"model spec {self.name!r}: inputs={self.inputs!r} is not {kinds}")
-        if self.seq_len_limit is not None and not hasattr(ModelConfig, self.seq_len_limit):
-            raise ConfigError(f"model spec {self.name!r}: seq_len_limit={self.seq_len_limit!r} is not a model.* key")
+            raise ConfigError(f"{where}: inputs={self.inputs!r} is not {kinds}")
+        keys = {f.name for f in fields(self.config)}
+        needed = [key for key in (*INPUT_KEYS[self.inputs], self.seq_len_limit) if key and key not in keys]
+        if needed:
+            raise ConfigError(f"{where}: its config {self.config.__name__} has no field {needed[0]!r}")
+
+    def new_config(self) -> ModelConfig:
+        """This model's `model:` section at its defaults."""
+        return self.config(arch=self.name)
 
 
-def _built_in() -> dict[str, ModelSpec]:
+def built_in_specs() -> dict[str, ModelSpec]:
     # Imported on first use: the families import train.config and train.flops, which call back into this registry.
     specs = [importlib.import_module(name).SPEC for name in BUILT_IN]
     return {spec.name: spec for spec in specs}
@@ -112,7 +129,7 @@ def _import_failure(where: str, module_name: str, exc: Exception) -> ConfigError
 
 def registered() -> dict[str, ModelSpec]:
     """Every spec: the built-in families, then those of the modules in TORCHRIG_MODELS."""
-    specs = _built_in()
+    specs = built_in_specs()
     if os.environ.get(PLUGINS_ENV) and re.search(rf"(^|\s){PLUGINS_ENV}=", os.environ.get("MAKEFLAGS", "")):
         raise ConfigError(
             f"{PLUGINS_ENV} was given as a make variable, and make variables never import code; "

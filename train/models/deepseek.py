@@ -25,10 +25,11 @@ report, arXiv:2412.19437):
   the cache's position, and `Transformer.draft_cached` drafts with the first MTP depth for
   speculative decoding (report section 2.2: MTP modules can serve it); train/sample.py drives them.
 
-After the model: `validate_decoder`, the model.* checks the config runs before every build;
-`decoder_params` and `decoder_flops_per_token`, the counts from the config alone, block by block as
-the classes above build it (tests/test_flops.py checks them against a built model, torch's FLOP
-counter and DeepSeek-V2-Lite's published size); and SPEC.
+`DeepSeekConfig`, first, is the `model:` section. After the model: `validate_decoder`, the model.*
+checks the config runs before every build; `decoder_params` and `decoder_flops_per_token`, the
+counts from the config alone, block by block as the classes above build it (tests/test_flops.py
+checks them against a built model, torch's FLOP counter and DeepSeek-V2-Lite's published size);
+and SPEC.
 
 Initialisation: the constructor draws every weight from the global torch RNG (N(0, init_std),
 norms at 1), so `torch.manual_seed(seed)` before `train.models.build_model(cfg)` makes it deterministic.
@@ -54,6 +55,46 @@ from train.models import ModelSpec
 MAX_LAYERS = 4096
 # A context far past any this rig trains (DeepSeek-V3: 128K); sampling's cache is sized by it.
 MAX_SEQ_LEN = 1 << 20
+
+
+@dataclass
+class DeepSeekConfig(ModelConfig):
+    """The decoder's `model:` keys (model.arch=deepseek); the sizes of train/configs/*.yaml."""
+
+    vocab_size: int = 256  # byte-level by default; "auto": the data's (256 for bytes, a token file's sidecar)
+    max_seq_len: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    norm_eps: float = 1e-6
+    # Dense SwiGLU width, used by the first `n_dense_layers` layers (all layers when no MoE).
+    inter_dim: int = 384
+    n_dense_layers: int = 1
+    # DeepSeekMoE: n_routed_experts == 0 means a dense model.
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    moe_inter_dim: int = 96
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    route_scale: float = 1.0
+    # Auxiliary-loss-free balancing: step size of the per-expert selection bias.
+    bias_update_speed: float = 0.001
+    # Multi-head Latent Attention; q_lora_rank == 0 means a full-rank query projection.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    # Multi-token prediction: extra depth predicting token t+2 (0 turns it off).
+    mtp_depth: int = 0
+    mtp_weight: float = 0.3
+    init_std: float = 0.02
+
+    def is_dense_layer(self, layer_id: int) -> bool:
+        """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
+        return self.n_routed_experts == 0 or layer_id < self.n_dense_layers
 
 
 class RMSNorm(nn.Module):
@@ -99,7 +140,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MultiHeadLatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -195,7 +236,7 @@ class LatentKVCache:
     those after a point (a rejected speculative draft), which the next write overwrites.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: DeepSeekConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
         self.capacity = cfg.max_seq_len
         shape = (batch, self.capacity)
         self.latent = [torch.zeros(*shape, cfg.kv_lora_rank, device=device, dtype=dtype) for _ in range(layers)]
@@ -221,7 +262,7 @@ class LatentKVCache:
         return sum(t.element_size() * t.shape[-1] for t in tensors)
 
     @staticmethod
-    def naive_numbers_per_token(cfg: ModelConfig) -> int:
+    def naive_numbers_per_token(cfg: DeepSeekConfig) -> int:
         """Numbers per token and layer of a cache of full per-head keys and values."""
         return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
 
@@ -229,7 +270,7 @@ class LatentKVCache:
 class Router(nn.Module):
     """Sigmoid affinities, bias-adjusted group-limited top-k choice, normalised gate weights."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.top_k = cfg.n_activated_experts
         self.n_groups = cfg.n_expert_groups
@@ -260,7 +301,7 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.n_routed_experts = cfg.n_routed_experts
         self.bias_update_speed = cfg.bias_update_speed
@@ -297,7 +338,7 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: DeepSeekConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MultiHeadLatentAttention(cfg)
@@ -320,7 +361,7 @@ class Block(nn.Module):
 class MTPModule(nn.Module):
     """One multi-token-prediction depth: merge h_i with emb(t_{i+d}), run a block, predict t_{i+d+1}."""
 
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    def __init__(self, cfg: DeepSeekConfig, layer_id: int):
         super().__init__()
         self.hidden_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.embed_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -350,7 +391,7 @@ class MTPModule(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -478,7 +519,7 @@ def moe_balance_step(
 # The config: the model.* checks (train.config.validate_model runs them through SPEC).
 
 
-def validate_decoder(m: ModelConfig) -> None:
+def validate_decoder(m: DeepSeekConfig) -> None:
     """The decoder's model.* checks, each a ConfigError with the fix (the config runs them before every build)."""
     sizes = {
         "dim": m.dim,
@@ -539,7 +580,7 @@ def _swiglu(dim: int, hidden: int) -> int:
     return 3 * dim * hidden
 
 
-def _attention(m: ModelConfig) -> _Block:
+def _attention(m: DeepSeekConfig) -> _Block:
     qk_head_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
     if m.q_lora_rank == 0:
         query, query_norm = m.dim * m.n_heads * qk_head_dim, 0
@@ -552,7 +593,7 @@ def _attention(m: ModelConfig) -> _Block:
     return _Block(matmul, matmul, query_norm + m.kv_lora_rank)
 
 
-def _feed_forward(m: ModelConfig, layer_id: int) -> _Block:
+def _feed_forward(m: DeepSeekConfig, layer_id: int) -> _Block:
     if m.is_dense_layer(layer_id):
         dense = _swiglu(m.dim, m.inter_dim)
         return _Block(dense, dense, 0)
@@ -561,7 +602,7 @@ def _feed_forward(m: ModelConfig, layer_id: int) -> _Block:
     return _Block(always + m.n_routed_experts * expert, always + m.n_activated_experts * expert, 0)
 
 
-def _block(m: ModelConfig, layer_id: int) -> _Block:
+def _block(m: DeepSeekConfig, layer_id: int) -> _Block:
     attention, ffn = _attention(m), _feed_forward(m, layer_id)
     return _Block(
         attention.matmul_total + ffn.matmul_total,
@@ -570,17 +611,17 @@ def _block(m: ModelConfig, layer_id: int) -> _Block:
     )
 
 
-def _mtp_module(m: ModelConfig, depth: int) -> _Block:
+def _mtp_module(m: DeepSeekConfig, depth: int) -> _Block:
     block = _block(m, m.n_layers + depth)
     merge = 2 * m.dim * m.dim
     return _Block(block.matmul_total + merge, block.matmul_active + merge, block.norms + 3 * m.dim)
 
 
-def _blocks(m: ModelConfig) -> list[_Block]:
+def _blocks(m: DeepSeekConfig) -> list[_Block]:
     return [_block(m, i) for i in range(m.n_layers)] + [_mtp_module(m, d) for d in range(m.mtp_depth)]
 
 
-def decoder_params(cfg: ModelConfig) -> ParamCount:
+def decoder_params(cfg: DeepSeekConfig) -> ParamCount:
     """The decoder's counts, block by block as Transformer builds it."""
     blocks = _blocks(cfg)
     embedding = cfg.vocab_size * cfg.dim
@@ -590,7 +631,7 @@ def decoder_params(cfg: ModelConfig) -> ParamCount:
     return ParamCount(total=total, active=active, embedding=embedding)
 
 
-def decoder_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def decoder_flops_per_token(cfg: DeepSeekConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token of the decoder.
 
         6 * N_matmul  +  6 * seq_len * n_heads * (qk_nope + qk_rope + v_head_dim) * n_blocks
@@ -611,7 +652,7 @@ def decoder_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul + 6.0 * attention * len(blocks)
 
 
-def flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+def flops_per_sample(cfg: DeepSeekConfig, seq_len: int) -> float:
     """A sample is a sequence of seq_len tokens."""
     return decoder_flops_per_token(cfg, seq_len) * seq_len
 
@@ -623,6 +664,7 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 SPEC = ModelSpec(
     name="deepseek",
+    config=DeepSeekConfig,
     build=Transformer,
     count_params=decoder_params,
     flops_per_sample=flops_per_sample,

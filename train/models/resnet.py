@@ -1,16 +1,18 @@
 """torchvision's ResNet-50 as a registry spec: an image model, for comparison with public figures.
 
-The family in one file: the model (torchvision's network regrouped for FSDP), its parameter and
-FLOP counts from the config alone, and SPEC.
+The family in one file: its config, the model (torchvision's network regrouped for FSDP), its
+parameter and FLOP counts from the config alone, and SPEC.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig
+from train.config import ModelConfig, require_positive
 from train.flops import ParamCount
 from train.models import ModelSpec
 
@@ -22,10 +24,19 @@ RESNET50_BACKBONE_PARAMS = 23_508_032
 RESNET50_FEATURES = 2048
 
 
+@dataclass
+class ResNetConfig(ModelConfig):
+    """The `model:` keys of model.arch=resnet50."""
+
+    arch: str = "resnet50"
+    num_classes: int = 1000
+    image_size: int = 224  # square inputs; FLOPs scale with the pixel count
+
+
 class ResNet50(nn.Module):
     """torchvision's ResNet-50 regrouped as stem, `layers` (its four stages, for FSDP) and head."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ResNetConfig):
         super().__init__()
         import torchvision  # only image runs need it
 
@@ -46,17 +57,21 @@ class ResNet50(nn.Module):
         return F.cross_entropy(logits.float(), labels)
 
 
-def resnet50_params(cfg: ModelConfig) -> ParamCount:
+def resnet50_params(cfg: ResNetConfig) -> ParamCount:
     """torchvision's ResNet-50 with cfg.num_classes outputs."""
     total = RESNET50_BACKBONE_PARAMS + (RESNET50_FEATURES + 1) * cfg.num_classes
     return ParamCount(total=total, active=total, embedding=0)
 
 
-def resnet50_flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+def resnet50_flops_per_sample(cfg: ResNetConfig, seq_len: int) -> float:
     """ResNet-50: 3 x forward FLOPs (backward ~ 2 x forward), forward 8.18 GFLOP at 224x224 scaled by
     (image_size / 224)^2 since conv work grows with the pixel count.
     """
     return 3.0 * RESNET50_FORWARD_FLOPS_224 * (cfg.image_size / 224) ** 2
+
+
+def validate_resnet(cfg: ResNetConfig) -> None:
+    require_positive({"model.num_classes": cfg.num_classes, "model.image_size": cfg.image_size})
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:
@@ -66,10 +81,12 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 SPEC = ModelSpec(
     name="resnet50",
+    config=ResNetConfig,
     build=ResNet50,
     count_params=resnet50_params,
     flops_per_sample=resnet50_flops_per_sample,
     inputs="images",
     shard_units=shard_units,
+    validate=validate_resnet,
     cudnn_benchmark=True,
 )
