@@ -256,7 +256,7 @@ BAD_SAMPLES = {
         r"PROMPT text 'zebra' is outside the tokenizer",
     ),
     "a tokenizer file that is not one": ("not_tokenizer", [], r"tokenizer\.json is not a tokenizer\.json \("),
-    "a ResNet run": ("resnet", [], r"holds a resnet50 run, an image classifier, not a language model"),
+    "a ResNet run": ("resnet", [], r"holds a resnet50 run, an image classifier, not the deepseek decoder"),
     "TOP_P of 0": ("bytes128", ["TOP_P=0"], r"TOP_P=0 is out of range; TOP_P must be in \(0, 1\]"),
     "TOP_P above 1": ("bytes128", ["TOP_P=1.5"], r"TOP_P=1.5 is out of range"),
     # make's own check of a count or a real catches these before the sampler starts.
@@ -265,6 +265,7 @@ BAD_SAMPLES = {
     "TEMPERATURE negative": ("bytes128", ["TEMPERATURE=-1"], r"TEMPERATURE=-1 is out of range"),
     "TEMPERATURE not finite": ("bytes128", ["TEMPERATURE=inf"], r"TEMPERATURE 'inf' is not a finite"),
     "TOKENS zero": ("bytes128", ["TOKENS=0"], r"TOKENS=0 is out of range"),
+    "TOKENS past any sample": ("bytes128", ["TOKENS=10000000000"], r"TOKENS=10000000000 is out of range.*1,000,000"),
     "SPECULATE without the cache": (
         "bytes128",
         ["SPECULATE=1", "CACHE=0"],

@@ -5,10 +5,16 @@ The cluster itself (sbatch, srun, preemption, a killed node) is tested by make t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from env.cli import UserError
 from env.slurm import job
+from tests.conftest import ROOT
 
 HOSTILE = "$(touch /tmp/torchrig-pwned); `id` 'x\" ; rm -rf ~"
 
@@ -77,3 +83,32 @@ def test_the_container_is_named_after_the_job_on_the_host_network(monkeypatch, t
     assert "NCCL_SOCKET_IFNAME=ib0" in command and "PET_RDZV_BACKEND=c10d" in command
     assert "HOME=/root" not in command and "--gpus" not in command
     assert command[-3:] == ["python", "-m", "train.launch"]
+
+
+UNCONFIGURED = """#!/bin/sh
+echo "sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host" >&2
+echo "sbatch: error: fetch_config: DNS SRV lookup failed" >&2
+echo "sbatch: error: _establish_configuration: failed to load configs" >&2
+echo "sbatch: fatal: Could not establish a configuration source" >&2
+exit 1
+"""
+ACCEPTING = '#!/bin/sh\necho "Submitted batch job 42"\n'
+
+
+@pytest.mark.parametrize("sbatch", [UNCONFIGURED, ACCEPTING], ids=["unconfigured", "accepting"])
+def test_sbatch_answers_on_stdout_or_its_refusal_is_one_line(tmp_path: Path, sbatch: str) -> None:
+    fake = tmp_path / "sbatch"
+    fake.write_text(sbatch)
+    fake.chmod(0o755)
+    environ = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "env.slurm.job", "submit", "train", "NNODES=1", "CONFIG=tiny"]
+    result = subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.splitlines()
+    if sbatch is ACCEPTING:
+        assert result.returncode == 0 and result.stdout == "Submitted batch job 42\n", result.stderr
+        assert len(lines) == 1 and lines[0].startswith("torchrig: sbatch --nodes=1 "), lines
+        return
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(lines) == 2 and lines[0].startswith("torchrig: sbatch "), lines  # the command, then why it failed
+    assert lines[1].startswith("torchrig slurm: sbatch refused the job: sbatch: fatal: Could not establish"), lines
+    assert "slurm.conf" in lines[1] and "sinfo" in lines[1]

@@ -343,6 +343,22 @@ def test_make_eval_gives_the_logged_validation_loss(eval_runs: dict[str, Path]) 
     assert record["data"] == str(text) and record["samples"] == (len(text.read_bytes()) + 1 - 1) // 32
 
 
+def test_make_eval_of_empty_data_or_damaged_checkpoints_is_one_line_in_evals_words(
+    eval_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(eval_runs["off"], run)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    line = one_line_error(run_cli("train.eval", "--run-dir", str(run), "--data", str(empty)))
+    assert "matches only empty files (1 file, 0 bytes)" in line, line
+    for tensors in run.glob("checkpoints/step-*/*.distcp"):
+        tensors.write_bytes(tensors.read_bytes()[:-1])
+    line = one_line_error(run_cli("train.eval", "--run-dir", str(run)))
+    assert "is damaged (step-000004, step-000002;" in line and "nothing to evaluate" in line, line
+    assert "train over" not in line  # the words of a training run's refusal
+
+
 def test_make_eval_without_a_checkpoint_is_one_line(tmp_path: Path) -> None:
     assert "has no checkpoint" in one_line_error(run_cli("train.eval", "--run-dir", str(tmp_path)))
 

@@ -282,6 +282,7 @@ def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Da
 
 def worker(run_dir: Path, data: str) -> dict[str, Any]:
     """One eval process (torchrun started it): load the newest valid checkpoint, evaluate, return the figures."""
+    from train.checkpoint import EveryCheckpointDamaged
     from train.data import build_dataset
     from train.distributed import backstop_timeout, connect_store, init_distributed, shutdown
     from train.trainer import setup
@@ -290,7 +291,13 @@ def worker(run_dir: Path, data: str) -> dict[str, Any]:
     store = connect_store(backstop_timeout(cfg))
     info = init_distributed(cfg, run_dir, store)
     try:
-        run = setup(cfg, run_dir, info)
+        try:
+            run = setup(cfg, run_dir, info)
+        except EveryCheckpointDamaged as exc:
+            raise EvalError(
+                f"every checkpoint in {exc.directory} is damaged ({', '.join(exc.damaged)}; the warnings above say "
+                "how); nothing to evaluate: restore one, or retrain"
+            ) from None
         if run.start_step == 0:
             raise EvalError(
                 f"{run_dir} has no valid checkpoint (each one failed its checks, see above); nothing to evaluate"

@@ -343,6 +343,8 @@ def _number(kind: type, name: str, check: Callable[[Any], bool], rule: str) -> C
 
 
 SWITCH_RULE = "0 or 1"
+# TOKENS beyond this is a typo, not a sample: the generated ids are kept in memory until the end.
+MAX_TOKENS = 1_000_000
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -365,7 +367,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     ns = parser.parse_args(args)
     if not ns.run_dir:
         raise SampleError("RUN_DIR is not set; give a run or export directory, e.g. make sample RUN_DIR=runs/tiny-x")
-    ns.tokens = _number(int, "TOKENS", lambda v: v >= 1, "a whole number of at least 1")(ns.tokens)
+    ns.tokens = _number(int, "TOKENS", lambda v: 1 <= v <= MAX_TOKENS, f"a whole number from 1 to {MAX_TOKENS:,}")(
+        ns.tokens
+    )
     ns.temperature = _number(float, "TEMPERATURE", lambda v: 0 <= v < float("inf"), "0 (greedy) or more, e.g. 0.8")(
         ns.temperature
     )
@@ -391,13 +395,16 @@ def load_language_model(run_dir: Path, device: torch.device) -> tuple[Any, dict[
     """The run's (or export's) model, refusing what is not a language model before building it."""
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
+    from train.models import get_spec
     from train.weights import build_loaded_model, saved_config
 
     try:
         cfg = model_config(saved_config(run_dir), run_dir)  # the arch first: no weights read for a ResNet
-        if cfg.arch != "deepseek":
+        if cfg.arch != "deepseek":  # sampling drives the decoder's latent KV cache (train/models/deepseek.py)
+            images = get_spec(cfg.arch).inputs == "images"
+            what = "an image classifier" if images else "a model without the latent cache"
             raise SampleError(
-                f"{run_dir} holds a {cfg.arch} run, an image classifier, not a language model; "
+                f"{run_dir} holds a {cfg.arch} run, {what}, not the deepseek decoder sampling drives; "
                 "sample from a run of a deepseek config (e.g. CONFIG=tiny)"
             )
         return build_loaded_model(run_dir, device)

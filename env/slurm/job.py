@@ -39,6 +39,8 @@ from env.runtime import (
     visible_gpu_count,
 )
 
+# sbatch answers in a second; a controller that is down makes it retry for a while (MessageTimeout, per attempt).
+SBATCH_TIMEOUT_S = 120
 SBATCH_FILES = {"train": ROOT / "env/slurm/train.sbatch", "nccl-test": ROOT / "env/slurm/nccl-test.sbatch"}
 RUNTIMES = ("local", "docker", "pyxis")
 # Seconds a container has to checkpoint after SIGTERM before it is killed: less than Slurm's KillWait
@@ -105,12 +107,27 @@ def sbatch_command(target: str, values: dict[str, str]) -> list[str]:
 
 
 def submit(target: str, values: dict[str, str]) -> int:
+    """sbatch the job; its answer ("Submitted batch job N") on stdout, or why it refused in one line."""
     command = sbatch_command(_target(target), values)
     if shutil.which("sbatch") is None:
         raise UserError("sbatch is not on PATH: run this on a Slurm login node (or load the slurm module)")
     print(f"torchrig: {one_line(shlex.join(command))}", file=sys.stderr, flush=True)
-    os.execvp(command[0], command)
-    return 0  # not reached
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=SBATCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(
+            f"sbatch gave no answer in {SBATCH_TIMEOUT_S} s; is slurmctld up and reachable (`sinfo` should answer)?"
+        ) from None
+    if done.returncode != 0:
+        # sbatch's own report is several lines (an unconfigured client: DNS SRV lookups, then "fatal"): keep its last.
+        said = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        reason = one_line(said[-1]) if said else f"exit code {done.returncode}"
+        raise UserError(
+            f"sbatch refused the job: {reason}; check that this is a Slurm login node with a working slurm.conf "
+            "(`sinfo` should answer) and that the partition takes the job"
+        )
+    sys.stdout.write(done.stdout)
+    return 0
 
 
 # ---- the batch step ----------------------------------------------------------------------------------------

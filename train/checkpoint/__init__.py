@@ -10,13 +10,14 @@ checkpointer.py  save / load_latest of a dict of parts, pruning, the fallback to
 """
 
 from train.checkpoint.checkpointer import Checkpointer, load_model
-from train.checkpoint.errors import CheckpointError
+from train.checkpoint.errors import CheckpointError, EveryCheckpointDamaged
 from train.checkpoint.parts import ModelState, OptimizerState, RNGState, capture_rng, restore_rng, unwrap_model
 from train.checkpoint.resume import check_compatible
 
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "EveryCheckpointDamaged",
     "ModelState",
     "OptimizerState",
     "RNGState",

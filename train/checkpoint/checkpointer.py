@@ -27,7 +27,7 @@ import torch
 
 from env.atomic import DEFAULT_WRITE_FIX, TEMP_PREFIX, create_exclusive, write_fix
 from train.checkpoint import storage
-from train.checkpoint.errors import CheckpointError
+from train.checkpoint.errors import CheckpointError, EveryCheckpointDamaged
 from train.checkpoint.parts import ModelState
 from train.checkpoint.plain import check_plain, read_problem
 from train.checkpoint.ranks import all_gather, collectively, failures, first_problem, from_rank0
@@ -274,11 +274,7 @@ class Checkpointer:
             self._apply(step, header)
             return step
         if damaged:
-            raise CheckpointError(
-                f"every checkpoint in {self.directory} is damaged ({', '.join(damaged)}; the warnings above say how), "
-                "and starting again at step 0 would train over this run's records: move them away "
-                f"(mv {self.directory} {self.directory}.damaged) or use a fresh RUN_DIR"
-            )
+            raise EveryCheckpointDamaged(str(self.directory), damaged)
         return None
 
     def newest_header(self) -> tuple[int, dict[str, Any]] | None:
