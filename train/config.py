@@ -201,8 +201,13 @@ def _field_types(section: Any) -> dict[str, type]:
 
 def _unknown_key(cfg: RunConfig, dotted: str, sections: list[str]) -> ConfigError:
     all_keys = [f"{s}.{k}" for s in sections for k in _field_types(getattr(cfg, s))] + ["name"]
-    whose = f" (model.arch={cfg.model.arch} has no such key)" if dotted.startswith("model.") else ""
-    return ConfigError(f"unknown config key '{dotted}'{whose}{_closest(dotted, all_keys)}")
+    if not dotted.startswith("model."):
+        return ConfigError(f"unknown config key '{dotted}'{_closest(dotted, all_keys)}")
+    from train.models import registered
+
+    owners = [name for name, spec in registered().items() if dotted[6:] in _section_types(spec.config)]
+    hint = f"; it is a key of model.arch={' or '.join(owners)}" if owners else _closest(dotted, all_keys)
+    return ConfigError(f"unknown config key '{dotted}' (model.arch={cfg.model.arch} has no such key){hint}")
 
 
 def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
