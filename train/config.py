@@ -371,11 +371,9 @@ def config_from_dict(tree: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(name=str(tree.get("name", "tiny")))
     flat = flatten({k: v for k, v in tree.items() if k != "name"})
     _set(cfg, "model.arch", flat.pop("model.arch", DEFAULT_ARCH))
-    own = _field_types(cfg.model)
-    others = _built_in_model_keys()
-    _apply(
-        cfg, {k: v for k, v in flat.items() if not (k.startswith("model.") and k[6:] not in own and k[6:] in others)}
-    )
+    own, others = _field_types(cfg.model), _built_in_model_keys()
+    legacy = {key for key in flat if key.startswith("model.") and key[6:] not in own and key[6:] in others}
+    _apply(cfg, {key: value for key, value in flat.items() if key not in legacy})
     return cfg
 
 
