@@ -79,6 +79,7 @@ def test_the_container_is_named_after_the_job_on_the_host_network(monkeypatch, t
     command = job.docker_command(["python", "-m", "train.launch"], {"RUN_DIR": str(tmp_path)}, env, name, gpu=False)
     assert name == "torchrig-77-0-node1" and command[command.index("--name") + 1] == name
     assert "slurm_job=77" in command and "--network" in command and command[command.index("--network") + 1] == "host"
+    assert command[command.index("--pid") + 1] == "host"  # launchers' pids differ, as c10d's node ids need
     assert f"{tmp_path}:{tmp_path}" in command  # an absolute RUN_DIR on shared storage, at the same path
     assert "NCCL_SOCKET_IFNAME=ib0" in command and "PET_RDZV_BACKEND=c10d" in command
     assert "HOME=/root" not in command and "--gpus" not in command

@@ -282,6 +282,10 @@ def docker_command(argv: Sequence[str], values: dict[str, str], env: dict[str, s
     # cannot grant that, and TORCHRIG_DOCKER_MEMLOCK (bytes) lowers it there.
     memlock = os.environ.get("TORCHRIG_DOCKER_MEMLOCK", "-1")
     command += ["--init", "--network", "host", "--ipc", "host", "--ulimit", f"memlock={memlock}", "-w", "/workspace"]
+    # The node's PID namespace, as pyxis (enroot) runs: torchrun's c10d rendezvous tells nodes apart by host
+    # name and pid, and in private namespaces every container's launcher has the same pid, so two nodes whose
+    # names resolve alike (localhost on a misconfigured image, or two slurmd on one host) would wait forever.
+    command += ["--pid", "host"]
     command += ["--user", f"{os.getuid()}:{os.getgid()}", "-e", "HOME=/tmp"]
     if gpu:
         command += ["--gpus", "all"]
