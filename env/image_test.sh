@@ -6,7 +6,7 @@
 #   2. the base image torchrig-base:bookworm: debootstrap + docker import, skipped when it exists
 #   3. the Dockerfile built with only BASE_IMAGE swapped, tagged torchrig:test-bookworm
 #   4. in the container: non-root user, provenance labels, the torch/CUDA/NCCL versions, the fast tests,
-#      make nccl-test GPUS=2 and a short make train GPUS=2
+#      make nccl-test GPUS=2 and a short make train GPUS=2, and a SIGKILLed launcher ends its workers there too
 #   5. the build-time self-check rejects a wrong NCCL pin and a wrong CUDA pin
 # Installing and starting Docker needs root. Every step runs and reports; the exit code says if any failed.
 # DOCKER (default /usr/bin/docker, Debian's client with BuildKit built in) and COMPOSE choose the clients;
@@ -147,6 +147,45 @@ labels_name_the_checkout() {
     [[ "$revision" == "$built_from" && "$profile" == "$(python3 -m env.profiles show 12.1 --field cuda)" ]]
 }
 
+# Workers end when their launcher dies, on every runtime. Under RUNTIME=docker the launcher runs in the
+# container; this SIGKILLs it from the host (container processes are the host's too) mid-run and waits for
+# every worker of that run to end, then for make to fail and the container to go. (A SIGKILL of the host's
+# compose client instead leaves the container to the engine: the README says so.)
+killed_launcher_takes_its_workers() {
+    local run_dir=runs/image-test-kill log="$state/kill.log" make_pid launcher="" waited
+    rm -rf "$run_dir"
+    TORCHRIG_TEST_STEP_SLEEP=0.5 timeout --kill-after=30 "$step_limit_s" make train GPUS=2 RUNTIME=docker \
+        CONFIG=tiny STEPS=200 RUN_DIR="$run_dir" ARGS=train.log_every=1 >"$log" 2>&1 &
+    make_pid=$!
+    for waited in $(seq 600); do
+        grep -q '"step": 2,' "$run_dir/metrics.jsonl" 2>/dev/null && break
+        kill -0 "$make_pid" 2>/dev/null || { echo "make ended before step 2:"; tail -n 20 "$log"; return 1; }
+        sleep 0.5
+    done
+    # The launcher itself: a python command line (not the compose client's, nor docker-init's, which name it too).
+    launcher=$(pgrep -f -- "^([^ ]*/)?python[0-9.]* -m train.launch .*--run-dir=[^ ]*image-test-kill" | head -n 1)
+    [[ -n "$launcher" ]] || { echo "no launcher process found for $run_dir"; pgrep -af train || true; return 1; }
+    echo "step 2 after ${waited} polls; SIGKILL to the launcher (host pid $launcher)"
+    kill -KILL "$launcher"
+    for waited in $(seq 60); do
+        pgrep -f -- "-m train.worker .*image-test-kill" >/dev/null || break
+        sleep 1
+    done
+    if pgrep -f -- "-m train.worker .*image-test-kill" >/dev/null; then
+        echo "workers still running 60 s after their launcher was killed:"
+        pgrep -af -- "-m train.worker"
+        return 1
+    fi
+    echo "every worker ended within ${waited} s"
+    if wait "$make_pid"; then
+        echo "make exited 0 after its launcher was killed"
+        return 1
+    fi
+    [[ -z "$("$DOCKER" ps -q --filter "ancestor=$TORCHRIG_IMAGE")" ]] || { echo "a container is left running"; return 1; }
+    echo "make failed as it should, and no container is left; the end of its output:"
+    tail -n 3 "$log"
+}
+
 image_versions() {
     in_container python -c 'import torch, torchvision, torchaudio
 print("torch", torch.__version__, "| torchvision", torchvision.__version__, "| torchaudio", torchaudio.__version__)
@@ -185,6 +224,7 @@ step "test suite in the image (-m 'not slow')" in_container python -m pytest -q 
 step "make nccl-test GPUS=2 RUNTIME=docker" bounded_make nccl-test GPUS=2 RUNTIME=docker
 step "make train GPUS=2 RUNTIME=docker (short)" bounded_make train GPUS=2 RUNTIME=docker CONFIG=tiny STEPS=6 \
     RUN_DIR=runs/image-test
+step "a SIGKILLed launcher in the container takes its workers along" killed_launcher_takes_its_workers
 remove_leftover_containers
 step "the self-check rejects a wrong NCCL pin" rejects_wrong_pin TORCHRIG_NCCL=2.99.9
 step "the self-check rejects a wrong CUDA pin" rejects_wrong_pin TORCHRIG_CUDA=12.8
