@@ -176,8 +176,10 @@ def test_sigterm_checkpoints_and_the_requeued_job_resumes_bitwise(reference, tmp
             subprocess.run(["scontrol", "requeue", job.id], check=True)
         stopped_at = metrics(run_dir)[-1]["step"]
         assert 3 <= stopped_at < STEPS and f"checkpoint saved at step {stopped_at}" in job.output()
-        # Slurm holds a requeued job for about two minutes; the cluster's admin (this test) may start it now.
-        subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
+        # Slurm holds a requeued job for about two minutes; the cluster's admin (this test) may start it sooner,
+        # but not within the second its last run ended: slurmd revoked that run's credential, with one-second
+        # resolution, and would kill the new run at once ("Killing non-startable batch job: credential revoked").
+        subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now+3"], check=True)
         assert job.field("Restarts") == "1"
         assert job.wait() == "COMPLETED", job.output()
         assert f"resuming from step {stopped_at}" in job.output()
