@@ -36,14 +36,19 @@ class WeightsError(ConfigError):
     training worker reports it as one (train.init_from)."""
 
 
+def _is_export(path: Path) -> bool:
+    """True for an export directory, False for a run directory; WeightsError for anything else."""
+    if (path / EXPORT_WEIGHTS).is_file():
+        return True
+    if not path.is_dir():
+        raise WeightsError(f"{path} is not a directory; give a run directory (RUN_DIR) or an export directory")
+    return False
+
+
 def load_model_weights(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """(model state dict on the CPU, config tree, training step) from a run or an export directory."""
     path = Path(path)
-    if (path / EXPORT_WEIGHTS).is_file():
-        return read_export(path)
-    if not path.is_dir():
-        raise WeightsError(f"{path} is not a directory; give a run directory (RUN_DIR) or an export directory")
-    return _checkpoint_weights(path)
+    return read_export(path) if _is_export(path) else _checkpoint_weights(path)
 
 
 def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
@@ -71,7 +76,7 @@ def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Modul
     model = model.to_empty(device=device)
     if hasattr(model, "init_weights"):
         model.init_weights()  # fills the derived buffers (RoPE tables), which no state dict holds
-    load_checked(model, state, str(path))
+    model.load_state_dict(state)
     return model.eval(), config, step
 
 
@@ -104,16 +109,23 @@ def check_weights(expected: dict[str, torch.Tensor], state: dict[str, torch.Tens
 # Exports
 
 
-def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _export_config(directory: Path) -> dict[str, Any]:
+    """An export's config.json, its model section checked; the weights are not read."""
     try:
         config = json.loads((directory / EXPORT_CONFIG).read_text())
     except FileNotFoundError:
         raise WeightsError(f"{directory} has {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}; export it again") from None
     except (OSError, ValueError) as exc:
         raise WeightsError(f"{directory / EXPORT_CONFIG} is not readable JSON ({exc}); export it again") from None
+    model_config(config, directory / EXPORT_CONFIG)
+    return config
+
+
+def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = _export_config(directory)
     try:
         state = load_file(directory / EXPORT_WEIGHTS, device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -121,7 +133,6 @@ def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise WeightsError(
             f"{directory / EXPORT_WEIGHTS} is not a safetensors file ({reason}); export it again"
         ) from None
-    model_config(config, directory / EXPORT_CONFIG)
     step = config.get("export", {}).get("step", 0) if isinstance(config.get("export"), dict) else 0
     return state, config, int(step) if isinstance(step, int) else 0
 
@@ -133,11 +144,7 @@ def read_export(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 def saved_config(path: Path | str) -> dict[str, Any]:
     """The config tree of an export (config.json) or of a run's newest usable checkpoint, without its weights."""
     path = Path(path)
-    if (path / EXPORT_WEIGHTS).is_file():
-        return read_export(path)[1]
-    if not path.is_dir():
-        raise WeightsError(f"{path} is not a directory; give a run directory (RUN_DIR) or an export directory")
-    return _checkpoint_config(path)
+    return _export_config(path) if _is_export(path) else _checkpoint_config(path)
 
 
 def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
