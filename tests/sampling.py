@@ -14,10 +14,11 @@ import torch
 from tests.conftest import ROOT
 from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer
-from train.config import RunConfig, load_config
+from train.config import RunConfig
+from train.config_loader import load_config
 from train.distributed import DistInfo
 from train.models import build_model
-from train.trainer import _checkpoint_parts, build_optimizer
+from train.run import build_optimizer, checkpoint_parts
 
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
 
@@ -47,7 +48,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, cfg: RunConfig, step:
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-    parts = _checkpoint_parts(model, optimizer, scaler, info)
+    parts = checkpoint_parts(model, optimizer, scaler, info)
     config = {**cfg.to_dict(), "world_size": 1}
     Checkpointer(run_dir, parts, keep=3, rank=0, world_size=1, strategy=strategy, config=config).save(step)
 

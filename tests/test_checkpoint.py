@@ -38,7 +38,7 @@ from train.checkpoint import (
     records,
     restore_rng,
 )
-from train.config import RunConfig
+from train.config_loader import default_config
 
 
 def tiny_model() -> nn.Module:
@@ -120,7 +120,7 @@ def load(run_dir: Path, model, optimizer, strategy: str = "ddp", config: dict | 
 
 
 def extra_state(step: int, dim: int = 128) -> dict:
-    config = RunConfig()
+    config = default_config()
     config.model.dim = dim
     return {
         "data_position": step * 16,
@@ -661,7 +661,7 @@ def test_preflight_refuses_too_little_free_space(tmp_path: Path, monkeypatch) ->
 
 
 def test_model_shape_change_is_refused_naming_the_key() -> None:
-    saved, current = RunConfig().to_dict(), RunConfig().to_dict()
+    saved, current = default_config().to_dict(), default_config().to_dict()
     current["model"]["dim"] = 256
     with pytest.raises(CheckpointError) as caught:
         check_compatible(saved, current)
@@ -676,21 +676,21 @@ def test_model_shape_change_is_refused_naming_the_key() -> None:
     [("train", "micro_batch", 4), ("train", "accum", 2), ("train", "seed", 7), ("data", "seq_len", 64)],
 )
 def test_batch_data_and_seed_changes_are_refused(section: str, key: str, value: object) -> None:
-    current = RunConfig().to_dict()
+    current = default_config().to_dict()
     current[section][key] = value
     with pytest.raises(CheckpointError, match=rf"{section}\.{key}="):
-        check_compatible(RunConfig().to_dict(), current)
+        check_compatible(default_config().to_dict(), current)
 
 
 def test_budget_logging_and_schedule_changes_are_allowed() -> None:
-    current = RunConfig().to_dict()
+    current = default_config().to_dict()
     current["train"].update(steps=5000, log_every=1, ckpt_every=7, keep_ckpts=1, lr=3e-4, warmup_steps=5)
     current["data"]["num_workers"] = 4
-    check_compatible(RunConfig().to_dict(), current)
+    check_compatible(default_config().to_dict(), current)
 
 
 def with_batch(world_size: int, micro_batch: int, accum: int = 1) -> dict:
-    config = RunConfig().to_dict()
+    config = default_config().to_dict()
     config["train"].update(micro_batch=micro_batch, accum=accum)
     return {**config, "world_size": world_size}
 

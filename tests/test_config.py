@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from train.config import ConfigError, available_configs, config_from_dict, load_config
-from train.data import DataError
+from train.config_loader import available_configs, config_from_dict, load_config
+from train.errors import ConfigError, DataError
 from train.models.deepseek import DeepSeekConfig
 from train.models.resnet import ResNetConfig
 

@@ -9,10 +9,11 @@ import torch
 
 from tests.trainrun import SMALL
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
-from train.config import load_config
+from train.config_loader import load_config
 from train.data import build_dataset, build_loader
 from train.models import build_model
-from train.trainer import build_optimizer, train
+from train.run import build_optimizer
+from train.trainer import train
 
 pytestmark = pytest.mark.cuda
 

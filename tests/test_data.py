@@ -17,25 +17,18 @@ from env.cli import exit_code
 from tests.conftest import ROOT
 from train import prepare
 from train.config import RunConfig
-from train.data import (
-    DOC_SEPARATOR,
-    DataError,
-    SyntheticImages,
-    SyntheticTokens,
-    build_corpus,
-    build_dataset,
-    build_loader,
-    describe,
-    read_token_file,
-    split_samples,
-    stream_indices,
-    write_token_file,
-)
+from train.config_loader import default_config
+from train.data import build_corpus, build_dataset, build_loader, describe, read_token_file, write_token_file
+from train.data.sources import SyntheticImages, SyntheticTokens
+from train.data.split import split_samples
+from train.data.stream import stream_indices
+from train.data.text import DOC_SEPARATOR
+from train.errors import DataError
 from train.models.resnet import ResNetConfig
 
 
 def make_config(source: str = "synthetic", path: str = "", seq_len: int = 8, **train: int) -> RunConfig:
-    cfg = RunConfig()
+    cfg = default_config()
     cfg.data.source, cfg.data.path, cfg.data.seq_len = source, path, seq_len
     cfg.train.micro_batch, cfg.train.accum, cfg.train.seed = train.get("micro_batch", 3), train.get("accum", 1), 7
     return cfg

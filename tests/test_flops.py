@@ -10,11 +10,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from env.peaks import PEAKS, peak_flops
-from train.config import load_config
-from train.flops import count_params, flops_per_sample, flops_per_token, mfu
-from train.models import build_model
+from train.config_loader import load_config
+from train.models import build_model, count_params, flops_per_sample, flops_per_token
 from train.models.deepseek import DeepSeekConfig
 from train.models.resnet import ResNetConfig
+from train.models.spec import mfu
 
 SMALL_LM = DeepSeekConfig(
     vocab_size=64,

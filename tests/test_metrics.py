@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+from train import sinks as sink_table
 from train.metrics import MetricsLogger
 
 
@@ -42,7 +43,8 @@ def test_the_summary_leaves_out_the_warm_up_and_only_the_main_rank_writes(tmp_pa
 
 
 def test_tensorboard_gets_every_numeric_figure(tmp_path) -> None:
-    logger = MetricsLogger(tmp_path, is_main=True, total_steps=10, tensorboard=True, console=io.StringIO())
+    sinks = ["console", "jsonl", "tensorboard"]
+    logger = MetricsLogger(tmp_path, is_main=True, total_steps=10, sinks=sinks, console=io.StringIO())
     logger.log(record(1, step_ms=100))
     logger.close()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -85,3 +87,29 @@ def test_a_resumed_run_summarises_the_whole_run_and_drops_rows_of_a_lost_segment
     summary = second.summary({})
     assert summary["first_loss"] == 8.9 and summary["final_loss"] == 3.0 and summary["steps"] == 20
     assert summary["resumed_from_step"] == 10
+
+
+def test_a_sink_is_one_row_of_the_table_and_gets_every_row_then_the_summary_and_the_plot(tmp_path, monkeypatch) -> None:
+    seen: dict = {"rows": [], "closed": None}
+
+    class Recorder:
+        def __init__(self, context) -> None:
+            seen["context"] = context
+
+        def log(self, row) -> None:
+            seen["rows"].append(row)
+
+        def close(self, summary, files) -> None:
+            seen["closed"] = (summary, files)
+
+    monkeypatch.setitem(sink_table.SINKS, "recorder", Recorder)
+    logger = MetricsLogger(tmp_path, True, 10, sinks=["jsonl", "recorder"], config={"name": "x"}, console=io.StringIO())
+    for step in (1, 2):
+        logger.log(record(step, step_ms=100))
+    summary = logger.summary({})
+    logger.close()
+    assert [row["step"] for row in seen["rows"]] == [1, 2] and seen["context"].config == {"name": "x"}
+    assert seen["closed"][0] == summary and seen["closed"][1]["loss.png"] == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").is_file() and logger._outputs[0].__class__.__name__ == "JsonlSink"
+    MetricsLogger(tmp_path / "other", False, 10, sinks=["jsonl", "recorder"]).log(record(1, step_ms=1))
+    assert len(seen["rows"]) == 2  # only the main rank makes sinks

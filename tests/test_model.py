@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.conftest import finish_gloo_worker, free_port
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.models import build_model
 from train.models.deepseek import DeepSeekConfig, MoE, Router, moe_balance_step
 from train.models.resnet import ResNetConfig

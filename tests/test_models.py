@@ -20,8 +20,10 @@ from env.runtime import STAMP, _lock_digest
 from tests.conftest import ROOT, finish_gloo_worker, free_port
 from tests.toy_model import SPEC as TOY
 from tests.trainrun import metrics
-from train.config import ConfigError, ModelConfig, load_config
+from train.config import ModelConfig
+from train.config_loader import load_config
 from train.distributed import DistInfo, wrap_model
+from train.errors import ConfigError
 from train.models import BUILT_IN, build_model, get_spec, registered
 from train.models.resnet import ResNetConfig
 

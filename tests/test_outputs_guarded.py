@@ -14,7 +14,8 @@ import torch
 from env.compare import CompareError, check_plot_path
 from tests.conftest import ROOT
 from tests.sampling import save_checkpoint, small_config, trained_in_process, write_export
-from train.config import ConfigError, load_config
+from train.config_loader import load_config
+from train.errors import ConfigError
 from train.export import ExportError, export
 from train.models import build_model
 from train.prepare import prepare

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tests.trainrun import SMALL
-from train.config import load_config
+from train.config_loader import load_config
 from train.data import build_dataset, build_loader
 from train.distributed import DistInfo
-from train.trainer import _train_step, setup, train
+from train.run import setup
+from train.trainer import train, train_step
 from train.watchdog import Watchdog
 
 CPU = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
@@ -36,11 +37,11 @@ def test_the_fp16_scaler_skips_a_step_whose_gradients_overflow_and_backs_off(tmp
     before = {name: p.detach().clone() for name, p in run.model.named_parameters()}
     run.scaler.scale(torch.ones(()))  # the scaler makes its scale on first use
     run.scaler.update(new_scale=2.0**120)  # scaled fp16 gradients overflow to inf
-    figures = _train_step(run, batches, watchdog, 1, no_stop)
+    figures = train_step(run, batches, watchdog, 1, no_stop)
     assert math.isfinite(figures["loss"])  # the loss itself was fine: only the scaled gradients overflowed
     assert all(torch.equal(p, before[name]) for name, p in run.model.named_parameters()), "the step was taken"
     assert run.scaler.get_scale() == 2.0**119
 
     run.scaler.update(new_scale=2.0**10)
-    _train_step(run, batches, watchdog, 2, no_stop)
+    train_step(run, batches, watchdog, 2, no_stop)
     assert any(not torch.equal(p, before[name]) for name, p in run.model.named_parameters()), "no step was taken"

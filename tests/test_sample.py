@@ -27,7 +27,7 @@ from tests.sampling import (
     write_export,
 )
 from tests.trainrun import launch_train
-from train.config import load_config
+from train.config_loader import load_config
 from train.models import build_model
 from train.models.deepseek import MultiHeadLatentAttention, rope_cache
 from train.sample import ByteCodec, Generator, SampleError, Sampling, make_codec, printable, window_start

@@ -17,8 +17,11 @@ from env.plots import TRAIN_LABEL, VAL_LABEL, write_loss_plot
 from env.runtime import TARGETS, build_argv
 from tests.conftest import ROOT
 from tests.trainrun import launch_train, losses, metrics
-from train.config import ConfigError, RunConfig, load_config
-from train.data import DataError, build_dataset, build_loader, read_token_file, split_samples, validation_set
+from train.config import RunConfig
+from train.config_loader import default_config, load_config
+from train.data import build_dataset, build_loader, read_token_file, validation_set
+from train.data.split import split_samples
+from train.errors import ConfigError, DataError
 from train.tokenizer import load_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "über", "naïve", "日本語", "return", "def", "x = 1"]
@@ -52,7 +55,7 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def files_config(path: str, seed: int, val_fraction: float = 0.1) -> RunConfig:
-    cfg = RunConfig()
+    cfg = default_config()
     cfg.data.source, cfg.data.path, cfg.data.seq_len = "files", path, 16
     cfg.data.val_fraction = val_fraction
     cfg.train.micro_batch, cfg.train.seed = 4, seed

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError, ModelConfig
-from train.flops import ParamCount
-from train.models import ModelSpec
+from train.config import ModelConfig
+from train.errors import ConfigError
+from train.models.spec import ModelSpec, ParamCount
 
 
 @dataclass

@@ -12,9 +12,9 @@ import torch
 
 from tests.conftest import ROOT
 from train.checkpoint import Checkpointer, ModelState, OptimizerState
-from train.config import load_config
+from train.config_loader import load_config
 from train.models import build_model
-from train.trainer import build_optimizer
+from train.run import build_optimizer
 
 # A tiny fp32 run that takes a fraction of a second per step on two CPU cores.
 SMALL = [

@@ -44,9 +44,21 @@ from torch.utils.data import Dataset
 
 from env.atomic import write_text_atomically
 from env.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
+from env.launch import launch
+from train.checkpoint import EveryCheckpointDamaged
 from train.config import RunConfig
-from train.data import BYTE_VOCAB, DataError, TokenWindows, data_tokenizer, validation_set
+from train.config_loader import config_from_dict
+from train.data import build_dataset, data_tokenizer, validation_set
+from train.data.sources import TokenWindows
+from train.data.text import document_chunks, expand_globs
+from train.data.tokens import BYTE_VOCAB, read_token_file
+from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
+from train.errors import ConfigError, DataError
+from train.models import get_spec
+from train.prepare import encode_files
+from train.run import Precision, Run, device_settings
 from train.tokenizer import RUN_TOKENIZER_NAME, load_tokenizer, sha256_of, token_byte_lengths
+from train.weights import build_loaded_model
 
 EVAL_RECORD = "eval.json"
 
@@ -125,8 +137,6 @@ def evaluate(
 
 def byte_lengths_for(cfg: RunConfig, tokenizer_path: Path | None, device: torch.device) -> torch.Tensor | None:
     """Bytes of text per token id: ones for byte data, the tokenizer's table, or None when unknown."""
-    from train.models import get_spec
-
     if get_spec(cfg.model.arch).inputs != "tokens":
         return None
     if tokenizer_path is None:
@@ -155,7 +165,7 @@ def record_tokenizer(cfg: RunConfig, run_dir: Path, is_main: bool) -> Path | Non
 class Evaluator:
     """The loop's validation: `after_step` evaluates on eval steps and returns the figures to log."""
 
-    def __init__(self, run: Any, run_dir: Path, dataset: Dataset) -> None:
+    def __init__(self, run: Run, run_dir: Path, dataset: Dataset) -> None:
         cfg, info = run.cfg, run.info
         self.run = run
         # data.val_fraction=0 without data.val_path holds nothing out: there is nothing to evaluate on.
@@ -174,7 +184,12 @@ class Evaluator:
         """
         if not self.every or stopping or not (step % self.every == 0 or step == self.run.cfg.train.steps):
             return {}
-        return run_evaluation(self.run, self.dataset, self.indices, self.n_samples, self.byte_lengths)
+        run = self.run
+        # Under torch.compile, the eager module: a no-grad eval-mode graph would be a second compilation.
+        model = getattr(run.model, "_orig_mod", run.model)
+        return run_evaluation(
+            model, run.cfg, run.info, run.precision, self.dataset, self.indices, self.n_samples, self.byte_lengths
+        )
 
 
 def check_eval_size(cfg: RunConfig, available: int, world_size: int) -> int:
@@ -195,14 +210,17 @@ def check_eval_size(cfg: RunConfig, available: int, world_size: int) -> int:
 
 
 def run_evaluation(
-    run: Any, dataset: Dataset, indices: np.ndarray, n_samples: int, byte_lengths: torch.Tensor | None
+    model: nn.Module,
+    cfg: RunConfig,
+    info: DistInfo,
+    precision: Precision,
+    dataset: Dataset,
+    indices: np.ndarray,
+    n_samples: int,
+    byte_lengths: torch.Tensor | None,
 ) -> dict[str, float]:
-    from train.distributed import all_reduce_sum
-
-    cfg, info = run.cfg, run.info
     return evaluate(
-        # Under torch.compile, the eager module: a no-grad eval-mode graph would be a second compilation.
-        getattr(run.model, "_orig_mod", run.model),
+        model,
         dataset,
         indices,
         n_samples=n_samples,
@@ -210,7 +228,7 @@ def run_evaluation(
         world_size=info.world_size,
         micro_batch=cfg.train.micro_batch,
         device=info.device,
-        autocast=lambda: run.precision.autocast(info.device),
+        autocast=lambda: precision.autocast(info.device),
         all_reduce=all_reduce_sum,
         byte_lengths=byte_lengths,
     )
@@ -234,8 +252,6 @@ def newest_checkpoint_layout(run_dir: Path) -> dict[str, Any]:
 
 def run_config(run_dir: Path) -> RunConfig:
     """The config the run trained with, from its manifest."""
-    from train.config import ConfigError, config_from_dict
-
     path = run_dir / "manifest.json"
     try:
         tree = json.loads(path.read_text()).get("config")
@@ -250,8 +266,6 @@ def run_config(run_dir: Path) -> RunConfig:
 
 def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Dataset, np.ndarray]:
     """The whole of DATA as token windows: a token file as it is, text through the run's tokenizer (or as bytes)."""
-    from train.data import expand_globs, read_token_file
-
     if data.endswith(".bin"):
         tokens, meta = read_token_file(data)
         recorded = (meta.get("tokenizer") or {}).get("sha256")
@@ -262,16 +276,9 @@ def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Da
     else:
         files = expand_globs([data], "DATA", "check the path and quote globs")
         if tokenizer is None:
-            from train.data import document_chunks
-
             tokens = np.concatenate(list(document_chunks(files)))
         else:
-            from train.prepare import Progress, _token_chunks
-            from train.tokenizer import end_of_text_id
-
-            loaded = load_tokenizer(tokenizer)
-            chunks = _token_chunks(files, loaded, end_of_text_id(loaded), Progress("tokenized", 0))
-            tokens = np.concatenate(list(chunks))
+            tokens = np.concatenate(list(encode_files(files, load_tokenizer(tokenizer))))
     if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
         raise EvalError(
             f"DATA={data} holds token id {int(tokens.max())}, beyond the model's vocab_size={cfg.model.vocab_size}"
@@ -281,27 +288,24 @@ def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Da
 
 
 def worker(run_dir: Path, data: str) -> dict[str, Any]:
-    """One eval process (torchrun started it): load the newest valid checkpoint, evaluate, return the figures."""
-    from train.checkpoint import EveryCheckpointDamaged
-    from train.data import build_dataset
-    from train.distributed import backstop_timeout, connect_store, init_distributed, shutdown
-    from train.trainer import setup
+    """One eval process (torchrun started it): the newest valid checkpoint's weights, evaluated; the figures.
 
+    A reader: it builds the model and its weights alone (train.weights, any strategy and world size the
+    checkpoint was saved with), never the training state, and writes nothing into checkpoints/.
+    """
     cfg = run_config(run_dir)
     store = connect_store(backstop_timeout(cfg))
     info = init_distributed(cfg, run_dir, store)
     try:
+        device_settings(cfg, info.device)
+        precision = Precision.resolve(cfg.train.precision, info.device)
         try:
-            run = setup(cfg, run_dir, info)
+            model, _, step = build_loaded_model(run_dir, info.device)
         except EveryCheckpointDamaged as exc:
             raise EvalError(
                 f"every checkpoint in {exc.directory} is damaged ({', '.join(exc.damaged)}; the warnings above say "
                 "how); nothing to evaluate: restore one, or retrain"
             ) from None
-        if run.start_step == 0:
-            raise EvalError(
-                f"{run_dir} has no valid checkpoint (each one failed its checks, see above); nothing to evaluate"
-            )
         tokenizer = run_dir / RUN_TOKENIZER_NAME
         tokenizer = tokenizer if tokenizer.is_file() else None
         if data:
@@ -312,8 +316,9 @@ def worker(run_dir: Path, data: str) -> dict[str, Any]:
         n_samples = check_eval_size(cfg, len(indices), info.world_size) if n is None else n
         if n_samples < 1:
             raise EvalError("the data to evaluate holds no sample; give more data or a shorter data.seq_len")
-        figures = run_evaluation(run, dataset, indices, n_samples, byte_lengths_for(cfg, tokenizer, info.device))
-        return {"step": run.start_step, "samples": n_samples, "tokens": n_samples * cfg.data.seq_len,
+        byte_lengths = byte_lengths_for(cfg, tokenizer, info.device)
+        figures = run_evaluation(model, cfg, info, precision, dataset, indices, n_samples, byte_lengths)
+        return {"step": step, "samples": n_samples, "tokens": n_samples * cfg.data.seq_len,
                 "data": data or "validation split", **figures}  # fmt: skip
     finally:
         shutdown()
@@ -336,8 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     layout = newest_checkpoint_layout(run_dir)
     run_config(run_dir)
     nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else layout["world_size"]
-    from env.launch import launch
-
     forwarded = ["--worker", "--run-dir", str(run_dir), *(["--data", args.data] if args.data else [])]
     return launch("train.eval", forwarded, nproc)
 

@@ -22,6 +22,7 @@ import torch
 
 from env.atomic import replace_atomically, write_fix
 from env.cli import ArgumentParser, UserError, run_cli
+from train.models import build_model
 from train.weights import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
@@ -40,7 +41,6 @@ class ExportError(UserError):
 
 
 def parameter_names(config: dict) -> set[str]:
-    from train.models import build_model
 
     with torch.device("meta"):
         return {name for name, _ in build_model(model_config(config, "the checkpoint")).named_parameters()}

@@ -18,9 +18,16 @@ from pathlib import Path
 
 from env.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
 from env.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
+from env.manifest import MANIFEST_ENV, build_manifest
+from env.nvml import read_snapshot
+from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 from env.runlock import RunDirLock
 from env.runtime import shorthand_keys
-from train.config import ConfigError, RunConfig, load_config
+from train.config import RunConfig
+from train.config_loader import load_config
+from train.data import build_dataset
+from train.errors import ConfigError, DataError
+from train.models import count_params
 from train.rundir import completed_steps
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100"),
@@ -60,8 +67,6 @@ def _p2p_decision() -> dict | None:
 
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return None
-    from env.nvml import read_snapshot
-    from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 
     decision = decide_p2p(read_snapshot(), os.environ, verify_copy=torch_copy_check)
     apply_p2p_decision(decision)
@@ -84,7 +89,6 @@ def memory_bytes(has_gpu: bool) -> int:
 
 def check_fits(cfg: RunConfig, nproc: int, world: int, has_gpu: bool) -> None:
     """Refuse, before anything is allocated, a model whose training state alone cannot fit in memory."""
-    from train.flops import count_params
 
     params = count_params(cfg.model).total
     per_worker = params * TRAINING_BYTES_PER_PARAM // (world if cfg.train.strategy == "fsdp" else 1)
@@ -101,8 +105,6 @@ def check_fits(cfg: RunConfig, nproc: int, world: int, has_gpu: bool) -> None:
 def _preflight(args: argparse.Namespace, has_gpu: bool) -> tuple[RunConfig, Path]:
     """Every check a user's input needs before a worker starts; a UserError is one line, exit 2."""
     import torch
-
-    from train.data import DataError, build_dataset
 
     nodes = nodes_from_args(args)
     cfg = resolve_config(args, has_gpu)
@@ -142,8 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
-    from env.manifest import MANIFEST_ENV, build_manifest
 
     # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")

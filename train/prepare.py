@@ -8,7 +8,7 @@ as uint8. --tokenizer bpe: trains a byte-level BPE of --vocab tokens on the inpu
 --tokenizer PATH uses an existing tokenizer.json (any model's works offline). Each document then
 ends with <|endoftext|>, and the ids are stored in the smallest dtype that fits (uint16 up to 65,536
 tokens, else uint32). The sidecar data/x.json records dtype, count, vocab_size and the
-tokenizer's file, sha256 and size (format: train/data.py).
+tokenizer's file, sha256 and size (format: train/data/tokens.py).
 
 Files that prepare did not write (data/x.bin, data/x.json, data/x.tokenizer.json) are never
 replaced without --force. Train with ARGS="data.path=data/x.bin model.vocab_size=auto".
@@ -29,15 +29,9 @@ import numpy as np
 
 from env.atomic import replace_atomically
 from env.cli import ArgumentParser, count_arg, run_cli
-from train.data import (
-    BYTE_VOCAB,
-    TOKEN_DTYPES,
-    DataError,
-    expand_globs,
-    sidecar_path,
-    token_dtype,
-    write_token_file,
-)
+from train.data.text import expand_globs
+from train.data.tokens import BYTE_VOCAB, TOKEN_DTYPES, sidecar_path, token_dtype, write_token_file
+from train.errors import DataError
 from train.tokenizer import end_of_text_id, load_tokenizer, sha256_of, train_bpe
 
 WRITER = "train.prepare"
@@ -125,6 +119,11 @@ def _token_chunks(files: list[Path], tokenizer: Any, separator: int | None, prog
             yield np.fromiter((i for piece in ids for i in piece), dtype=np.int64)
         if separator is not None:
             yield np.array([separator], dtype=np.int64)
+
+
+def encode_files(files: list[Path], tokenizer: Any) -> Iterator[np.ndarray]:
+    """Each file's text through the tokenizer, each document ended by its end-of-text id, as prepare writes them."""
+    return _token_chunks(files, tokenizer, end_of_text_id(tokenizer), Progress("tokenized", 0))
 
 
 def _is_ours(bin_path: Path) -> bool:

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from env.atomic import write_fix
+from env.cli import UserError
 from env.readfile import open_regular, read_regular
 
 SUMMARY_NAME = "summary.json"
@@ -21,6 +23,15 @@ METRICS_NAME = "metrics.jsonl"
 SUMMARY_LIMIT = 1 << 20
 METRICS_LIMIT = 1 << 30
 ROW_LIMIT = 1 << 16
+
+
+class RunDirWriteError(UserError):
+    """Writing a run's figures into RUN_DIR failed (a full disk, say): one line with the file and the fix."""
+
+    def __init__(self, path: Path, error: OSError):
+        reason = error.strerror or str(error)
+        fix = write_fix(error)
+        super().__init__(f"writing {path} failed ({reason}): {fix}; checkpoints already written are intact")
 
 
 def completed_steps(run_dir: Path, steps: int) -> int | None:

@@ -4,9 +4,10 @@
         [--top-k 0] [--top-p 1] [--seed 1337] [--cache 1] [--speculate 0] [--device auto]
 
 The text goes to stdout; the figures (tokens/s, the KV cache per token, speculation's acceptance
-and speed-up) to stderr. Decoding runs with MLA's latent KV cache (train/models/deepseek.py LatentKVCache):
-the prompt is read in one forward (prefill), then one token per forward. --cache 0 recomputes the
-whole context every token instead; greedy decoding (--temperature 0) gives the same tokens both ways.
+and speed-up) to stderr. Decoding runs with the model's cache (deepseek: MLA's latent KV cache,
+train/models/deepseek.py): the prompt is read in one forward (prefill), then one token per forward.
+--cache 0 recomputes the whole context every token instead; greedy decoding (--temperature 0) gives
+the same tokens both ways.
 
 --speculate 1 drafts with the first MTP module and verifies with the main model, as the
 DeepSeek-V3 report (section 2.2) proposes: from the main model's last hidden state and the
@@ -40,7 +41,11 @@ from typing import Any
 import torch
 
 from env.cli import ArgumentParser, UserError, run_cli
-from train.weights import WeightsError, find_tokenizer, model_config
+from train.checkpoint import CheckpointError
+from train.errors import ConfigError
+from train.models import get_spec
+from train.models.spec import Decoder
+from train.weights import WeightsError, build_loaded_model, find_tokenizer, model_config, saved_config
 
 BYTE_VOCAB = 256
 DOC_SEPARATOR = 0  # train/data.py DOC_SEPARATOR: every document ends with a NUL byte
@@ -213,7 +218,7 @@ class Result:
 class Generator:
     """Decodes `count` tokens after `prompt` with one of three methods; `emit` sees each new piece."""
 
-    model: Any
+    model: Decoder
     sampling: Sampling
     seed: int
     device: torch.device
@@ -223,7 +228,7 @@ class Generator:
     def run(self, prompt: list[int], count: int, *, cache: bool = True, speculate: bool = False) -> Result:
         """Generate `count` tokens; the same seed gives the same draws on every call."""
         self.rng = torch.Generator(device=self.device).manual_seed(self.seed)
-        self.max_len = self.model.cfg.max_seq_len
+        self.max_len = self.model.max_seq_len
         method = self._speculative if speculate else self._cached if cache else self._uncached
         autocast = torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
         with torch.inference_mode(), autocast:
@@ -297,7 +302,7 @@ class Generator:
                 start = moved
                 main, logits, hidden = self._prefill(tokens, start, result, began)
                 self._take(result, tokens, [self.sampling.pick(logits, self.rng)])
-                mtp = self.model.new_cache(layers=1, dtype=self.autocast_dtype)
+                mtp = self.model.new_draft_cache(dtype=self.autocast_dtype)
                 draft = self._draft(hidden, tokens[start + 1 :], mtp)
                 continue
             if window_start(j + 1, start, self.max_len) != start or count - len(result.tokens) == 1:
@@ -391,43 +396,29 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load_language_model(run_dir: Path, device: torch.device) -> tuple[Any, dict[str, Any], int]:
-    """The run's (or export's) model, refusing what is not a language model before building it."""
-    from train.checkpoint import CheckpointError
-    from train.config import ConfigError
-    from train.models import get_spec
-    from train.weights import build_loaded_model, saved_config
-
+def load_language_model(run_dir: Path, device: torch.device) -> tuple[Decoder, dict[str, Any], int]:
+    """The run's (or export's) model as its family's Decoder, refusing a family without one before building it."""
     try:
         cfg = model_config(saved_config(run_dir), run_dir)  # the arch first: no weights read for a ResNet
-        if cfg.arch != "deepseek":  # sampling drives the decoder's latent KV cache (train/models/deepseek.py)
-            images = get_spec(cfg.arch).inputs == "images"
-            what = "an image classifier" if images else "a model without the latent cache"
+        spec = get_spec(cfg.arch)
+        if spec.decoder is None:
+            what = "an image classifier" if spec.inputs == "images" else "a model without a decoder"
             raise SampleError(
-                f"{run_dir} holds a {cfg.arch} run, {what}, not the deepseek decoder sampling drives; "
-                "sample from a run of a deepseek config (e.g. CONFIG=tiny)"
+                f"{run_dir} holds a {cfg.arch} run, {what}; sampling needs a model family with a decoder "
+                "(e.g. CONFIG=tiny)"
             )
-        return build_loaded_model(run_dir, device)
+        model, config, step = build_loaded_model(run_dir, device)
+        return spec.decoder(model), config, step
     except (WeightsError, SampleError):
         raise
     except (ConfigError, CheckpointError) as exc:
         raise SampleError(str(exc)) from None
 
 
-def cache_figures(model: Any, dtype: torch.dtype | None) -> tuple[int, int, str]:
-    """(latent bytes per token, full-KV bytes per token, one line saying both), all main layers."""
-    cfg = model.cfg
+def cache_line(model: Decoder, dtype: torch.dtype | None) -> tuple[int, str]:
+    """(cache bytes per token, one line saying what the cache holds against full keys and values)."""
     cache = model.new_cache(batch=1, dtype=dtype)
-    latent = cache.bytes_per_token()
-    size = cache.latent[0].element_size()
-    naive = cfg.n_layers * cache.naive_numbers_per_token(cfg) * size
-    line = (
-        f"KV cache per token: {latent:,} bytes latent ({cfg.n_layers} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
-        f"rope {cfg.qk_rope_head_dim}) x {size} B) vs {naive:,} bytes for full keys and values ({cfg.n_layers} x "
-        f"{cfg.n_heads} heads x (k {cfg.qk_nope_head_dim + cfg.qk_rope_head_dim} + v {cfg.v_head_dim}) x {size} B): "
-        f"{naive / latent:.1f}x smaller"
-    )
-    return latent, naive, line
+    return cache.bytes_per_token(), cache.describe()
 
 
 def note(text: str) -> None:
@@ -440,17 +431,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     device = pick_device(args.device)
     model, config, step = load_language_model(run_dir, device)
-    cfg = model.cfg
-    if args.speculate and not len(model.mtp):
-        raise SampleError(f"{run_dir} has no MTP module (model.mtp_depth=0) to draft with; drop SPECULATE=1")
-    codec = make_codec(run_dir, config, cfg.vocab_size)
+    if args.speculate and not model.can_draft:
+        raise SampleError(f"{run_dir} has no module to draft with (deepseek: model.mtp_depth=0); drop SPECULATE=1")
+    codec = make_codec(run_dir, config, int(config["model"]["vocab_size"]))
     prompt = codec.encode(args.prompt)
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    note(f"{run_dir} step {step}, {cfg.n_layers} layers, on {device.type}, text as {codec.name}")
-    if len(prompt) + args.tokens > cfg.max_seq_len:
+    note(f"{run_dir} step {step}, model.arch={config['model']['arch']}, on {device.type}, text as {codec.name}")
+    limit = model.max_seq_len
+    if len(prompt) + args.tokens > limit:
         note(
-            f"{len(prompt)} prompt + {args.tokens} new tokens exceed max_seq_len={cfg.max_seq_len}: a sliding window "
-            f"(when full, the newest {max(1, cfg.max_seq_len // 2)} tokens are kept and read again)"
+            f"{len(prompt)} prompt + {args.tokens} new tokens exceed max_seq_len={limit}: a sliding window "
+            f"(when full, the newest {max(1, limit // 2)} tokens are kept and read again)"
         )
 
     def show(tokens: list[int]) -> None:
@@ -470,7 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"prefill {result.prefill_seconds * 1000:.0f} ms, {result.main_forwards} main-model forwards, "
         f"{result.windows} window slides)"
     )
-    note(cache_figures(model, autocast)[2])
+    if args.cache:
+        note(cache_line(model, autocast)[1])
     if args.speculate:
         plain = Generator(model, sampling, args.seed, device, autocast).run(prompt, args.tokens, cache=True)
         same = "identical to" if plain.tokens == result.tokens else "DIFFERENT from (float rounding flipped a near-tie)"

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from train.data import DataError
+from train.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
 # The end-of-document tokens of common tokenizer.json files, tried in turn for a given tokenizer.
@@ -39,7 +39,7 @@ def sha256_of(path: Path | str) -> str:
 
 def load_tokenizer(path: Path | str) -> Any:
     """A tokenizers.Tokenizer from a tokenizer.json; DataError (one line) when the file is not one."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # optional at import: only runs with a tokenizer need it
 
     path = Path(path)
     try:
@@ -57,7 +57,7 @@ def load_tokenizer(path: Path | str) -> Any:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Any:
     """A byte-level BPE of vocab_size tokens (256 bytes + END_OF_TEXT + merges) trained on texts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # optional at import, as above
 
     minimum = 256 + 1
     if vocab_size < minimum + 1:

@@ -1,31 +1,29 @@
-"""The training loop: AMP + DDP/FSDP2, accumulation, checkpoints, metrics — in one place.
+"""The training step, the loop and the rates: AMP + DDP/FSDP2, accumulation, checkpoints, metrics.
 
 `train(cfg, run_dir)` runs inside every worker that torchrun started. The step itself
-(`_train_step`) fits on one screen; everything around it is wiring of the modules that
-own each concern: data, model, distributed, checkpoint, metrics, watchdog.
+(`train_step`) fits on one screen; the run it drives is assembled by train/run.py, and everything
+around it is wiring of the modules that own each concern: data, distributed, checkpoint, sinks,
+validation, watchdog.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from env.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
 from env.peaks import PeakLookup, peak_flops
-from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
+from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe
 from train.distributed import (
@@ -37,58 +35,18 @@ from train.distributed import (
     gradient_sync,
     init_distributed,
     shutdown,
-    wrap_model,
 )
 from train.eval import Evaluator
-from train.flops import flops_per_sample, mfu
-from train.metrics import MetricsLogger, RunDirWriteError, StepClock, peak_memory_gb
-from train.models import build_model, get_spec
-from train.models.deepseek import moe_balance_step
+from train.metrics import MetricsLogger, StepClock, peak_memory_gb
+from train.models import flops_per_sample, get_spec
+from train.models.spec import mfu
+from train.run import Run, lr_at, setup
+from train.rundir import RunDirWriteError
 from train.watchdog import Watchdog
-from train.weights import init_from
 
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (a non-finite loss); the message is one line with the fix."""
-
-
-@dataclass
-class Precision:
-    name: str  # bf16, fp16 or fp32
-    autocast_dtype: torch.dtype | None
-    use_scaler: bool
-
-    @classmethod
-    def resolve(cls, requested: str, device: torch.device) -> Precision:
-        name = requested
-        if requested == "auto":
-            name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
-        return cls(name, dtype, use_scaler=name == "fp16")
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.lr_decay_steps (or train.steps)."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    horizon = t.lr_decay_steps or t.steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, horizon - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA; no weight decay on norms, biases and balancing vectors."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **extra)
 
 
 class StopRequest:
@@ -141,62 +99,7 @@ class FaultHooks:
         return with_faults
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once by `setup`."""
-
-    cfg: RunConfig
-    info: DistInfo
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: Any
-    precision: Precision
-    checkpointer: Checkpointer
-    start_step: int
-    # Turns each step's summed [loss, stop votes] into [mean loss, stop votes]; made once: a copy from the host waits.
-    stats_divisor: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stats_divisor = torch.tensor([self.info.world_size, 1.0], device=self.info.device)
-
-
-def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
-    seed_everything(cfg.train.seed)  # same seed on every rank: identical initial weights
-    if info.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
-    precision = Precision.resolve(cfg.train.precision, info.device)
-    model = build_model(cfg.model).to(info.device)
-    init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
-    fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
-    model = wrap_model(model, cfg, info, fsdp_param_dtype)
-    if cfg.train.compile:
-        model = torch.compile(model, backend=cfg.train.compile_backend)
-    optimizer = build_optimizer(model, cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision.use_scaler)
-    checkpointer = Checkpointer(
-        run_dir,
-        _checkpoint_parts(model, optimizer, scaler, info),
-        keep=cfg.train.keep_ckpts,
-        rank=info.rank,
-        world_size=info.world_size,
-        strategy=cfg.train.strategy,
-        config=_resume_config(cfg, info),
-    )
-    # Parameters and AdamW's two moments, all ranks together (an FSDP parameter's numel is the global one).
-    checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
-    # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
-    start_step = checkpointer.load_latest() or 0
-    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
-
-
-def _train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
+def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
     """One optimizer step over `accum` micro-batches; returns the globally reduced figures.
 
     The step waits for the device once, for the loss and the stop votes. grad_norm and the MoE loads
@@ -238,8 +141,9 @@ def _train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    balance = moe_balance_step(model, all_reduce_sum)
-    return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm} | balance
+    after_step = get_spec(cfg.model.arch).after_step  # e.g. DeepSeek's MoE balancing bias update
+    extra = after_step(model, all_reduce_sum) if after_step is not None else {}
+    return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm} | extra
 
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
@@ -287,11 +191,11 @@ def _dump_flight_recorder(run_dir: Path, info: DistInfo) -> None:
 
 def _loop(run: Run, run_dir: Path, watchdog: Watchdog, stop: StopRequest) -> dict[str, Any]:
     cfg = run.cfg
-    batches, rates, logger, train_step, evaluator = _start_loop(run, run_dir)
+    batches, rates, logger, take_step, evaluator = _start_loop(run, run_dir)
     clock = StepClock(run.info.device)
     step = run.start_step
     while step < cfg.train.steps:
-        figures = train_step(run, batches, watchdog, step + 1, stop)
+        figures = take_step(run, batches, watchdog, step + 1, stop)
         step += 1
         clock.tick()
         with clock.paused():  # evaluating is not training throughput
@@ -371,7 +275,9 @@ def _start_loop(
         precision=run.precision.name,
         strategy=cfg.train.strategy,
     )
-    logger = MetricsLogger(run_dir, info.is_main, cfg.train.steps, cfg.train.tensorboard, start_step=run.start_step)
+    logger = MetricsLogger(
+        run_dir, info.is_main, cfg.train.steps, cfg.train.sinks, cfg.to_dict(), start_step=run.start_step
+    )
     evaluator = Evaluator(run, run_dir, dataset)
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
@@ -379,7 +285,7 @@ def _start_loop(
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
     if info.is_main and rates.peak.flops is None:
         print(f"torchrig: mfu is null: {rates.peak.note}", flush=True)
-    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(_train_step), evaluator
+    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(train_step), evaluator
 
 
 def _record_launch(cfg: RunConfig, run_dir: Path) -> None:
@@ -390,20 +296,3 @@ def _record_launch(cfg: RunConfig, run_dir: Path) -> None:
         record_launch(run_dir, manifest)
     except OSError as exc:
         raise RunDirWriteError(run_dir / MANIFEST_NAME, exc) from exc
-
-
-def _resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:
-    """The config a checkpoint records, and a resume is checked against (train/checkpoint/resume.py)."""
-    return {**cfg.to_dict(), "world_size": info.world_size}
-
-
-def _checkpoint_parts(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, info: DistInfo) -> dict:
-    """What a checkpoint holds: one entry per Stateful part. The step names the checkpoint and is also the
-    data position (the sample stream is a pure function of it, train/data.py) and fixes the learning rate
-    (lr_at), so neither is stored beside it."""
-    return {
-        "model": ModelState(model),  # the MoE balancing biases are buffers of the model
-        "optimizer": OptimizerState(model, optimizer),
-        "scaler": scaler,  # a GradScaler is Stateful already
-        "rng": RNGState(info.rank, info.world_size),
-    }

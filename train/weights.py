@@ -23,7 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.config import ConfigError, ModelConfig, RunConfig, config_from_dict, validate_model
+from train.checkpoint import Checkpointer, CheckpointError, load_model
+from train.config import ModelConfig, RunConfig
+from train.config_loader import config_from_dict, validate_model
+from train.errors import ConfigError
+from train.models import build_model
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -66,7 +70,6 @@ def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
 
 def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any], int]:
     """A model from load_model_weights(path) in eval mode on `device`: (model, config tree, step)."""
-    from train.models import build_model
 
     state, config, step = load_model_weights(path)
     cfg = model_config(config, path)
@@ -148,7 +151,6 @@ def saved_config(path: Path | str) -> dict[str, Any]:
 
 
 def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
-    from train.checkpoint import Checkpointer
 
     newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
     if newest is None:
@@ -161,8 +163,6 @@ def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    from train.checkpoint import CheckpointError, load_model
-    from train.models import build_model
 
     config = _checkpoint_config(run_dir)
     model = build_model(model_config(config, run_dir))
@@ -201,7 +201,6 @@ def init_from(model: nn.Module, cfg: RunConfig, run_dir: Path) -> int | None:
     source = cfg.train.init_from
     if not source:
         return None
-    from train.checkpoint import Checkpointer
 
     if Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).latest_step() is not None:
         return None  # resuming: the run's own checkpoint holds newer weights

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from env.cli import load_json
-from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS
+from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS, expected_busbw
+from env.nvml import read_snapshot
+from env.p2p import apply_p2p_decision, decide_p2p, p2p_mode, visible_gpu_indices
 from train.bench import BenchError
 
 
@@ -69,9 +71,6 @@ def bandwidth_from_nccl_json(path: Path) -> Bandwidth:
 
 def bandwidth_from_links(gpu_count: int) -> Bandwidth | None:
     """What NVML's link facts say a ring over the first gpu_count GPUs should reach; None when unknown."""
-    from env.links import expected_busbw
-    from env.nvml import read_snapshot
-    from env.p2p import apply_p2p_decision, decide_p2p, p2p_mode, visible_gpu_indices
 
     snapshot = read_snapshot()
     if not snapshot.ok:

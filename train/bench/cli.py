@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from env.cli import ArgumentParser, check_workers, count_arg
+from env.manifest import write_manifest
 from env.runlock import RunDirLock
 from env.runtime import shorthand_keys
 from train import bench as package
@@ -16,7 +17,7 @@ from train.bench.bandwidth import LINK_ASSUMPTIONS, resolve_bandwidth
 from train.bench.baseline import load_baseline, resolve_baseline
 from train.bench.measure import DEFAULT_REPEATS, NOISE_EXIT, Plan, RunFailed, run_all
 from train.bench.report import build_bench, columns_for, write_outputs
-from train.config import load_config
+from train.config_loader import load_config
 
 DEFAULT_STEPS = 40
 # Make-variable shorthands train.launch accepts as flags; passed through unchanged.
@@ -122,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
             "the CPU's cores (so exposed comm includes lost compute), and no figure says anything about GPUs",
             flush=True,
         )
-    from env.manifest import write_manifest
 
     write_manifest(
         plan.run_dir,

@@ -17,6 +17,8 @@ from typing import Any
 from env.lifeline import signal_when_parent_dies
 from train.bench import counted
 from train.config import RunConfig
+from train.metrics import steady
+from train.sinks.console import format_duration
 
 LOG_WINDOWS = 8  # logged windows per run; the summary takes the median over the steady ones
 DEFAULT_REPEATS = 2  # runs per count; with the logged windows of each, several measurements per point
@@ -60,7 +62,6 @@ def launch_command(plan: Plan, n: int, repeat: int = 1) -> list[str]:
 
 def steady_windows(run_dir: Path) -> list[dict[str, float]]:
     """samples/s and step ms of each steady logged window of a finished run (what its summary's medians are over)."""
-    from train.metrics import steady
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{"samples_per_sec": r["samples_per_sec"], "step_ms": r["step_ms"]} for r in steady(rows)]
@@ -68,7 +69,6 @@ def steady_windows(run_dir: Path) -> list[dict[str, float]]:
 
 def progress_line(where: str, step: int, steps: int, elapsed_s: float) -> str:
     """bench: 2 CPU processes (run 1 of 2): step 10/40, eta 0m30s — the ETA from the run's mean step so far."""
-    from train.metrics import format_duration
 
     eta = format_duration(elapsed_s / step * (steps - step)) if step else "?"
     return f"bench: {where}: step {step}/{steps}, eta {eta}"

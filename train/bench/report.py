@@ -14,6 +14,7 @@ from train.bench.bandwidth import Bandwidth
 from train.bench.baseline import NOT_COMPARABLE, TOLERANCE, add_baseline, incomparable_reasons
 from train.bench.comm import CommPlan, add_prediction
 from train.bench.measure import NOISE_EXIT, NOISE_SPREAD, Plan, measured_rows, noise_findings
+from train.models import count_params
 
 SCHEMA = 1
 
@@ -81,7 +82,6 @@ def workload_of(plan: Plan, summary: dict[str, Any]) -> dict[str, Any]:
 
 def build_bench(plan: Plan, summaries: dict[int, dict[str, Any]], bandwidth: Bandwidth, baseline: dict | None) -> dict:
     """Everything bench.json holds, from the runs' summaries; pure apart from counting parameters."""
-    from train.flops import count_params
 
     one = summaries[1]
     workload = workload_of(plan, one)

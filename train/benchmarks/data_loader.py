@@ -23,9 +23,11 @@ import torch
 
 from env.cli import ArgumentParser, run_cli
 from train.benchmarks import benchmark_main
-from train.config import ConfigError, RunConfig, load_config
+from train.config import RunConfig
+from train.config_loader import load_config
 from train.data import build_dataset, build_loader
-from train.models import get_spec
+from train.errors import ConfigError
+from train.models import build_model, get_spec
 
 TARGET_RATIO = 10.0
 # What a batch counts for each kind of input: tokens of a language model, samples of an image model.
@@ -63,7 +65,6 @@ def measure_loader(cfg: RunConfig, seconds: float) -> LoaderRate:
 
 def measure_consumption(cfg: RunConfig, steps: int) -> tuple[float, str]:
     """Units per second that training steps of build_model eat on one device, and how it was measured."""
-    from train.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -33,12 +33,15 @@ import torch
 from env.cli import ArgumentParser, run_cli
 from env.collectives import synchronize
 from train.benchmarks import benchmark_main
-from train.config import ConfigError, RunConfig, load_config
+from train.config import RunConfig
+from train.config_loader import load_config
 from train.data import build_dataset, build_loader
+from train.errors import ConfigError
 from train.metrics import steady
 from train.models import build_model, get_spec
 from train.models.deepseek import moe_balance_step
-from train.trainer import Precision, build_optimizer, seed_everything, train
+from train.run import Precision, build_optimizer, seed_everything
+from train.trainer import train
 
 TARGET_OVERHEAD = 0.03
 WINDOWS = 10  # timing windows per run, as the harness logs them

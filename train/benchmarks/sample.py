@@ -22,8 +22,12 @@ import torch
 
 from env.cli import ArgumentParser, count_arg, run_cli
 from train.benchmarks import benchmark_main
-from train.config import ConfigError, load_config
-from train.sample import Generator, Sampling, cache_figures
+from train.config_loader import load_config
+from train.data import build_corpus, build_dataset, build_loader, read_token_file
+from train.errors import ConfigError
+from train.models import build_model, get_spec
+from train.run import build_optimizer, lr_at
+from train.sample import Generator, Sampling, cache_line, load_language_model
 
 METHODS = {"no cache": {"cache": False}, "latent cache": {"cache": True}, "speculative": {"speculate": True}}
 
@@ -47,14 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def trained_model(args: argparse.Namespace, device: torch.device, autocast: torch.dtype | None) -> torch.nn.Module:
-    from train.data import build_dataset, build_loader
-    from train.models import build_model
-    from train.models.deepseek import moe_balance_step
-    from train.trainer import build_optimizer, lr_at
-
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.arch != "deepseek":
-        raise ConfigError(f"--config {args.config} is a {cfg.model.arch} model; decoding needs a deepseek config")
+    spec = get_spec(cfg.model.arch)
+    if spec.decoder is None:
+        raise ConfigError(
+            f"--config {args.config} is a {cfg.model.arch} model, which has no decoder; use a language model"
+        )
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg, device)
@@ -69,15 +71,14 @@ def trained_model(args: argparse.Namespace, device: torch.device, autocast: torc
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        moe_balance_step(model)
+        if spec.after_step is not None:
+            spec.after_step(model, None)
     if args.train_steps:
         print(f"trained {args.train_steps} steps of {cfg.name} in this process: final loss {loss.item():.3f}")
-    return model.eval()
+    return spec.decoder(model.eval())
 
 
 def corpus_prompt(length: int) -> list[int]:
-    from train.data import build_corpus, read_token_file
-
     tokens, _ = read_token_file(build_corpus())
     middle = len(tokens) // 2
     return [int(t) for t in tokens[middle : middle + length]]
@@ -90,22 +91,19 @@ def run(args: argparse.Namespace) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if args.run_dir:
-        from train.sample import load_language_model
-
         model, _, step = load_language_model(args.run_dir, device)
         print(f"model: {args.run_dir} at step {step}")
     else:
         model = trained_model(args, device, autocast)
-    cfg = model.cfg
-    methods = dict(METHODS) if len(model.mtp) else {k: v for k, v in METHODS.items() if k != "speculative"}
-    prompt = corpus_prompt(min(args.prompt_tokens, cfg.max_seq_len))
+    methods = dict(METHODS) if model.can_draft else {k: v for k, v in METHODS.items() if k != "speculative"}
+    prompt = corpus_prompt(min(args.prompt_tokens, model.max_seq_len))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} CPUs)"
     print(
-        f"decoding benchmark · {cfg.n_layers} layers, dim {cfg.dim}, max_seq_len {cfg.max_seq_len} · greedy, "
+        f"decoding benchmark · max_seq_len {model.max_seq_len} · greedy, "
         f"{args.tokens} tokens after {len(prompt)} · {where}, {'bf16' if autocast else 'fp32'} · "
         f"torch {torch.__version__}"
     )
-    latent, naive, line = cache_figures(model, autocast)
+    cache_bytes, line = cache_line(model, autocast)
     print(line)
     generator = Generator(model, Sampling(temperature=0.0), seed=0, device=device, autocast_dtype=autocast)
     generator.run(prompt, min(4, args.tokens))  # warm-up: allocations, kernel selection
@@ -128,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
             accepted = f"{statistics.median(acceptance):.1%}" if acceptance else "n/a"
             note = f"acceptance {accepted}; {same}"
         elif name == "latent cache":
-            note = f"{latent:,} B/token vs {naive:,} B/token for full K/V ({naive / latent:.1f}x smaller)"
+            note = f"{cache_bytes:,} B/token in the cache (the line above compares it with full K/V)"
         else:
             note = "recomputes the whole context every token"
         print(f"{name:<14} {rate:>10,.1f} {rate / base:>10.2f}x  {note}")

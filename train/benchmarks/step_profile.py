@@ -34,8 +34,9 @@ from env.cli import ArgumentParser, run_cli
 from env.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.benchmarks.harness_overhead import bare_step, benchmark_config
-from train.config import ConfigError, load_config
-from train.trainer import Precision
+from train.config_loader import load_config
+from train.errors import ConfigError
+from train.run import Precision
 
 WARMUP_STEPS = 3
 TOP = 12

@@ -280,14 +280,20 @@ class Checkpointer:
     def newest_header(self) -> tuple[int, dict[str, Any]] | None:
         """The newest usable checkpoint's step and header (its config, its layout), verified but not loaded.
 
-        A damaged one is skipped with a warning line, as load_latest does; None when none is usable.
+        A damaged one is skipped with a warning line, as load_latest does, and when every committed one
+        is, this refuses as load_latest does; None when none was written.
         """
+        damaged: list[str] = []
         for step in from_rank0(self._candidate_steps() if self.rank == 0 else []):
             header = self._verified_header(step)
             if not isinstance(header, Unusable):
                 return step, header
             if self.rank == 0:
                 log.warning(f"{header.reason}; trying the one before")
+            if header.committed:
+                damaged.append(self._entry(step))
+        if damaged:
+            raise EveryCheckpointDamaged(str(self.directory), damaged)
         return None
 
     def latest_step(self) -> int | None:

@@ -10,21 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from train.checkpoint.errors import CheckpointError
-from train.config import flatten
+from train.config import flatten, resume_fixed_keys
 
-# Config keys whose change breaks an exact resume. Everything else (budget, logging, timeouts,
-# lr schedule, workers, and the split of the global batch) may change between runs of one RUN_DIR.
+# Config keys whose change breaks an exact resume: every model key, and those the schema marks
+# (train/config.py RESUME_FIXED; the validation split shapes the training stream too). Everything else
+# (budget, logging, timeouts, lr schedule, workers, and the split of the global batch) may change
+# between runs of one RUN_DIR.
 RESUME_FIXED_PREFIXES = ("model.",)
-# The validation split shapes the training stream too (train/data.py split_samples).
-RESUME_FIXED_KEYS = (
-    "data.source",
-    "data.path",
-    "data.seq_len",
-    "data.val_fraction",
-    "data.val_path",
-    "train.seed",
-    "train.strategy",
-)
+RESUME_FIXED_KEYS = frozenset(resume_fixed_keys())
 BATCH_KEYS = ("world_size", "train.micro_batch", "train.accum")
 
 

@@ -1,18 +1,15 @@
-"""The model registry: every model family is one spec, and `model.arch` names one.
+"""The model registry: every model family is one spec (train/models/spec.py), and `model.arch` names one.
 
-A spec says everything the rest of the rig needs to know about a model, so that nothing else
-switches on the arch string: its config dataclass (the keys of the `model:` section), how to build
-it, how to check its config, its parameter and FLOP counts, the batch it takes (and so which data
-sources fit), and its FSDP2 shard units.
+The built-in families are the SPEC of each module in BUILT_IN: one file each (deepseek.py, llama.py,
+resnet.py), imported here. A model of your own is one file exporting `SPEC = ModelSpec(...)`: either put
+it in this package and add it to BUILT_IN, or keep it anywhere importable and name its module in the
+TORCHRIG_MODELS environment variable (comma-separated, e.g. TORCHRIG_MODELS=mymodels.toy), which every
+worker inherits. Only that variable, set deliberately in the environment by whoever starts the run, ever
+makes the registry import code: a config file or a `model.arch` value is a name looked up among the
+registered specs, never a module to import, and the variable given on make's command line (which make
+exports too) is refused.
 
-The built-in families are the SPEC of each module named in BUILT_IN. A model of your own is one
-file exporting `SPEC = ModelSpec(...)`: either put it in this package and add its name to BUILT_IN, or
-keep it anywhere importable and name its module in the TORCHRIG_MODELS environment variable
-(comma-separated, e.g. TORCHRIG_MODELS=mymodels.toy), which every worker inherits. Only that
-variable, set deliberately in the environment by whoever starts the run, ever makes the registry
-import code: a config file or a `model.arch` value is a name looked up among the registered specs,
-never a module to import, and the variable given on make's command line (which make exports too) is
-refused.
+The counts from a config alone (count_params, flops_per_sample) ask the spec of its model.arch.
 """
 
 from __future__ import annotations
@@ -23,76 +20,22 @@ import importlib
 import os
 import re
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass
 
 from torch import nn
 
-from train.config import ConfigError, ModelConfig
-from train.flops import ParamCount
+from train.config import ModelConfig
+from train.errors import ConfigError
+from train.models import deepseek, resnet
+from train.models.spec import ModelSpec, ParamCount
 
 # The registry: one module per model family, each exporting SPEC.
-BUILT_IN = ("train.models.deepseek", "train.models.resnet")
+BUILT_IN = (deepseek, resnet)
 PLUGINS_ENV = "TORCHRIG_MODELS"
-# What a model's batch holds: (inputs, targets) of token ids [batch, seq] and next tokens, or of
-# images [batch, 3, H, W] and class labels. train/data.py says which sources give which.
-INPUT_KINDS = ("tokens", "images")
-# The model.* keys the data needs of each kind: a token model's vocabulary (model.vocab_size=auto takes
-# it from the data), an image model's classes and input size.
-INPUT_KEYS = {"tokens": ("vocab_size",), "images": ("num_classes", "image_size")}
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
-def _no_checks(cfg: ModelConfig) -> None:
-    """For a model whose sizes cannot be wrong in a way the builder would not say clearly."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model family. The model built must take `forward(inputs, targets) -> scalar loss`."""
-
-    name: str  # the model.arch value that selects it
-    # The `model:` section: a dataclass subclassing train.config.ModelConfig, defaults for every key.
-    config: type[ModelConfig]
-    # The model, its weights drawn from the global torch RNG (the trainer seeds it first), on the CPU.
-    build: Callable[[ModelConfig], nn.Module]
-    # Parameter counts from the config alone, without building (train/flops.py ParamCount).
-    count_params: Callable[[ModelConfig], ParamCount]
-    # Training FLOPs (forward + backward) of one sample, given data.seq_len: for MFU.
-    flops_per_sample: Callable[[ModelConfig, int], float]
-    inputs: str  # one of INPUT_KINDS
-    # The submodules FSDP2 shards one by one before the root (train/distributed.py wrap_model).
-    shard_units: Callable[[nn.Module], list[nn.Module]]
-    # Checks of the model section, each a ConfigError with the fix (run before every build).
-    validate: Callable[[ModelConfig], None] = _no_checks
-    # The ModelConfig field that bounds data.seq_len (a token model's position table), if any.
-    seq_len_limit: str | None = None
-    # cuDNN autotuning pays for convolutions at fixed shapes; it only costs time elsewhere.
-    cudnn_benchmark: bool = False
-
-    def __post_init__(self) -> None:
-        where = f"model spec {self.name!r}"
-        if not (isinstance(self.config, type) and issubclass(self.config, ModelConfig) and is_dataclass(self.config)):
-            raise ConfigError(
-                f"{where}: config={self.config!r} is not a dataclass subclassing train.config.ModelConfig"
-            )
-        if self.inputs not in INPUT_KINDS:
-            kinds = " or ".join(INPUT_KINDS)
-            raise ConfigError(f"{where}: inputs={self.inputs!r} is not {kinds}")
-        keys = {f.name for f in fields(self.config)}
-        needed = [key for key in (*INPUT_KEYS[self.inputs], self.seq_len_limit) if key and key not in keys]
-        if needed:
-            raise ConfigError(f"{where}: its config {self.config.__name__} has no field {needed[0]!r}")
-
-    def new_config(self) -> ModelConfig:
-        """This model's `model:` section at its defaults."""
-        return self.config(arch=self.name)
-
-
 def built_in_specs() -> dict[str, ModelSpec]:
-    # Imported on first use: the families import train.config and train.flops, which call back into this registry.
-    specs = [importlib.import_module(name).SPEC for name in BUILT_IN]
-    return {spec.name: spec for spec in specs}
+    return {module.SPEC.name: module.SPEC for module in BUILT_IN}
 
 
 @functools.cache
@@ -163,3 +106,20 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     spec = get_spec(cfg.arch)
     spec.validate(cfg)
     return spec.build(cfg)
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Parameter counts of build_model(cfg), computed analytically by its registry spec."""
+    return get_spec(cfg.arch).count_params(cfg)
+
+
+def flops_per_sample(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per sample (a sequence of seq_len tokens, or one image), by the model's registry spec."""
+    return get_spec(cfg.arch).flops_per_sample(cfg, seq_len)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a token model: a sample is seq_len tokens."""
+    if get_spec(cfg.arch).inputs != "tokens":
+        raise ValueError(f"flops_per_token is for token models, not {cfg.arch}; use flops_per_sample")
+    return flops_per_sample(cfg, seq_len) / seq_len

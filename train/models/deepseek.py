@@ -39,16 +39,15 @@ norms at 1), so `torch.manual_seed(seed)` before `train.models.build_model(cfg)`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError, ModelConfig, require_positive
-from train.flops import ParamCount
-from train.models import ModelSpec
+from train.config import ModelConfig
+from train.errors import ConfigError, require_positive
+from train.models.spec import AllReduce, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
@@ -61,36 +60,59 @@ MAX_SEQ_LEN = 1 << 20
 class DeepSeekConfig(ModelConfig):
     """The decoder's `model:` keys (model.arch=deepseek); the sizes of train/configs/*.yaml."""
 
-    vocab_size: int = 256  # byte-level by default; "auto": the data's (256 for bytes, a token file's sidecar)
+    vocab_size: int = 256
+    """Token ids the model embeds and predicts; 256 is byte-level. auto: the data's (256 for bytes, a token
+    file's sidecar vocab_size)."""
     max_seq_len: int = 256
+    """Positions the model has (its RoPE table and sampling's cache); data.seq_len may not exceed it."""
     dim: int = 128
+    """Hidden size of every layer."""
     n_layers: int = 4
+    """Transformer blocks (MTP modules come on top)."""
     n_heads: int = 4
+    """Attention heads."""
     norm_eps: float = 1e-6
-    # Dense SwiGLU width, used by the first `n_dense_layers` layers (all layers when no MoE).
+    """RMSNorm's epsilon."""
     inter_dim: int = 384
+    """Width of the dense SwiGLU feed-forward of the first n_dense_layers layers (all layers without MoE)."""
     n_dense_layers: int = 1
-    # DeepSeekMoE: n_routed_experts == 0 means a dense model.
+    """Leading layers with a dense feed-forward instead of MoE."""
     n_routed_experts: int = 8
+    """DeepSeekMoE's routed experts per MoE layer; 0 makes a dense model."""
     n_shared_experts: int = 1
+    """Experts every token goes through, beside the routed ones."""
     n_activated_experts: int = 2
+    """Routed experts each token is sent to (top-k)."""
     moe_inter_dim: int = 96
+    """Width of one expert's SwiGLU."""
     n_expert_groups: int = 1
+    """Groups the routed experts are split into for group-limited routing (1: no grouping)."""
     n_limited_groups: int = 1
+    """Groups a token may route into: the best ones by the sum of their top-2 affinities."""
     route_scale: float = 1.0
-    # Auxiliary-loss-free balancing: step size of the per-expert selection bias.
+    """Factor on the normalised gate weights of the routed experts."""
     bias_update_speed: float = 0.001
-    # Multi-head Latent Attention; q_lora_rank == 0 means a full-rank query projection.
+    """Auxiliary-loss-free balancing: the step by which each expert's selection bias moves after every
+    optimizer step."""
     q_lora_rank: int = 0
+    """Multi-head Latent Attention: rank of the low-rank query projection; 0 is a full-rank query."""
     kv_lora_rank: int = 64
+    """MLA: size of the key-value latent (what sampling's cache holds per layer, with the rope key)."""
     qk_nope_head_dim: int = 32
+    """MLA: per-head query/key size without position information."""
     qk_rope_head_dim: int = 16
+    """MLA: per-head size of the decoupled rotary query/key part (even)."""
     v_head_dim: int = 32
+    """MLA: per-head value size."""
     rope_theta: float = 10000.0
-    # Multi-token prediction: extra depth predicting token t+2 (0 turns it off).
+    """RoPE's base."""
     mtp_depth: int = 0
+    """Multi-token prediction modules: depth d predicts token t+d+1 (0 turns it off; 1 also lets sampling
+    speculate)."""
     mtp_weight: float = 0.3
+    """Weight of the mean MTP loss added to the next-token loss."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every linear and embedding weight."""
 
     def is_dense_layer(self, layer_id: int) -> bool:
         """Layers before n_dense_layers (all of them without routed experts) use the dense SwiGLU."""
@@ -232,11 +254,12 @@ class LatentKVCache:
 
     Per token and layer that is kv_lora_rank + qk_rope_head_dim numbers, where a plain KV cache
     holds n_heads * (qk_nope_head_dim + qk_rope_head_dim) for keys plus n_heads * v_head_dim for
-    values (`naive_numbers_per_token`). `position` counts the positions filled; `rollback` forgets
+    values (`describe`). `position` counts the positions filled; `rollback` forgets
     those after a point (a rejected speculative draft), which the next write overwrites.
     """
 
     def __init__(self, cfg: DeepSeekConfig, layers: int, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg = cfg
         self.capacity = cfg.max_seq_len
         shape = (batch, self.capacity)
         self.latent = [torch.zeros(*shape, cfg.kv_lora_rank, device=device, dtype=dtype) for _ in range(layers)]
@@ -261,10 +284,18 @@ class LatentKVCache:
         tensors = [*self.latent, *self.rope_key]
         return sum(t.element_size() * t.shape[-1] for t in tensors)
 
-    @staticmethod
-    def naive_numbers_per_token(cfg: DeepSeekConfig) -> int:
-        """Numbers per token and layer of a cache of full per-head keys and values."""
-        return cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    def describe(self) -> str:
+        """One line: the latent bytes per token against a cache of full per-head keys and values."""
+        cfg, layers = self.cfg, len(self.latent)
+        size = self.latent[0].element_size()
+        naive = layers * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * size
+        latent = self.bytes_per_token()
+        return (
+            f"KV cache per token: {latent:,} bytes latent ({layers} layers x (kv_lora_rank {cfg.kv_lora_rank} + "
+            f"rope {cfg.qk_rope_head_dim}) x {size} B) vs {naive:,} bytes for full keys and values ({layers} x "
+            f"{cfg.n_heads} heads x (k {cfg.qk_nope_head_dim + cfg.qk_rope_head_dim} + v {cfg.v_head_dim}) "
+            f"x {size} B): {naive / latent:.1f}x smaller"
+        )
 
 
 class Router(nn.Module):
@@ -431,14 +462,26 @@ class Transformer(nn.Module):
             return logits
         return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
 
-    def new_cache(self, layers: int | None = None, batch: int = 1, dtype: torch.dtype | None = None) -> LatentKVCache:
-        """An empty latent cache of max_seq_len positions: `layers` (default: the main model's) deep."""
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    @property
+    def can_draft(self) -> bool:
+        """Drafting needs an MTP module (model.mtp_depth >= 1)."""
+        return len(self.mtp) > 0
+
+    def new_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> LatentKVCache:
+        """An empty latent cache of max_seq_len positions for the main model's layers."""
+        return self._cache(self.cfg.n_layers, batch, dtype)
+
+    def new_draft_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> LatentKVCache:
+        """An empty one-layer cache for the first MTP module's attention (draft_cached)."""
+        return self._cache(1, batch, dtype)
+
+    def _cache(self, layers: int, batch: int, dtype: torch.dtype | None) -> LatentKVCache:
         return LatentKVCache(
-            self.cfg,
-            self.cfg.n_layers if layers is None else layers,
-            batch,
-            device=self.embed.weight.device,
-            dtype=dtype or self.embed.weight.dtype,
+            self.cfg, layers, batch, device=self.embed.weight.device, dtype=dtype or self.embed.weight.dtype
         )
 
     def forward_cached(self, inputs: torch.Tensor, cache: LatentKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -457,7 +500,7 @@ class Transformer(nn.Module):
         """The first MTP depth at cache.position..: logits for token i+2 from h_i and token i+1.
 
         hidden: the main model's hidden states at those positions; next_tokens: the tokens that
-        followed them; cache: a one-layer cache (new_cache(layers=1)) at the same positions.
+        followed them; cache: the draft cache (new_draft_cache) at the same positions.
         """
         _, normed = self.mtp[0].forward_cached(hidden, self.embed(next_tokens), self.rope_cos, self.rope_sin, cache)
         return self.head(normed)
@@ -486,9 +529,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def moe_balance_step(
-    model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None
-) -> dict[str, torch.Tensor]:
+def moe_balance_step(model: nn.Module, all_reduce: AllReduce | None = None) -> dict[str, torch.Tensor]:
     """Auxiliary-loss-free balancing, once per optimizer step on every rank.
 
     Sums every MoE layer's token counts over ranks with ONE call of `all_reduce` (an in-place SUM;
@@ -672,4 +713,6 @@ SPEC = ModelSpec(
     shard_units=shard_units,
     validate=validate_decoder,
     seq_len_limit="max_seq_len",
+    after_step=moe_balance_step,
+    decoder=lambda model: model,  # Transformer is a Decoder itself
 )

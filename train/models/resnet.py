@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ModelConfig, require_positive
-from train.flops import ParamCount
-from train.models import ModelSpec
+from train.config import ModelConfig
+from train.errors import require_positive
+from train.models.spec import ModelSpec, ParamCount
 
 # ResNet-50 at 224²: 4.09 G multiply-adds forward (torchvision's "GFLOPS" figure counts a
 # multiply-add as one), i.e. 8.18 GFLOP counting both, the unit peak FLOP/s tables use.
@@ -29,8 +29,11 @@ class ResNetConfig(ModelConfig):
     """The `model:` keys of model.arch=resnet50."""
 
     arch: str = "resnet50"
+    """The model family."""
     num_classes: int = 1000
-    image_size: int = 224  # square inputs; FLOPs scale with the pixel count
+    """Classes of the classifier head (an image folder's class folders must not exceed it)."""
+    image_size: int = 224
+    """Side of the square input images; FLOPs scale with the pixel count."""
 
 
 class ResNet50(nn.Module):
