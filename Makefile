@@ -15,7 +15,7 @@ override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variab
 override SHELL := /bin/bash
 override DISPATCH = python3 -m env.runtime --from-make $@
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare eval sample export shell test test-current test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train bench compare prepare eval sample export keys shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
@@ -52,6 +52,9 @@ sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_
 	@$(DISPATCH)
 
 export: ## a run's weights as safetensors + config.json (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, FORCE=1)
+	@$(DISPATCH)
+
+keys: ## every config key with its type, default and docstring (docs/config.md is this list; OUTPUT=path writes it)
 	@$(DISPATCH)
 
 shell: ## a shell in the chosen runtime

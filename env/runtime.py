@@ -135,6 +135,7 @@ TARGETS: dict[str, Target] = {
         ("RUN_DIR", "PROMPT", "TOKENS", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "CACHE", "SPECULATE"),
     ),
     "export": Target("train.export", ("RUN_DIR", "OUTPUT", "DTYPE", "FORCE")),
+    "keys": Target("train.config_keys", ("OUTPUT",), workers=False),
 }
 # Targets the dispatcher runs itself, and the variables they read.
 OWN_TARGETS: dict[str, tuple[str, ...]] = {

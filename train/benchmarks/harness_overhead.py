@@ -39,8 +39,7 @@ from train.data import build_dataset, build_loader
 from train.errors import ConfigError
 from train.metrics import steady
 from train.models import build_model, get_spec
-from train.models.deepseek import moe_balance_step
-from train.run import Precision, build_optimizer, seed_everything
+from train.run import Precision, build_optimizer, device_settings, seed_everything
 from train.trainer import train
 
 TARGET_OVERHEAD = 0.03
@@ -58,17 +57,15 @@ def steady_median(window_ms: list[float]) -> float:
 
 def benchmark_config(cfg: RunConfig, steps: int) -> RunConfig:
     """Synthetic data, a logging window every steps/10 steps, no checkpoint before the last step."""
-    train_cfg = replace(cfg.train, steps=steps, log_every=log_every(steps), ckpt_every=steps, tensorboard=False)
+    train_cfg = replace(cfg.train, steps=steps, log_every=log_every(steps), ckpt_every=steps)
     return replace(cfg, data=replace(cfg.data, source="synthetic"), train=train_cfg)
 
 
 def bare_step(cfg: RunConfig, device: torch.device) -> Callable[[], None]:
     """One optimizer step of the bare loop, as a function: model, optimizer and batch made once, here."""
     seed_everything(cfg.train.seed)
-    if device.type == "cuda":  # the backend settings train.trainer.setup makes
-        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-        torch.backends.cudnn.benchmark = get_spec(cfg.model.arch).cudnn_benchmark
+    device_settings(cfg, device)  # the backend settings train.run.setup makes
+    after_step = get_spec(cfg.model.arch).after_step
     precision = Precision.resolve(cfg.train.precision, device)
     model = build_model(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg, device)
@@ -86,7 +83,8 @@ def bare_step(cfg: RunConfig, device: torch.device) -> Callable[[], None]:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        moe_balance_step(model)
+        if after_step is not None:
+            after_step(model, None)
 
     return step
 
