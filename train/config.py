@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from env.cli import UserError, plain_name
+from env.common.cli import UserError, plain_name
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # What a config file may hold: ours are a few hundred bytes, three levels and a few dozen values.

@@ -67,8 +67,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from env.atomic import replace_atomically
-from env.cli import UserError
+from env.common.atomic import replace_atomically
+from env.common.cli import UserError
 from train.config import VOCAB_AUTO, ConfigError, RunConfig
 from train.models import get_spec
 

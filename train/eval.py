@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from env.atomic import write_text_atomically
-from env.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
+from env.common.atomic import write_text_atomically
+from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
 from train.config import RunConfig
 from train.data import BYTE_VOCAB, DataError, TokenWindows, data_tokenizer, validation_set
 from train.tokenizer import RUN_TOKENIZER_NAME, load_tokenizer, sha256_of, token_byte_lengths
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     layout = newest_checkpoint_layout(run_dir)
     run_config(run_dir)
     nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else layout["world_size"]
-    from env.launch import launch
+    from env.rig.launch import launch
 
     forwarded = ["--worker", "--run-dir", str(run_dir), *(["--data", args.data] if args.data else [])]
     return launch("train.eval", forwarded, nproc)

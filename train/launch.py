@@ -2,10 +2,10 @@
 
 Runs once per node, before any worker exists, so that a typo in a config key, a missing
 data path or a bad GPUS value is one line and exit 2 rather than N tracebacks. It also
-takes the P2P decision (env/p2p.py) and prepares the run manifest (which rank 0 records once
+takes the P2P decision (env/machine/p2p.py) and prepares the run manifest (which rank 0 records once
 the resume check passed), then hands the same resolved arguments to torchrun's launcher
-(env/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
-(env/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
+(env/rig/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
+(env/records/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import os
 import time
 from pathlib import Path
 
-from env.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
-from env.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
-from env.runlock import RunDirLock
-from env.runtime import shorthand_keys
+from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
+from env.records.runlock import RunDirLock
+from env.rig.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
+from env.rig.runtime import shorthand_keys
 from train.config import ConfigError, RunConfig, load_config
 from train.rundir import completed_steps
 
@@ -60,8 +60,8 @@ def _p2p_decision() -> dict | None:
 
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
         return None
-    from env.nvml import read_snapshot
-    from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
+    from env.machine.nvml import read_snapshot
+    from env.machine.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 
     decision = decide_p2p(read_snapshot(), os.environ, verify_copy=torch_copy_check)
     apply_p2p_decision(decision)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from env.manifest import MANIFEST_ENV, build_manifest
+    from env.records.manifest import MANIFEST_ENV, build_manifest
 
     # Number GPUs as NVML does (PCI bus order), so the P2P decision and the workers agree on "GPU 1".
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")

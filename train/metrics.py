@@ -20,9 +20,9 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from env.atomic import write_fix, write_text_atomically
-from env.cli import UserError
-from env.plots import PlotError, write_loss_plot
+from env.common.atomic import write_fix, write_text_atomically
+from env.common.cli import UserError
+from env.records.plots import PlotError, write_loss_plot
 from train.rundir import earlier_records
 
 T = TypeVar("T")

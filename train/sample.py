@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from env.cli import ArgumentParser, UserError, run_cli
+from env.common.cli import ArgumentParser, UserError, run_cli
 from train.weights import WeightsError, find_tokenizer, model_config
 
 BYTE_VOCAB = 256

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from env.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
-from env.peaks import PeakLookup, peak_flops
+from env.machine.peaks import PeakLookup, peak_flops
+from env.records.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from env.cli import load_json
+from env.common.cli import load_json
 from train.bench import BenchError
 from train.bench.comm import HALF_PRECISIONS
 
@@ -79,8 +79,8 @@ def load_baseline(path: Path) -> dict[str, Any]:
 
 
 def same_device(ours: str, theirs: str) -> bool:
-    """The same GPU model: the same env/peaks.py row where both have one, else the same name."""
-    from env.peaks import find_row
+    """The same GPU model: the same env/machine/peaks.py row where both have one, else the same name."""
+    from env.machine.peaks import find_row
 
     row_ours, row_theirs = find_row(ours), find_row(theirs)
     if row_ours and row_theirs:

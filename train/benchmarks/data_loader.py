@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from env.cli import ArgumentParser, run_cli
+from env.common.cli import ArgumentParser, run_cli
 from train.benchmarks import benchmark_main
 from train.config import ConfigError, RunConfig, load_config
 from train.data import build_dataset, build_loader

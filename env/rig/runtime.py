@@ -1,6 +1,6 @@
 """The dispatcher behind every make target: read and check the variables, choose the runtime, run the CLI.
 
-`make train GPUS=2 CONFIG=tiny` runs `python3 -m env.runtime --from-make train`, which reads
+`make train GPUS=2 CONFIG=tiny` runs `python3 -m env.rig.runtime --from-make train`, which reads
 GPUS=2 CONFIG=tiny byte for byte from the MAKEFLAGS make hands its recipe (the Makefile never
 expands a value), checks each against MAKE_VARS, the one table of make variables, and turns them
 into the CLI's `--flag=value` arguments (`python -m train.launch --gpus=2 --config=tiny`).
@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from env.cli import UserError, check_workers, count, real, run_cli
-from env.profiles import DEFAULT_CUDA, profile
+from env.common.cli import UserError, check_workers, count, real, run_cli
+from env.rig.profiles import DEFAULT_CUDA, profile
 
 if TYPE_CHECKING:
-    from env.docker import EngineStatus
+    from env.rig.docker import EngineStatus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv"
 LOCK = ROOT / profile(DEFAULT_CUDA).lock  # requirements.txt, the lock .venv is made from
 STAMP = VENV / ".torchrig-lock-sha256"
@@ -49,7 +49,7 @@ class MakeVar:
 
     flag: str  # the flag the target's CLI takes; "" for a positional value or one the dispatcher uses itself
     # "text", "count" (digits 0-9), "real" (a finite number), "switch" (1 adds the bare flag), or
-    # "environ": set in the job's environment, where env/docker.py and the job read it
+    # "environ": set in the job's environment, where env/rig/docker.py and the job read it
     kind: str = "text"
     config_key: str = ""  # the config key a training shorthand sets (STEPS -> train.steps)
 
@@ -125,9 +125,9 @@ TARGETS: dict[str, Target] = {
     "nccl-test": Target(
         "env.nccl.launch", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)
     ),
-    "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
+    "doctor": Target("env.machine.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
     "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
-    "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),
+    "compare": Target("env.records.compare", ("OUTPUT",), positional=("A", "B")),
     "prepare": Target("train.prepare", ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE")),
     "eval": Target("train.eval", ("GPUS", "RUN_DIR", "DATA")),
     "sample": Target(
@@ -261,7 +261,7 @@ def choose_runtime(requested: str) -> tuple[str, str, EngineStatus | None]:
         raise UserError(f"RUNTIME={requested} is not docker or local")
     if requested:
         return requested, "RUNTIME was set", None
-    from env.docker import engine_status
+    from env.rig.docker import engine_status
 
     status = engine_status()
     if status.answers and status.nvidia:
@@ -374,8 +374,8 @@ def run(target_name: str, values: dict[str, str]) -> int:
         os.chdir(ROOT)
         os.execv(sys.executable, [*command, *(f"{name}={value}" for name, value in values.items())])
     if target_name == "build":
-        from env.docker import build_image
-        from env.profiles import DEFAULT_CUDA
+        from env.rig.docker import build_image
+        from env.rig.profiles import DEFAULT_CUDA
 
         return build_image(values.get("CUDA") or DEFAULT_CUDA)
     runtime, why, engine = choose_runtime(values.get("RUNTIME", ""))
@@ -404,7 +404,7 @@ def run(target_name: str, values: dict[str, str]) -> int:
                 )
         argv = build_argv(target, values, gpus)
     if runtime == "docker":
-        from env.docker import passthrough_env, run_in_container
+        from env.rig.docker import passthrough_env, run_in_container
 
         return run_in_container(argv, gpu=visible > 0, env=passthrough_env(), status=engine)
     python = ensure_venv()
@@ -416,7 +416,7 @@ def run(target_name: str, values: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 -m env.runtime [--from-make] TARGET [NAME=value ...]`.
+    """`python3 -m env.rig.runtime [--from-make] TARGET [NAME=value ...]`.
 
     --from-make (the Makefile's recipes) reads the variables of make's command line from MAKEFLAGS;
     NAME=value arguments come after and win. Variables only set in the shell's environment are ignored,
