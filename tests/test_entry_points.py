@@ -17,6 +17,7 @@ from tests.conftest import ROOT
 # module -> (the prefix of its error line, arguments that are a domain error of that tool)
 ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "env.rig.runtime": ("torchrig make: ", ["train", "RUNTIME=podman"]),
+    "env.rig.console": ("torchrig console: ", ["trian"]),
     "env.records.compare": ("torchrig compare: ", ["--", "-h", "/no/such/run"]),
     "env.machine.doctor": ("torchrig doctor: ", ["--gpus", "١"]),
     "env.rig.docker": ("torchrig docker: ", ["run"]),
