@@ -53,7 +53,7 @@ def flag(name: str) -> str:
 
 def label(name: str) -> str:
     """How a make variable is named to the user of this console: by its flag, or as a positional argument."""
-    return "key=value overrides" if name == OVERRIDES else flag(name) if MAKE_VARS[name].flag else name
+    return "a key=value override" if name == OVERRIDES else flag(name) if MAKE_VARS[name].flag else name
 
 
 def _variable_help(name: str) -> str:
