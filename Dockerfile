@@ -1,6 +1,6 @@
 # torchrig image: one CUDA profile's hash-locked PyTorch stack on NVIDIA's CUDA base, run as a non-root user.
-# Build it with `make build [CUDA=12.8] [CA_BUNDLE=/path/to/ca.pem]`: env/docker.py passes the profile's
-# base image, lock file and pins from env/profiles.py. The defaults below are the CUDA 12.1 profile's.
+# Build it with `make build [CUDA=12.8] [CA_BUNDLE=/path/to/ca.pem]`: env/rig/docker.py passes the profile's
+# base image, lock file and pins from env/rig/profiles.py. The defaults below are the CUDA 12.1 profile's.
 # There is no `# syntax=` line on purpose: the Dockerfile frontend built into BuildKit since Docker 20.10
 # has every feature used here (RUN --mount), and a syntax line would pull a frontend image from a registry.
 
@@ -28,7 +28,7 @@ RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     && python3 -m venv /opt/venv
 
 # Fixed UID 1000 so host directories can be handed to it. compose may run the container as the host
-# user's uid instead (env/docker.py decides), so the home directory, where torch and triton keep their
+# user's uid instead (env/rig/docker.py decides), so the home directory, where torch and triton keep their
 # caches, is writable by any uid.
 RUN useradd --uid 1000 --user-group --create-home --shell /bin/bash torchrig \
     && chmod 1777 /home/torchrig
@@ -58,7 +58,7 @@ RUN install -d -o 1000 -g 1000 /workspace/data /workspace/runs /workspace/checkp
 ARG TORCHRIG_CUDA=12.1
 ARG TORCHRIG_NCCL=2.20.5
 ARG TORCHRIG_TORCH=2.4.1
-RUN python -m env.profiles verify --cuda "$TORCHRIG_CUDA" --nccl "$TORCHRIG_NCCL" --torch "$TORCHRIG_TORCH"
+RUN python -m env.rig.profiles verify --cuda "$TORCHRIG_CUDA" --nccl "$TORCHRIG_NCCL" --torch "$TORCHRIG_TORCH"
 
 # Provenance, as OCI labels and as variables the doctor and run manifests read.
 ARG BASE_IMAGE

@@ -1,7 +1,7 @@
 # torchrig: every target is a thin call into a Python CLI; `make help` lists them.
-# Variables (GPUS, CONFIG, STEPS, ...) reach python3 -m env.runtime untouched: it reads them from the
+# Variables (GPUS, CONFIG, STEPS, ...) reach python3 -m env.rig.runtime untouched: it reads them from the
 # MAKEFLAGS that make hands every recipe (where make keeps them quoted), checks them against its one
-# table (env/runtime.py MAKE_VARS), picks the runtime (docker or local) and runs the job. This file
+# table (env/rig/runtime.py MAKE_VARS), picks the runtime (docker or local) and runs the job. This file
 # never expands a variable given on the command line, so a `$(shell ...)`, a `$x` or a quote in a
 # value is passed byte for byte and never run; see README.md for each variable.
 
@@ -13,7 +13,7 @@ unexport $(COMMAND_LINE_VARS)
 # The script targets (test-current, test-image, lint, lock) read their settings from the environment.
 override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variables ($(COMMAND_LINE_VARS)): set them in the environment, e.g. DOCKER=/usr/bin/docker make $@))
 override SHELL := /bin/bash
-override DISPATCH = python3 -m env.runtime --from-make $@
+override DISPATCH = python3 -m env.rig.runtime --from-make $@
 
 .PHONY: help setup build doctor nccl-test train bench compare prepare eval sample export keys shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
@@ -22,7 +22,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-11s %s\n", $$1, $$2}' Makefile
 
 setup: ## make .venv from requirements.txt (done automatically on first use)
-	@python3 -m env.runtime setup RUNTIME=local
+	@python3 -m env.rig.runtime setup RUNTIME=local
 
 build: ## build the image (CUDA=12.1, the default, or 12.4/12.6/12.8; CA_BUNDLE)
 	@$(DISPATCH)
@@ -33,7 +33,7 @@ doctor: ## check this box: driver, torch stack, shm, PCIe, P2P (GPUS, JSON=path,
 nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DTYPE, OPS, MIN_BUSBW, JSON, RUN_DIR, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
 	@$(DISPATCH)
 
-train: ## train (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
+train: ## train a model (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
 	@$(DISPATCH)
 
 bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, BASELINE, NCCL_JSON, COUNTS, LINK)
@@ -67,24 +67,24 @@ slurm-nccl-test: ## sbatch env/slurm/nccl-test.sbatch across nodes (NNODES, GPUS
 	@$(DISPATCH)
 
 test: ## the CPU test suite (gloo, several processes) in .venv
-	@python3 -m env.runtime setup RUNTIME=local
+	@python3 -m env.rig.runtime setup RUNTIME=local
 	@.venv/bin/python -m pytest -q
 
 test-current: ## the test suite against the newest torch (unpinned), in .build/current-venv
 	@$(SCRIPT_ONLY)
-	@bash env/test_current.sh
+	@bash env/ci/test_current.sh
 
 test-image: ## build the image on a local base and test it through compose (needs root, installs Docker)
 	@$(SCRIPT_ONLY)
-	@bash env/image_test.sh
+	@bash env/ci/image_test.sh
 
 test-slurm: ## a real two-node Slurm cluster on this machine, and env/slurm/ tested on it (needs root)
 	@$(SCRIPT_ONLY)
-	@bash env/slurm_check.sh
+	@bash env/ci/slurm_check.sh
 
 lint: ## hadolint, shellcheck, compose config (v1 and v2), ruff
 	@$(SCRIPT_ONLY)
-	@bash env/lint.sh
+	@bash env/ci/lint.sh
 
 lock: ## regenerate requirements.txt and the CUDA profile locks
 	@$(SCRIPT_ONLY)

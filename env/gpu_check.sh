@@ -178,7 +178,7 @@ note "$(figures bench "$OUT/bench-resnet50/bench.json")"
 run_step harness-overhead 120 "yaml" "$PY" -m train.benchmarks.harness_overhead --config "$TRAIN_CONFIG" --steps 50
 note "$(last_line "$OUT/harness-overhead.log" '^overhead')"
 
-run_step doctor 60 "" "$PY" -m env.doctor --json "$OUT/doctor.json"
+run_step doctor 60 "" "$PY" -m env.machine.doctor --json "$OUT/doctor.json"
 note "$(figures doctor "$OUT/doctor.json")"
 
 run_step nccl-1rank 60 "" "$PY" -m env.nccl.launch --gpus 1 --json "$OUT/nccl.json"

@@ -1,4 +1,4 @@
-"""env.atomic: a write is the old file or the new one, and never goes through a planted symlink (issue 10 item 2)."""
+"""env.common.atomic: a write is the old file or the new one, never through a planted symlink (issue 10 item 2)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from env import atomic
+from env.common import atomic
 
 
 def test_a_write_replaces_the_file_whole(tmp_path: Path) -> None:

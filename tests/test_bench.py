@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from env.cli import exit_code
+from env.common.cli import exit_code
 from tests.conftest import ROOT
 from tests.trainrun import SMALL
 from train.bench import BenchError, cli, measure
@@ -345,7 +345,7 @@ def test_progress_is_printed_while_a_sub_run_trains(tmp_path: Path, monkeypatch,
 
 
 def test_a_second_bench_into_a_held_run_dir_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
-    from env.runlock import RunDirLock
+    from env.records.runlock import RunDirLock
 
     monkeypatch.setattr(cli, "run_all", lambda plan: pytest.fail("a refused bench ran a job"))
     run_dir = tmp_path / "bench"

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from env.cli import CPU_DEFAULT_WORKERS, UserError, check_workers
+from env.common.cli import CPU_DEFAULT_WORKERS, UserError, check_workers
 from tests.conftest import ROOT
 
 PY = sys.executable
@@ -62,7 +62,7 @@ def test_gpus_validation_against_visible_gpus() -> None:
 
 
 def test_unknown_runtime_is_one_line() -> None:
-    result = run([PY, "-m", "env.runtime", "train", "RUNTIME=podman"])
+    result = run([PY, "-m", "env.rig.runtime", "train", "RUNTIME=podman"])
     assert result.returncode == 2 and result.stderr.strip() == "torchrig make: RUNTIME=podman is not docker or local"
 
 
@@ -76,7 +76,7 @@ def test_unknown_runtime_is_one_line() -> None:
         # A node rank outside the job used to wait for the rendezvous forever; nccl-test shares these checks.
         (["--nnodes", "2", "--node-rank", "5", "--master-addr", "127.0.0.1"], "--node-rank 5 must be between 0 and 1"),
         (["--master-port", "70000"], "--master-port 70000 must be between 1 and 65535"),
-        # The launcher's GPUS check is the dispatcher's (env.cli.check_workers), not torch's AssertionError.
+        # The launcher's GPUS check is the dispatcher's (env.common.cli.check_workers), not torch's AssertionError.
         (["--gpus", "-1"], "--gpus '-1' is not a whole number"),
         (["--gpus", "0"], "--gpus 0 must be at least 1"),
     ],
@@ -92,16 +92,15 @@ def test_training_takes_the_measured_p2p_decision_before_its_workers_start(monke
     """On a 3x RTX 4090 PCIe box (recorded NVML answers) the launcher sets NCCL_P2P_DISABLE for the workers."""
     import torch
 
-    import env.nvml
-    import env.p2p
-    from env.nvml import Snapshot
+    from env.machine.nvml import Snapshot
     from train import launch
 
     box = Snapshot.load(ROOT / "tests/fixtures/nvml/box_3x4090_pcie.json")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(env.nvml, "read_snapshot", lambda: box)
-    monkeypatch.setattr(env.p2p, "torch_copy_check", lambda src, dst: True)
+    # The names the launcher imported: what it reads the box through.
+    monkeypatch.setattr(launch, "read_snapshot", lambda: box)
+    monkeypatch.setattr(launch, "torch_copy_check", lambda src, dst: True)
     for var in ("NCCL_P2P_DISABLE", "CUDA_VISIBLE_DEVICES"):  # set first, so that undo restores their absence
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
@@ -111,10 +110,10 @@ def test_training_takes_the_measured_p2p_decision_before_its_workers_start(monke
 
 
 def _fake_disk(monkeypatch, tmp_path, free_bytes: float) -> list[list[str]]:
-    """env.runtime with its root in tmp_path (no .venv yet), a disk with free_bytes, and a record of commands run."""
+    """env.rig.runtime rooted in tmp_path (no .venv yet), a disk with free_bytes, and a record of commands run."""
     import collections
 
-    import env.runtime as runtime
+    import env.rig.runtime as runtime
 
     monkeypatch.setattr(runtime, "ROOT", tmp_path)
     monkeypatch.setattr(runtime, "VENV", tmp_path / ".venv")
@@ -133,7 +132,7 @@ def _fake_disk(monkeypatch, tmp_path, free_bytes: float) -> list[list[str]]:
 
 
 def test_a_disk_too_full_for_the_venv_is_refused_before_pip_starts(monkeypatch, tmp_path) -> None:
-    import env.runtime as runtime
+    import env.rig.runtime as runtime
 
     ran = _fake_disk(monkeypatch, tmp_path, free_bytes=6e9)
     with pytest.raises(UserError) as err:
@@ -145,7 +144,7 @@ def test_a_disk_too_full_for_the_venv_is_refused_before_pip_starts(monkeypatch, 
 
 
 def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) -> None:
-    import env.runtime as runtime
+    import env.rig.runtime as runtime
 
     ran = _fake_disk(monkeypatch, tmp_path, free_bytes=9e9)
     runtime.check_disk_for_venv()  # enough room to start
@@ -159,7 +158,7 @@ def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) ->
 
 
 def test_a_lock_update_of_an_existing_venv_skips_the_first_install_disk_check(monkeypatch, tmp_path) -> None:
-    import env.runtime as runtime
+    import env.rig.runtime as runtime
 
     ran = _fake_disk(monkeypatch, tmp_path, free_bytes=2e9)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)

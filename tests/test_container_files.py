@@ -1,4 +1,4 @@
-"""The container files say what the design needs, and env.docker fails clearly without a Docker engine."""
+"""The container files say what the design needs, and env.rig.docker fails clearly without a Docker engine."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from env import docker
-from env.profiles import DEFAULT_CUDA, ROOT, profile
+from env.rig import docker
+from env.rig.profiles import DEFAULT_CUDA, ROOT, profile
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -124,7 +124,7 @@ def test_the_image_runs_as_the_fixed_non_root_user() -> None:
 def test_lock_is_installed_with_hashes_before_code_and_checked_after() -> None:
     install = _index(lambda k, rest: k == "RUN" and "--require-hashes" in rest)
     code = _index(lambda k, rest: k == "COPY" and rest.startswith(". "))
-    check = _index(lambda k, rest: k == "RUN" and "env.profiles verify" in rest)
+    check = _index(lambda k, rest: k == "RUN" and "env.rig.profiles verify" in rest)
     pin_args = _index(lambda k, rest: k == "ARG" and rest.startswith("TORCHRIG_NCCL"))
     assert install < code < pin_args < check
     # The pins reach the check, so a wrong one fails the build.
@@ -152,7 +152,7 @@ def test_provenance_labels_and_variables() -> None:
     }
 
 
-# env.docker with fake Docker clients
+# env.rig.docker with fake Docker clients
 
 
 def _fake_client(directory: Path, script: str) -> Path:
@@ -211,7 +211,7 @@ def test_build_without_docker_says_what_to_install(monkeypatch, tmp_path, no_nvi
 
 
 def test_build_of_an_unknown_profile_is_bad_input() -> None:
-    from env.cli import UserError
+    from env.common.cli import UserError
 
     with pytest.raises(UserError, match=r"choose one of 12\.1"):
         docker.build_image("11.8")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from env.cli import exit_code
+from env.common.cli import exit_code
 from tests.conftest import ROOT
 from train import prepare
 from train.config import RunConfig

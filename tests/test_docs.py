@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from env.rig import runtime
 
 # The repository root, found from here so that the test may move within tests/.
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "Makefile").is_file())
@@ -20,17 +20,6 @@ INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*(\S+)", re.MULTILINE)
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$")
 EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, mailto:, ...
-
-
-def runtime_module() -> ModuleType:
-    """env's make dispatcher (MAKE_VARS, the targets): env.rig.runtime after env/ is grouped, env.runtime before."""
-    for name in ("env.rig.runtime", "env.runtime"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name not in (name, name.rpartition(".")[0]):  # the module exists but an import inside it failed
-                raise
-    raise AssertionError("found neither env.rig.runtime nor env.runtime")
 
 
 def markdown_files() -> list[Path]:
@@ -143,13 +132,12 @@ def variable_rows() -> list[tuple[set[str], set[str]]]:
 
 
 def test_every_make_variable_is_documented() -> None:
-    make_vars = runtime_module().MAKE_VARS
+    make_vars = runtime.MAKE_VARS
     documented = set().union(*(names for names, _ in variable_rows()))
     assert sorted(set(make_vars) - documented) == []
 
 
 def test_every_variable_is_documented_for_every_target_that_takes_it() -> None:
-    runtime = runtime_module()
     rows = variable_rows()
     missing = [
         f"{name} for {target}"
@@ -161,7 +149,6 @@ def test_every_variable_is_documented_for_every_target_that_takes_it() -> None:
 
 
 def test_the_make_variables_doc_names_nothing_that_is_gone() -> None:
-    runtime = runtime_module()
     known_targets = {*runtime.TARGETS, *runtime.OWN_TARGETS, "all"}
     environment = {f"{prefix}*" for prefix in runtime.ENVIRONMENT_PREFIXES}
     for names, targets in variable_rows():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from env import checks, doctor
-from env import facts as machine
-from env.checks import CHECKS, GIB, MIB, CheckResult, Status, run_checks
-from env.cli import exit_code
-from env.facts import Facts
-from env.nvml import Snapshot
+from env.common.cli import exit_code
+from env.machine import checks, doctor
+from env.machine import facts as machine
+from env.machine.checks import CHECKS, GIB, MIB, CheckResult, Status, run_checks
+from env.machine.facts import Facts
+from env.machine.nvml import Snapshot
 from tests.conftest import ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -315,7 +315,7 @@ def test_real_doctor_run_is_coherent_with_its_json(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TORCHRIG_LOCK"}
     done = subprocess.run(
-        [sys.executable, "-m", "env.doctor", "--json", str(out), "--run-dir", str(tmp_path)],
+        [sys.executable, "-m", "env.machine.doctor", "--json", str(out), "--run-dir", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -332,7 +332,7 @@ def test_real_doctor_run_is_coherent_with_its_json(tmp_path: Path) -> None:
 
 def test_doctor_without_torch_reports_fail_and_no_traceback(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    block_torch = "import sys; sys.modules['torch'] = None; from env.doctor import main; "
+    block_torch = "import sys; sys.modules['torch'] = None; from env.machine.doctor import main; "
     code = f"{block_torch}sys.exit(main(['--no-load', '--json', {str(out)!r}, '--run-dir', {str(tmp_path)!r}]))"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False

@@ -16,11 +16,12 @@ from tests.conftest import ROOT
 
 # module -> (the prefix of its error line, arguments that are a domain error of that tool)
 ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
-    "env.runtime": ("torchrig make: ", ["train", "RUNTIME=podman"]),
-    "env.compare": ("torchrig compare: ", ["--", "-h", "/no/such/run"]),
-    "env.doctor": ("torchrig doctor: ", ["--gpus", "١"]),
-    "env.docker": ("torchrig docker: ", ["run"]),
-    "env.profiles": ("torchrig profiles: ", ["show", "9.9"]),
+    "env.rig.runtime": ("torchrig make: ", ["train", "RUNTIME=podman"]),
+    "env.rig.console": ("torchrig console: ", ["trian"]),
+    "env.records.compare": ("torchrig compare: ", ["--", "-h", "/no/such/run"]),
+    "env.machine.doctor": ("torchrig doctor: ", ["--gpus", "١"]),
+    "env.rig.docker": ("torchrig docker: ", ["run"]),
+    "env.rig.profiles": ("torchrig profiles: ", ["show", "9.9"]),
     "env.nccl.launch": ("torchrig nccl-test: ", ["--dtype", "int8"]),
     "env.nccl.worker": ("torchrig nccl-test: ", ["--dtype", "int8"]),
     "train.launch": ("torchrig train: ", ["--gpus", "1", "--config", "nope"]),
@@ -57,7 +58,7 @@ def _cases() -> list:
     cases = []
     for module, (prefix, domain) in sorted(ENTRY_POINTS.items()):
         marks = [pytest.mark.xfail(strict=True, reason="converted on its own branch")] if module in NOT_YET else []
-        misuse = ["train", "--no-such-flag"] if module == "env.runtime" else ["--no-such-flag"]
+        misuse = ["train", "--no-such-flag"] if module == "env.rig.runtime" else ["--no-such-flag"]
         cases.append(pytest.param(module, prefix, misuse, id=f"{module}-misuse", marks=marks))
         cases.append(pytest.param(module, prefix, domain, id=f"{module}-domain", marks=marks))
     return cases

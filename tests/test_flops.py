@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from env.peaks import PEAKS, peak_flops
+from env.machine.peaks import PEAKS, peak_flops
 from train.config_loader import load_config
 from train.models import build_model, count_params, flops_per_sample, flops_per_token
 from train.models.deepseek import DeepSeekConfig
@@ -202,7 +202,7 @@ def test_peak_table_matches_device_names(name, precision, label, tflops):
 def test_unknown_gpu_gets_no_borrowed_figure(name):
     lookup = peak_flops(name, "bf16")
     assert lookup.flops is None and lookup.matched is None
-    assert "unknown GPU" in lookup.note and "env/peaks.py" in lookup.note
+    assert "unknown GPU" in lookup.note and "env/machine/peaks.py" in lookup.note
 
 
 def test_cpu_and_unknown_precision_get_no_peak_with_a_reason():

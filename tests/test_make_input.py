@@ -332,7 +332,7 @@ def test_bench_of_a_hostile_json_file_is_one_line(tmp_path: Path, variable: str,
 
 def test_every_make_variable_is_in_the_one_table_and_the_help_lines() -> None:
     """The Makefile's help line of each dispatched target lists exactly the variables the table gives it."""
-    from env.runtime import COMMON_VARS, MAKE_VARS, OWN_TARGETS, TARGETS, target_variables
+    from env.rig.runtime import COMMON_VARS, MAKE_VARS, OWN_TARGETS, TARGETS, target_variables
 
     helps = dict(re.findall(r"^([a-z-]+): ## (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE))
     for name in [*TARGETS, *OWN_TARGETS]:
@@ -345,7 +345,7 @@ def test_every_make_variable_is_in_the_one_table_and_the_help_lines() -> None:
 
 
 def test_the_launcher_and_bench_read_the_shorthands_from_the_table() -> None:
-    from env.runtime import MAKE_VARS
+    from env.rig.runtime import MAKE_VARS
     from train import launch
     from train.bench import cli as bench
 
@@ -356,8 +356,8 @@ def test_the_launcher_and_bench_read_the_shorthands_from_the_table() -> None:
 
 def test_makeflags_quoting_round_trips() -> None:
     """The decoder of make's quote_for_env: blanks and backslashes escaped, `$` doubled."""
-    from env.cli import UserError
-    from env.runtime import make_command_line
+    from env.common.cli import UserError
+    from env.rig.runtime import make_command_line
 
     assert make_command_line("") == {} and make_command_line("s") == {}
     flags = r"ks -j2 --jobserver-auth=3,4 -- B=x\ --\ C=1 A=$$$$(id)\\\ \`q\` E="

@@ -1,4 +1,4 @@
-"""The run manifest (env/manifest.py) and the comparison of two runs (env/compare.py)."""
+"""The run manifest (env/records/manifest.py) and the comparison of two runs (env/records/compare.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from env import compare, manifest
-from env import facts as machine
-from env.cli import exit_code
+from env.common.cli import exit_code
+from env.machine import facts as machine
+from env.records import compare, manifest
 from tests.conftest import ROOT
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
@@ -174,7 +174,7 @@ def test_compare_missing_path_is_one_line_and_exit_2(tmp_path: Path, missing: st
 def test_compare_cli_runs_as_a_module(tmp_path: Path) -> None:
     a = _run_dir(tmp_path / "a", _manifest())
     done = subprocess.run(
-        [sys.executable, "-m", "env.compare", str(a), str(tmp_path / "b")],
+        [sys.executable, "-m", "env.records.compare", str(a), str(tmp_path / "b")],
         cwd=ROOT,
         capture_output=True,
         text=True,

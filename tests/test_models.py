@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from env.runtime import STAMP, _lock_digest
+from env.rig.runtime import STAMP, _lock_digest
 from tests.conftest import ROOT, finish_gloo_worker, free_port
 from tests.toy_model import SPEC as TOY
 from tests.trainrun import metrics

@@ -14,12 +14,19 @@ import pytest
 import torch
 
 import env.nccl.launch as nccl_test
-from env.cli import CPU_DEFAULT_WORKERS, UserError, exit_code
-from env.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pattern, percentile, summed
-from env.links import LINK_KINDS, NVLINK_BY_COMPUTE_CAPABILITY, PCIE_LANE_GBPS, Expectation, expected_busbw, judge
+from env.common.cli import CPU_DEFAULT_WORKERS, UserError, exit_code
+from env.machine.links import (
+    LINK_KINDS,
+    NVLINK_BY_COMPUTE_CAPABILITY,
+    PCIE_LANE_GBPS,
+    Expectation,
+    expected_busbw,
+    judge,
+)
+from env.machine.nvml import Snapshot
+from env.nccl.collectives import COLLECTIVES, CORRUPT_ENV, DTYPES, element_count, pattern, percentile, summed
 from env.nccl.options import parse_options, parse_sizes
 from env.nccl.worker import STALL_ENV
-from env.nvml import Snapshot
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "nvml"
@@ -331,7 +338,7 @@ def test_the_cli_launches_its_own_workers_and_exits_with_the_verdict(tmp_path: P
 
 
 def test_a_second_nccl_test_into_a_held_run_dir_is_refused_at_once(tmp_path: Path):
-    from env.runlock import RunDirLock
+    from env.records.runlock import RunDirLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from env import manifest
-from env.links import NETWORK_LINKS
+from env.machine.links import NETWORK_LINKS
+from env.records import manifest
 from train.bench import BenchError
 from train.bench.bandwidth import LINK_ASSUMPTIONS, assumed_bandwidth, bandwidth_from_nccl_json, resolve_bandwidth
 from train.bench.comm import CommPlan, add_prediction

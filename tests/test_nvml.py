@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from env.nvml import Snapshot, read_snapshot
+from env.machine.nvml import Snapshot, read_snapshot
 
 
 class NotSupported(Exception):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from env.compare import CompareError, check_plot_path
+from env.records.compare import CompareError, check_plot_path
 from tests.conftest import ROOT
 from tests.sampling import save_checkpoint, small_config, trained_in_process, write_export
 from train.config_loader import load_config

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from env.nvml import GpuInfo, PairInfo, Snapshot
-from env.p2p import (
+from env.machine.nvml import GpuInfo, PairInfo, Snapshot
+from env.machine.p2p import (
     DISABLE_VAR,
     LEVEL_VAR,
     apply_p2p_decision,

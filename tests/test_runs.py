@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from env.runlock import LOCK_NAME, RunDirBusy, RunDirLock
+from env.records.runlock import LOCK_NAME, RunDirBusy, RunDirLock
 from tests.conftest import ROOT
 from train.rundir import completed_steps, earlier_records
 
@@ -242,7 +242,7 @@ def test_a_worker_ends_when_its_parent_is_killed() -> None:
     # parent -> child in a session of its own, as torchrun starts workers; the child asks to end with
     # its parent, says so, and sleeps.
     child_code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from env.lifeline import end_with_parent;"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from env.rig.lifeline import end_with_parent;"
         "end_with_parent(); print('ready', flush=True); time.sleep(600)"
     )
     parent_code = (
@@ -254,16 +254,18 @@ def test_a_worker_ends_when_its_parent_is_killed() -> None:
 
 def test_end_with_parent_ends_at_once_when_the_parent_is_already_gone() -> None:
     # The launcher died before the worker asked for the signal: its parent is no longer the expected one.
-    code = "import sys; sys.path.insert(0, sys.argv[1]); from env.lifeline import end_with_parent; end_with_parent(1)"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from env.rig.lifeline import end_with_parent; end_with_parent(1)"
+    )
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], timeout=60)
     assert done.returncode == -signal.SIGKILL
 
 
 def test_the_docker_client_gets_sigterm_when_the_dispatcher_is_killed() -> None:
-    # As env/docker.py starts `docker compose run`: here a stand-in client (sleep) under a stand-in dispatcher.
+    # As env/rig/docker.py starts `docker compose run`: here a stand-in client (sleep) under a stand-in dispatcher.
     parent_code = (
         "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from env.lifeline import signal_when_parent_dies;"
+        "from env.rig.lifeline import signal_when_parent_dies;"
         "p = subprocess.Popen(['sleep', '600'], preexec_fn=signal_when_parent_dies()); print(p.pid, flush=True);"
         "print('ready', flush=True); time.sleep(600)"
     )

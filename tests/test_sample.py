@@ -295,7 +295,7 @@ def test_bad_sampling_input_is_one_line(bad_inputs, case: str) -> None:
 
 def held_out_bytes() -> bytes:
     """Python source the built-in corpus (the standard library) does not hold: this repository's own."""
-    files = sorted((ROOT / "train").glob("*.py")) + sorted((ROOT / "env").glob("*.py"))
+    files = sorted((ROOT / "train").glob("*.py")) + sorted((ROOT / "env").rglob("*.py"))
     return b"\x00".join(path.read_bytes() for path in files)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from env.cli import UserError
+from env.common.cli import UserError
 from env.slurm import job
 from tests.conftest import ROOT
 

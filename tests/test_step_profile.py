@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from env.cli import exit_code
+from env.common.cli import exit_code
 from train.benchmarks import step_profile
 from train.benchmarks.step_profile import summarize, union_us
 

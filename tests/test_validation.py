@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from env.plots import TRAIN_LABEL, VAL_LABEL, write_loss_plot
-from env.runtime import TARGETS, build_argv
+from env.records.plots import TRAIN_LABEL, VAL_LABEL, write_loss_plot
+from env.rig.runtime import TARGETS, build_argv
 from tests.conftest import ROOT
 from tests.trainrun import launch_train, losses, metrics
 from train.config import RunConfig
@@ -324,7 +324,7 @@ def test_figures_reach_the_summary_the_plot_and_compare(eval_runs: dict[str, Pat
     assert drawn[f"{TRAIN_LABEL} vs tokens"][0] == tokens and tokens == [s * 4 * 32 for s in (1, 2, 3, 4)]
 
     plot = run.parent / "overlay.png"
-    result = run_cli("env.compare", str(run), str(eval_runs["resumed"]), "--plot", str(plot))
+    result = run_cli("env.records.compare", str(run), str(eval_runs["resumed"]), "--plot", str(plot))
     assert result.returncode == 0, result.stderr
     assert any(line.split()[:1] == ["val_loss"] for line in result.stdout.splitlines())
     assert plot.stat().st_size > 0 and str(plot) in result.stdout

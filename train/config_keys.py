@@ -20,8 +20,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from env.atomic import write_text_atomically
-from env.cli import ArgumentParser, run_cli
+from env.common.atomic import write_text_atomically
+from env.common.cli import ArgumentParser, run_cli
 from train.config import RESUME_FIXED, DataConfig, ModelConfig, RunConfig, TrainConfig
 from train.models import registered
 

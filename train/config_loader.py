@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from env.cli import plain_name
+from env.common.cli import plain_name
 from train.config import (
     DEFAULT_ARCH,
     VOCAB_AUTO,

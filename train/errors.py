@@ -6,7 +6,7 @@ model families, the data and the loader all raise the same error without importi
 
 from __future__ import annotations
 
-from env.cli import UserError
+from env.common.cli import UserError
 
 
 class ConfigError(UserError):

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from env.atomic import write_text_atomically
-from env.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
-from env.launch import launch
+from env.common.atomic import write_text_atomically
+from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
+from env.rig.launch import launch
 from train.checkpoint import EveryCheckpointDamaged
 from train.config import RunConfig
 from train.config_loader import config_from_dict

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from env.atomic import replace_atomically, write_fix
-from env.cli import ArgumentParser, UserError, run_cli
+from env.common.atomic import replace_atomically, write_fix
+from env.common.cli import ArgumentParser, UserError, run_cli
 from train.models import build_model
 from train.weights import (
     EXPORT_CONFIG,

@@ -2,10 +2,10 @@
 
 Runs once per node, before any worker exists, so that a typo in a config key, a missing
 data path or a bad GPUS value is one line and exit 2 rather than N tracebacks. It also
-takes the P2P decision (env/p2p.py) and prepares the run manifest (which rank 0 records once
+takes the P2P decision (env/machine/p2p.py) and prepares the run manifest (which rank 0 records once
 the resume check passed), then hands the same resolved arguments to torchrun's launcher
-(env/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
-(env/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
+(env/rig/launch.py), which runs train.worker. Before any of that it takes the RUN_DIR lock
+(env/records/runlock.py) and leaves a run that already reached STEPS alone (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import os
 import time
 from pathlib import Path
 
-from env.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
-from env.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
-from env.manifest import MANIFEST_ENV, build_manifest
-from env.nvml import read_snapshot
-from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
-from env.runlock import RunDirLock
-from env.runtime import shorthand_keys
+from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
+from env.machine.nvml import read_snapshot
+from env.machine.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
+from env.records.manifest import MANIFEST_ENV, build_manifest
+from env.records.runlock import RunDirLock
+from env.rig.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
+from env.rig.runtime import shorthand_keys
 from train.config import RunConfig
 from train.config_loader import load_config
 from train.data import build_dataset

@@ -20,8 +20,8 @@ from typing import Any, TextIO, TypeVar
 
 import torch
 
-from env.atomic import write_text_atomically
-from env.plots import LOSS_PLOT_NAME, PlotError, write_loss_plot
+from env.common.atomic import write_text_atomically
+from env.records.plots import LOSS_PLOT_NAME, PlotError, write_loss_plot
 from train.rundir import SUMMARY_NAME, RunDirWriteError, earlier_records
 from train.sinks import Sink, SinkContext, make_sinks
 from train.sinks.base import VAL_KEYS

@@ -27,8 +27,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from env.atomic import replace_atomically
-from env.cli import ArgumentParser, count_arg, run_cli
+from env.common.atomic import replace_atomically
+from env.common.cli import ArgumentParser, count_arg, run_cli
 from train.data.text import expand_globs
 from train.data.tokens import BYTE_VOCAB, TOKEN_DTYPES, sidecar_path, token_dtype, write_token_file
 from train.errors import DataError

@@ -2,7 +2,7 @@
 
 A RUN_DIR outlives the launch that made it: a run is resumed, stopped, resumed again. This module
 holds what the launcher decides about a RUN_DIR before any worker starts (is it already complete?;
-whether another job holds it is env/runlock.py's), and the history a resumed run reads back so
+whether another job holds it is env/records/runlock.py's), and the history a resumed run reads back so
 that summary.json covers the whole run, not only its last segment. The history is metrics.jsonl
 itself: no state is added to the checkpoints.
 """
@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from env.atomic import write_fix
-from env.cli import UserError
-from env.readfile import open_regular, read_regular
+from env.common.atomic import write_fix
+from env.common.cli import UserError
+from env.common.readfile import open_regular, read_regular
 
 SUMMARY_NAME = "summary.json"
 METRICS_NAME = "metrics.jsonl"
-# Bounds on reading them back (env/readfile.py): far above what a run writes, far below harm.
+# Bounds on reading them back (env/common/readfile.py): far above what a run writes, far below harm.
 SUMMARY_LIMIT = 1 << 20
 METRICS_LIMIT = 1 << 30
 ROW_LIMIT = 1 << 16

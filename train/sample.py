@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from env.cli import ArgumentParser, UserError, run_cli
+from env.common.cli import ArgumentParser, UserError, run_cli
 from train.checkpoint import CheckpointError
 from train.errors import ConfigError
 from train.models import get_spec

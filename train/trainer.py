@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from env.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
-from env.peaks import PeakLookup, peak_flops
+from env.machine.peaks import PeakLookup, peak_flops
+from env.records.manifest import MANIFEST_ENV, MANIFEST_NAME, build_manifest, record_launch
 from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.data import build_dataset, build_loader, describe

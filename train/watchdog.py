@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from env.launch import USER_ERROR_EXIT
+from env.rig.launch import USER_ERROR_EXIT
 
 # Phases of a step, in order; a rank stuck in an earlier phase is behind one in a later one.
 PHASES = ("start", "backward", "sync", "checkpoint")

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from env.cli import ArgumentParser, UserError
-from env.launch import USER_ERROR_EXIT
-from env.lifeline import end_with_parent
+from env.common.cli import ArgumentParser, UserError
+from env.rig.launch import USER_ERROR_EXIT
+from env.rig.lifeline import end_with_parent
 from train.checkpoint import CheckpointError
 from train.launch import add_run_arguments, resolve_config
 from train.trainer import TrainingStopped, train

@@ -29,7 +29,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
 
 # ---- pins -------------------------------------------------------------------------------------------
-DRIVER_BRANCH=570                       # -server branch; >= every CUDA profile's min_driver (env/profiles.py)
+DRIVER_BRANCH=570                       # -server branch; >= every CUDA profile's min_driver (env/rig/profiles.py)
 DOCKER_VERSION=27.5.1                   # docker-ce and docker-ce-cli, from download.docker.com
 NVIDIA_CTK_VERSION=1.17.8-1             # nvidia-container-toolkit and its three libraries
 DOCKER_APT_URL=https://download.docker.com/linux/ubuntu
@@ -321,7 +321,7 @@ preflight() {
     local chosen
     chosen=$(cd "$REPO" && python3 -c '
 import sys
-from env.profiles import DEFAULT_CUDA, UnknownProfile, profile
+from env.rig.profiles import DEFAULT_CUDA, UnknownProfile, profile
 try:
     p = profile(sys.argv[1] or DEFAULT_CUDA)
 except UnknownProfile as exc:

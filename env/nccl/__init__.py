@@ -1,1 +1,2 @@
-"""`make nccl-test`: launch.py (the launcher), worker.py (one rank), options.py, report.py, watchdog.py."""
+"""`make nccl-test`: launch.py (the launcher), worker.py (one rank), collectives.py (the table of collectives),
+options.py, place.py, report.py, watchdog.py."""

@@ -1,10 +1,10 @@
 """`make nccl-test` / `python -m env.nccl.launch [flags]`: the launcher.
 
 Started by hand (not inside torchrun), it checks every flag first (env.nccl.options), decides P2P
-from measurements (env.p2p), takes the run directory's lock, writes the manifest, and starts one
-worker per GPU (or per CPU process, on gloo) through env.launch. Each worker (env.nccl.worker)
+from measurements (env.machine.p2p), takes the run directory's lock, writes the manifest, and starts one
+worker per GPU (or per CPU process, on gloo) through env.rig.launch. Each worker (env.nccl.worker)
 measures; rank 0 prints nccl-tests' table for every collective, bandwidth and version lines, a
-verdict judged against what the links should give (env.links), and writes a JSON record
+verdict judged against what the links should give (env.machine.links), and writes a JSON record
 (env.nccl.report). Exit: 0 PASS or WARN, 1 FAIL, 2 bad input. Started inside torchrun (RANK and
 WORLD_SIZE set), it is the worker.
 """
@@ -15,13 +15,13 @@ import json
 import os
 import sys
 
-from env.cli import run_cli
-from env.launch import USER_ERROR_EXIT, check_rendezvous
+from env.common.cli import run_cli
+from env.machine.nvml import read_snapshot
+from env.machine.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 from env.nccl import worker
 from env.nccl.options import Options, parse_options, visible_cuda_gpus
 from env.nccl.watchdog import PG_TIMEOUT_MARGIN_S, CollectiveWatchdog
-from env.nvml import read_snapshot
-from env.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
+from env.rig.launch import USER_ERROR_EXIT, check_rendezvous
 
 
 def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
@@ -36,13 +36,13 @@ def launch_workers(options: Options, argv: list[str], cuda_gpus: int) -> int:
     print(f"nccl-test: P2P ({decision.source}): {decision.reason}", flush=True)
     apply_p2p_decision(decision)
     os.environ[worker.DECISION_ENV] = json.dumps(decision.to_dict())
-    from env.launch import launch
-    from env.manifest import write_manifest
-    from env.runlock import RunDirBusy, RunDirLock
+    from env.records.manifest import write_manifest
+    from env.records.runlock import RunDirBusy, RunDirLock
+    from env.rig.launch import launch
 
     if options.nodes.node_rank == 0:
         options.run_dir.mkdir(parents=True, exist_ok=True)
-        try:  # one job per RUN_DIR, held until this launcher exits (env/runlock.py)
+        try:  # one job per RUN_DIR, held until this launcher exits (env/records/runlock.py)
             RunDirLock(options.run_dir).acquire()
         except RunDirBusy as exc:
             print(f"nccl-test: {exc}", file=sys.stderr)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from env.cli import ArgumentParser, UserError, check_workers, count_arg, real_arg
-from env.launch import Nodes, add_node_arguments, nodes_from_args
+from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, real_arg
+from env.rig.launch import Nodes, add_node_arguments, nodes_from_args
 
 DEFAULT_SIZES = {"cuda": "8:1G:2", "cpu": "8:4M:4"}
 # gloo on CPU copies each message through the host at well under a GB/s and holds several copies
@@ -27,7 +27,7 @@ DESCRIPTION = "`make nccl-test`: collective bandwidth and correctness on the tor
 class Options:
     gpus: int
     sizes: list[int]
-    dtype: Any  # env.collectives.Dtype; imported with torch, lazily
+    dtype: Any  # env.nccl.collectives.Dtype; imported with torch, lazily
     ops: list[str]
     min_busbw: float | None
     iters: int
@@ -124,7 +124,7 @@ def _check_range(name: str, value: float, low: float, high: float | None = None)
 
 def parse_options(argv: list[str], cuda_gpus: int, *, in_worker: bool) -> Options:
     """Every flag checked before anything starts; raises UserError naming the problem and the fix."""
-    from env.collectives import COLLECTIVES, DTYPES
+    from env.nccl.collectives import COLLECTIVES, DTYPES
 
     args = build_parser().parse_args(argv)
     if in_worker:  # inside torchrun the launcher has already fixed the process count

@@ -7,18 +7,16 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from env.atomic import write_text_atomically
-from env.launch import USER_ERROR_EXIT
-from env.links import Expectation, expected_busbw, judge
+from env.common.atomic import write_text_atomically
+from env.machine.links import Expectation, expected_busbw, judge
+from env.machine.nvml import read_snapshot
+from env.machine.p2p import P2PDecision, p2p_mode, visible_gpu_indices
 from env.nccl.options import Options, format_size
-from env.nvml import read_snapshot
-from env.p2p import P2PDecision, p2p_mode, visible_gpu_indices
-from env.profiles import NCCL_DIST, loaded_nccl, locked_version
-
-if TYPE_CHECKING:
-    from env.nccl.worker import WorkerPlace
+from env.nccl.place import WorkerPlace
+from env.rig.launch import USER_ERROR_EXIT
+from env.rig.profiles import NCCL_DIST, loaded_nccl, locked_version
 
 LARGE_MESSAGE_MIN_BYTES = 64 << 20  # below this, busbw is latency-bound and says nothing about the links
 LARGE_MESSAGE_SPAN = 4  # large-message busbw: the mean over sizes within 4x of the largest
@@ -157,7 +155,7 @@ def write_record(path: Path, record: dict[str, Any]) -> bool:
 
 
 def report_launch_overhead(ctx: Any) -> int:
-    from env.collectives import launch_overhead
+    from env.nccl.collectives import launch_overhead
 
     calls = max(ctx.iters, 200)
     queued, each = launch_overhead(ctx, calls)

@@ -1,7 +1,7 @@
 """One nccl-test process, as started by torchrun through env.nccl.launch: the per-rank measurement.
 
 Joins the process group under a deadline (env.nccl.watchdog), runs every collective at every size
-(env.collectives), and hands rank 0's rows to env.nccl.report for the verdict and the JSON record.
+(env.nccl.collectives), and hands rank 0's rows to env.nccl.report for the verdict and the JSON record.
 """
 
 from __future__ import annotations
@@ -10,38 +10,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from env.cli import UserError, run_cli
-from env.launch import USER_ERROR_EXIT
+from env.common.cli import UserError, run_cli
+from env.machine.nvml import read_snapshot
+from env.machine.p2p import P2PDecision, apply_p2p_decision, decide_p2p
 from env.nccl.options import Options, parse_options, visible_cuda_gpus
+from env.nccl.place import WorkerPlace
 from env.nccl.report import HEADER, format_row, report, report_launch_overhead
 from env.nccl.watchdog import HANG_HINT, PG_TIMEOUT_MARGIN_S, QUIET_RANKS_GRACE_S, CollectiveWatchdog
-from env.nvml import read_snapshot
-from env.p2p import P2PDecision, apply_p2p_decision, decide_p2p
+from env.rig.launch import USER_ERROR_EXIT
 
 DECISION_ENV = "TORCHRIG_P2P_DECISION"  # the launcher's P2P decision, as JSON, handed to its workers
 STALL_ENV = "TORCHRIG_TEST_STALL_RANK"  # test-only: this rank never reaches the first collective
-
-
-@dataclass(frozen=True)
-class WorkerPlace:
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
-
-    @classmethod
-    def from_env(cls) -> WorkerPlace:
-        world = int(os.environ["WORLD_SIZE"])
-        return cls(
-            rank=int(os.environ["RANK"]),
-            world=world,
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-        )
 
 
 def worker_p2p_decision(use_cuda: bool) -> P2PDecision:
@@ -65,7 +47,7 @@ def start_group(place: WorkerPlace, device: Any, options: Options) -> str | None
     import torch
     import torch.distributed as dist
 
-    from env.collectives import align_ranks
+    from env.nccl.collectives import align_ranks
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     announce = place.local_rank == 0
@@ -92,11 +74,11 @@ def run_worker(options: Options) -> int:
     import torch
     import torch.distributed as dist
 
-    from env.lifeline import end_with_parent
+    from env.rig.lifeline import end_with_parent
 
     end_with_parent()
 
-    from env.collectives import Context
+    from env.nccl.collectives import Context
 
     place = WorkerPlace.from_env()
     use_cuda = torch.cuda.is_available()
@@ -126,7 +108,7 @@ def run_worker(options: Options) -> int:
 
 def run_table(options: Options, ctx: Any) -> list[Any]:
     """Every op at every size; rank 0 prints each row as it lands, then the op's nccl-tests footer."""
-    from env.collectives import COLLECTIVES, element_count, measure
+    from env.nccl.collectives import COLLECTIVES, element_count, measure
 
     rows = []
     element_size = options.dtype.torch_dtype.itemsize

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate every hash-locked requirements file from its .in input: each CUDA profile's lock
-# (requirements.txt is the default profile's) and env/dev-requirements.txt (the lint tools).
+# (requirements.txt is the default profile's) and env/ci/dev-requirements.txt (the lint tools).
 # Existing pins are kept unless their input changed: uv reads the old lock as its preferences.
 # Universal locks (--universal) hold the wheels of every platform, for Python 3.10 and newer.
 set -euo pipefail
@@ -39,6 +39,6 @@ while IFS=$'\t' read -r cuda input lock _base; do
         title="CUDA $cuda profile."
     fi
     lock_one "$input" "$lock" "$title"
-done < <(python3 -m env.profiles list --format tsv)
+done < <(python3 -m env.rig.profiles list --format tsv)
 
-lock_one env/dev-requirements.in env/dev-requirements.txt "Lint and lock tools (make lint, make lock)."
+lock_one env/ci/dev-requirements.in env/ci/dev-requirements.txt "Lint and lock tools (make lint, make lock)."

@@ -5,7 +5,7 @@
     python3 -m env.slurm.job node TARGET ADDR PORT VAR=value ...   each node's srun task
 
 TARGET is `train` or `nccl-test`; the variables are make's (CONFIG, STEPS, ..., RUNTIME=local|docker|pyxis),
-checked here by name and then by the same code as `make TARGET` (env.runtime and the target's CLI). Slurm
+checked here by name and then by the same code as `make TARGET` (env.rig.runtime and the target's CLI). Slurm
 owns the node flags: NNODES is the allocation's node count, NODE_RANK the task's SLURM_NODEID, and the c10d
 rendezvous meets on the first node's address under the job id. Values are only ever passed as separate
 arguments (never to a shell), so nothing in them is evaluated.
@@ -29,8 +29,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from env.cli import UserError, check_workers, count, one_line, run_cli
-from env.runtime import (
+from env.common.cli import UserError, check_workers, count, one_line, run_cli
+from env.rig.runtime import (
     NODE_VARS,
     ROOT,
     TARGETS,
@@ -238,7 +238,7 @@ def _allocated_gpus() -> str:
 
 
 def rendezvous_env(job: str) -> dict[str, str]:
-    """torchrun's c10d rendezvous (env/launch.py reads PET_RDZV_BACKEND as torchrun does), keyed by the job id.
+    """torchrun's c10d rendezvous (env/rig/launch.py reads PET_RDZV_BACKEND as torchrun does), keyed by the job id.
 
     The restart count is part of the id: a requeued job must not meet the keys of its previous run.
     """
@@ -255,7 +255,7 @@ def node(target: str, addr: str, port: str, values: dict[str, str]) -> int:
     runtime = values.pop("RUNTIME", "local")
     if runtime == "local":  # make's own dispatcher: the .venv from the lock, the same checks, exec
         assignments = [f"{name}={value}" for name, value in values.items()]
-        os.execve(sys.executable, [sys.executable, "-m", "env.runtime", target, "RUNTIME=local", *assignments], env)
+        os.execve(sys.executable, [sys.executable, "-m", "env.rig.runtime", target, "RUNTIME=local", *assignments], env)
     gpus = check_workers(count(values["GPUS"], "GPUS"), visible_gpu_count()) if values.get("GPUS") else None
     argv = build_argv(TARGETS[target], values, gpus)
     if runtime == "pyxis":  # already inside the image (srun --container-image): its python is on PATH

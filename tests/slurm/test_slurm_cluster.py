@@ -1,4 +1,4 @@
-"""env/slurm/ on a real Slurm cluster: two slurmd nodes on this machine, started by env/slurm_check.sh.
+"""env/slurm/ on a real Slurm cluster: two slurmd nodes on this machine, started by env/ci/slurm_check.sh.
 
 Skipped unless TORCHRIG_SLURM_CLUSTER names that cluster's directory (`make test-slurm` sets it), so the
 plain test suite skips them. Every job runs 1 CPU process per node on gloo, fp32, through sbatch.
@@ -24,7 +24,9 @@ from tests.trainrun import SMALL, assert_states_equal, checkpoint_state, launch_
 CLUSTER = os.environ.get("TORCHRIG_SLURM_CLUSTER", "")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not CLUSTER, reason="needs the Slurm cluster that make test-slurm starts (env/slurm_check.sh)"),
+    pytest.mark.skipif(
+        not CLUSTER, reason="needs the Slurm cluster that make test-slurm starts (env/ci/slurm_check.sh)"
+    ),
 ]
 STEPS = 8
 CKPT = ["train.ckpt_every=2", f"train.lr_decay_steps={STEPS}"]

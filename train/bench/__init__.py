@@ -17,7 +17,7 @@ the first logged windows). From them:
   bf16/fp16 with DDP compression; FSDP's all-gathers and reduce-scatter) over a ring, whose time
   is bus_factor(n) x bytes / busbw (nccl-tests' definition of busbw, so a measured busbw plugs in
   directly). busbw comes from `make nccl-test JSON=...` (--nccl-json), else from the links NVML
-  reports (env/links.py), else from a named assumption (--link). Predicted step = compute + comm
+  reports (env/machine/links.py), else from a named assumption (--link). Predicted step = compute + comm
   with no overlap: an upper bound on the step time, a lower bound on the speedup.
 - baseline (--baseline): a previous bench.json or a shipped claim (train/baselines/NAME.json);
   per row and overall REPRODUCED (within ±10% of its samples/s), BETTER or REFUTED, and NOT
@@ -40,7 +40,7 @@ its table, CSV, Markdown and PNG), cli (arguments, the plan, main).
 
 from __future__ import annotations
 
-from env.cli import UserError
+from env.common.cli import UserError
 
 
 class BenchError(UserError):

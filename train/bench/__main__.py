@@ -1,6 +1,6 @@
 """python -m train.bench: the scaling table (train/bench/cli.py)."""
 
-from env.cli import run_cli
+from env.common.cli import run_cli
 from train.bench.cli import main
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from env.cli import load_json
-from env.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS, expected_busbw
-from env.nvml import read_snapshot
-from env.p2p import apply_p2p_decision, decide_p2p, p2p_mode, visible_gpu_indices
+from env.common.cli import load_json
+from env.machine.links import LINK_KINDS, NETWORK_LINKS, PCIE_LANE_GBPS, expected_busbw
+from env.machine.nvml import read_snapshot
+from env.machine.p2p import apply_p2p_decision, decide_p2p, p2p_mode, visible_gpu_indices
 from train.bench import BenchError
 
 
@@ -23,7 +23,7 @@ class Bandwidth:
 
 
 def _pcie_busbw(generation: int, kind: str) -> float:
-    """What NCCL reaches on a x16 link of this generation, by env/links.py's shares."""
+    """What NCCL reaches on a x16 link of this generation, by env/machine/links.py's shares."""
     return PCIE_LANE_GBPS[generation] * 16 * LINK_KINDS[kind].efficiency
 
 
@@ -35,7 +35,7 @@ LINK_ASSUMPTIONS: dict[str, tuple[str, float]] = {
     "pcie5-p2p": ("PCIe 5.0 x16 with P2P", _pcie_busbw(5, "pcie_p2p")),
     "nvlink4": ("NVLink 4, 18 links (H100/H200 SXM)", 18 * 25.0 * LINK_KINDS["nvlink"].efficiency),
     "cpu-gloo": ("gloo between processes on one host (rough)", 2.0),
-    # Between nodes (env/links.py): the ring's slowest hop once the job spans nodes.
+    # Between nodes (env/machine/links.py): the ring's slowest hop once the job spans nodes.
     **{name: (link.label, link.busbw_gbps) for name, link in NETWORK_LINKS.items()},
 }
 # Without a measurement or NVML's link facts: the reference box's link on GPUs, gloo on the CPU.
@@ -83,7 +83,7 @@ def bandwidth_from_links(gpu_count: int) -> Bandwidth | None:
         return None
     return Bandwidth(
         expectation.busbw_gbps,
-        f"EXPECTED {expectation.busbw_gbps:.1f} GB/s for {expectation.link} (NVML facts, env/links.py; "
+        f"EXPECTED {expectation.busbw_gbps:.1f} GB/s for {expectation.link} (NVML facts, env/machine/links.py; "
         "measure it with --nccl-json)",
         False,
     )

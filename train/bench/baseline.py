@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from env.cli import load_json
-from env.peaks import find_row
+from env.common.cli import load_json
+from env.machine.peaks import find_row
 from train.bench import BenchError
 from train.bench.comm import HALF_PRECISIONS
 
@@ -80,7 +80,7 @@ def load_baseline(path: Path) -> dict[str, Any]:
 
 
 def same_device(ours: str, theirs: str) -> bool:
-    """The same GPU model: the same env/peaks.py row where both have one, else the same name."""
+    """The same GPU model: the same env/machine/peaks.py row where both have one, else the same name."""
 
     row_ours, row_theirs = find_row(ours), find_row(theirs)
     if row_ours and row_theirs:

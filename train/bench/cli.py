@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from env.cli import ArgumentParser, check_workers, count_arg
-from env.manifest import write_manifest
-from env.runlock import RunDirLock
-from env.runtime import shorthand_keys
+from env.common.cli import ArgumentParser, check_workers, count_arg
+from env.records.manifest import write_manifest
+from env.records.runlock import RunDirLock
+from env.rig.runtime import shorthand_keys
 from train import bench as package
 from train.bench import BenchError, counted
 from train.bench.bandwidth import LINK_ASSUMPTIONS, resolve_bandwidth
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BenchError(f"cannot create RUN_DIR ({exc.strerror}); choose a writable RUN_DIR") from None
-    RunDirLock(plan.run_dir).acquire()  # one bench per RUN_DIR (env/runlock.py), held until this process exits
+    RunDirLock(plan.run_dir).acquire()  # one bench per RUN_DIR (env/records/runlock.py), held until this process exits
     if plan.device_type == "cpu":
         print(
             "bench: no GPU: counts are CPU processes on gloo (a testing mode): MFU is null, the processes share "

@@ -1,6 +1,6 @@
 """The communication each step needs, and the step time and speedup it predicts.
 
-Each collective's time is busbw_factor(n) x payload bytes / busbw, the factor taken from env/collectives.py's
+Each collective's time is busbw_factor(n) x payload bytes / busbw, the factor taken from env/nccl/collectives.py's
 table (nccl-tests' definition of busbw, so a measured busbw plugs in directly)."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from env.collectives import COLLECTIVES
+from env.nccl.collectives import COLLECTIVES
 
 
 @dataclass(frozen=True)
 class Transfer:
     """One collective a step runs: time = busbw_factor(n) x payload bytes / busbw (nccl-tests' busbw)."""
 
-    collective: str  # a row of env/collectives.py's table
+    collective: str  # a row of env/nccl/collectives.py's table
     payload: str  # "gradients" or "parameters"
     per_micro_batch: bool  # FSDP gathers parameters for every micro-batch; gradients reduce once per step
 

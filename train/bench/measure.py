@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from env.lifeline import signal_when_parent_dies
+from env.rig.lifeline import signal_when_parent_dies
 from train.bench import counted
 from train.config import RunConfig
 from train.metrics import steady
@@ -86,7 +86,7 @@ def _run_with_progress(command: list[str], log: Path, where: str, steps: int) ->
     """Run one training job with its output in `log`; print a progress line whenever it logs a step."""
     metrics = log.parent / "metrics.jsonl"
     started, shown = time.monotonic(), 0
-    # A killed bench takes its sub-run along (whose workers follow their launcher: env/lifeline.py).
+    # A killed bench takes its sub-run along (whose workers follow their launcher: env/rig/lifeline.py).
     death = signal_when_parent_dies(signal.SIGKILL)
     with (
         open(log, "w") as handle,

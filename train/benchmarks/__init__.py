@@ -11,6 +11,6 @@ def benchmark_main(
     run: Callable[[argparse.Namespace], None],
     argv: list[str] | None,
 ) -> int:
-    """A benchmark's CLI; run it through env.cli.run_cli, which makes a UserError one line and exit 2."""
+    """A benchmark's CLI; run it through env.common.cli.run_cli, which makes a UserError one line and exit 2."""
     run(parse_args(argv))
     return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from env.cli import ArgumentParser, run_cli
+from env.common.cli import ArgumentParser, run_cli
 from train.benchmarks import benchmark_main
 from train.config import RunConfig
 from train.config_loader import load_config

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from env.cli import ArgumentParser, run_cli
-from env.collectives import synchronize
+from env.common.cli import ArgumentParser, run_cli
+from env.nccl.collectives import synchronize
 from train.benchmarks import benchmark_main
 from train.config import RunConfig
 from train.config_loader import load_config

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from env.cli import ArgumentParser, count_arg, run_cli
+from env.common.cli import ArgumentParser, count_arg, run_cli
 from train.benchmarks import benchmark_main
 from train.config_loader import load_config
 from train.data import build_corpus, build_dataset, build_loader, read_token_file

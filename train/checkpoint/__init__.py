@@ -1,6 +1,6 @@
 """Checkpoints: atomic, verified, data-only, resumable bit for bit, and at another GPU count.
 
-records.py       file records (sha256, size) and the sidecar, on top of env.atomic
+records.py       file records (sha256, size) and the sidecar, on top of env.common.atomic
 plain.py         the plain-data check and the allow-list loaders (weights-only)
 ranks.py         rank agreement: one failure, the same line on every rank
 storage.py       one entry on disk: torch.distributed.checkpoint tensors plus a plain header

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from env.atomic import DEFAULT_WRITE_FIX, TEMP_PREFIX, create_exclusive, write_fix
+from env.common.atomic import DEFAULT_WRITE_FIX, TEMP_PREFIX, create_exclusive, write_fix
 from train.checkpoint import storage
 from train.checkpoint.errors import CheckpointError, EveryCheckpointDamaged
 from train.checkpoint.parts import ModelState

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from env.cli import UserError
+from env.common.cli import UserError
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -1,7 +1,7 @@
 """File records: the sha256 and size of every checkpoint file, and the sidecar that lists them.
 
 A checkpoint is complete exactly when its sidecar exists: the sidecar is written last, through
-env.atomic, and a checkpoint is read only after every file it lists matches, and only when it
+env.common.atomic, and a checkpoint is read only after every file it lists matches, and only when it
 lists exactly the files that are there (so no file is ever read unverified).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from env.atomic import open_exclusive, write_text_atomically
+from env.common.atomic import open_exclusive, write_text_atomically
 
 FORMAT_VERSION = 2  # 1: DDP as one step-N.pt file, FSDP as DCP (torchrig before checkpoints were Stateful parts)
 HASH_CHUNK_BYTES = 8 * 2**20

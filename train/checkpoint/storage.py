@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from env.atomic import fsync_dir, make_temp_dir
+from env.common.atomic import fsync_dir, make_temp_dir
 from train.checkpoint.plain import check_dcp_metadata, load_plain
 from train.checkpoint.records import remove, save_hashed
 

@@ -75,7 +75,7 @@ def peak_flops(gpu_name: str, precision: str) -> PeakLookup:
             None,
             None,
             f"unknown GPU {gpu_name!r}: MFU is not reported; add a GpuPeak row (name pattern, dense "
-            "bf16/fp16/tf32 TFLOP/s from the vendor datasheet, without sparsity) to PEAKS in env/peaks.py",
+            "bf16/fp16/tf32 TFLOP/s from the vendor datasheet, without sparsity) to PEAKS in env/machine/peaks.py",
         )
     tflops = getattr(row, PRECISION_FIELDS[precision])
     kind = "TF32 tensor" if precision == "fp32" else f"{precision} tensor, FP32 accumulate,"

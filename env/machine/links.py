@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
-from env.nvml import GpuInfo, Snapshot
+from env.machine.nvml import GpuInfo, Snapshot
 
 # Per lane, per direction, after line encoding (GB/s = 1e9 B/s).
 PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
@@ -124,7 +124,7 @@ def pair_link(snapshot: Snapshot, a: int, b: int, p2p_mode: str) -> PairLink | N
     """The link NCCL will use between GPUs a and b (NVML indices); None when NVML did not say enough.
 
     `p2p_mode` is how NCCL may use P2P: "on", "nvlink-only" (NCCL_P2P_LEVEL=NVL) or "off"
-    (NCCL_P2P_DISABLE=1); env.p2p.p2p_mode reads it from the environment.
+    (NCCL_P2P_DISABLE=1); env.machine.p2p.p2p_mode reads it from the environment.
     """
     pair = snapshot.pair(a, b)
     gpu_a, gpu_b = snapshot.gpu(a), snapshot.gpu(b)

@@ -1,10 +1,10 @@
-"""`make doctor` / `python -m env.doctor`: is this box healthy for the rig?
+"""`make doctor` / `python -m env.machine.doctor`: is this box healthy for the rig?
 
 All facts are gathered first into one `Facts` (gather_facts), then the checks in
-env/checks.py (a table of pure functions) judge them. The report is a table of
+env/machine/checks.py (a table of pure functions) judge them. The report is a table of
 status, check and evidence, with the fix under each row that is not OK.
 
-    python -m env.doctor [--json PATH] [--gpus N] [--run-dir DIR] [--no-load]
+    python -m env.machine.doctor [--json PATH] [--gpus N] [--run-dir DIR] [--no-load]
 
 Exit status: 0 when no check FAILs, 1 when one does, 2 for bad input.
 
@@ -17,7 +17,7 @@ Exit status: 0 when no check FAILs, 1 when one does, 2 for bad input.
 
 Only "facts" may grow new keys within schema 1.
 
-The facts and how they are gathered live in env/facts.py; the checks in env/checks.py.
+The facts and how they are gathered live in env/machine/facts.py; the checks in env/machine/checks.py.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from env.atomic import write_text_atomically
-from env.checks import CHECKS, Outcome, Status, run_checks, worst
-from env.cli import ArgumentParser, UserError, count_arg, run_cli
-from env.facts import Facts, gather_facts
+from env.common.atomic import write_text_atomically
+from env.common.cli import ArgumentParser, UserError, count_arg, run_cli
+from env.machine.checks import CHECKS, Outcome, Status, run_checks, worst
+from env.machine.facts import Facts, gather_facts
 
 SCHEMA = 1
 
@@ -66,7 +66,7 @@ def render_report(facts: Facts, outcomes: list[Outcome]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m env.doctor", description="Check this box for the rig.")
+    parser = ArgumentParser(prog="python -m env.machine.doctor", description="Check this box for the rig.")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (schema 1) here")
     parser.add_argument(
         "--gpus", type=count_arg("--gpus"), metavar="N", help="GPUs (or CPU processes) the runs will use"

@@ -24,8 +24,8 @@ from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
-from env.cli import UserError, count_arg
-from env.lifeline import PARENT_ENV
+from env.common.cli import UserError, count_arg
+from env.rig.lifeline import PARENT_ENV
 
 # Exit code a worker uses after printing a one-line, user-caused error: nothing to add.
 USER_ERROR_EXIT = 2
@@ -166,7 +166,7 @@ def launch(
         if name == ELASTIC_LOGGER or name.startswith(ELASTIC_LOGGER + "."):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", _threads_per_worker(nproc))
-    # The agent runs in this process and is the workers' parent: they end when it dies (env/lifeline.py).
+    # The agent runs in this process and is the workers' parent: they end when it dies (env/rig/lifeline.py).
     os.environ[PARENT_ENV] = str(os.getpid())
     if nodes.nnodes > 1:
         endpoint = f"{nodes.master_addr}:{nodes.master_port}"

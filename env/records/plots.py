@@ -3,7 +3,7 @@
 Three panels, read from RUN_DIR/metrics.jsonl (the whole run, across resumes; a step logged twice
 counts once, the later record winning): training and validation loss against the step, the same
 against the tokens seen, and the throughput against the step. Axes are autoscaled with a margin,
-so no measured point is clipped. Here, in env/, because `make compare` (env/compare.py) draws it
+so no measured point is clipped. Here, in env/, because `make compare` (env/records/compare.py) draws it
 too, and env never imports train.
 """
 
@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from env.atomic import replace_atomically
+from env.common.atomic import replace_atomically
 
 METRICS_NAME = "metrics.jsonl"
 LOSS_PLOT_NAME = "loss.png"

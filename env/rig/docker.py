@@ -1,6 +1,6 @@
 """The container side of the runtime: is there a Docker engine, build the image, run a command in it.
 
-env.runtime calls engine_status() to choose the default runtime, build_image() for `make build`, and
+env.rig.runtime calls engine_status() to choose the default runtime, build_image() for `make build`, and
 run_in_container() for every target under RUNTIME=docker. The Docker client is $DOCKER (default
 `docker`); compose is $COMPOSE, else `docker compose` (v2) when it answers, else `docker-compose` (v1).
 Standard library only: this runs on the host before any venv exists.
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from env.cli import ArgumentParser, UserError, run_cli
-from env.lifeline import signal_when_parent_dies
-from env.profiles import DEFAULT_CUDA, CudaProfile, profile
+from env.common.cli import ArgumentParser, UserError, run_cli
+from env.rig.lifeline import signal_when_parent_dies
+from env.rig.profiles import DEFAULT_CUDA, CudaProfile, profile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_REPOSITORY = "torchrig"
 LATEST_IMAGE = f"{IMAGE_REPOSITORY}:latest"  # what compose runs unless TORCHRIG_IMAGE says otherwise
 IMAGE_UID = 1000  # the image's fixed non-root user (Dockerfile)
@@ -344,7 +344,7 @@ def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str], status:
     client_dir = os.path.dirname(docker_client())
     if client_dir:  # compose v1 runs `docker` from PATH for interactive runs: make it the same client
         compose_env["PATH"] = os.pathsep.join([client_dir, os.environ.get("PATH", "")])
-    # The client ends (SIGTERM, passed into the container) when this dispatcher is killed (env/lifeline.py).
+    # The client ends (SIGTERM, passed into the container) when this dispatcher is killed (env/rig/lifeline.py).
     with subprocess.Popen(command, cwd=ROOT, env=compose_env, preexec_fn=signal_when_parent_dies()) as process:
         return _wait_forwarding_signals(process)
 
@@ -363,12 +363,12 @@ def _build(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if not args.argv:
-        raise UserError("nothing to run; e.g. python3 -m env.docker run -- python -m env.profiles list")
+        raise UserError("nothing to run; e.g. python3 -m env.rig.docker run -- python -m env.rig.profiles list")
     return run_in_container(args.argv, gpu=args.gpu, env=passthrough_env())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python3 -m env.docker", description="torchrig's Docker side")
+    parser = ArgumentParser(prog="python3 -m env.rig.docker", description="torchrig's Docker side")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="does a Docker engine answer, with the NVIDIA runtime?").set_defaults(
         run=_status

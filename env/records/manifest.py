@@ -2,10 +2,10 @@
 
 The collective test and the bench call `write_manifest` from rank 0; training calls
 `record_launch` from rank 0 once the resume check passed (a refused launch writes nothing). It records
-the machine facts (env.facts, without the doctor's GPU load, so it stays cheap), the git commit and
+the machine facts (env.machine.facts, without the doctor's GPU load, so it stays cheap), the git commit and
 whether the tree was dirty, the image and its labels, the installed packages with a hash,
 the resolved config, the NCCL_*/TORCH_* environment and the P2P decision. `python -m
-env.compare A B` reads two of them back.
+env.records.compare A B` reads two of them back.
 
 Layout (schema 1): schema, kind, created_utc, created_unix, hostname, command, git
 {commit, dirty, changed, source}, image {in_container, id, labels}, packages {sha256,
@@ -27,10 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from env.atomic import write_text_atomically
-from env.facts import gather_facts
-from env.profiles import ROOT, normalise_name
-from env.readfile import read_regular
+from env.common.atomic import write_text_atomically
+from env.common.readfile import read_regular
+from env.machine.facts import gather_facts
+from env.rig.profiles import ROOT, normalise_name
 
 SCHEMA = 1
 KINDS = ("train", "nccl-test", "bench")

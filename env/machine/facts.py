@@ -1,14 +1,14 @@
 """Machine facts: `Facts`, everything the doctor's checks and a run's manifest look at, and its gathering.
 
 gather_facts reads the machine once (torch, NVML, the lock, /dev/shm, ulimits, the container, Docker,
-disk, CPUs, NUMA, the environment) into one `Facts`; env/checks.py judges it, env/doctor.py reports it,
-env/manifest.py records it. `Facts` is plain JSON-friendly data, so tests build it by hand or load it
+disk, CPUs, NUMA, the environment) into one `Facts`; env/machine/checks.py judges it, env/machine/doctor.py reports it,
+env/records/manifest.py records it. `Facts` is plain JSON-friendly data, so tests build it by hand or load it
 from tests/fixtures/doctor/*.json.
 
 The image is known by the variables the Dockerfile sets (IMAGE_VARS): TORCHRIG_VERSION,
 TORCHRIG_CUDA_PROFILE (which also enters the driver check), TORCHRIG_GIT_COMMIT and
 TORCHRIG_RUNTIME, plus TORCHRIG_IMAGE (the tag) and TORCHRIG_IMAGE_ID where the launcher
-passes them. Pins are read from the lock the environment was made from (env.profiles.lock_path).
+passes them. Pins are read from the lock the environment was made from (env.rig.profiles.lock_path).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from env.docker import engine_status
-from env.nvml import Snapshot, read_snapshot
-from env.p2p import decide_p2p, torch_copy_check
-from env.profiles import NCCL_DIST, TRIO, dist_version, loaded_nccl, lock_path, read_pins
+from env.machine.nvml import Snapshot, read_snapshot
+from env.machine.p2p import decide_p2p, torch_copy_check
+from env.rig.docker import engine_status
+from env.rig.profiles import NCCL_DIST, TRIO, dist_version, loaded_nccl, lock_path, read_pins
 
 DISTRIBUTIONS = (*TRIO, NCCL_DIST, "nvidia-ml-py", "numpy")
 ENV_PREFIXES = ("NCCL_", "TORCH_", "PYTORCH_", "CUDA_")
@@ -75,7 +75,7 @@ class Facts:
     in_container: bool = False
     container_evidence: str = ""
     image_labels: dict[str, str] = field(default_factory=dict)  # the image's TORCHRIG_* variables (IMAGE_VARS)
-    # On the host: env.docker.engine_status() as a dict (answers, nvidia, reason), and probed.
+    # On the host: env.rig.docker.engine_status() as a dict (answers, nvidia, reason), and probed.
     docker: dict[str, Any] = field(default_factory=dict)
     run_dir: str = ""
     disk_free_bytes: int | None = None

@@ -3,7 +3,7 @@
 # keeps working on current releases (lent GPU machines and users' own installs run current torch).
 # Deliberately unpinned: CURRENT_TORCH (default: the newest torch pip may install) picks the release.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 venv=.build/current-venv
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"

@@ -12,7 +12,7 @@
 # DOCKER (default /usr/bin/docker, Debian's client with BuildKit built in) and COMPOSE choose the clients;
 # CA_BUNDLE (default $PIP_CERT, else the system bundle) is the build's TLS bundle.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 export DOCKER="${DOCKER:-/usr/bin/docker}"
 export TORCHRIG_IMAGE=torchrig:test-bookworm  # compose runs this one; the user's torchrig:latest is left alone
@@ -92,7 +92,7 @@ make_base_image() {
 }
 
 build_test_image() {
-    python3 -m env.docker build --base-image "$base_image" --tag "$TORCHRIG_IMAGE" --ca-bundle "$ca_bundle" \
+    python3 -m env.rig.docker build --base-image "$base_image" --tag "$TORCHRIG_IMAGE" --ca-bundle "$ca_bundle" \
         -- --network host
 }
 
@@ -116,7 +116,7 @@ engine_limits() {
 
 # Commands in the container are bounded, so a hung job fails its step instead of eating CI's time.
 step_limit_s=900
-in_container() { timeout --kill-after=30 "$step_limit_s" python3 -m env.docker run -- "$@"; }
+in_container() { timeout --kill-after=30 "$step_limit_s" python3 -m env.rig.docker run -- "$@"; }
 bounded_make() { timeout --kill-after=30 "$step_limit_s" make "$@"; }
 
 # A job killed by its time limit can leave its container behind.
@@ -144,7 +144,7 @@ labels_name_the_checkout() {
         "$TORCHRIG_IMAGE") || return 1
     profile=$(in_container printenv TORCHRIG_CUDA_PROFILE | tr -d '\r') || return 1
     echo "org.opencontainers.image.revision=$revision, TORCHRIG_CUDA_PROFILE=$profile"
-    [[ "$revision" == "$built_from" && "$profile" == "$(python3 -m env.profiles show 12.1 --field cuda)" ]]
+    [[ "$revision" == "$built_from" && "$profile" == "$(python3 -m env.rig.profiles show 12.1 --field cuda)" ]]
 }
 
 # Workers end when their launcher dies, on every runtime. Under RUNTIME=docker the launcher runs in the
@@ -195,7 +195,7 @@ print("CUDA (torch.version.cuda)", torch.version.cuda, "| NCCL", ".".join(map(st
 # A wrong pin must fail the build in the self-check, not anywhere else: the layer cache makes this cheap.
 rejects_wrong_pin() {
     local pin="$1" log="$state/wrong-pin.log"
-    if python3 -m env.docker build --base-image "$base_image" --tag torchrig:test-wrong-pin --ca-bundle "$ca_bundle" \
+    if python3 -m env.rig.docker build --base-image "$base_image" --tag torchrig:test-wrong-pin --ca-bundle "$ca_bundle" \
         -- --network host --progress plain --build-arg "$pin" >"$log" 2>&1; then
         echo "the build with $pin succeeded; the self-check should have failed it"
         return 1

@@ -2,19 +2,19 @@
 # make lint: hadolint on the Dockerfile, shellcheck on every shell script, the compose file through each
 # compose version installed (v1 docker-compose, v2 docker compose), the cloud-init user-data and the
 # SkyPilot task (env/cloud/), and ruff check + ruff format --check.
-# The tools are hash-locked in env/dev-requirements.txt and installed into .build/dev-venv, apart from the
+# The tools are hash-locked in env/ci/dev-requirements.txt and installed into .build/dev-venv, apart from the
 # project's .venv so that one stays exactly the runtime lock. Every check runs; the exit code says if any failed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 dev_venv=.build/dev-venv
 stamp="$dev_venv/.dev-requirements.sha256"
-lock_digest=$(sha256sum env/dev-requirements.txt | cut -d' ' -f1)
+lock_digest=$(sha256sum env/ci/dev-requirements.txt | cut -d' ' -f1)
 if [[ ! -x "$dev_venv/bin/ruff" || "$(cat "$stamp" 2>/dev/null)" != "$lock_digest" ]]; then
-    echo "lint: installing the lint tools from env/dev-requirements.txt into $dev_venv"
+    echo "lint: installing the lint tools from env/ci/dev-requirements.txt into $dev_venv"
     python3 -m venv "$dev_venv"
     "$dev_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --require-hashes --only-binary=:all: -r env/dev-requirements.txt
+        --require-hashes --only-binary=:all: -r env/ci/dev-requirements.txt
     echo "$lock_digest" > "$stamp"
 fi
 export PATH="$PWD/$dev_venv/bin:$PATH"

@@ -8,7 +8,7 @@
 # foreground of a background job and is stopped by its pid on exit; the directory is then removed.
 # Needs root (the daemons and the package install). Exit: pytest's code, 2 for a setup failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 say() { printf 'torchrig test-slurm: %s\n' "$*" >&2; }
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,7 +21,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null
 fi
 # The tests run in .venv, which make test made before this stage; make it when run on its own.
-[ -x .venv/bin/python ] || python3 -m env.runtime setup RUNTIME=local
+[ -x .venv/bin/python ] || python3 -m env.rig.runtime setup RUNTIME=local
 PY=.venv/bin/python
 
 started=$SECONDS

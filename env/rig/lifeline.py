@@ -1,6 +1,6 @@
 """A worker ends when its launcher dies, however the launcher dies.
 
-torchrun's agent runs inside our launcher (env/launch.py calls it as a library) and starts each
+torchrun's agent runs inside our launcher (env/rig/launch.py calls it as a library) and starts each
 worker with Popen in a session of its own, so a SIGKILL of the launcher reaches no worker: they
 would go on training and checkpointing under PID 1 and race the rerun. Each worker therefore asks
 the kernel for SIGKILL when its parent goes (Linux prctl PR_SET_PDEATHSIG), then checks that the

@@ -1,7 +1,7 @@
 """The doctor's checks: pure functions of `Facts`, kept as a table (`CHECKS`) that the doctor walks.
 
-`Facts` (env/facts.py) holds everything gathered about the machine (tests build it by hand or
-load it from tests/fixtures/doctor/*.json); version tables and pins come from env/profiles.py. Each check turns
+`Facts` (env/machine/facts.py) holds everything gathered about the machine (tests build it by hand or
+load it from tests/fixtures/doctor/*.json); version tables and pins come from env/rig/profiles.py. Each check turns
 Facts into a `CheckResult`: a status (OK, WARN or FAIL), one line of evidence, and one
 line of fix when the status is not OK. No check reads the machine itself.
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from env.facts import Facts
-from env.links import PCIE_LANE_GBPS
-from env.nvml import GpuInfo, Snapshot
-from env.p2p import DISABLE_VAR, P2PDecision, decide_p2p
-from env.profiles import CUDA_MIN_DRIVER, NCCL_DIST, TORCH_TRIOS, TRIO
+from env.machine.facts import Facts
+from env.machine.links import PCIE_LANE_GBPS
+from env.machine.nvml import GpuInfo, Snapshot
+from env.machine.p2p import DISABLE_VAR, P2PDecision, decide_p2p
+from env.rig.profiles import CUDA_MIN_DRIVER, NCCL_DIST, TORCH_TRIOS, TRIO
 
 MIB = 2**20
 GIB = 2**30

@@ -1,6 +1,6 @@
 """The dispatcher behind every make target: read and check the variables, choose the runtime, run the CLI.
 
-`make train GPUS=2 CONFIG=tiny` runs `python3 -m env.runtime --from-make train`, which reads
+`make train GPUS=2 CONFIG=tiny` runs `python3 -m env.rig.runtime --from-make train`, which reads
 GPUS=2 CONFIG=tiny byte for byte from the MAKEFLAGS make hands its recipe (the Makefile never
 expands a value), checks each against MAKE_VARS, the one table of make variables, and turns them
 into the CLI's `--flag=value` arguments (`python -m train.launch --gpus=2 --config=tiny`).
@@ -19,17 +19,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from env.cli import UserError, check_workers, count, real, run_cli
-from env.profiles import DEFAULT_CUDA, profile
+from env.common.cli import UserError, check_workers, count, real, run_cli
+from env.rig.profiles import DEFAULT_CUDA, profile
 
 if TYPE_CHECKING:
-    from env.docker import EngineStatus
+    from env.rig.docker import EngineStatus
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv"
 LOCK = ROOT / profile(DEFAULT_CUDA).lock  # requirements.txt, the lock .venv is made from
 STAMP = VENV / ".torchrig-lock-sha256"
@@ -49,7 +50,7 @@ class MakeVar:
 
     flag: str  # the flag the target's CLI takes; "" for a positional value or one the dispatcher uses itself
     # "text", "count" (digits 0-9), "real" (a finite number), "switch" (1 adds the bare flag), or
-    # "environ": set in the job's environment, where env/docker.py and the job read it
+    # "environ": set in the job's environment, where env/rig/docker.py and the job read it
     kind: str = "text"
     config_key: str = ""  # the config key a training shorthand sets (STEPS -> train.steps)
 
@@ -110,32 +111,64 @@ def shorthand_keys() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Target:
-    """A make target: the Python module it runs and the make variables it takes, in order."""
+    """A make target: the Python module it runs and the make variables it takes, in order.
+
+    The `torchrig` console script (env/rig/console.py) makes one subcommand of each.
+    """
 
     module: str
     variables: tuple[str, ...] = ()  # names in MAKE_VARS: flagged ones become `--flag=value`
     positional: tuple[str, ...] = ()  # make variables passed as positional arguments, after `--`
     workers: bool = True  # GPUS counts worker processes it starts (the doctor only judges for that many)
+    summary: str = ""  # what it does, as its help line in the Makefile begins (`make help`, `torchrig --help`)
 
 
 RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 TARGETS: dict[str, Target] = {
-    "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",)),
+    "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",), summary="train a model"),
     "nccl-test": Target(
-        "env.nccl.launch", ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS)
+        "env.nccl.launch",
+        ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", *NODE_VARS),
+        summary="collective bandwidth + correctness with a verdict",
     ),
-    "doctor": Target("env.doctor", ("GPUS", "JSON", "RUN_DIR"), workers=False),
-    "bench": Target("train.bench", (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"), positional=("ARGS",)),
-    "compare": Target("env.compare", ("OUTPUT",), positional=("A", "B")),
-    "prepare": Target("train.prepare", ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE")),
-    "eval": Target("train.eval", ("GPUS", "RUN_DIR", "DATA")),
+    "doctor": Target(
+        "env.machine.doctor",
+        ("GPUS", "JSON", "RUN_DIR"),
+        workers=False,
+        summary="check this box: driver, torch stack, shm, PCIe, P2P",
+    ),
+    "bench": Target(
+        "train.bench",
+        (*RUN_VARS, "BASELINE", "NCCL_JSON", "COUNTS", "LINK"),
+        positional=("ARGS",),
+        summary="the 1->N GPU scaling table",
+    ),
+    "compare": Target(
+        "env.records.compare",
+        ("OUTPUT",),
+        positional=("A", "B"),
+        summary="compare two runs' manifests and figures, and overlay their losses in a PNG",
+    ),
+    "prepare": Target(
+        "train.prepare",
+        ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE"),
+        summary="turn text files into a token file, bytes or BPE",
+    ),
+    "eval": Target(
+        "train.eval", ("GPUS", "RUN_DIR", "DATA"), summary="validation loss of a run's newest valid checkpoint"
+    ),
     "sample": Target(
         "train.sample",
         ("RUN_DIR", "PROMPT", "TOKENS", "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "CACHE", "SPECULATE"),
+        summary="text from a run or export",
     ),
-    "export": Target("train.export", ("RUN_DIR", "OUTPUT", "DTYPE", "FORCE")),
-    "keys": Target("train.config_keys", ("OUTPUT",), workers=False),
+    "export": Target(
+        "train.export", ("RUN_DIR", "OUTPUT", "DTYPE", "FORCE"), summary="a run's weights as safetensors + config.json"
+    ),
+    "keys": Target(
+        "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"
+    ),
 }
 # Targets the dispatcher runs itself, and the variables they read.
 OWN_TARGETS: dict[str, tuple[str, ...]] = {
@@ -210,12 +243,15 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return values
 
 
-def check_values(target_name: str, values: dict[str, str]) -> None:
-    """Refuse in one line what no target could mean: an unknown variable, a control character, a bad number."""
+def check_values(target_name: str, values: dict[str, str], label: Callable[[str], str] = str) -> None:
+    """Refuse in one line what no target could mean: an unknown variable, a control character, a bad number.
+
+    label names a variable in a message as the user gave it: make's NAME, or the console's --flag.
+    """
     taken = target_variables(target_name)
     for name, value in values.items():
         if any(ord(char) < 32 or ord(char) == 127 for char in value):
-            raise UserError(f"{name} holds a newline or another control character; give it on one line")
+            raise UserError(f"{label(name)} holds a newline or another control character; give it on one line")
         if name.startswith(ENVIRONMENT_PREFIXES):
             continue
         if name not in MAKE_VARS:
@@ -226,9 +262,9 @@ def check_values(target_name: str, values: dict[str, str]) -> None:
         if name == "ARGS":
             split_args(value)
         elif value and kind == "count":
-            count(value, name)
+            count(value, label(name))
         elif value and kind == "real":
-            real(value, name)
+            real(value, label(name))
         elif value and kind == "switch" and value not in ("0", "1"):
             raise UserError(f"{name}={value!r}: give {name}=1 to turn it on (or leave it out)")
 
@@ -262,7 +298,7 @@ def choose_runtime(requested: str) -> tuple[str, str, EngineStatus | None]:
         raise UserError(f"RUNTIME={requested} is not docker or local")
     if requested:
         return requested, "RUNTIME was set", None
-    from env.docker import engine_status
+    from env.rig.docker import engine_status
 
     status = engine_status()
     if status.answers and status.nvidia:
@@ -322,6 +358,11 @@ def ensure_venv() -> Path:
     return python
 
 
+def is_override(word: str) -> bool:
+    """A key=value config override, not a flag: a flag would bypass the checks of its variable."""
+    return not word.startswith("-") and "=" in word
+
+
 def split_args(text: str) -> list[str]:
     """ARGS as key=value overrides (shell quoting allowed); a flag in ARGS would bypass the checks of its variable."""
     try:
@@ -331,12 +372,29 @@ def split_args(text: str) -> list[str]:
             f"ARGS={text!r}: {str(exc).lower()}; quote each value once, e.g. ARGS=\"name='my run'\""
         ) from None
     for word in words:
-        if word.startswith("-") or "=" not in word:
+        if not is_override(word):
             raise UserError(
                 f"ARGS holds '{word}': ARGS takes key=value config overrides only (e.g. ARGS=\"train.lr=3e-4\"); "
                 "flags have their own make variables (GPUS, STEPS, ...: `make help`)"
             )
     return words
+
+
+def job_argv(target: Target, values: dict[str, str], visible: int, label: Callable[[str], str] = str) -> list[str]:
+    """The target's CLI argv, with GPUS checked against the visible GPUs; says so when GPUS counts CPU processes."""
+    gpus = None
+    if "GPUS" in target.variables:
+        # Unset GPUS is left to each CLI, which applies the same check_workers default.
+        given = values.get("GPUS", "")
+        gpus = check_workers(count(given, label("GPUS")), visible, label("GPUS")) if given else None
+        if visible == 0 and target.workers:
+            many = f"{gpus} CPU process(es)" if gpus else "CPU processes"
+            print(
+                f"torchrig: no GPU visible: {many} on gloo (testing mode: same code path, slower)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return build_argv(target, values, gpus)
 
 
 def build_argv(target: Target, values: dict[str, str], gpus: int | None) -> list[str]:
@@ -375,8 +433,8 @@ def run(target_name: str, values: dict[str, str]) -> int:
         os.chdir(ROOT)
         os.execv(sys.executable, [*command, *(f"{name}={value}" for name, value in values.items())])
     if target_name == "build":
-        from env.docker import build_image
-        from env.profiles import DEFAULT_CUDA
+        from env.rig.docker import build_image
+        from env.rig.profiles import DEFAULT_CUDA
 
         return build_image(values.get("CUDA") or DEFAULT_CUDA)
     runtime, why, engine = choose_runtime(values.get("RUNTIME", ""))
@@ -389,23 +447,9 @@ def run(target_name: str, values: dict[str, str]) -> int:
     takes_gpus = target is not None and "GPUS" in target.variables
     # nvidia-smi only where the answer is used: GPUS checks, and the container's gpu or cpu service.
     visible = visible_gpu_count() if runtime == "docker" or takes_gpus else 0
-    if target is None:  # shell
-        argv = ["bash"]
-    else:
-        gpus = None
-        if takes_gpus:
-            # Unset GPUS is left to each CLI, which applies the same check_workers default.
-            gpus = check_workers(count(values["GPUS"], "GPUS"), visible) if values.get("GPUS", "") else None
-            if visible == 0 and target.workers:
-                many = f"{gpus} CPU process(es)" if gpus else "CPU processes"
-                print(
-                    f"torchrig: no GPU visible: {many} on gloo (testing mode: same code path, slower)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        argv = build_argv(target, values, gpus)
+    argv = ["bash"] if target is None else job_argv(target, values, visible)  # None: shell
     if runtime == "docker":
-        from env.docker import passthrough_env, run_in_container
+        from env.rig.docker import passthrough_env, run_in_container
 
         return run_in_container(argv, gpu=visible > 0, env=passthrough_env(), status=engine)
     python = ensure_venv()
@@ -417,7 +461,7 @@ def run(target_name: str, values: dict[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 -m env.runtime [--from-make] TARGET [NAME=value ...]`.
+    """`python3 -m env.rig.runtime [--from-make] TARGET [NAME=value ...]`.
 
     --from-make (the Makefile's recipes) reads the variables of make's command line from MAKEFLAGS;
     NAME=value arguments come after and win. Variables only set in the shell's environment are ignored,

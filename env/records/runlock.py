@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from env.cli import UserError
+from env.common.cli import UserError
 
 LOCK_NAME = ".lock"
 

@@ -9,7 +9,7 @@ default Linux wheels, so each profile's torch is a release whose default wheels 
 its NCCL pin is the exact nvidia-nccl-cu12 that torch itself requires. tests/test_lock.py keeps each
 lock file consistent with this table, and the image build checks the installed stack against it.
 
-Standard library only: scripts and the Dockerfile call `python3 -m env.profiles` before any venv exists.
+Standard library only: scripts and the Dockerfile call `python3 -m env.rig.profiles` before any venv exists.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from env.cli import ArgumentParser, UserError, run_cli
+from env.common.cli import ArgumentParser, UserError, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 TRIO = ("torch", "torchvision", "torchaudio")
@@ -376,7 +376,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python3 -m env.profiles", description="torchrig CUDA profiles")
+    parser = ArgumentParser(prog="python3 -m env.rig.profiles", description="torchrig CUDA profiles")
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="every profile")
     listing.add_argument("--format", choices=("table", "tsv"), default="table")

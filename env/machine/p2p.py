@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
 
-from env.nvml import GpuInfo, Snapshot
+from env.machine.nvml import GpuInfo, Snapshot
 
 DISABLE_VAR = "NCCL_P2P_DISABLE"
 LEVEL_VAR = "NCCL_P2P_LEVEL"

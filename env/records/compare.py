@@ -1,11 +1,11 @@
-"""`make compare A=run1 B=run2` / `python -m env.compare A B`: what differs between two runs.
+"""`make compare A=run1 B=run2` / `python -m env.records.compare A B`: what differs between two runs.
 
 A and B are run directories (holding manifest.json, and summary.json when the run finished)
 or manifest paths. Printed: the manifest keys whose values differ (flattened, noisy keys such
 as timestamps and temperatures left out), the package differences (added, removed, changed),
 and every numeric figure both summaries have (val_loss and val_bpb among them), side by side
 with the ratio B/A. For two training runs it also draws one PNG overlaying both runs' training
-and validation loss and throughput (env/plots.py): --plot PATH (make compare OUTPUT=…), by
+and validation loss and throughput (env/records/plots.py): --plot PATH (make compare OUTPUT=…), by
 default A's run directory / compare-<B's name>.png.
 Exit status: 0 after printing, 2 when a path or its manifest is missing or unreadable.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from env.cli import ArgumentParser, UserError, load_json, run_cli
-from env.plots import METRICS_NAME, PlotError, write_compare_plot
+from env.common.cli import ArgumentParser, UserError, load_json, run_cli
+from env.records.plots import METRICS_NAME, PlotError, write_compare_plot
 
 MANIFEST_NAME = "manifest.json"
 SUMMARY_NAME = "summary.json"
@@ -179,7 +179,7 @@ def render(a: Run, b: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m env.compare", description="Compare two runs.")
+    parser = ArgumentParser(prog="python -m env.records.compare", description="Compare two runs.")
     parser.add_argument("a", metavar="A", help="run directory or manifest.json of the first run")
     parser.add_argument("b", metavar="B", help="run directory or manifest.json of the second run")
     parser.add_argument(
@@ -200,7 +200,7 @@ def check_plot_path(out: Path) -> None:
     if out.suffix.lower() != ".png":
         raise CompareError(f"OUTPUT={out} does not end in .png; name the overlay PNG, e.g. OUTPUT=compare.png")
     if out.is_symlink() or not out.exists():
-        return  # a link is replaced, never written through (env.atomic)
+        return  # a link is replaced, never written through (env.common.atomic)
     if not out.is_file() or out.read_bytes()[: len(PNG_MAGIC)] != PNG_MAGIC:
         raise CompareError(f"OUTPUT={out} exists and is not a PNG; it is left alone: choose another OUTPUT")
 
