@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -159,6 +160,9 @@ def exit_code(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequ
     except UserError as exc:
         print(f"torchrig {tool}: {one_line(str(exc))}", file=sys.stderr, flush=True)
         return 2
+    except BrokenPipeError:  # the reader went away (`make sample | head`): nothing is wrong, nothing more to say
+        _silence_stdout()
+        return 0
     except OSError as exc:  # a path the user gave that the system refuses: too long, no permission, disk full
         where = f"{exc.filename}: " if exc.filename else ""
         fix = "check the path, its length and its permissions, and the free disk space"
@@ -166,6 +170,15 @@ def exit_code(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequ
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush meets no closed pipe either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def run_cli(tool: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> NoReturn:

@@ -131,6 +131,9 @@ def _unknown(word: str) -> UserError:
 
 
 def _run(args: Sequence[str]) -> int:
+    if args and args[0] in ("-h", "--help", "help"):
+        print(overview(), flush=True)
+        return 0
     if not args:
         raise UserError("give a target, e.g. torchrig train; `torchrig --help` lists them")
     if args[0] not in TARGETS:
@@ -141,9 +144,6 @@ def _run(args: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script: `torchrig --help` (or help), or `torchrig TARGET ...`, which returns only when refused."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help", "help"):
-        print(overview())
-        return 0
     return exit_code(args[0] if args and args[0] in TARGETS else "console", _run, args)
 
 

@@ -27,7 +27,9 @@ CORPUS_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages",
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("TORCHRIG_DATA_DIR") or REPO_ROOT / "data")
+    """$TORCHRIG_DATA_DIR, else data/ of the checkout, else (an installed package) data/ in the working directory."""
+    checkout = REPO_ROOT / "Makefile"
+    return Path(os.environ.get("TORCHRIG_DATA_DIR") or (REPO_ROOT if checkout.is_file() else Path.cwd()) / "data")
 
 
 def corpus_files(stdlib: Path) -> list[Path]:
