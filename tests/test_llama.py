@@ -30,6 +30,7 @@ from train.models import build_model, count_params, flops_per_token, get_spec
 from train.models.llama import LlamaConfig
 from train.sample import ByteCodec, Generator, SampleError, Sampling, printable
 from train.sample import main as sample_main
+from train.trainer import train
 from train.weights import build_loaded_model, load_model_weights
 
 # llama-tiny made smaller still for two busy CPU cores: a fraction of a second per step.
@@ -155,6 +156,14 @@ def test_future_tokens_do_not_change_earlier_logits() -> None:
     changed[:, 12:] = (changed[:, 12:] + 1) % 256
     torch.testing.assert_close(logits_of(model, changed)[:, :12], logits_of(model, tokens)[:, :12])
     assert not torch.allclose(logits_of(model, changed)[:, 12:], logits_of(model, tokens)[:, 12:])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_in_process(tmp_path: Path, precision: str) -> None:
+    cfg = small_llama(f"train.precision={precision}", "train.steps=3", "train.micro_batch=2")
+    summary = train(cfg, tmp_path / precision)
+    assert summary["precision"] == precision and summary["steps"] == 3
+    assert math.isfinite(summary["final_loss"]) and summary["final_loss"] < summary["first_loss"] + 1.0
 
 
 # ---------------------------------------------------------------------------------------------
