@@ -139,6 +139,7 @@ def test_every_built_in_family_builds_counts_and_shards(monkeypatch: pytest.Monk
     monkeypatch.delenv("TORCHRIG_MODELS", raising=False)
     small = {
         "deepseek": load_config("tiny", ["model.mtp_depth=1"]).model,
+        "llama": load_config("llama-tiny", ["model.tie_embeddings=true"]).model,
         "resnet50": ResNetConfig(num_classes=10),
     }
     assert set(registered()) == set(small) and len(BUILT_IN) == len(small)

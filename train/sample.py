@@ -5,7 +5,8 @@
 
 The text goes to stdout; the figures (tokens/s, the KV cache per token, speculation's acceptance
 and speed-up) to stderr. Decoding runs with the model's cache (deepseek: MLA's latent KV cache,
-train/models/deepseek.py): the prompt is read in one forward (prefill), then one token per forward.
+train/models/deepseek.py; llama: grouped keys and values, train/models/llama.py): the prompt is read
+in one forward (prefill), then one token per forward.
 --cache 0 recomputes the whole context every token instead; greedy decoding (--temperature 0) gives
 the same tokens both ways.
 
@@ -361,7 +362,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--top-k", default="0", help="keep the k most likely tokens; 0 is off (default)")
     parser.add_argument("--top-p", default="1", help="nucleus sampling, in (0, 1]; 1 is off (default)")
     parser.add_argument("--seed", default="1337", help="the sampling RNG's seed")
-    parser.add_argument("--cache", default="1", help="1: the latent KV cache (default); 0: recompute every token")
+    parser.add_argument("--cache", default="1", help="1: the model's KV cache (default); 0: recompute every token")
     parser.add_argument("--speculate", default="0", help="1: MTP drafts, the main model verifies")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     # A prompt may start with '-': take the value after --prompt as it is.
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = generator.run(prompt, args.tokens, cache=args.cache, speculate=args.speculate)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    method = "speculative (MTP draft, cached)" if args.speculate else "latent cache" if args.cache else "no cache"
+    method = "speculative (MTP draft, cached)" if args.speculate else "KV cache" if args.cache else "no cache"
     note(
         f"{len(result.tokens)} tokens in {result.seconds:.2f} s: {result.tokens_per_sec:,.1f} tokens/s ({method}; "
         f"prefill {result.prefill_seconds * 1000:.0f} ms, {result.main_forwards} main-model forwards, "

@@ -25,11 +25,11 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import ConfigError
-from train.models import deepseek, resnet
+from train.models import deepseek, llama, resnet
 from train.models.spec import ModelSpec, ParamCount
 
 # The registry: one module per model family, each exporting SPEC.
-BUILT_IN = (deepseek, resnet)
+BUILT_IN = (deepseek, llama, resnet)
 PLUGINS_ENV = "TORCHRIG_MODELS"
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
