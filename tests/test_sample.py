@@ -256,7 +256,11 @@ BAD_SAMPLES = {
         r"PROMPT text 'zebra' is outside the tokenizer",
     ),
     "a tokenizer file that is not one": ("not_tokenizer", [], r"tokenizer\.json is not a tokenizer\.json \("),
-    "a ResNet run": ("resnet", [], r"holds a resnet50 run, an image classifier, not the deepseek decoder"),
+    "a ResNet run": (
+        "resnet",
+        [],
+        r"holds a resnet50 run, an image classifier; sampling needs a model family with a decoder",
+    ),
     "TOP_P of 0": ("bytes128", ["TOP_P=0"], r"TOP_P=0 is out of range; TOP_P must be in \(0, 1\]"),
     "TOP_P above 1": ("bytes128", ["TOP_P=1.5"], r"TOP_P=1.5 is out of range"),
     # make's own check of a count or a real catches these before the sampler starts.
@@ -271,7 +275,11 @@ BAD_SAMPLES = {
         ["SPECULATE=1", "CACHE=0"],
         r"SPECULATE=1 verifies drafts with the cache",
     ),
-    "SPECULATE without an MTP module": ("no_mtp", ["SPECULATE=1"], r"has no MTP module \(model\.mtp_depth=0\)"),
+    "SPECULATE without an MTP module": (
+        "no_mtp",
+        ["SPECULATE=1"],
+        r"cannot draft \(model\.arch=deepseek; a deepseek model needs model\.mtp_depth >= 1\)",
+    ),
 }
 
 

@@ -72,6 +72,7 @@ class ByteCodec:
 
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
+        self.text_vocab = min(vocab_size, BYTE_VOCAB)
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def encode(self, prompt: str) -> list[int]:
@@ -112,6 +113,7 @@ class TokenizerCodec:
             )
         self.name = f"tokenizer {path}"
         self.vocab_size = vocab_size
+        self.text_vocab = size
         self._generated: list[int] = []
         self._shown = ""
 
@@ -170,9 +172,13 @@ class Sampling:
     temperature: float = 0.8  # 0: greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    # Ids the text can hold (the tokenizer's size): a model's vocabulary may be padded beyond it (llama-124m's
+    # 50,304 against GPT-2's 50,257), and a padding id would print as nothing. None: every id.
+    vocab_limit: int | None = None
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         """One token from logits [vocab]: the argmax when greedy, else a draw after temperature, top-k, top-p."""
+        logits = logits[: self.vocab_limit]
         if self.temperature == 0:
             return int(logits.argmax())
         logits = logits.float() / self.temperature
@@ -328,7 +334,8 @@ class Generator:
                 draft = self._draft(hidden[:, :1], [token], mtp)
 
     def _draft(self, hidden: torch.Tensor, next_tokens: list[int], mtp: Any) -> int:
-        return int(self.model.draft_cached(hidden, self._ids(next_tokens), mtp)[0, -1].argmax())
+        logits = self.model.draft_cached(hidden, self._ids(next_tokens), mtp)[0, -1]
+        return int(logits[: self.sampling.vocab_limit].argmax())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = pick_device(args.device)
     model, config, step = load_language_model(run_dir, device)
     if args.speculate and not model.can_draft:
-        raise SampleError(f"{run_dir} has no module to draft with (deepseek: model.mtp_depth=0); drop SPECULATE=1")
+        raise SampleError(
+            f"{run_dir} holds a model that cannot draft (model.arch={config['model']['arch']}; a deepseek model needs "
+            "model.mtp_depth >= 1); drop SPECULATE=1"
+        )
     codec = make_codec(run_dir, config, int(config["model"]["vocab_size"]))
     prompt = codec.encode(args.prompt)
     autocast = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
@@ -449,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(printable(codec.stream(tokens)))
         sys.stdout.flush()
 
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, vocab_limit=codec.text_vocab)
     generator = Generator(model, sampling, args.seed, device, autocast, emit=show)
     sys.stdout.reconfigure(errors="replace")  # a terminal that is not UTF-8 still gets the text
     sys.stdout.write(printable(os.fsencode(args.prompt).decode("utf-8", errors="replace")))

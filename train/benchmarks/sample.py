@@ -1,4 +1,4 @@
-"""Decoding speed: no cache, MLA's latent KV cache, and MTP speculation, with the cache's size.
+"""Decoding speed: no cache, the model's cache (MLA's latent KV cache for deepseek), and MTP speculation.
 
     python -m train.benchmarks.sample [--config tiny] [--run-dir RUN] [--train-steps 100] [--tokens 100]
         [--prompt-tokens 16] [--repeats 3] [key=value ...]
@@ -29,7 +29,7 @@ from train.models import build_model, get_spec
 from train.run import build_optimizer, lr_at
 from train.sample import Generator, Sampling, cache_line, load_language_model
 
-METHODS = {"no cache": {"cache": False}, "latent cache": {"cache": True}, "speculative": {"speculate": True}}
+METHODS = {"no cache": {"cache": False}, "cached": {"cache": True}, "speculative": {"speculate": True}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,17 +122,17 @@ def run(args: argparse.Namespace) -> None:
     for name in methods:
         rate = statistics.median(rates[name])
         if name == "speculative":
-            same = "same tokens as cached greedy" if outputs[name] == outputs["latent cache"] else "DIFFERENT tokens"
+            same = "same tokens as cached greedy" if outputs[name] == outputs["cached"] else "DIFFERENT tokens"
             accepted = f"{statistics.median(acceptance):.1%}" if acceptance else "n/a"
             note = f"acceptance {accepted}; {same}"
-        elif name == "latent cache":
+        elif name == "cached":
             note = f"{cache_bytes:,} B/token in the cache (the line above compares it with full K/V)"
         else:
             note = "recomputes the whole context every token"
         print(f"{name:<14} {rate:>10,.1f} {rate / base:>10.2f}x  {note}")
     if "speculative" in rates:
-        speedup = statistics.median(rates["speculative"]) / statistics.median(rates["latent cache"])
-        print(f"speculation speed-up over the latent cache: {speedup:.2f}x")
+        speedup = statistics.median(rates["speculative"]) / statistics.median(rates["cached"])
+        print(f"speculation speed-up over cached decoding: {speedup:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

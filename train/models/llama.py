@@ -302,12 +302,6 @@ class Llama(nn.Module):
         cache.advance(inputs.shape[1])
         return self.logits(hidden), hidden
 
-    def new_draft_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> KVCache:
-        raise ValueError("a llama model has no MTP module to draft with (can_draft is False)")
-
-    def draft_cached(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        raise ValueError("a llama model has no MTP module to draft with (can_draft is False)")
-
 
 # ---------------------------------------------------------------------------------------------
 # The config: the model.* checks (train.config_loader.validate_model runs them through SPEC).

@@ -56,11 +56,10 @@ class Cache(Protocol):
 
 
 class Decoder(Protocol):
-    """What sampling drives (train/sample.py): prefill and decode at a cache's position, and drafts.
+    """What sampling drives (train/sample.py): prefill and decode at a cache's position.
 
     forward_cached(inputs [batch, seq], cache) -> (logits [batch, seq, vocab], hidden [batch, seq, dim]),
-    reading and advancing the cache by seq. A model that can draft (DeepSeek's MTP) also has
-    draft_cached(hidden, next_tokens, draft_cache) -> logits of the token after next.
+    reading and advancing the cache by seq. A model whose can_draft is True is also a Drafter.
     """
 
     max_seq_len: int
@@ -71,9 +70,14 @@ class Decoder(Protocol):
 
     def new_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> Cache: ...
 
-    def new_draft_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> Cache: ...
-
     def forward_cached(self, inputs: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Drafter(Decoder, Protocol):
+    """A decoder that drafts the token after next for speculative decoding (DeepSeek's MTP module):
+    draft_cached(hidden, next_tokens, draft_cache) -> logits of the token after each next token."""
+
+    def new_draft_cache(self, batch: int = 1, dtype: torch.dtype | None = None) -> Cache: ...
 
     def draft_cached(self, hidden: torch.Tensor, next_tokens: torch.Tensor, cache: Cache) -> torch.Tensor: ...
 
