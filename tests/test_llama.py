@@ -347,7 +347,7 @@ def test_make_sample_of_a_llama_run_streams_the_greedy_text(one_process: Path, t
 
 
 def test_speculation_on_a_llama_run_is_refused_in_one_line(one_process: Path) -> None:
-    with pytest.raises(SampleError, match=r"has no module to draft with.*drop SPECULATE=1"):
+    with pytest.raises(SampleError, match=r"cannot draft \(model\.arch=llama.*drop SPECULATE=1"):
         sample_main(["--run-dir", str(one_process), "--speculate", "1", "--tokens", "3"])
 
 
