@@ -102,3 +102,37 @@ def test_a_config_saved_with_train_tensorboard_reads_as_the_tensorboard_sink() -
     assert config_from_dict(saved).train.sinks == ["console", "jsonl", "tensorboard"]
     saved["train"]["tensorboard"] = False
     assert config_from_dict(saved).train.sinks == ["console", "jsonl"]
+
+
+@dataclasses.dataclass
+class _Inner:
+    """A nested section, as train.lora is."""
+
+    rank: int = 0
+    """Adapter rank."""
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["wq"])
+    """Module name patterns."""
+
+
+@dataclasses.dataclass
+class _TrainWithInner(TrainConfig):
+    inner: _Inner = dataclasses.field(default_factory=_Inner, metadata={"resume": "fixed"})
+    """A section inside train."""
+
+
+def test_a_nested_section_is_set_listed_checked_and_fixed_for_a_resume_by_its_dotted_keys() -> None:
+    from train.config import resume_fixed_keys
+    from train.config_keys import leaves
+    from train.config_loader import _apply
+
+    cfg = default_config()
+    cfg.train = _TrainWithInner()
+    _apply(cfg, {"train.inner.rank": "8", "train.inner.targets": "wq,wkv_b"})
+    assert cfg.train.inner.rank == 8 and cfg.train.inner.targets == ["wq", "wkv_b"]
+    found = leaves(cfg.train, "train.")
+    assert found["train.inner.rank"].doc == "Adapter rank." and found["train.inner.rank"].fixed
+    assert not found["train.lr"].fixed and "train.inner.targets" in resume_fixed_keys(cfg.train, "train.")
+    with pytest.raises(ConfigError, match="'train.inner' is a section, not a key; set its keys, e.g. train.inner"):
+        _apply(cfg, {"train.inner": "8"})
+    with pytest.raises(ConfigError, match="did you mean 'train.inner.rank'"):
+        _apply(cfg, {"train.inner.rnak": "8"})
