@@ -132,7 +132,7 @@ def test_a_nested_section_is_set_listed_checked_and_fixed_for_a_resume_by_its_do
     found = leaves(cfg.train, "train.")
     assert found["train.inner.rank"].doc == "Adapter rank." and found["train.inner.rank"].fixed
     assert not found["train.lr"].fixed and "train.inner.targets" in resume_fixed_keys(cfg.train, "train.")
-    with pytest.raises(ConfigError, match="'train.inner' is a section, not a key; set its keys, e.g. train.inner"):
+    with pytest.raises(ConfigError, match=r"'train\.inner' is a section, not a key; set its keys, e\.g\. train\.inner"):
         _apply(cfg, {"train.inner": "8"})
-    with pytest.raises(ConfigError, match="did you mean 'train.inner.rank'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'train\.inner\.rank'"):
         _apply(cfg, {"train.inner.rnak": "8"})
