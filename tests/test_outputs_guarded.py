@@ -13,7 +13,7 @@ import torch
 
 from env.records.compare import CompareError, check_plot_path
 from tests.conftest import ROOT
-from tests.sampling import save_checkpoint, small_config, trained_in_process, write_export
+from tests.helpers.sampling import save_checkpoint, small_config, trained_in_process, write_export
 from train.config_loader import load_config
 from train.errors import ConfigError
 from train.export import ExportError, export
