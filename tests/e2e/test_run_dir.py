@@ -1,6 +1,9 @@
 """A RUN_DIR across launches, through `make train`: a finished run is left alone, a refused resume
 writes nothing, the manifest lists every launch that trained, the summary covers the whole run,
-one job at a time holds the directory, and workers end with their launcher."""
+one job at a time holds the directory, and workers end with their launcher.
+
+The run lock, the lifeline and reading a RUN_DIR's records on their own: tests/env/records/test_runlock.py,
+tests/env/rig/test_lifeline.py, tests/train/test_rundir.py."""
 
 from __future__ import annotations
 
@@ -9,15 +12,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from env.records.runlock import LOCK_NAME, RunDirBusy, RunDirLock
+from env.records.runlock import LOCK_NAME
 from tests.conftest import ROOT
-from train.rundir import completed_steps, earlier_records
+from tests.helpers.processes import alive, children, wait_for
 
 pytestmark = pytest.mark.slow
 F = "model.max_seq_len=32 data.seq_len=32"
@@ -95,37 +96,6 @@ def test_after_a_resume_the_summary_covers_the_whole_run(history) -> None:
     assert summary["final_loss"] == rows(history["run_dir"])[-1]["loss"]
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
-            if int(ppid) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
-
-
-def _wait_for(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return condition()
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
 def test_a_second_job_is_refused_and_a_killed_launcher_takes_its_workers_along(tmp_path) -> None:
     run_dir = tmp_path / "r"
@@ -139,10 +109,10 @@ def test_a_second_job_is_refused_and_a_killed_launcher_takes_its_workers_along(t
     )
     workers: list[int] = []
     try:
-        assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rows(run_dir), 240), "the run never logged"
+        assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rows(run_dir), 240), "the run never logged"
         holder = json.loads((run_dir / LOCK_NAME).read_text())
         launcher = holder["pid"]
-        workers = [pid for pid in _children(launcher) if "train.worker" in Path(f"/proc/{pid}/cmdline").read_text()]
+        workers = [pid for pid in children(launcher) if "train.worker" in Path(f"/proc/{pid}/cmdline").read_text()]
         assert len(workers) == 2
 
         second = run_make(run_dir, 1000)
@@ -154,7 +124,7 @@ def test_a_second_job_is_refused_and_a_killed_launcher_takes_its_workers_along(t
         os.kill(launcher, signal.SIGKILL)
         job.wait(timeout=60)
         # Generous: the assertion is that they end, not how fast.
-        assert _wait_for(lambda: not any(_alive(pid) for pid in workers), 120), "workers outlived their launcher"
+        assert wait_for(lambda: not any(alive(pid) for pid in workers), 120), "workers outlived their launcher"
         checkpoints = run_dir / "checkpoints"
         written = [p.name for p in checkpoints.iterdir() if not p.name.startswith(".")] if checkpoints.exists() else []
         assert written == [], "a checkpoint was written after the launcher died"
@@ -165,108 +135,8 @@ def test_a_second_job_is_refused_and_a_killed_launcher_takes_its_workers_along(t
         assert rerun.returncode == 0, rerun.stderr
     finally:
         for pid in workers:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if job.poll() is None:
             job.kill()
             job.wait()
-
-
-def test_a_lock_held_in_this_process_is_refused_and_released_on_close(tmp_path) -> None:
-    with RunDirLock(tmp_path), pytest.raises(RunDirBusy, match=rf"pid {os.getpid()} on host"):
-        RunDirLock(tmp_path).acquire()
-    RunDirLock(tmp_path).acquire().release()  # released: a new holder gets it
-
-
-def test_a_stale_flock_of_a_dead_pid_on_this_host_does_not_block(tmp_path) -> None:
-    # A lock the file system kept for a holder that is gone (as some network file systems do).
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = RunDirLock(tmp_path).acquire()
-    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "since": "x"}))
-    try:
-        with RunDirLock(tmp_path) as fresh:
-            assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
-            with pytest.raises(RunDirBusy):
-                RunDirLock(tmp_path).acquire()
-            assert fresh
-    finally:
-        stale.release()
-
-
-def test_a_lock_name_that_is_a_link_is_not_followed(tmp_path) -> None:
-    target = tmp_path / "precious"
-    target.write_text("keep")
-    run_dir = tmp_path / "r"
-    run_dir.mkdir()
-    (run_dir / LOCK_NAME).symlink_to(target)
-    with pytest.raises(OSError):
-        RunDirLock(run_dir).acquire()
-    assert target.read_text() == "keep"
-
-
-def test_completion_and_history_read_hostile_files_safely(tmp_path) -> None:
-    (tmp_path / "summary.json").write_bytes(b"\xff\xfe not json")
-    assert completed_steps(tmp_path, 4) is None
-    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4, "stopped_early": True}))
-    assert completed_steps(tmp_path, 4) is None  # stopped by SIGTERM: a rerun continues it
-    (tmp_path / "summary.json").write_text(json.dumps({"steps": 4, "stopped_early": False}))
-    assert completed_steps(tmp_path, 4) == 4 and completed_steps(tmp_path, 5) is None
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n[1]\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
-    assert [r["step"] for r in earlier_records(tmp_path, 2)] == [1, 2]
-    # Links to endless devices read as absent, and do not hang the reader.
-    for name in ("summary.json", "metrics.jsonl"):
-        (tmp_path / name).unlink()
-        (tmp_path / name).symlink_to("/dev/zero")
-    assert completed_steps(tmp_path, 4) is None and earlier_records(tmp_path, 2) == []
-    (tmp_path / "metrics.jsonl").unlink()
-    (tmp_path / "metrics.jsonl").write_bytes(b"x" * 200_000 + b'\n{"step": 1, "loss": 3.0}\n')  # one row too long
-    assert [r["step"] for r in earlier_records(tmp_path, 2)] == [1]
-
-
-def _ends_with_killed_parent(parent_code: str) -> bool:
-    """Run parent_code (which starts a child and prints its pid), SIGKILL it, and say whether the child ended."""
-    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(ROOT)], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
-    try:
-        assert parent.stdout.readline().strip() == "ready"
-        parent.kill()
-        parent.wait()
-        return _wait_for(lambda: not _alive(child), 60)  # generous: that it ends, not how fast
-    finally:
-        if _alive(child):
-            os.kill(child, signal.SIGKILL)
-        parent.stdout.close()
-
-
-def test_a_worker_ends_when_its_parent_is_killed() -> None:
-    # parent -> child in a session of its own, as torchrun starts workers; the child asks to end with
-    # its parent, says so, and sleeps.
-    child_code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from env.rig.lifeline import end_with_parent;"
-        "end_with_parent(); print('ready', flush=True); time.sleep(600)"
-    )
-    parent_code = (
-        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]],"
-        " start_new_session=True); print(p.pid, flush=True); time.sleep(600)"
-    )
-    assert _ends_with_killed_parent(parent_code.replace("sys.argv[1], sys.argv[2]", f"{child_code!r}, sys.argv[1]"))
-
-
-def test_end_with_parent_ends_at_once_when_the_parent_is_already_gone() -> None:
-    # The launcher died before the worker asked for the signal: its parent is no longer the expected one.
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from env.rig.lifeline import end_with_parent; end_with_parent(1)"
-    )
-    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], timeout=60)
-    assert done.returncode == -signal.SIGKILL
-
-
-def test_the_docker_client_gets_sigterm_when_the_dispatcher_is_killed() -> None:
-    # As env/rig/docker.py starts `docker compose run`: here a stand-in client (sleep) under a stand-in dispatcher.
-    parent_code = (
-        "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from env.rig.lifeline import signal_when_parent_dies;"
-        "p = subprocess.Popen(['sleep', '600'], preexec_fn=signal_when_parent_dies()); print(p.pid, flush=True);"
-        "print('ready', flush=True); time.sleep(600)"
-    )
-    assert _ends_with_killed_parent(parent_code), "the client outlived the dispatcher"

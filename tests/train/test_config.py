@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from tests.helpers.corpus import write_corpus
+from tests.helpers.trainrun import launch_train
 from train.config_loader import available_configs, config_from_dict, load_config
 from train.errors import ConfigError, DataError
 from train.models.deepseek import DeepSeekConfig
@@ -137,3 +141,34 @@ def test_a_yaml_path_works_and_bad_yaml_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(str(bad))
     assert "\n" not in str(err.value)
+
+
+def test_an_absurd_context_length_is_one_line_before_anything_is_built() -> None:
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len=1000000000000 exceeds"):
+        load_config("tiny", ["model.max_seq_len=1000000000000"])
+
+
+# ---------------------------------------------------------------------------------------------
+# data.path and vocab auto
+
+
+def test_data_path_picks_the_source_or_is_refused_when_it_contradicts(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "text", files=1, lines=20)
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    glob = str(tmp_path / "text" / "*.txt")
+    assert load_config("tiny", [f"data.path={glob}"]).data.source == "files"  # tiny.yaml says corpus
+    assert load_config("resnet50", [f"data.path={tmp_path / 'images'}"]).data.source == "images"
+    with pytest.raises(ConfigError, match=r"data\.source=corpus does not read"):
+        load_config("tiny", ["data.source=corpus", f"data.path={glob}"])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config("tiny", ["data.source=files", f"data.path={tmp_path / 'images'}"])
+    with pytest.raises(ConfigError, match="synthetic has none"):
+        load_config("tiny", ["data.source=synthetic", "model.vocab_size=auto"])
+
+
+def test_the_launcher_trains_on_a_given_path_with_the_default_source(tmp_path: Path) -> None:
+    write_corpus(tmp_path / "text", files=1, lines=60)
+    run_dir = tmp_path / "run"
+    result = launch_train(run_dir, 1, 1, f"data.path={tmp_path / 'text' / '*.txt'}", "train.eval_every=0")
+    assert result.returncode == 0, result.stderr
+    assert "torchrig: data: files:" in result.stdout

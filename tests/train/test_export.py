@@ -93,6 +93,14 @@ def test_make_export_into_a_non_empty_directory_is_one_line(tmp_path: Path) -> N
     assert json.loads((tmp_path / "out" / "config.json").read_text())["export"]["dtype"] == "bf16"
 
 
+def test_an_export_into_a_run_directory_is_refused(tmp_path: Path) -> None:
+    cfg = small_config()
+    save_checkpoint(tmp_path / "run", trained_in_process(cfg), cfg, step=2)
+    with pytest.raises(ExportError, match="training run's directory"):
+        export(tmp_path / "run", tmp_path / "run", force=True)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 

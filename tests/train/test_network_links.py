@@ -1,4 +1,6 @@
-"""Links between nodes: the LINK values for Ethernet and InfiniBand, and a multi-node nccl-test record in bench."""
+"""Links between nodes: the LINK values for Ethernet and InfiniBand, and a multi-node nccl-test record in bench.
+
+The manifest's record of the socket interfaces is tested in tests/env/records/test_manifest.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from env.machine.links import NETWORK_LINKS
-from env.records import manifest
 from train.bench import BenchError
 from train.bench.bandwidth import LINK_ASSUMPTIONS, assumed_bandwidth, bandwidth_from_nccl_json, resolve_bandwidth
 from train.bench.comm import CommPlan, add_prediction
@@ -61,11 +62,3 @@ def test_a_multi_node_record_gives_the_measured_inter_node_busbw_to_the_predicti
     comm_s = 2 * (2 - 1) / 2 * 50_000_000 * 4 / 11.5e9  # ring all-reduce of fp32 gradients at that busbw
     assert rows[1]["pred_comm_ms"] == pytest.approx(comm_s * 1000)
     assert rows[1]["pred_speedup"] == pytest.approx(2 * 100.0 / (100.0 + comm_s * 1000))
-
-
-def test_the_manifest_records_the_socket_interfaces(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth1")
-    data = json.loads(manifest.write_manifest(tmp_path / "run", kind="nccl-test").read_text())
-    environment = data["environment"]
-    assert environment["NCCL_SOCKET_IFNAME"] == "eth0" and environment["GLOO_SOCKET_IFNAME"] == "eth1"

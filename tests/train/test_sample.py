@@ -215,6 +215,16 @@ def test_tokens_beyond_max_seq_len_slide_the_window_and_say_so(trained_run) -> N
     assert re.search(r"100 tokens in .* [1-9]\d* window slides", result.stderr)
 
 
+def test_a_path_too_long_for_the_system_is_one_line() -> None:
+    long = "/tmp/" + "a" * 5000
+    result = subprocess.run(
+        [sys.executable, "-m", "train.sample", "--run-dir", long], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("torchrig sample: ") and "too long" in lines[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line each, through the make target
 

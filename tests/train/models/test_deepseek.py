@@ -1,4 +1,6 @@
-"""Behaviour of the DeepSeek-style model: shapes, learning, routing, balancing, MTP, causality."""
+"""Behaviour of the DeepSeek-style model: shapes, learning, routing, balancing, MTP, causality.
+
+Its parameter and FLOP counts are in test_counts.py, with those of every family."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from tests.conftest import finish_gloo_worker, free_port
 from train.errors import ConfigError
 from train.models import build_model
 from train.models.deepseek import DeepSeekConfig, MoE, Router, moe_balance_step
-from train.models.resnet import ResNetConfig
 
 TINY = DeepSeekConfig(
     vocab_size=64,
@@ -220,15 +221,6 @@ def test_top_k_beyond_the_allowed_groups_is_a_config_error():
     cfg = dataclasses.replace(TINY, n_routed_experts=8, n_activated_experts=3, n_expert_groups=4, n_limited_groups=1)
     with pytest.raises(ConfigError, match="n_limited_groups"):
         build_model(cfg)
-
-
-def test_resnet50_wrapper_has_stages_logits_and_loss():
-    torch.manual_seed(0)
-    model = build_model(ResNetConfig(num_classes=10))
-    assert len(model.layers) == 4
-    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    assert model(images).shape == (2, 10)
-    assert torch.isfinite(model(images, labels))
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, results: dict) -> None:
