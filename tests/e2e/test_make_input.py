@@ -7,6 +7,7 @@ or a hang.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.make import make as user_make
+from tests.helpers.make import needs_make, user_environment
+from tests.helpers.paths import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
+pytestmark = needs_make
 # Values that a shell, make or a recipe would evaluate, split or drop if anything expanded them.
 HOSTILE = [
     "$(shell touch {canary})",
@@ -36,16 +39,8 @@ HOSTILE = [
 SMALL = "model.max_seq_len=32 data.seq_len=32 model.n_layers=1 model.dim=32 train.log_every=1"
 
 
-def make(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.run(
-        ["make", "--no-print-directory", *args, "RUNTIME=local"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**environ, **(env or {})},
-        timeout=timeout,
-    )
+# make as a user types it, with only the directory lines left out (not -s, which silences make's own notes too).
+make = functools.partial(user_make, silent=False)
 
 
 def ours(result: subprocess.CompletedProcess, tool: str) -> str:
@@ -98,10 +93,10 @@ def test_a_newline_in_a_value_is_refused_and_never_splits_the_recipe(tmp_path: P
 @pytest.mark.parametrize("target", ["lint", "test-current", "test-image", "lock"])
 def test_script_targets_refuse_command_line_variables_without_expanding_them(tmp_path: Path, target: str) -> None:
     canary = tmp_path / "canary"
-    environ = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
-        ["make", target, f"DOCKER=$(shell touch {canary})"], cwd=ROOT, capture_output=True, text=True, env=environ
-    )
+        ["make", target, f"DOCKER=$(shell touch {canary})"], cwd=ROOT, capture_output=True, text=True,
+        env=user_environment(),
+    )  # fmt: skip
     assert result.returncode == 2 and f"make {target} takes no variables (DOCKER)" in result.stderr
     assert not canary.exists()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,52 +12,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers.trainrun import SMALL
+from tests.helpers.make import needs_make, user_environment
+from tests.helpers.processes import pid_of
+from tests.helpers.trainrun import SMALL, start_job, wait_for_step
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)"),
-]
+pytestmark = [pytest.mark.slow, needs_make]
 STEPS = 40
 
 
-def _start(run_dir: Path) -> subprocess.Popen:
+def make_train(run_dir: Path) -> list[str]:
+    return ["make", "--no-print-directory", "train", "RUNTIME=local", "CONFIG=tiny", "GPUS=2", f"STEPS={STEPS}",
+            "MICRO_BATCH=2", f"RUN_DIR={run_dir}", f"ARGS={' '.join(SMALL)} train.ckpt_every=100"]  # fmt: skip
+
+
+def start_make_train(run_dir: Path) -> subprocess.Popen:
     """make train in a session of its own, as a terminal runs it in a foreground process group."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    return subprocess.Popen(
-        ["make", "--no-print-directory", "train", "RUNTIME=local", "CONFIG=tiny", "GPUS=2", f"STEPS={STEPS}",
-         "MICRO_BATCH=2", f"RUN_DIR={run_dir}", f"ARGS={' '.join(SMALL)} train.ckpt_every=100"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**environ, "TORCHRIG_TEST_STEP_SLEEP": "0.3"},  # a pause per step (test-only): time to signal
-        preexec_fn=_terminal_signals,
-    )  # fmt: skip
-
-
-def _terminal_signals() -> None:
-    """A terminal job gets SIGINT and SIGQUIT; a suite run as a background job (`make test &`) has them ignored."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-
-
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 240
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        rows = metrics.read_text().splitlines() if metrics.exists() else []
-        if rows and json.loads(rows[-1])["step"] >= step:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
-    raise AssertionError(f"step {step} not reached")
+    # A pause per step (test-only): time to signal.
+    return start_job(
+        make_train(run_dir), {**user_environment(), "TORCHRIG_TEST_STEP_SLEEP": "0.3"}, as_terminal_job=True
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_a_signal_through_make_saves_and_the_shell_sees_make_die_by_it(tmp_path: Path, sig: signal.Signals) -> None:
     """The README's promise: the job saves and exits 0; GNU make then dies by the signal (143 or 130 in a shell)."""
     run_dir = tmp_path / "run"
-    proc = _start(run_dir)
-    _wait_for_step(run_dir, 2, proc)
+    proc = start_make_train(run_dir)
+    wait_for_step(run_dir, 2, proc)
     os.killpg(proc.pid, sig)  # what the terminal does for Ctrl-C, and a scheduler's kill of the job's group
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == -sig, err  # a shell reports 128 + signal
@@ -71,9 +51,9 @@ def test_a_signal_through_make_saves_and_the_shell_sees_make_die_by_it(tmp_path:
 def test_more_signals_during_the_shutdown_neither_hang_it_nor_print_a_traceback(tmp_path: Path) -> None:
     """GNU make passes on a SIGTERM the group's SIGTERM already reached the launcher with; Ctrl-C pressed twice."""
     run_dir = tmp_path / "run"
-    proc = _start(run_dir)
-    _wait_for_step(run_dir, 2, proc)
-    launcher = _pid_of(b"train.launch", run_dir)
+    proc = start_make_train(run_dir)
+    wait_for_step(run_dir, 2, proc)
+    launcher = pid_of("train.launch", run_dir)
     os.killpg(proc.pid, signal.SIGTERM)
     for _ in range(5):
         time.sleep(0.05)
@@ -87,29 +67,10 @@ def test_more_signals_during_the_shutdown_neither_hang_it_nor_print_a_traceback(
 
 def test_a_sigkilled_worker_is_named_with_the_signal_and_where_to_look(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _start(run_dir)
-    _wait_for_step(run_dir, 2, proc)
-    os.kill(_pid_of(b"train.worker", run_dir, b"RANK=1\0"), signal.SIGKILL)
+    proc = start_make_train(run_dir)
+    wait_for_step(run_dir, 2, proc)
+    os.kill(pid_of("train.worker", run_dir, rank=1), signal.SIGKILL)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 2, err  # make's own status for a failed recipe
     assert "worker rank 1 was killed by signal 9 (SIGKILL)" in err and "dmesg" in err, err
     assert "its output above says why" not in err
-
-
-def _pid_of(module: bytes, run_dir: Path, environ: bytes = b"") -> int:
-    """The process running `module` for this run (and with `environ` in its environment)."""
-    return next(
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit()
-        and module in _read(entry / "cmdline")
-        and str(run_dir).encode() in _read(entry / "cmdline")
-        and environ in _read(entry / "environ")
-    )
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return b""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import SMALL, launch_train, losses, metrics
 
 # The last landing before the train/ ground floor (issue 15): config.py held the loader, data.py was one file.

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from env.records.runlock import LOCK_NAME
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.processes import alive, children, wait_for
+from tests.helpers.trainrun import metrics
 
 pytestmark = pytest.mark.slow
 F = "model.max_seq_len=32 data.seq_len=32"
@@ -33,10 +34,6 @@ def run_make(run_dir: Path, steps: int, args: str = "", gpus: int = 1) -> subpro
     return subprocess.run(make_train(run_dir, steps, args, gpus), cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def records(run_dir: Path) -> dict[str, tuple[int, int]]:
     """Every file of the run but the lock (whose holder line each launch rewrites): size and mtime."""
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.name != LOCK_NAME}
@@ -49,7 +46,7 @@ def history(tmp_path_factory) -> dict:
     seen: dict = {"run_dir": run_dir}
     seen["first"] = run_make(run_dir, 4)
     seen["summary_1"] = (run_dir / "summary.json").read_bytes()
-    seen["rows_1"] = rows(run_dir)
+    seen["rows_1"] = metrics(run_dir)
     seen["files_1"] = records(run_dir)
     seen["again"] = run_make(run_dir, 4)
     seen["files_2"] = records(run_dir)
@@ -93,7 +90,7 @@ def test_after_a_resume_the_summary_covers_the_whole_run(history) -> None:
     first_rows = history["rows_1"]
     assert summary["steps"] == 6 and summary["resumed_from_step"] == 4
     assert summary["first_loss"] == first_rows[0]["loss"]
-    assert summary["final_loss"] == rows(history["run_dir"])[-1]["loss"]
+    assert summary["final_loss"] == metrics(history["run_dir"])[-1]["loss"]
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
@@ -109,7 +106,7 @@ def test_a_second_job_is_refused_and_a_killed_launcher_takes_its_workers_along(t
     )
     workers: list[int] = []
     try:
-        assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and rows(run_dir), 240), "the run never logged"
+        assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and metrics(run_dir), 240), "the run never logged"
         holder = json.loads((run_dir / LOCK_NAME).read_text())
         launcher = holder["pid"]
         workers = [pid for pid in children(launcher) if "train.worker" in Path(f"/proc/{pid}/cmdline").read_text()]

@@ -14,7 +14,7 @@ import pytest
 
 from env.common.cli import UserError
 from env.slurm import job
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 HOSTILE = "$(touch /tmp/torchrig-pwned); `id` 'x\" ; rm -rf ~"
 

@@ -1,17 +1,13 @@
-"""Helpers for the sampling and export tests: small models saved as checkpoints or exports, and make."""
+"""Helpers for the sampling and export tests: small models saved as checkpoints or exports, and make's output."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
-from tests.conftest import ROOT
 from tests.helpers.trainrun import SMALL
 from train.checkpoint import Checkpointer
 from train.config import RunConfig
@@ -19,8 +15,6 @@ from train.config_loader import load_config
 from train.distributed import DistInfo
 from train.models import build_model
 from train.run import build_optimizer, checkpoint_parts
-
-needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
 
 
 def small_config(*overrides: str) -> RunConfig:
@@ -60,18 +54,6 @@ def write_export(directory: Path, model: torch.nn.Module, model_config: dict) ->
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps({"model": model_config, "export": {"step": 0}}))
-
-
-def make(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["make", "-s", *args, "RUNTIME=local"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        # a user's own make, not one nested in `make test` (which would pass its MAKEFLAGS and say make[1])
-        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")},
-    )
 
 
 def tool_lines(result: subprocess.CompletedProcess) -> list[str]:

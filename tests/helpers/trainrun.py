@@ -1,16 +1,19 @@
-"""Helpers for tests that run real training jobs: launched exactly as `make train` does."""
+"""Helpers for tests that run real training jobs: launched exactly as `make train` does, or started in the
+background to be signalled or killed once they reach a step."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from train.checkpoint import Checkpointer, ModelState, OptimizerState
 from train.config_loader import load_config
 from train.models import build_model
@@ -53,6 +56,37 @@ def launch_train(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_job(command: list[str], env: dict[str, str] | None = None, as_terminal_job: bool = False) -> subprocess.Popen:
+    """command started from the repository root with its output piped, for a test to signal; env: the whole environment.
+
+    as_terminal_job: in a session of its own, as a terminal runs a foreground job, with SIGINT and SIGQUIT at
+    their defaults (a suite run as a background job, `make test &`, has them ignored).
+    """
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=os.environ if env is None else env, start_new_session=as_terminal_job,
+        preexec_fn=_terminal_signals if as_terminal_job else None,
+    )  # fmt: skip
+
+
+def _terminal_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the job has logged `step`; it failing or ending first fails the test with its output."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        rows = path.read_text().splitlines() if path.exists() else []
+        if rows and json.loads(rows[-1])["step"] >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
 
 
 def metrics(run_dir: Path) -> list[dict]:

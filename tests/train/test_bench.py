@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from env.common.cli import exit_code
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import SMALL
 from train.bench import BenchError, cli, measure
 from train.bench.bandwidth import bandwidth_from_nccl_json

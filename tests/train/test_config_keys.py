@@ -7,17 +7,15 @@ import dataclasses
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import ROOT
 from train.config import DataConfig, RunConfig, TrainConfig
 from train.config_keys import field_docs, key_reference
 from train.config_loader import config_from_dict, default_config, load_config
 from train.errors import ConfigError
 from train.models import built_in_specs
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_field_of_every_section_and_built_in_model_has_a_docstring() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from env.common.cli import exit_code
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from train import prepare
 from train.config import RunConfig
 from train.config_loader import default_config

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers.sampling import make, needs_make, save_checkpoint, small_config, tool_lines, trained_in_process
+from tests.helpers.make import make, needs_make
+from tests.helpers.sampling import save_checkpoint, small_config, tool_lines, trained_in_process
 from tests.helpers.trainrun import launch_train, metrics
 from train.data import build_dataset, build_loader
 from train.export import ExportError, export

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-from tests.helpers.trainrun import assert_states_equal, checkpoint_state, launch_train, metrics, train_command
+from tests.helpers.processes import pid_of
+from tests.helpers.trainrun import (
+    assert_states_equal,
+    checkpoint_state,
+    launch_train,
+    metrics,
+    start_job,
+    train_command,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -50,28 +57,11 @@ def test_stop_and_resume_is_bitwise_identical(reference, tmp_path) -> None:
     _assert_same_as_reference(run_dir, reference)
 
 
-def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and metrics(run_dir) and metrics(run_dir)[-1]["step"] >= step:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
-
-
-def _start(run_dir: Path, *extra: str, max_restarts: int = 0, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_command(run_dir, 2, STEPS, *CKPT, *extra, max_restarts=max_restarts),
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-    )  # fmt: skip
-
-
 def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_exactly(reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
     # A pause per step (test-only) gives the signal a step boundary to land on before the end.
-    proc = _start(run_dir, env={"TORCHRIG_TEST_STEP_SLEEP": "0.3"})
-    _wait_for_step(run_dir, 3, proc)
+    proc = start_job(train_command(run_dir, 2, STEPS, *CKPT), env={**os.environ, "TORCHRIG_TEST_STEP_SLEEP": "0.3"})
+    wait_for_step(run_dir, 3, proc, timeout=120)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -82,26 +72,12 @@ def test_sigterm_saves_at_the_step_boundary_exits_0_and_resumes_exactly(referenc
     _assert_same_as_reference(run_dir, reference)
 
 
-def _worker_pid(run_dir: Path, rank: int) -> int:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = f"--run-dir={run_dir}".encode() in cmdline  # the launcher passes --flag=value to its workers
-        if b"train.worker" in cmdline and ours and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no worker of rank {rank}")
-
-
 def test_a_killed_worker_restarts_the_group_and_finishes_identically(reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, max_restarts=1, env={"TORCHRIG_TEST_STEP_SLEEP": "0.3"})
-    _wait_for_step(run_dir, 5, proc)
-    os.kill(_worker_pid(run_dir, 1), signal.SIGKILL)
+    command = train_command(run_dir, 2, STEPS, *CKPT, max_restarts=1)
+    proc = start_job(command, env={**os.environ, "TORCHRIG_TEST_STEP_SLEEP": "0.3"})
+    wait_for_step(run_dir, 5, proc, timeout=120)
+    os.kill(pid_of("train.worker", run_dir, rank=1), signal.SIGKILL)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
     assert "resuming from step" in out

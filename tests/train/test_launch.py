@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.helpers.commands import run
+from tests.helpers.nvml import box
 
 PY = sys.executable
 
@@ -39,14 +39,13 @@ def test_training_takes_the_measured_p2p_decision_before_its_workers_start(monke
     """On a 3x RTX 4090 PCIe box (recorded NVML answers) the launcher sets NCCL_P2P_DISABLE for the workers."""
     import torch
 
-    from env.machine.nvml import Snapshot
     from train import launch
 
-    box = Snapshot.load(ROOT / "tests/fixtures/nvml/box_3x4090_pcie.json")
+    recorded = box("box_3x4090_pcie")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     # The names the launcher imported: what it reads the box through.
-    monkeypatch.setattr(launch, "read_snapshot", lambda: box)
+    monkeypatch.setattr(launch, "read_snapshot", lambda: recorded)
     monkeypatch.setattr(launch, "torch_copy_check", lambda src, dst: True)
     for var in ("NCCL_P2P_DISABLE", "CUDA_VISIBLE_DEVICES"):  # set first, so that undo restores their absence
         monkeypatch.setenv(var, "")

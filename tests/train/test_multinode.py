@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers.gloo import free_port
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import launch_train, losses, train_command
 
 pytestmark = pytest.mark.slow

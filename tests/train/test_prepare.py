@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
 from tests.helpers.commands import one_line_error, run_module
 from tests.helpers.corpus import write_corpus
+from tests.helpers.make import needs_make
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import launch_train, metrics
 from train.config_loader import load_config
 from train.data import build_dataset, read_token_file
@@ -138,7 +138,7 @@ def test_prepare_names_an_unreadable_input(tmp_path: Path, monkeypatch: pytest.M
     assert not (tmp_path / "o.bin").exists()
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed (the image leaves it out)")
+@needs_make
 def test_make_prepare_refuses_to_replace_a_sidecar_it_did_not_write(tmp_path: Path) -> None:
     write_corpus(tmp_path / "text", files=1, lines=5)
     (tmp_path / "x.json").write_text("precious\n")

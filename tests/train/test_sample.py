@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers.make import make, needs_make
+from tests.helpers.paths import ROOT
 from tests.helpers.sampling import (
-    make,
-    needs_make,
     save_checkpoint,
     small_config,
     tool_lines,

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 CHILD = textwrap.dedent(
     """

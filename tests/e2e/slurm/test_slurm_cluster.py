@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import SMALL, assert_states_equal, checkpoint_state, launch_train, losses, metrics
 
 CLUSTER = os.environ.get("TORCHRIG_SLURM_CLUSTER", "")

@@ -19,9 +19,8 @@ from env.machine import facts as machine
 from env.machine.checks import CHECKS, GIB, MIB, CheckResult, Status, run_checks
 from env.machine.facts import Facts
 from env.machine.nvml import Snapshot
-from tests.conftest import ROOT
+from tests.helpers.paths import FIXTURES, ROOT
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 GPU_CHECKS = ("gpus", "driver", "arch", "pcie", "p2p")
 
 

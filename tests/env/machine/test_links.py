@@ -13,13 +13,7 @@ from env.machine.links import (
     judge,
 )
 from env.machine.nvml import Snapshot
-from tests.conftest import ROOT
-
-FIXTURES = ROOT / "tests" / "fixtures" / "nvml"
-
-
-def box(name: str) -> Snapshot:
-    return Snapshot.load(FIXTURES / f"{name}.json")
+from tests.helpers.nvml import box
 
 
 def test_nvlink_expectation_is_generation_rate_times_links():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from env.machine.p2p import (
     torch_copy_check,
     visible_gpu_indices,
 )
-
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "nvml"
-
-
-def box(name: str) -> Snapshot:
-    return Snapshot.load(FIXTURES / f"{name}.json")
+from tests.helpers.nvml import box
 
 
 def copies_always(intact: bool, calls: list[tuple[int, int]] | None = None):

@@ -19,7 +19,7 @@ import env.nccl.launch as nccl_test
 from env.common.cli import exit_code
 from env.nccl.collectives import COLLECTIVES, CORRUPT_ENV
 from env.nccl.worker import STALL_ENV
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 KiB = 1 << 10
 

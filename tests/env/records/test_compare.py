@@ -12,7 +12,7 @@ import pytest
 from env.common.cli import exit_code
 from env.records import compare
 from env.records.compare import CompareError, check_plot_path
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 
 def _run_dir(path: Path, manifest_data: dict, summary: dict | None = None) -> Path:

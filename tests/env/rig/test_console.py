@@ -16,7 +16,7 @@ import pytest
 
 from env.rig import console
 from env.rig.runtime import COMMON_VARS, MAKE_VARS, OWN_TARGETS, TARGETS, build_argv
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 # A valid value of each kind of make variable, as make's command line and as the console's argument.
 GOOD = {"count": "2", "real": "1.5", "text": "x y", "switch": "1"}

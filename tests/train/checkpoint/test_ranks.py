@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import finish_gloo_worker, free_port
 from tests.helpers.checkpoints import (
     Counter,
     Extra,
@@ -33,6 +32,7 @@ from tests.helpers.checkpoints import (
     train_steps,
     with_batch,
 )
+from tests.helpers.gloo import finish_gloo_worker, free_port
 from train.checkpoint import Checkpointer, CheckpointError, ModelState
 
 

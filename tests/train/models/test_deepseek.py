@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from tests.conftest import finish_gloo_worker, free_port
+from tests.helpers.gloo import finish_gloo_worker, free_port
 from train.errors import ConfigError
 from train.models import build_model
 from train.models.deepseek import DeepSeekConfig, MoE, Router, moe_balance_step

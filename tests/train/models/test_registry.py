@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from env.rig.runtime import STAMP, _lock_digest
-from tests.conftest import ROOT, finish_gloo_worker, free_port
+from tests.helpers.gloo import finish_gloo_worker, free_port
+from tests.helpers.paths import ROOT
 from tests.helpers.toy_model import SPEC as TOY
 from tests.helpers.trainrun import metrics
 from train.config import ModelConfig
