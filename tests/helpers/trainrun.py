@@ -109,6 +109,12 @@ def checkpoint_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict
     return {k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict(), {"step": step}
 
 
+def fsdp2_runs_here() -> bool:
+    """FSDP2 trains here: on a GPU, or on CPU from torch 2.6 (its forward needs CUDA streams before)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return torch.cuda.is_available() or (major, minor) >= (2, 6)
+
+
 def assert_states_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
     assert a.keys() == b.keys()
     for key in a:

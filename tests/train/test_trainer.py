@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.trainrun import assert_states_equal, checkpoint_state, launch_train, losses, metrics
+from tests.helpers.trainrun import assert_states_equal, checkpoint_state, fsdp2_runs_here, launch_train, losses, metrics
 
 pytestmark = pytest.mark.slow
 STEPS = 5
@@ -82,15 +82,8 @@ def test_a_tiny_batch_can_be_overfitted(tmp_path) -> None:
     assert losses(run_dir)[0] > 3.0 and losses(run_dir)[-1] < 0.5
 
 
-def _fsdp2_runs_here() -> bool:
-    import torch
-
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return torch.cuda.is_available() or (major, minor) >= (2, 6)
-
-
 @pytest.mark.skipif(
-    not _fsdp2_runs_here(),
+    not fsdp2_runs_here(),
     reason="FSDP2's forward needs CUDA streams on torch < 2.6; make test-current runs this on current torch",
 )
 def test_fsdp_and_ddp_give_the_same_losses(tmp_path) -> None:
