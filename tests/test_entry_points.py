@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 # module -> (the prefix of its error line, arguments that are a domain error of that tool)
 ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
