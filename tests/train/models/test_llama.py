@@ -17,10 +17,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tests.conftest import ROOT
-from tests.sampling import make, needs_make, save_checkpoint, trained_in_process
-from tests.test_train import _fsdp2_runs_here
-from tests.trainrun import assert_states_equal, losses, metrics
+from tests.helpers.make import make, needs_make
+from tests.helpers.paths import ROOT
+from tests.helpers.sampling import save_checkpoint, trained_in_process
+from tests.helpers.trainrun import assert_states_equal, fsdp2_runs_here, losses, metrics
 from train.config import RunConfig
 from train.config_keys import field_docs
 from train.config_loader import load_config
@@ -307,7 +307,7 @@ def test_two_ddp_ranks_equal_one_process_with_the_same_global_batch(one_process:
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _fsdp2_runs_here(),
+    not fsdp2_runs_here(),
     reason="FSDP2's forward needs CUDA streams on torch < 2.6; make test-current runs this on current torch",
 )
 def test_fsdp2_trains_and_its_checkpoint_exports(one_process: Path, tmp_path: Path) -> None:
