@@ -30,7 +30,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -57,6 +57,8 @@ SHARD_FORMATS = ("tokens", "llmc")
 TOKENIZER_LIMIT = 256 << 20
 # A tokenizer that maps more than this share of the ids to its unknown token cannot encode the text.
 UNKNOWN_SHARE = 0.01
+# Only the test suite sets it: a pause after each unit, so that a SIGKILL lands in the middle of a prepare.
+TEST_UNIT_SLEEP = "TORCHRIG_TEST_UNIT_SLEEP"
 # What the units' cut points depend on: a rerun under other values starts afresh instead of resuming.
 LAYOUT = {
     "unit_bytes": formats.UNIT_BYTES,
@@ -429,13 +431,17 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         "plan": plan,
     }
     writer = ShardWriter(paths, manifest, resume, args.shard_tokens, vocab_size)
-    # The manifest goes first, then the tokenizer file: whatever a kill leaves, the rerun knows both as its own.
-    write_manifest(paths, writer.snapshot(complete=False))
-    copy = choice.content is not None and choice.record.get("file")
-    if copy and not (args.tokenizer and Path(args.tokenizer).resolve() == paths.tokenizer.resolve()):
-        replace_atomically(paths.tokenizer, lambda handle: handle.write(choice.content), "wb")
+
+    def begin() -> None:
+        """The first unit encoded: from here on OUTPUT is this prepare's. The manifest goes first, then the
+        tokenizer file, so whatever a kill leaves, the rerun knows both as its own."""
+        write_manifest(paths, writer.snapshot(complete=False))
+        copy = choice.content is not None and choice.record.get("file")
+        if copy and not (args.tokenizer and Path(args.tokenizer).resolve() == paths.tokenizer.resolve()):
+            replace_atomically(paths.tokenizer, lambda handle: handle.write(choice.content), "wb")
+
     try:
-        _encode_into(writer, sources, choice, args, resume, out)
+        _encode_into(writer, sources, choice, args, resume, out, begin)
     except BaseException:
         writer.abandon()
         raise
@@ -446,27 +452,40 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
 
 
 def _encode_into(
-    writer: ShardWriter, sources: list[Input], choice: Choice, args: PrepareArgs, resume: Resume, out: TextIO
+    writer: ShardWriter,
+    sources: list[Input],
+    choice: Choice,
+    args: PrepareArgs,
+    resume: Resume,
+    out: TextIO,
+    begin: Callable[[], None],
 ) -> None:
+    """Every unit from the resume point, encoded in input order into the writer; `begin` before the first."""
     start_file, offset, ordinal, skip = resume.cursor
     meter = Meter()
     before = sum(source.size for source in sources[:start_file])
     progress = Progress("tokenized", sum(source.size for source in sources), out, done=before)
-    seen = before
-    unknown = sum(entry.get("unknown", 0) for entry in resume.shards)
+    seen, unknown, written, begun = before, 0, 0, False
+    pause = float(os.environ.get(TEST_UNIT_SLEEP, "0") or 0)
     stream = units(sources, (start_file, offset, ordinal), args.text_field, meter)
     for number, (unit, tokens) in enumerate(encoded(stream, choice.spec, args.procs)):
         if choice.unknown_id is not None:
             unknown += int(np.count_nonzero(tokens == choice.unknown_id))
             if number == 0:
                 _check_unknown(unknown, len(tokens))
+        if number == 0:
+            begin()
+            begun = True
         writer.add(unit, tokens, skip)
-        skip = 0
+        skip, written = 0, written + len(tokens)
         done = sum(source.size for source in sources[: unit.file]) + unit.disk
         progress.add(done - seen, len(tokens))
         seen = done
+        time.sleep(pause)
+    if not begun:  # nothing left to read: the set is finished but for its manifest (or tokenizer file)
+        begin()
     if choice.unknown_id is not None:
-        _check_unknown(unknown, writer.total)
+        _check_unknown(unknown, written)
 
 
 def _check_unknown(unknown: int, total: int) -> None:

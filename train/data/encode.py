@@ -68,6 +68,14 @@ def _text_documents(unit: Unit, text_field: str, as_text: bool) -> Iterator[tupl
         offset += len(piece)
 
 
+JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+              dict: "an object", str: "a string"}  # fmt: skip
+
+
+def _json_kind(value: Any) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
 def _jsonl_field(raw: bytes, text_field: str, origin: str, line: int) -> str:
     try:
         record = json.loads(raw)
@@ -75,7 +83,7 @@ def _jsonl_field(raw: bytes, text_field: str, origin: str, line: int) -> str:
         detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise DataError(f"{origin} line {line} is not JSON ({detail}); fix or remove that line") from None
     if not isinstance(record, dict):
-        raise DataError(f"{origin} line {line} is a JSON {type(record).__name__}, not an object with a {text_field!r} field")
+        raise DataError(f"{origin} line {line} is {_json_kind(record)}, not an object with a {text_field!r} field")
     if text_field not in record:
         shown = ", ".join(list(record)[:20])
         raise DataError(
@@ -84,7 +92,7 @@ def _jsonl_field(raw: bytes, text_field: str, origin: str, line: int) -> str:
         )
     text = record[text_field]
     if not isinstance(text, str):
-        raise DataError(f"{origin} line {line}: {text_field!r} is a JSON {type(text).__name__}, not a string")
+        raise DataError(f"{origin} line {line}: {text_field!r} is {_json_kind(text)}, not a string")
     if b"\\ud" in raw.lower():  # only an escape can smuggle an unpaired surrogate into a JSON string
         try:
             text.encode("utf-8")

@@ -236,9 +236,8 @@ def read_token_file(path: Path | str) -> tuple[np.ndarray | TokenStream, dict[st
         raise DataError(f"{meta_path}: dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}; fix the sidecar")
     if isinstance(meta.get("shards"), list):
         parts = _shard_parts(path, meta, TOKEN_DTYPES[dtype])
-        if len(parts) == 1 and parts[0][2]:
-            name, offset, size = parts[0]
-            return np.memmap(name, dtype=TOKEN_DTYPES[dtype], mode="r", offset=offset, shape=(size,)), meta
+        if len(parts) == 1 and parts[0][1] == 0 and parts[0][2]:  # one raw shard: a plain map, as a token file
+            return np.memmap(parts[0][0], dtype=TOKEN_DTYPES[dtype], mode="r", shape=(parts[0][2],)), meta
         return TokenStream(parts, TOKEN_DTYPES[dtype]), meta
     expected_bytes = count * TOKEN_DTYPES[dtype].itemsize
     if path.stat().st_size != expected_bytes:
