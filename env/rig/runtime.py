@@ -180,8 +180,9 @@ OWN_TARGETS: dict[str, tuple[str, ...]] = {
     "slurm-nccl-test": ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", "NNODES"),
 }
 COMMON_VARS = ("RUNTIME", "DOCKER", "COMPOSE")  # every target takes these
-# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO).
-ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_")
+# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO), as are
+# the trackers' own (make train WANDB_PROJECT=x, MLFLOW_TRACKING_URI=…).
+ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_", "WANDB_", "MLFLOW_")
 
 
 def target_variables(name: str) -> tuple[str, ...]:
