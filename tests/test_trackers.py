@@ -116,6 +116,7 @@ def test_mlflow_has_one_point_per_logged_step_and_a_resumed_run_appends(tracked_
     assert run.data.params["config.train.steps"] == "2" and run.data.params["manifest.kind"] == "train"
     assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
     assert "loss.png" in {artifact.path for artifact in client.list_artifacts(kept["run_id"])}
+    assert (store.parent / "mlflow-artifacts").is_dir()  # beside the store, not in the working directory
 
 
 def test_unreachable_trackers_are_one_warning_line_each_and_training_goes_on(tmp_path: Path) -> None:

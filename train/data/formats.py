@@ -561,7 +561,12 @@ def one_format(inputs: list[Input], what: str) -> str:
 def refuse_unless_text(paths: list[Path]) -> None:
     """Where a file's bytes are read as text (data.path, DATA): one line for a structured or compressed one."""
     for path in paths:
-        source = detect(path)
+        try:
+            source = detect(path)
+        except DataError:
+            if os.access(path, os.R_OK):
+                raise
+            continue  # unreadable: the read that follows says so, in its caller's words
         if source.format == "text" and source.compression is None:
             continue
         output = f"data/{path.name.split('.')[0] or 'prepared'}.bin"

@@ -1,7 +1,8 @@
 """The MLflow sink: every metrics row as MLflow metrics at its step, the config and manifest as parameters, loss.png.
 
 On when train.sinks names it, or when MLFLOW_TRACKING_URI is set. The store is MLFLOW_TRACKING_URI
-(a server, or a local sqlite:///…), else sqlite:///RUN_DIR/mlflow.db; the experiment is
+(a server, or a local sqlite:///…), else sqlite:///RUN_DIR/mlflow.db, whose artifacts (loss.png, manifest.json)
+go to mlflow-artifacts/ beside it; the experiment is
 MLFLOW_EXPERIMENT_NAME, else "torchrig". MLflow's own variables (MLFLOW_TRACKING_TOKEN, its HTTP
 retries and timeouts) apply as usual. The MLflow run is named after RUN_DIR and its id kept in
 RUN_DIR/trackers.json: a resumed run appends to it. Parameters are written once (MLflow refuses to
@@ -20,6 +21,8 @@ from train.sinks.tracker import MANIFEST_NAME, Tracker, figures, flat, import_tr
 
 DEFAULT_EXPERIMENT = "torchrig"
 STORE_NAME = "mlflow.db"
+ARTIFACTS_NAME = "mlflow-artifacts"
+SQLITE = "sqlite:///"
 # MLflow's limits: 100 parameters per log_batch call, 6000 characters per parameter value.
 PARAMS_PER_CALL = 100
 PARAM_VALUE_CHARS = 6000
@@ -50,7 +53,7 @@ class MlflowSink:
         else:
             name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             experiment = self.client.get_experiment_by_name(name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            experiment_id = experiment.experiment_id if experiment else self._create_experiment(name)
             run_id = self.client.create_run(experiment_id, run_name=self.run_dir.name).info.run_id
             known = set()
         params = [
@@ -62,6 +65,14 @@ class MlflowSink:
             self.client.log_batch(run_id, params=params[start : start + PARAMS_PER_CALL])
         keep_run(self.run_dir, "mlflow", {"run_id": run_id, "tracking_uri": self.uri})
         return run_id
+
+    def _create_experiment(self, name: str) -> str:
+        """An experiment; in a local sqlite store, with its artifacts beside the store (MLflow's default is the
+        working directory's ./mlruns)."""
+        location = None
+        if self.uri.startswith(SQLITE):
+            location = (Path(self.uri[len(SQLITE) :]).parent / ARTIFACTS_NAME).resolve().as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run_id is None:
