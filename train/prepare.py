@@ -194,7 +194,10 @@ def expand_inputs(patterns: list[str], paths: SetPaths) -> list[Input]:
     own = {p.resolve() for p in (paths.manifest, paths.tokenizer, *paths.existing_shards())}
     files = {p for p in matched if p.is_file() and p.parent not in datasets and p.resolve() not in own}
     if not files and not datasets:
-        raise DataError(f"INPUT={shown} matches only this prepare's own outputs or folders; give the input files")
+        raise DataError(
+            f"INPUT={shown} matches no input files (only folders, special files or this prepare's own outputs); "
+            "give the input files"
+        )
     sources = [detect(path) for path in sorted(files | datasets)]
     if not any(source.size for source in sources):
         raise DataError(f"INPUT={shown} matches only empty files ({len(sources)}); give files that hold text")

@@ -17,6 +17,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -196,6 +197,7 @@ _encoder: Any = None
 
 def _start_process(spec: EncoderSpec, parent: int) -> None:
     end_with_parent(parent)  # a SIGKILLed prepare leaves no tokenizer process behind
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is prepare's to handle: it ends these processes
     serial_tokenizers()
     global _encoder
     _encoder = build_encoder(spec)

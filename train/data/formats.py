@@ -53,6 +53,9 @@ PIECE_LIMIT = 4 << 20
 MAX_LINE = 64 << 20
 HEAD_BYTES = 1 << 16
 READ_BLOCK = 1 << 20
+# zstd input is fed from this many bytes up, so that one step never makes more than a few MiB (below).
+ZSTD_FIRST_STEP = 64
+ZSTD_MAX_OUTPUT = 8 << 20
 DATASET_STATE = "state.json"
 DATASET_INFO = "dataset_info.json"
 DATASET_DICT = "dataset_dict.json"
@@ -158,33 +161,52 @@ def need(package: str, why: str) -> Any:
 
 
 class _ZstdRaw(io.RawIOBase):
-    """A zstd stream (frames one after another) as a raw file; a stream cut short is an error, not an end."""
+    """A zstd stream (frames one after another) as a raw file, in bounded memory.
+
+    A stream cut short is an error, not an end. zstd can expand a few bytes into megabytes, and its
+    decompressor returns all it can make of what it is fed, so it is fed little at a time: the
+    step doubles while the output stays small and shrinks as soon as a step makes much of it.
+    """
 
     def __init__(self, raw: IO[bytes]) -> None:
         self.zstd = need("zstandard", "reading .zst")
         self.raw = raw
         self.decoder = self.zstd.ZstdDecompressor().decompressobj()
+        self.compressed = b""
         self.pending = b""
+        self.step = ZSTD_FIRST_STEP
         self.started = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        while not self.pending:
-            block = self.raw.read(READ_BLOCK)
-            if not block:
+    def _feed(self) -> bool:
+        """Decompress one step of input into pending; False at the end of the input."""
+        if not self.compressed:
+            self.compressed = self.raw.read(READ_BLOCK)
+            if not self.compressed:
                 if self.started and not self.decoder.eof:
                     raise EOFError("the zstd stream ends inside a frame")
+                return False
+        self.started = True
+        if self.decoder.eof:  # a new frame follows the last one
+            self.compressed = self.decoder.unused_data + self.compressed
+            self.decoder = self.zstd.ZstdDecompressor().decompressobj()
+        piece, self.compressed = self.compressed[: self.step], self.compressed[self.step :]
+        self.pending = self.decoder.decompress(piece)
+        if self.decoder.eof and self.decoder.unused_data:  # the rest belongs to the next frame
+            self.compressed = self.decoder.unused_data + self.compressed
+            self.decoder = self.zstd.ZstdDecompressor().decompressobj()
+        if len(self.pending) > ZSTD_MAX_OUTPUT:
+            self.step = max(ZSTD_FIRST_STEP, self.step // 16)
+        elif len(self.pending) < ZSTD_MAX_OUTPUT // 16:
+            self.step = min(READ_BLOCK, self.step * 2)
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            if not self._feed():
                 return 0
-            self.started = True
-            if self.decoder.eof:  # a new frame follows the last one
-                self.decoder = self.zstd.ZstdDecompressor().decompressobj()
-            self.pending = self.decoder.decompress(block)
-            while self.decoder.eof and self.decoder.unused_data:
-                rest = self.decoder.unused_data
-                self.decoder = self.zstd.ZstdDecompressor().decompressobj()
-                self.pending += self.decoder.decompress(rest)
         count = min(len(buffer), len(self.pending))
         buffer[:count] = self.pending[:count]
         self.pending = self.pending[count:]

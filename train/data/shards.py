@@ -33,6 +33,8 @@ from train.errors import DataError
 WRITER = "train.prepare"
 START: tuple[int, int, int, int] = (0, 0, 0, 0)  # (input, offset, records before it, ids of that unit to skip)
 HASH_BLOCK = 16 << 20
+# The manifest is rewritten after every shard: this many keeps it a few MB and the rewrites cheap.
+MAX_SHARDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,10 @@ class ShardWriter:
             self.cursor = self.after_last
 
     def _open(self, start: tuple[int, int, int, int]) -> None:
+        if len(self.shards) >= MAX_SHARDS:
+            raise DataError(
+                f"SHARD_TOKENS={self.shard_tokens:,} makes more than {MAX_SHARDS:,} shards of this input; raise it"
+            )
         self.temp, self.file = create_exclusive(self.paths.folder, self.paths.shard(len(self.shards)).name)
         self.started, self.count, self.own, self.own_max = start, 0, hashlib.sha256(), -1
         if self.format == "llmc":
