@@ -20,6 +20,7 @@ from tests.trainrun import launch_train
 from train import prepare
 from train.config_loader import default_config
 from train.data import build_dataset, read_token_file
+from train.data.shards import OutputLock, SetPaths
 from train.data.split import split_samples
 from train.data.tokens import TokenStream, write_token_file
 from train.errors import DataError
@@ -155,7 +156,7 @@ def test_one_prepare_at_a_time_writes_an_output(corpus: tuple[Path, str, Path]) 
     folder, inputs, _ = corpus
     output = folder / "busy" / "x.bin"
     output.parent.mkdir()
-    holder = prepare.OutputLock(prepare.SetPaths(output))
+    holder = OutputLock(SetPaths(output))
     try:
         with pytest.raises(DataError, match=f"another make prepare \\(pid {os.getpid()}\\) is writing"):
             prepare.prepare([inputs], str(output))

@@ -23,7 +23,6 @@ ARGS="data.path=data/x.bin model.vocab_size=auto".
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -43,11 +42,21 @@ from env.common.readfile import read_regular
 from train.data import formats, llmc
 from train.data.encode import EncoderSpec, encoded, serial_tokenizers
 from train.data.formats import FORMATS, Input, Meter, detect, one_format, units
-from train.data.shards import WRITER, Resume, SetPaths, ShardWriter, kept_shards, write_manifest
+from train.data.shards import (
+    WRITER,
+    OutputLock,
+    Resume,
+    SetPaths,
+    ShardWriter,
+    check_overwrite,
+    kept_shards,
+    own_manifest,
+    write_manifest,
+)
 from train.data.text import glob_paths
-from train.data.tokens import BYTES_TOKENIZER, GPT2_TOKENIZER, read_sidecar, sidecar_path, token_dtype
+from train.data.tokens import BYTES_TOKENIZER, GPT2_TOKENIZER, sidecar_path, token_dtype
 from train.errors import DataError
-from train.tokenizer import end_of_text_id, sha256_of, train_bpe
+from train.tokenizer import end_of_text_id, train_bpe
 
 PROGRESS_EVERY_S = 2.0
 # llm.c's and modded-nanogpt's shard size: 100M ids, 200 MB of uint16.
@@ -66,10 +75,6 @@ LAYOUT = {
     "piece_bytes": formats.PIECE_BYTES,
     "piece_limit": formats.PIECE_LIMIT,
 }
-
-
-def tokenizer_path(bin_path: Path) -> Path:
-    return SetPaths(Path(bin_path)).tokenizer
 
 
 def available_cores() -> int:
@@ -107,74 +112,6 @@ class Progress:
             f"({self.done / max(self.total, 1):.0%}), {rate / 2**20:,.1f} MiB/s, eta {max(eta, 0):.0f} s{tokens}\n"
         )
         self.out.flush()
-
-
-# ---------------------------------------------------------------------------- the output and its owner
-
-
-class OutputLock:
-    """An exclusive flock on .NAME.bin.lock beside the output, for the whole prepare: one writer per OUTPUT."""
-
-    def __init__(self, paths: SetPaths) -> None:
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self.fd = os.open(paths.lock, flags, 0o644)
-        except OSError as exc:
-            raise DataError(f"cannot lock {paths.lock} ({exc.strerror}); choose a writable OUTPUT") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
-            os.close(self.fd)
-            raise DataError(
-                f"another make prepare ({holder}) is writing {paths.output}; wait for it or choose another OUTPUT"
-            ) from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()}".encode())
-
-    def release(self) -> None:
-        os.close(self.fd)
-
-
-def own_manifest(paths: SetPaths) -> dict[str, Any] | None:
-    """The manifest beside OUTPUT when prepare wrote it (any version), else None."""
-    if not paths.manifest.exists() and not paths.manifest.is_symlink():
-        return None
-    try:
-        meta = read_sidecar(paths.manifest)
-    except DataError:
-        return None
-    if meta.get("written_by") != WRITER or not {"dtype", "count", "vocab_size"} <= meta.keys():
-        return None
-    return meta
-
-
-def check_overwrite(
-    paths: SetPaths, manifest: dict[str, Any] | None, force: bool, out: TextIO, given: str | None = None
-) -> None:
-    """Refuse to replace files prepare did not write, unless forced (and then say which are replaced).
-
-    With its own manifest beside OUTPUT, OUTPUT's shard names are prepare's; the tokenizer file is its
-    own when its sha256 is the one the manifest records.
-    """
-    strangers: list[Path] = []
-    if manifest is None:
-        if paths.manifest.exists() or paths.manifest.is_symlink():
-            strangers.append(paths.manifest)
-        strangers += paths.existing_shards()
-    is_given = given is not None and Path(given).resolve() == paths.tokenizer.resolve()
-    if (paths.tokenizer.exists() or paths.tokenizer.is_symlink()) and not is_given:
-        recorded = (manifest or {}).get("tokenizer") or {}
-        mine = paths.tokenizer.is_file() and not paths.tokenizer.is_symlink()
-        if not (mine and recorded.get("sha256") == sha256_of(paths.tokenizer)):
-            strangers.append(paths.tokenizer)
-    if not strangers:
-        return
-    if not force:
-        raise DataError(f"{strangers[0]} exists and was not written by prepare; move it away or pass FORCE=1")
-    for path in strangers:
-        out.write(f"prepare: FORCE=1: replacing {path}, which prepare did not write\n")
-        path.unlink()
 
 
 # ---------------------------------------------------------------------------- inputs and the plan

@@ -2,7 +2,9 @@
 
 - tokens.py: token files and sets of shards (NAME.bin + NAME.json), the format every token source reads;
 - formats.py: the input formats of make prepare (text, JSON lines, Parquet, datasets, llm.c), read as units;
-- encode.py: units to token ids, in PROCS processes; shards.py: writing a set of shards, resumably;
+- streams.py: opening those inputs (regular files only; gzip and zstd in bounded memory);
+- encode.py: units to token ids, in PROCS processes;
+- shards.py: writing a set of shards, resumably, with one writer and no stranger's file replaced;
 - llmc.py: llm.c's token shard files;
 - text.py: text files as documents (globs, the document separator);
 - corpus.py: the built-in byte-level corpus;

@@ -13,6 +13,7 @@ says, Parquet and llm.c shards by theirs, and a name that claims a format its by
 refused. Between text and JSON lines, which share their bytes, the extension decides; a file with
 neither kind of extension is JSON lines when its first line is a JSON object.
 
+Files are opened by train/data/streams.py (regular files only, gzip and zstd in bounded memory).
 Reading is a stream of Units, each about UNIT_BYTES of text, cut only where a rerun can start again
 (train/data/shards.py keeps the cursor of each shard's first unit): the units from a cursor are a
 function of the input and the cursor alone, so one process or many, and a resumed run, see the same.
@@ -22,21 +23,18 @@ a text file streams in such pieces, so no file is ever read whole.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
-import stat
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from env.common.readfile import read_regular
 from train.data import llmc
+from train.data.streams import COMPRESSIONS, HEAD_BYTES, READ_BLOCK, Compression, Stream, need, read_head
 from train.errors import DataError
 
 # A unit of work for one tokenizer process: about this much text (a whole record more at most).
@@ -51,13 +49,7 @@ PIECE_BYTES = 1 << 20
 PIECE_LIMIT = 4 << 20
 # A JSON line longer than this is refused: a file without newlines is not JSON lines.
 MAX_LINE = 64 << 20
-HEAD_BYTES = 1 << 16
-READ_BLOCK = 1 << 20
-# zstd input is fed from this many bytes up, so that one step never makes more than a few MiB (below).
-ZSTD_FIRST_STEP = 64
-ZSTD_MAX_OUTPUT = 8 << 20
 DATASET_STATE = "state.json"
-DATASET_INFO = "dataset_info.json"
 DATASET_DICT = "dataset_dict.json"
 # A datasets directory's JSON files are small; a larger one is not what save_to_disk wrote.
 DATASET_JSON_LIMIT = 16 << 20
@@ -68,18 +60,6 @@ TEXT_SUFFIXES = (".txt", ".text", ".md")
 Position = tuple[int, int]
 
 
-@dataclass(frozen=True)
-class Compression:
-    name: str
-    magic: bytes
-    suffix: str
-    package: str | None  # what to pip install, when not the standard library
-
-
-COMPRESSIONS = (
-    Compression("gzip", b"\x1f\x8b", ".gz", None),
-    Compression("zstd", b"\x28\xb5\x2f\xfd", ".zst", "zstandard"),
-)
 # Structured or compressed files no format here reads: each is refused by name rather than read as bytes.
 UNREAD_MAGICS = (
     (b"BZh", "a bzip2 file: decompress it (bunzip2), or recompress with zstd or gzip"),
@@ -128,157 +108,6 @@ class Meter:
     """Bytes on disk read so far from the input being read (a compressed file's compressed bytes)."""
 
     disk: int = 0
-
-
-# ---------------------------------------------------------------------------- opening files
-
-
-def read_head(path: Path, count: int = HEAD_BYTES) -> bytes:
-    """The first bytes of a regular file, opened without blocking (a FIFO planted as input never hangs)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise DataError(f"cannot read the input {path} ({exc.strerror}); check its permissions or leave it out") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise DataError(f"the input {path} is not a regular file; give files or a datasets directory")
-        return os.read(fd, count)
-    except OSError as exc:
-        raise DataError(f"cannot read the input {path} ({exc.strerror}); check its permissions or leave it out") from None
-    finally:
-        os.close(fd)
-
-
-def need(package: str, why: str) -> Any:
-    """Import an optional package, or one DataError line naming the install."""
-    import importlib
-
-    try:
-        return importlib.import_module(package)
-    except ImportError:
-        name = {"pyarrow.parquet": "pyarrow", "pyarrow.ipc": "pyarrow"}.get(package, package)
-        raise DataError(f"{why} needs the {name} package: pip install {name} (the image has it)") from None
-
-
-class _ZstdRaw(io.RawIOBase):
-    """A zstd stream (frames one after another) as a raw file, in bounded memory.
-
-    A stream cut short is an error, not an end. zstd can expand a few bytes into megabytes, and its
-    decompressor returns all it can make of what it is fed, so it is fed little at a time: the
-    step doubles while the output stays small and shrinks as soon as a step makes much of it.
-    """
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.zstd = need("zstandard", "reading .zst")
-        self.raw = raw
-        self.decoder = self.zstd.ZstdDecompressor().decompressobj()
-        self.compressed = b""
-        self.pending = b""
-        self.step = ZSTD_FIRST_STEP
-        self.started = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _feed(self) -> bool:
-        """Decompress one step of input into pending; False at the end of the input."""
-        if not self.compressed:
-            self.compressed = self.raw.read(READ_BLOCK)
-            if not self.compressed:
-                if self.started and not self.decoder.eof:
-                    raise EOFError("the zstd stream ends inside a frame")
-                return False
-        self.started = True
-        if self.decoder.eof:  # a new frame follows the last one
-            self.compressed = self.decoder.unused_data + self.compressed
-            self.decoder = self.zstd.ZstdDecompressor().decompressobj()
-        piece, self.compressed = self.compressed[: self.step], self.compressed[self.step :]
-        self.pending = self.decoder.decompress(piece)
-        if self.decoder.eof and self.decoder.unused_data:  # the rest belongs to the next frame
-            self.compressed = self.decoder.unused_data + self.compressed
-            self.decoder = self.zstd.ZstdDecompressor().decompressobj()
-        if len(self.pending) > ZSTD_MAX_OUTPUT:
-            self.step = max(ZSTD_FIRST_STEP, self.step // 16)
-        elif len(self.pending) < ZSTD_MAX_OUTPUT // 16:
-            self.step = min(READ_BLOCK, self.step * 2)
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self.pending:
-            if not self._feed():
-                return 0
-        count = min(len(buffer), len(self.pending))
-        buffer[:count] = self.pending[:count]
-        self.pending = self.pending[count:]
-        return count
-
-
-def _corrupt(path: Path, compression: str, exc: BaseException) -> DataError:
-    detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-    return DataError(f"{path} is a damaged {compression} file ({detail}); fetch or compress it again")
-
-
-def _compression_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [EOFError, zlib.error, gzip.BadGzipFile]
-    try:
-        import zstandard
-
-        errors.append(zstandard.ZstdError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-class Stream:
-    """An input file's bytes, decompressed, from an offset; `disk()` is how far into the file on disk it is."""
-
-    def __init__(self, source: Input, offset: int) -> None:
-        self.source = source
-        try:
-            self.raw = os.fdopen(os.open(source.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), "rb")
-        except OSError as exc:
-            raise DataError(f"cannot read the input {source.path} ({exc.strerror}); check it or leave it out") from None
-        self.errors = _compression_errors()
-        if source.compression == "gzip":
-            self.file: IO[bytes] = gzip.GzipFile(fileobj=self.raw, mode="rb")
-        elif source.compression == "zstd":
-            self.file = io.BufferedReader(_ZstdRaw(self.raw), READ_BLOCK)
-        else:
-            self.file = self.raw
-        if offset:
-            self._skip(offset)
-
-    def _skip(self, offset: int) -> None:
-        if self.source.compression is None:
-            self.raw.seek(offset)
-            return
-        left = offset
-        while left:
-            got = len(self.read(min(left, READ_BLOCK)))
-            if not got:
-                raise DataError(f"{self.source.path} is shorter than when it was prepared; prepare it from the start")
-            left -= got
-
-    def read(self, count: int) -> bytes:
-        return self._guard(lambda: self.file.read(count))
-
-    def readline(self, limit: int) -> bytes:
-        return self._guard(lambda: self.file.readline(limit))
-
-    def _guard(self, call: Callable[[], bytes]) -> bytes:
-        try:
-            return call()
-        except self.errors as exc:
-            raise _corrupt(self.source.path, self.source.compression or "compressed", exc) from None
-        except OSError as exc:
-            raise DataError(f"cannot read the input {self.source.path} ({exc.strerror}); check it") from None
-
-    def disk(self) -> int:
-        return self.raw.tell()
-
-    def close(self) -> None:
-        self.file.close()
-        self.raw.close()
 
 
 # ---------------------------------------------------------------------------- records of each format
@@ -330,7 +159,7 @@ def pieces_of(document: bytes) -> list[bytes]:
 
 
 def _text_records(source: Input, start: Position, text_field: str, meter: Meter) -> Iterator[tuple]:
-    stream = Stream(source, start[0])
+    stream = Stream(source.path, source.compression, start[0])
     offset, cutter = start[0], PieceCutter()
     try:
         while block := stream.read(READ_BLOCK):
@@ -345,7 +174,7 @@ def _text_records(source: Input, start: Position, text_field: str, meter: Meter)
 
 
 def _jsonl_records(source: Input, start: Position, text_field: str, meter: Meter) -> Iterator[tuple]:
-    stream = Stream(source, start[0])
+    stream = Stream(source.path, source.compression, start[0])
     offset, line = start
     try:
         while raw := stream.readline(MAX_LINE):
@@ -463,8 +292,7 @@ FORMATS = {
 
 
 def _decompressed_head(path: Path, compression: Compression) -> bytes:
-    source = Input(path, "text", compression.name)
-    stream = Stream(source, 0)
+    stream = Stream(path, compression.name, 0)
     try:
         return stream.read(HEAD_BYTES)
     finally:

@@ -6,7 +6,8 @@ set of one shard is data/x.bin itself. The manifest data/x.json is the set's sid
 (train/data/tokens.py) and is rewritten atomically after every shard: the shards so far, each with
 the cursor it starts at (input, offset, records before it, ids of that unit to skip), and the
 cursor of the next one. A shard is written to a temporary file and renamed whole when full, so a
-crash loses at most the shard being written. A rerun of the same prepare (same inputs, sizes and
+crash loses at most the shard being written. One prepare writes a set at a time (an flock on
+.NAME.bin.lock), and a file beside it that prepare did not write is never replaced unasked. A rerun of the same prepare (same inputs, sizes and
 times, tokenizer and settings: the plan) checks each listed shard's length and sha256, keeps the
 good ones in order, and goes on from the first one missing or damaged; any other rerun starts
 afresh.
@@ -14,21 +15,23 @@ afresh.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TextIO
 
 import numpy as np
 
 from env.common.atomic import TEMP_PREFIX, create_exclusive, fsync_dir, replace_atomically
 from train.data import llmc
 from train.data.formats import Unit
-from train.data.tokens import SHARD_HEADERS, TOKEN_DTYPES, sidecar_path
+from train.data.tokens import SHARD_HEADERS, TOKEN_DTYPES, read_sidecar, sidecar_path
 from train.errors import DataError
+from train.tokenizer import sha256_of
 
 WRITER = "train.prepare"
 START: tuple[int, int, int, int] = (0, 0, 0, 0)  # (input, offset, records before it, ids of that unit to skip)
@@ -91,6 +94,77 @@ class SetPaths:
                 path.unlink()
                 removed.append(path)
         return removed
+
+
+# ---------------------------------------------------------------------------- the set's owner
+
+
+class OutputLock:
+    """An exclusive flock on .NAME.bin.lock beside the output, for the whole prepare: one writer per OUTPUT."""
+
+    def __init__(self, paths: SetPaths) -> None:
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.fd = os.open(paths.lock, flags, 0o644)
+        except OSError as exc:
+            raise DataError(f"cannot lock {paths.lock} ({exc.strerror}); choose a writable OUTPUT") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            raise DataError(
+                f"another make prepare ({holder}) is writing {paths.output}; wait for it or choose another OUTPUT"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}".encode())
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def own_manifest(paths: SetPaths) -> dict[str, Any] | None:
+    """The manifest beside OUTPUT when prepare wrote it (any version), else None."""
+    if not paths.manifest.exists() and not paths.manifest.is_symlink():
+        return None
+    try:
+        meta = read_sidecar(paths.manifest)
+    except DataError:
+        return None
+    if meta.get("written_by") != WRITER or not {"dtype", "count", "vocab_size"} <= meta.keys():
+        return None
+    return meta
+
+
+def check_overwrite(
+    paths: SetPaths, manifest: dict[str, Any] | None, force: bool, out: TextIO, given: str | None = None
+) -> None:
+    """Refuse to replace files prepare did not write, unless forced (and then say which are replaced).
+
+    With its own manifest beside OUTPUT, OUTPUT's shard names are prepare's; the tokenizer file is its
+    own when its sha256 is the one the manifest records.
+    """
+    strangers: list[Path] = []
+    if manifest is None:
+        if paths.manifest.exists() or paths.manifest.is_symlink():
+            strangers.append(paths.manifest)
+        strangers += paths.existing_shards()
+    is_given = given is not None and Path(given).resolve() == paths.tokenizer.resolve()
+    if (paths.tokenizer.exists() or paths.tokenizer.is_symlink()) and not is_given:
+        recorded = (manifest or {}).get("tokenizer") or {}
+        mine = paths.tokenizer.is_file() and not paths.tokenizer.is_symlink()
+        if not (mine and recorded.get("sha256") == sha256_of(paths.tokenizer)):
+            strangers.append(paths.tokenizer)
+    if not strangers:
+        return
+    if not force:
+        raise DataError(f"{strangers[0]} exists and was not written by prepare; move it away or pass FORCE=1")
+    for path in strangers:
+        out.write(f"prepare: FORCE=1: replacing {path}, which prepare did not write\n")
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------- writing
 
 
 def write_manifest(paths: SetPaths, manifest: dict[str, Any]) -> None:

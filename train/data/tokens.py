@@ -33,7 +33,7 @@ import numpy as np
 from env.common.atomic import replace_atomically
 from env.common.readfile import read_regular
 from train.data import llmc
-from train.data.formats import read_head
+from train.data.streams import read_head
 from train.errors import DataError
 
 BYTE_VOCAB = 256
