@@ -292,6 +292,9 @@ def test_llmc_shards_written_by_prepare_are_read_by_a_reference_reader(tmp_path:
     assert len(shards) == -(-len(plain) // 5000) > 1
     assert np.array_equal(np.concatenate([reference_llmc_read(p) for p in shards]), plain)
     assert np.array_equal(np.asarray(read_token_file(tmp_path / "llmc.bin")[0]), plain)  # and by the set's name
+    prepare.prepare([source], str(tmp_path / "bytes.bin"), shard_tokens=10**9, shard_format="llmc")
+    expected = b"".join(doc.encode() + b"\0" for doc in docs)
+    assert reference_llmc_read(tmp_path / "bytes.bin").astype(np.uint8).tobytes() == expected  # bytes as uint16
 
 
 def test_llmc_shards_written_by_a_test_train_and_are_copied_by_prepare(tmp_path: Path) -> None:

@@ -214,3 +214,24 @@ def test_a_model_trains_on_a_set_of_shards(corpus: tuple[Path, str, Path]) -> No
     result = launch_train(run_dir, 2, 2, f"data.path={reference}", "model.vocab_size=auto", "train.eval_every=0")
     assert result.returncode == 0, result.stderr
     assert (run_dir / "tokenizer.json").read_bytes() == (folder / "bpe.tokenizer.json").read_bytes()
+
+
+def test_planted_fifos_and_links_never_hang_nor_get_replaced(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("abc")
+    secret = tmp_path / "secret"
+    secret.write_text("not yours")
+    os.mkfifo(tmp_path / "x.json")  # a FIFO as the manifest: read without blocking, and not prepare's
+    with pytest.raises(DataError, match=r"x\.json exists and was not written by prepare"):
+        prepare.prepare([str(tmp_path / "a.txt")], str(tmp_path / "x.bin"))
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(DataError, match="is not a regular file"):
+        prepare.prepare([str(tmp_path / "a.txt")], str(tmp_path / "y.bin"), str(tmp_path / "fifo.json"))
+    (tmp_path / "z.tokenizer.json").symlink_to(secret)  # a link where prepare would write its tokenizer
+    with pytest.raises(DataError, match=r"z\.tokenizer\.json exists and was not written by prepare"):
+        prepare.prepare([str(tmp_path / "a.txt")], str(tmp_path / "z.bin"), "bpe", 300)
+    prepare.prepare([str(tmp_path / "a.txt")], str(tmp_path / "z.bin"), "bpe", 300, force=True)
+    assert secret.read_text() == "not yours" and not (tmp_path / "z.tokenizer.json").is_symlink()
+    (tmp_path / "ds").mkdir()
+    os.mkfifo(tmp_path / "ds" / "state.json")
+    with pytest.raises(DataError, match="not a datasets save_to_disk directory"):
+        prepare.prepare([str(tmp_path / "ds")], str(tmp_path / "w.bin"))

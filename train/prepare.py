@@ -38,7 +38,6 @@ import numpy as np
 
 from env.common.atomic import replace_atomically
 from env.common.cli import ArgumentParser, count_arg, run_cli
-from env.common.readfile import read_regular
 from train.data import formats, llmc
 from train.data.encode import EncoderSpec, encoded, serial_tokenizers
 from train.data.formats import FORMATS, Input, Meter, detect, one_format, units
@@ -53,6 +52,7 @@ from train.data.shards import (
     own_manifest,
     write_manifest,
 )
+from train.data.streams import read_small
 from train.data.text import glob_paths
 from train.data.tokens import BYTES_TOKENIZER, GPT2_TOKENIZER, sidecar_path, token_dtype
 from train.errors import DataError
@@ -188,7 +188,7 @@ def _read_given(path: str) -> bytes:
     given = Path(path)
     if not given.exists():
         raise DataError(f"TOKENIZER={path!r} is neither bytes, bpe nor an existing tokenizer.json")
-    content = read_regular(given, TOKENIZER_LIMIT)
+    content = read_small(given, TOKENIZER_LIMIT)
     if content is None:
         raise DataError(f"TOKENIZER={path!r} is not a regular file of at most {TOKENIZER_LIMIT >> 20} MiB")
     return content
@@ -266,7 +266,7 @@ def _reusable_bpe(paths: SetPaths, old: dict[str, Any] | None) -> bytes | None:
     recorded = (old or {}).get("tokenizer") or {}
     if recorded.get("kind") != "bpe" or paths.tokenizer.is_symlink():
         return None
-    content = read_regular(paths.tokenizer, TOKENIZER_LIMIT)
+    content = read_small(paths.tokenizer, TOKENIZER_LIMIT)
     if content is None or hashlib.sha256(content).hexdigest() != recorded.get("sha256"):
         return None
     return content
@@ -302,7 +302,7 @@ def _tokenizer_in_place(paths: SetPaths, manifest: dict[str, Any]) -> bool:
     record = manifest.get("tokenizer") or {}
     if not record.get("file"):
         return True
-    content = read_regular(paths.tokenizer, TOKENIZER_LIMIT) if not paths.tokenizer.is_symlink() else None
+    content = read_small(paths.tokenizer, TOKENIZER_LIMIT) if not paths.tokenizer.is_symlink() else None
     return content is not None and hashlib.sha256(content).hexdigest() == record.get("sha256")
 
 
@@ -356,7 +356,7 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
     choice = choose_tokenizer(args, fmt, sources, paths, given, same, out)
     _check_vocab(args, choice)
     vocab_size = choice.record["vocab_size"]
-    dtype = choice.spec.dtype
+    dtype = "uint16" if args.shard_format == "llmc" else choice.spec.dtype  # llm.c's shards hold uint16
     manifest = {
         "dtype": dtype,
         "vocab_size": vocab_size,

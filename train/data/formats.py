@@ -32,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from env.common.readfile import read_regular
 from train.data import llmc
-from train.data.streams import COMPRESSIONS, HEAD_BYTES, READ_BLOCK, Compression, Stream, need, read_head
+from train.data.streams import COMPRESSIONS, HEAD_BYTES, READ_BLOCK, Compression, Stream, need, read_head, read_small
 from train.errors import DataError
 
 # A unit of work for one tokenizer process: about this much text (a whole record more at most).
@@ -348,7 +347,7 @@ def _json_file(path: Path) -> Any:
     """A small JSON file of a datasets directory, or None when absent; DataError when it is there but unreadable."""
     if not path.exists() and not path.is_symlink():
         return None
-    data = read_regular(path, DATASET_JSON_LIMIT)
+    data = read_small(path, DATASET_JSON_LIMIT)
     try:
         return json.loads(data) if data is not None else None
     except (ValueError, RecursionError):

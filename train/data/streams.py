@@ -50,6 +50,28 @@ def read_head(path: Path, count: int = HEAD_BYTES) -> bytes:
         os.close(fd)
 
 
+def read_small(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes when it holds at most `limit`; None when it is absent, special or larger.
+
+    Opened without blocking, unlike env.common.readfile.read_regular: a FIFO planted as a manifest,
+    a datasets state.json or a tokenizer.json never hangs the reader.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read(limit + 1)[:limit]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def need(package: str, why: str) -> Any:
     """Import an optional package, or one DataError line naming the install."""
     import importlib

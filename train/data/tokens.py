@@ -31,9 +31,8 @@ from typing import Any
 import numpy as np
 
 from env.common.atomic import replace_atomically
-from env.common.readfile import read_regular
 from train.data import llmc
-from train.data.streams import read_head
+from train.data.streams import read_head, read_small
 from train.errors import DataError
 
 BYTE_VOCAB = 256
@@ -169,7 +168,7 @@ def is_llmc_file(path: Path) -> bool:
 
 def read_sidecar(meta_path: Path) -> dict[str, Any]:
     """A sidecar's JSON through the bounded reader (a regular file of at most SIDECAR_LIMIT bytes)."""
-    data = read_regular(meta_path, SIDECAR_LIMIT)
+    data = read_small(meta_path, SIDECAR_LIMIT)
     if data is None:
         raise DataError(f"{meta_path} is not a regular file of at most {SIDECAR_LIMIT >> 20} MiB; it is no sidecar")
     try:

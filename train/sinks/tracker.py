@@ -42,7 +42,7 @@ def import_tracker(module: str, install: str, what: str) -> ModuleType:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    data = read_regular(path, RECORD_LIMIT)
+    data = read_regular(path, RECORD_LIMIT) if path.is_file() else None  # is_file: never open a planted FIFO
     try:
         value = json.loads(data) if data is not None else {}
     except (ValueError, RecursionError):
