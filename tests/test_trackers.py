@@ -79,7 +79,7 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     for steps in (2, 4):
         result = launch_train(run_dir, 1, steps, "train.eval_every=2", "train.eval_batches=1", env=env, timeout=600)
         assert result.returncode == 0, result.stderr
-        assert "warning" not in result.stdout + result.stderr, result.stdout + result.stderr
+        assert "torchrig: warning" not in result.stdout + result.stderr, result.stdout + result.stderr
     return run_dir, store
 
 
