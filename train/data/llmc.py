@@ -8,9 +8,7 @@ file is exactly 1024 + 2N bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any
 
 import numpy as np
 
@@ -71,23 +69,3 @@ def open_shard(path: Path) -> np.ndarray:
     if count == 0:  # np.memmap refuses an empty map
         return np.zeros(0, TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def write_shard(out: IO[bytes], chunks: Iterable[np.ndarray]) -> int:
-    """Write an llm.c shard to an open file: a placeholder header, the tokens, then the real header. Returns N."""
-    out.write(header(0))
-    count = 0
-    for chunk in chunks:
-        tokens = np.asarray(chunk)
-        out.write(tokens.astype(TOKEN_DTYPE).tobytes())
-        count += tokens.size
-    if count > MAX_TOKENS:
-        raise DataError(f"an llm.c shard holds at most {MAX_TOKENS:,} tokens; lower SHARD_TOKENS")
-    out.seek(0)
-    out.write(header(count))
-    out.seek(0, 2)
-    return count
-
-
-def describe(meta: dict[str, Any]) -> str:
-    return f"llm.c shards ({meta.get('shards', 1)} files)"
