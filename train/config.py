@@ -115,8 +115,9 @@ class TrainConfig:
     timeout_s: float = 600.0
     """Timeout of every later collective (a hung rank is named by the watchdog)."""
     sinks: list[str] = field(default_factory=lambda: ["console", "jsonl"])
-    """Where the figures go (train/sinks/): console, jsonl (metrics.jsonl, always kept), tensorboard; on the
-    command line a comma list, e.g. train.sinks=console,jsonl,tensorboard."""
+    """Where the figures go (train/sinks/): console, jsonl (metrics.jsonl, always kept), tensorboard, wandb, mlflow;
+    on the command line a comma list, e.g. train.sinks=console,jsonl,wandb. WANDB_PROJECT (unless WANDB_MODE=disabled)
+    and MLFLOW_TRACKING_URI in the environment add wandb and mlflow to the list (docs/training.md#trackers)."""
     eval_every: int = 100
     """Validation every this many steps and at the last step (0 turns it off): val_loss in metrics.jsonl, the
     console and summary.json. It never changes the training figures."""

@@ -306,7 +306,8 @@ def compose_run_command(
 
 def passthrough_env() -> dict[str, str]:
     """The caller's variables that a job in the container sees too."""
-    return {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_", "TORCHRIG_", "CUDA_VISIBLE"))}
+    prefixes = ("NCCL_", "TORCH_", "TORCHRIG_", "CUDA_VISIBLE", "WANDB_", "MLFLOW_")  # the trackers' own too
+    return {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
 
 
 def run_in_container(argv: list[str], *, gpu: bool, env: dict[str, str], status: EngineStatus | None = None) -> int:

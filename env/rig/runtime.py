@@ -93,6 +93,10 @@ MAKE_VARS: dict[str, MakeVar] = {
     "TOKENIZER": MakeVar("--tokenizer"),
     "VOCAB": MakeVar("--vocab", "count"),
     "FORCE": MakeVar("--force", "switch"),
+    "TEXT_FIELD": MakeVar("--text-field"),
+    "PROCS": MakeVar("--procs", "count"),
+    "SHARD_TOKENS": MakeVar("--shard-tokens", "count"),
+    "SHARD_FORMAT": MakeVar("--shard-format"),
     "DATA": MakeVar("--data"),
     "PROMPT": MakeVar("--prompt"),
     "TOKENS": MakeVar("--tokens", "count"),
@@ -152,8 +156,8 @@ TARGETS: dict[str, Target] = {
     ),
     "prepare": Target(
         "train.prepare",
-        ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "FORCE"),
-        summary="turn text files into a token file, bytes or BPE",
+        ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT", "FORCE"),
+        summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE",
     ),
     "eval": Target(
         "train.eval", ("GPUS", "RUN_DIR", "DATA"), summary="validation loss of a run's newest valid checkpoint"
@@ -180,8 +184,9 @@ OWN_TARGETS: dict[str, tuple[str, ...]] = {
     "slurm-nccl-test": ("GPUS", "SIZES", "DTYPE", "OPS", "MIN_BUSBW", "JSON", "RUN_DIR", "NNODES"),
 }
 COMMON_VARS = ("RUNTIME", "DOCKER", "COMPOSE")  # every target takes these
-# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO).
-ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_")
+# Command-line variables with these prefixes are the job's environment (make train NCCL_DEBUG=INFO), as are
+# the trackers' own (make train WANDB_PROJECT=x, MLFLOW_TRACKING_URI=…).
+ENVIRONMENT_PREFIXES = ("NCCL_", "TORCH_", "WANDB_", "MLFLOW_")
 
 
 def target_variables(name: str) -> tuple[str, ...]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,14 +118,14 @@ def test_prepare_names_an_unreadable_input(tmp_path: Path, monkeypatch: pytest.M
     from train import prepare
 
     texts = write_corpus(tmp_path / "text", files=2, lines=5)
-    real_read = Path.read_bytes
+    real_open = os.open
 
-    def read_bytes(path: Path) -> bytes:  # what a non-root user meets on a file without read permission
-        if path == texts[1]:
+    def open_file(path: Any, *args: Any, **kwargs: Any) -> int:  # what a non-root user meets without read permission
+        if Path(path) == texts[1]:
             raise PermissionError(13, "Permission denied", str(path))
-        return real_read(path)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", open_file)
     for tokenizer in ("bytes", "bpe"):
         args = [
             "--input",

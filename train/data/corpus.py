@@ -17,7 +17,7 @@ import sysconfig
 from pathlib import Path
 
 from train.data.text import document_chunks
-from train.data.tokens import BYTE_VOCAB, sidecar_path, write_token_file
+from train.data.tokens import BYTE_VOCAB, BYTES_TOKENIZER, sidecar_path, write_token_file
 from train.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -46,7 +46,9 @@ def build_corpus(cache_dir: Path | None = None, max_bytes: int = CORPUS_MAX_BYTE
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     version = ".".join(map(str, sys.version_info[:3]))
     path = Path(cache_dir or data_dir()) / f"corpus-{sys.implementation.name}-{version}.bin"
+    # The tokenizer record is part of the identity: a cache written before token files recorded theirs is rebuilt.
     identity = {"source": "corpus", "python": version, "stdlib": str(stdlib), "max_bytes": max_bytes}
+    identity["tokenizer"] = BYTES_TOKENIZER
     try:
         meta = json.loads(sidecar_path(path).read_text())
         if {k: meta.get(k) for k in identity} == identity and path.stat().st_size == meta["count"]:

@@ -3,7 +3,8 @@
 - corpus: the built-in byte-level text (train/data/corpus.py).
 - synthetic: random tokens (random images and labels for an image model), a pure function of
   (seed, index), for benchmarks.
-- files: data.path is a glob of text files (each byte is a token) or a prepared token file (.bin).
+- files: data.path is a glob of text files (each byte is a token), a prepared token file or set of shards
+  (NAME.bin, from make prepare), or llm.c shards: one .bin, a glob of them, or a directory holding them.
 - images: a torchvision ImageFolder tree at data.path, with the usual training augmentations.
 
 A data.path given with the default source (corpus) picks the source from the path: a .bin token
@@ -18,8 +19,10 @@ flips after a resume are not bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from torch.utils.data import Dataset
 from train.config import VOCAB_AUTO, RunConfig
 from train.data.corpus import build_corpus
 from train.data.text import document_chunks, expand_globs
-from train.data.tokens import BYTE_VOCAB, read_token_file, sidecar_path
+from train.data.tokens import BYTE_VOCAB, TokenStream, is_llmc_file, read_llmc, read_token_file, sidecar_path
 from train.errors import ConfigError, DataError
 from train.models import get_spec
 
@@ -42,6 +45,8 @@ SYNTHETIC_SAMPLES = 2**16
 SYNTHETIC_IMAGE_POOL = 64
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A shard name that marks validation data (llm.c's and modded-nanogpt's fineweb_val_000000.bin).
+VALIDATION_NAME = re.compile(r"(^|[_.-])val([_.-]|$)")
 # What each source gives ("synthetic" follows the model); each model's spec says what it eats.
 SOURCE_INPUT = {"corpus": "tokens", "files": "tokens", "images": "images"}
 
@@ -194,8 +199,10 @@ class ImageFolderSamples(Dataset):
         return f"images: {self.root} · {len(self.folder):,} images in {len(self.folder.classes)} classes"
 
 
-def _check_vocab(tokens: np.ndarray, vocab_size: int, origin: str) -> None:
-    largest = int(tokens.max())
+def _check_vocab(tokens: np.ndarray | TokenStream, vocab_size: int, origin: str, meta: dict | None = None) -> None:
+    # A set prepare wrote records its largest id: no need to read gigabytes to find it.
+    recorded = (meta or {}).get("max_token")
+    largest = int(recorded) if isinstance(recorded, int) else int(tokens.max())
     if largest >= vocab_size:
         raise DataError(
             f"{origin} holds token id {largest} but model.vocab_size={vocab_size}; "
@@ -211,17 +218,54 @@ def _corpus_dataset(cfg: RunConfig) -> Dataset:
     return TokenWindows(tokens, cfg.data.seq_len, "corpus", origin)
 
 
+def _shard_files(path: str) -> list[Path] | None:
+    """The llm.c shards a glob of .bin files or a directory holding .bin files names, sorted; None for other paths."""
+    if os.path.isdir(path):
+        found = sorted(Path(path).glob("*.bin"))
+        kinds = {bool(VALIDATION_NAME.search(p.stem)) for p in found}
+        if len(kinds) > 1:
+            val = next(p for p in found if VALIDATION_NAME.search(p.stem))
+            raise DataError(
+                f"{path} holds training and validation shards ({val.name}); give data.path='{path}/*train*.bin' "
+                f"and data.val_path='{path}/*val*.bin'"
+            )
+        return found or None
+    if not glob.has_magic(path) or not path.endswith(".bin"):
+        return None
+    return sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+
+
+def token_source(path: str) -> tuple[np.ndarray | TokenStream, dict] | None:
+    """A token file or set (NAME.bin), or llm.c shards (a .bin, a glob or a directory of them); None for text."""
+    shards = _shard_files(path)
+    if shards is not None:
+        if not shards:
+            raise DataError(f"data.path={path!r} matches no .bin files; check the path")
+        strangers = [p for p in shards if not is_llmc_file(p)]
+        if strangers:
+            raise DataError(
+                f"{strangers[0]} is not an llm.c shard; a glob or directory of .bin files reads llm.c shards: give a "
+                "set that make prepare wrote by its name (data/NAME.bin)"
+            )
+        return read_llmc(shards)
+    if path.endswith(".bin"):
+        return read_token_file(path)
+    return None
+
+
 def _files_dataset(cfg: RunConfig) -> Dataset:
     path = cfg.data.path
     if not path:
         raise DataError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')
-    if path.endswith(".bin"):
-        tokens, _ = read_token_file(path)
+    found = token_source(path)
+    meta = None
+    if found is not None:
+        tokens, meta = found
     else:
         documents = list(document_chunks(expand_globs([path], "data.path", "check the path or use data.source=corpus")))
         tokens = np.concatenate(documents)
     if len(tokens):
-        _check_vocab(tokens, cfg.model.vocab_size, f"data.path='{path}'")
+        _check_vocab(tokens, cfg.model.vocab_size, f"data.path='{path}'", meta)
     return TokenWindows(tokens, cfg.data.seq_len, "files", path)
 
 
@@ -245,8 +289,8 @@ SOURCES: dict[str, Callable[[RunConfig], Dataset]] = {
 
 
 def source_of_path(path: str) -> str:
-    """The source a data path means: a directory is an image folder, anything else text or tokens."""
-    return "images" if os.path.isdir(path) else "files"
+    """The source a data path means: a directory is an image folder unless it holds .bin shards; else text or tokens."""
+    return "images" if os.path.isdir(path) and not any(Path(path).glob("*.bin")) else "files"
 
 
 def resolve_data(cfg: RunConfig, source_given: bool) -> None:
@@ -278,27 +322,31 @@ def _data_vocab_size(cfg: RunConfig) -> int:
         raise ConfigError(
             "model.vocab_size=auto takes the size from the data; data.source=synthetic has none: give a number"
         )
-    if source == "files" and path.endswith(".bin"):
-        if not Path(path).is_file():
+    if source != "files":
+        return BYTE_VOCAB
+    if path.endswith(".bin") and not glob.has_magic(path) and not Path(path).exists():
+        if not sidecar_path(Path(path)).is_file():
             raise DataError(
                 f"model.vocab_size=auto reads the vocabulary of data.path={path!r}, which does not exist; "
                 "make it with make prepare (see the config file's header) or set model.vocab_size"
             )
-        _, meta = read_token_file(path)
-        try:
-            return int(meta["vocab_size"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{sidecar_path(Path(path))} has no vocab_size; add it or set model.vocab_size") from None
-    return BYTE_VOCAB
+    found = token_source(path)
+    if found is None:
+        return BYTE_VOCAB
+    meta = found[1]
+    try:
+        return int(meta["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{sidecar_path(Path(path))} has no vocab_size; add it or set model.vocab_size") from None
 
 
 def data_tokenizer(cfg: RunConfig) -> Path | None:
-    """The tokenizer.json the run's token file was made with (checked against its sidecar), or None for bytes."""
+    """The tokenizer.json the run's token file was made with (checked against its sidecar), or None without one."""
     path = cfg.data.path
-    if cfg.data.source != "files" or not path.endswith(".bin"):
+    found = token_source(path) if cfg.data.source == "files" and path else None
+    if found is None:
         return None
-    _, meta = read_token_file(path)
-    record = meta.get("tokenizer")
+    record = found[1].get("tokenizer")
     if not isinstance(record, dict) or not isinstance(record.get("file"), str):
         return None
     tokenizer = Path(path).parent / Path(record["file"]).name

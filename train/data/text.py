@@ -1,4 +1,8 @@
-"""Text files as documents: globs expanded, each file's bytes followed by the document separator."""
+"""Text files as documents: globs expanded, each file's bytes followed by the document separator.
+
+Only text is read so: a structured or compressed file (JSON lines, Parquet, gzip, an llm.c shard, …,
+train/data/formats.py) is refused in one line that names `make prepare`, never trained as bytes.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.data.formats import refuse_unless_text
 from train.errors import DataError
 
 # Ends every document; Python sources and ordinary text never contain a NUL byte.
@@ -18,6 +23,8 @@ DOC_SEPARATOR = b"\x00"
 
 def document_chunks(paths: Iterable[Path], max_bytes: int | None = None) -> Iterator[np.ndarray]:
     """Each file's bytes followed by DOC_SEPARATOR, as uint8 arrays, stopping at max_bytes in all."""
+    paths = list(paths)
+    refuse_unless_text(paths)
     remaining = sys.maxsize if max_bytes is None else max_bytes
     for path in paths:
         try:
@@ -33,7 +40,7 @@ def document_chunks(paths: Iterable[Path], max_bytes: int | None = None) -> Iter
 def expand_globs(patterns: Iterable[str], what: str, fix: str) -> list[Path]:
     """Files matching any of the globs (** recurses), sorted; DataError naming `what` and `fix` when none match."""
     patterns = list(patterns)
-    files = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)})
+    files = [path for path in glob_paths(patterns) if path.is_file()]
     shown = " ".join(repr(p) for p in patterns)
     if not files:
         raise DataError(f"{what}={shown} matches no files; {fix}")
@@ -41,6 +48,11 @@ def expand_globs(patterns: Iterable[str], what: str, fix: str) -> list[Path]:
         count = f"{len(files)} file{'' if len(files) == 1 else 's'}"
         raise DataError(f"{what}={shown} matches only empty files ({count}, 0 bytes); give files that hold text")
     return files
+
+
+def glob_paths(patterns: Iterable[str]) -> list[Path]:
+    """Everything (files and directories) any of the globs matches, sorted, each once."""
+    return sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True)})
 
 
 def _size(path: Path) -> int:

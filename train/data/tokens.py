@@ -1,12 +1,23 @@
-"""Token files: what `make prepare` writes and every token source reads.
+"""Token files: what `make prepare` writes and every token source reads, one file or a set of shards.
 
 Format (write it yourself from any tokenizer):
 
 - NAME.bin: the token ids as raw little-endian unsigned integers, no header.
-- NAME.json: {"dtype": "uint8", "uint16" or "uint32", "vocab_size": V, "count": number of tokens};
-  the smallest that holds every id (uint8 for bytes, uint16 up to V = 65536, else uint32). Other
-  keys are kept as information; prepare adds "tokenizer": {"file", "sha256", "vocab_size"} when
-  the ids come from NAME.tokenizer.json (train/tokenizer.py).
+- NAME.json, the sidecar: {"dtype": "uint8", "uint16" or "uint32", "vocab_size": V, "count": number of
+  tokens, "sha256": of the ids' bytes}; the dtype is the smallest that holds every id (uint8 for
+  bytes, uint16 up to V = 65536, else uint32). "tokenizer" records what made the ids: {"kind",
+  "file", "sha256", "vocab_size", "end_of_document"}; kind is bytes, bpe (trained by prepare), file
+  (a given tokenizer.json, copied to NAME.tokenizer.json) or gpt2 (llm.c's shards). sha256 is the
+  tokenizer.json's digest, or for a built-in tokenizer (bytes, gpt2) the digest of the text
+  "torchrig tokenizer: <kind>", so that two token files compare by it alone. Other keys are kept
+  as information.
+- A set of shards (train/data/shards.py writes them): the sidecar also lists "shards", each {"file",
+  "count", "sha256"} beside it, read in order as one stream; count and sha256 are then the whole
+  stream's. With one shard that file is NAME.bin itself. "complete": false marks a prepare that has
+  not finished: it is refused until a rerun of the same prepare finishes it. A shard with
+  "shard_format": "llmc" is an llm.c file (its 1024-byte header before the ids).
+- An llm.c shard (train/data/llmc.py) given by itself, or a glob or directory of them, is read as
+  GPT-2 ids without any sidecar.
 """
 
 from __future__ import annotations
@@ -20,10 +31,25 @@ from typing import Any
 import numpy as np
 
 from env.common.atomic import replace_atomically
+from train.data import llmc
+from train.data.streams import read_head, read_small
 from train.errors import DataError
 
 BYTE_VOCAB = 256
 TOKEN_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+# A sidecar lists a set's shards; a larger one is not a sidecar (a planted /dev/zero or a huge file).
+SIDECAR_LIMIT = 64 << 20
+SHARD_HEADERS = {"tokens": 0, "llmc": llmc.HEADER_BYTES}
+
+
+def builtin_tokenizer(kind: str, vocab_size: int, end_of_document: int) -> dict[str, Any]:
+    """The tokenizer record of a tokenizer without a file: its digest is that of its name (module docstring)."""
+    digest = hashlib.sha256(f"torchrig tokenizer: {kind}".encode()).hexdigest()
+    return {"kind": kind, "file": None, "sha256": digest, "vocab_size": vocab_size, "end_of_document": end_of_document}
+
+
+BYTES_TOKENIZER = builtin_tokenizer("bytes", BYTE_VOCAB, 0)
+GPT2_TOKENIZER = builtin_tokenizer("gpt2", llmc.GPT2_VOCAB, llmc.GPT2_END_OF_TEXT)
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -41,8 +67,12 @@ def write_token_file(
     vocab_size: int,
     dtype: str | None = None,
     meta: dict[str, Any] | None = None,
+    tokenizer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write token chunks to PATH.bin and its PATH.json sidecar (last, so its presence means done)."""
+    """Write token chunks to PATH.bin and its PATH.json sidecar (last, so its presence means done).
+
+    tokenizer: the record of what made the ids (BYTES_TOKENIZER, say), kept in the sidecar.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dtype = dtype or token_dtype(vocab_size)
@@ -66,37 +96,170 @@ def write_token_file(
 
     replace_atomically(path, write_chunks, "wb")
     info = {"dtype": dtype, "vocab_size": vocab_size, "count": count, "sha256": digest.hexdigest(), **(meta or {})}
+    if tokenizer is not None:
+        info["tokenizer"] = tokenizer
     replace_atomically(sidecar_path(path), lambda out: out.write(json.dumps(info, indent=1) + "\n"), "w")
     return info
 
 
-def read_token_file(path: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Memory-map a token file after checking it against its sidecar."""
+class TokenStream:
+    """Token files (shards) read as one memory-mapped stream: len, slices, max; pickled as file names."""
+
+    def __init__(self, parts: list[tuple[str, int, int]], dtype: np.dtype) -> None:
+        self.parts = parts  # (file, byte offset of the ids, count)
+        self.dtype = np.dtype(dtype)
+        self._open()
+
+    def _open(self) -> None:
+        self.maps = [
+            np.memmap(name, dtype=self.dtype, mode="r", offset=offset, shape=(count,))
+            for name, offset, count in self.parts
+            if count
+        ]
+        self.starts = np.cumsum([0, *(len(m) for m in self.maps)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("a token stream is sliced without a step")
+            first = int(np.searchsorted(self.starts, start, side="right")) - 1
+            pieces = []
+            while start < stop:
+                local = start - int(self.starts[first])
+                take = min(stop - start, len(self.maps[first]) - local)
+                pieces.append(self.maps[first][local : local + take])
+                start += take
+                first += 1
+            if len(pieces) == 1:
+                return np.asarray(pieces[0])
+            return np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+        index = key + len(self) if key < 0 else key
+        if not 0 <= index < len(self):
+            raise IndexError(f"token {key} is outside a stream of {len(self)}")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.maps[part][index - int(self.starts[part])]
+
+    def max(self) -> Any:
+        return max(m.max() for m in self.maps)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[0 : len(self)]
+        return whole.astype(dtype) if dtype is not None else whole
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"parts": self.parts, "dtype": self.dtype.str}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.parts, self.dtype = state["parts"], np.dtype(state["dtype"])
+        self._open()
+
+
+def is_llmc_file(path: Path) -> bool:
+    """Whether path is a regular file that starts with the llm.c magic (read without blocking)."""
+    try:
+        return path.is_file() and llmc.is_llmc(read_head(path, 4))
+    except DataError:
+        return False
+
+
+def read_sidecar(meta_path: Path) -> dict[str, Any]:
+    """A sidecar's JSON through the bounded reader (a regular file of at most SIDECAR_LIMIT bytes)."""
+    data = read_small(meta_path, SIDECAR_LIMIT)
+    if data is None:
+        raise DataError(f"{meta_path} is not a regular file of at most {SIDECAR_LIMIT >> 20} MiB; it is no sidecar")
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{meta_path} is not a valid sidecar ({type(exc).__name__}); re-run make prepare") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} is not a valid sidecar (not a JSON object); re-run make prepare")
+    return meta
+
+
+def _shard_parts(path: Path, meta: dict[str, Any], dtype: np.dtype) -> list[tuple[str, int, int]]:
+    header = SHARD_HEADERS.get(meta.get("shard_format", "tokens"))
+    if header is None:
+        raise DataError(f"{sidecar_path(path)}: shard_format={meta.get('shard_format')!r} is not tokens or llmc")
+    if meta.get("complete") is False:
+        done = len(meta["shards"]) if isinstance(meta.get("shards"), list) else 0
+        raise DataError(
+            f"{path} is a prepare that has not finished ({done} shards written); rerun the same make prepare to "
+            "finish it"
+        )
+    parts, total = [], 0
+    for entry in meta["shards"]:
+        try:
+            name, count = entry["file"], int(entry["count"])
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{sidecar_path(path)} lists a shard without file and count; re-run make prepare") from None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise DataError(f"{sidecar_path(path)} lists the shard {name!r}, which is not a file beside it")
+        shard = path.parent / name
+        expected = header + count * dtype.itemsize
+        size = shard.stat().st_size if shard.is_file() else None
+        if size != expected:
+            state = "is missing" if size is None else f"holds {size:,} bytes, not {expected:,}"
+            raise DataError(f"{shard}, a shard of {path}, {state}; re-run the make prepare that wrote it")
+        parts.append((str(shard), header, count))
+        total += count
+    if total != int(meta["count"]):
+        raise DataError(f"{sidecar_path(path)}'s shards hold {total} tokens, not its count {meta['count']}")
+    return parts
+
+
+def read_token_file(path: Path | str) -> tuple[np.ndarray | TokenStream, dict[str, Any]]:
+    """Memory-map a token file or a set of shards after checking it against its sidecar; or an llm.c shard."""
     path = Path(path)
     meta_path = sidecar_path(path)
-    if not path.is_file():
-        raise DataError(f"data.path='{path}' does not exist; check the path or make it with python -m train.prepare")
+    if not meta_path.exists() and is_llmc_file(path):
+        return read_llmc([path])
+    if not path.is_file() and not meta_path.is_file():
+        raise DataError(f"data.path='{path}' does not exist; check the path or make it with make prepare")
     if not meta_path.is_file():
         raise DataError(
             f"{path} has no sidecar {meta_path}; write one with dtype, vocab_size and count "
-            "(see train/data.py) or re-run python -m train.prepare"
+            "(docs/data.md#the-token-file-format) or re-run make prepare"
         )
+    meta = read_sidecar(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
         dtype, count = meta["dtype"], int(meta["count"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
-            f"{meta_path} is not a valid sidecar ({exc.__class__.__name__}: {exc}); "
-            "it needs dtype, vocab_size and count"
+            f"{meta_path} is not a valid sidecar ({exc.__class__.__name__}: {exc}); it needs dtype, vocab_size and count"
         ) from None
     if dtype not in TOKEN_DTYPES:
         raise DataError(f"{meta_path}: dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}; fix the sidecar")
+    if isinstance(meta.get("shards"), list):
+        parts = _shard_parts(path, meta, TOKEN_DTYPES[dtype])
+        if len(parts) == 1 and parts[0][1] == 0 and parts[0][2]:  # one raw shard: a plain map, as a token file
+            return np.memmap(parts[0][0], dtype=TOKEN_DTYPES[dtype], mode="r", shape=(parts[0][2],)), meta
+        return TokenStream(parts, TOKEN_DTYPES[dtype]), meta
     expected_bytes = count * TOKEN_DTYPES[dtype].itemsize
     if path.stat().st_size != expected_bytes:
         raise DataError(
             f"{path} holds {path.stat().st_size} bytes but its sidecar says {count} {dtype} tokens "
-            f"({expected_bytes} bytes); re-run python -m train.prepare"
+            f"({expected_bytes} bytes); re-run make prepare"
         )
     if count == 0:  # np.memmap refuses empty files
         return np.zeros(0, TOKEN_DTYPES[dtype]), meta
     return np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r", shape=(count,)), meta
+
+
+def read_llmc(paths: list[Path]) -> tuple[np.ndarray | TokenStream, dict[str, Any]]:
+    """llm.c shards, in the order given, as one stream of GPT-2 ids (each header and length checked)."""
+    parts = [(str(p), llmc.HEADER_BYTES, llmc.shard_count(p)) for p in paths]
+    count = sum(part[2] for part in parts)
+    meta = {
+        "dtype": "uint16",
+        "vocab_size": llmc.GPT2_VOCAB,
+        "count": count,
+        "sha256": None,  # not hashed: reading gigabytes at every start would cost more than it tells
+        "tokenizer": GPT2_TOKENIZER,
+        "shard_format": "llmc",
+        "shards": [{"file": Path(name).name, "count": size} for name, _, size in parts],
+    }
+    return TokenStream(parts, llmc.TOKEN_DTYPE), meta
