@@ -53,7 +53,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace, has_gpu: bool) -> RunConfig:
-    return load_config(args.config or ("small" if has_gpu else "tiny"), _overrides(args))
+    run_dir = Path(args.run_dir) if args.run_dir else None  # train.init_from: a resumed run's model is its own
+    return load_config(args.config or ("small" if has_gpu else "tiny"), _overrides(args), run_dir)
 
 
 def worker_args(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> list[str]:
