@@ -45,7 +45,7 @@ DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 def is_hf_directory(path: Path) -> bool:
     """A directory whose config.json names a model_type (torchrig's own exports of an earlier release do not)."""
-    if not is_regular(path / CONFIG):
+    if not (path / CONFIG).exists() and not (path / CONFIG).is_symlink():
         return False
     config = read_json(path / CONFIG, "give a config.json as save_pretrained writes it")
     return isinstance(config, dict) and "model_type" in config
