@@ -19,7 +19,6 @@ from train.config_loader import load_config
 from train.errors import ConfigError
 from train.export import ExportError, export
 from train.hf import files as hf_files
-from train.sample import main as sample_main
 from train.weights import WeightsError, build_loaded_model, load_model_weights
 
 
@@ -69,8 +68,8 @@ def test_a_checkpoint_that_needs_its_own_code_is_refused(checkpoint: Path, tmp_p
     code = f"open({str(planted)!r}, 'w').write('ran')\n"
     (checkpoint / "modeling_custom.py").write_text(code)
     (checkpoint / "configuration_custom.py").write_text(code)
-    edit_json(checkpoint / "config.json", model_type="custom", auto_map={
-        "AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})  # fmt: skip
+    auto_map = {"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.Custom"}
+    edit_json(checkpoint / "config.json", model_type="custom", auto_map=auto_map)
     with pytest.raises(WeightsError) as caught:
         load_model_weights(checkpoint)
     assert "model_type 'custom' needs the checkpoint's own code (auto_map), which torchrig never runs" in one_line(

@@ -41,14 +41,14 @@ def load_hf(export_dir: Path) -> tuple[torch.nn.Module, dict]:
 def exported(request, tmp_path_factory) -> tuple[str, torch.nn.Module, Path]:
     """(variant, the torchrig model, its export) for each family variant."""
     tmp = tmp_path_factory.mktemp(request.param)
-    cfg, model, run = saved_run(tmp, request.param)
+    _cfg, model, run = saved_run(tmp, request.param)
     export(run, tmp / "export")
     return request.param, model, tmp / "export"
 
 
 def test_transformers_loads_the_export_with_every_main_model_weight_and_no_other(exported) -> None:
     variant, model, export_dir = exported
-    hf, info = load_hf(export_dir)
+    _hf, info = load_hf(export_dir)
     n_layers = model.cfg.n_layers
     mtp, main = extra_layer_keys(sorted(info["unexpected_keys"]), n_layers)
     assert sorted(info["missing_keys"]) == [] and main == [] and not info["mismatched_keys"]
@@ -125,7 +125,7 @@ def test_swapping_two_rope_rows_in_the_mapping_breaks_parity(tmp_path: Path, mon
 
 
 def test_sharded_export_has_an_index_and_loads_the_same(tmp_path: Path) -> None:
-    cfg, model, run = saved_run(tmp_path, "v3")
+    _cfg, model, run = saved_run(tmp_path, "v3")
     export(run, tmp_path / "export", shard="40KB")
     index = json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

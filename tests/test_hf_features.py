@@ -64,7 +64,8 @@ def _sorted(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor,
 
 def torchrig_gate(x, weight, bias, *, score_func, top_k, groups, keep, scale, norm):
     cfg = DeepSeekConfig(dim=DIM, n_routed_experts=EXPERTS, n_activated_experts=top_k, n_expert_groups=groups,
-                         n_limited_groups=keep, route_scale=scale, score_func=score_func, norm_topk_prob=norm)  # fmt: skip
+                         n_limited_groups=keep, route_scale=scale, score_func=score_func,
+                         norm_topk_prob=norm)  # fmt: skip
     router = Router(cfg)
     with torch.no_grad():
         router.weight.copy_(weight)

@@ -112,7 +112,7 @@ def test_hf_to_torchrig_to_hf_is_bit_exact(checkpoint, tmp_path: Path) -> None:
 
 
 def test_the_config_of_a_transformers_checkpoint_is_read_without_its_weights(checkpoint) -> None:
-    name, hf, directory = checkpoint
+    name, _hf, directory = checkpoint
     model = saved_config(directory)["model"]
     assert model["vocab_size"] == 256 and model["dim"] == 64
     if name == "deepseek_v2":
@@ -154,7 +154,10 @@ def test_make_eval_of_a_transformers_checkpoint_gives_transformers_loss(tmp_path
 def test_make_eval_of_weights_without_data_is_one_line(tmp_path: Path) -> None:
     save_transformers_checkpoint(tmp_path / "hf", "llama")
     result = subprocess.run(
-        [sys.executable, "-m", "train.eval", "--run-dir", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "train.eval", "--run-dir", str(tmp_path / "hf")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -186,7 +189,9 @@ def test_init_from_with_a_contradicting_model_key_names_it_and_both_values(tmp_p
         f"model.n_kv_heads=4 contradicts train.init_from={tmp_path / 'hf'}, whose model has n_kv_heads=2; drop "
         "model.n_kv_heads: the model comes from init_from"
     )
-    agreeing = load_config("llama-tiny", [f"train.init_from={tmp_path / 'hf'}", "model.n_kv_heads=2", "data.seq_len=32"])
+    agreeing = load_config(
+        "llama-tiny", [f"train.init_from={tmp_path / 'hf'}", "model.n_kv_heads=2", "data.seq_len=32"]
+    )
     assert agreeing.model.n_kv_heads == 2
 
 
