@@ -19,7 +19,7 @@ from tests.hf_models import (
     greedy_generate,
     saved_run,
 )
-from tests.sampling import make, needs_make
+from tests.sampling import make, needs_make, tool_lines
 from train.export import ExportError, export
 from train.hf import deepseek as hf_deepseek
 from train.models import get_spec
@@ -221,3 +221,35 @@ def test_transformers_4_v2_lacks_the_yarn_softmax_correction(tmp_path: Path) -> 
     tokens = torch.randint(0, 256, (1, 48))
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() > 1e-3
+
+
+@needs_make
+def test_make_export_takes_shard_and_refuses_a_bad_one_in_one_line(tmp_path: Path) -> None:
+    _, _, run = saved_run(tmp_path, "llama-gqa")
+    done = make("export", f"RUN_DIR={run}", f"OUTPUT={tmp_path / 'out'}", "SHARD=30KB")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file() and "(llama: " in done.stdout
+    bad = make("export", f"RUN_DIR={run}", f"OUTPUT={tmp_path / 'other'}", "SHARD=lots")
+    assert bad.returncode == 2 and not (tmp_path / "other").exists()
+    assert tool_lines(bad) == [
+        "torchrig export: SHARD='lots' is not a size; give e.g. 5GB (the default), 500MB or 2GiB"
+    ], bad.stderr
+
+
+@needs_make
+def test_make_eval_of_an_export_uses_the_runs_sample_length(tmp_path: Path) -> None:
+    _, model, run = saved_run(tmp_path, "v3")
+    export(run, tmp_path / "export")
+    text = tmp_path / "text.txt"
+    text.write_text("for i in range(10):\n    print(i)\n" * 12)
+    result = make("eval", f"RUN_DIR={tmp_path / 'export'}", f"DATA={text}")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "export" / "eval.json").read_text())
+    data = torch.tensor(list(text.read_bytes() + b"\0"))
+    windows = (len(data) - 1) // 32  # data.seq_len=32, as the run trained (torchrig.json)
+    inputs = torch.stack([data[i * 32 : i * 32 + 32] for i in range(windows)])
+    targets = torch.stack([data[i * 32 + 1 : i * 32 + 33] for i in range(windows)])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item()
+    assert record["samples"] == windows and record["step"] == 3
+    assert record["val_loss"] == pytest.approx(loss, rel=1e-5)
