@@ -181,7 +181,7 @@ def test_a_fifo_in_place_of_config_json_is_refused_without_waiting(checkpoint: P
 
 def test_a_model_that_does_not_fit_is_refused_before_it_is_built(pristine: Path, monkeypatch) -> None:
     monkeypatch.setattr(hf_files, "available_bytes", lambda device: (1000, "available on this host"))
-    monkeypatch.setattr("train.weights.load_model_weights", lambda path: pytest.fail("read the weights"))
+    monkeypatch.setattr("train.hf.directory.read_tensors", lambda *args: pytest.fail("read the weights"))
     with pytest.raises(WeightsError) as caught:
         build_loaded_model(pristine, torch.device("cpu"))
     assert "bytes" in one_line(caught.value) and "and 1,000 bytes (0.0 GiB) are available on this host" in str(

@@ -41,7 +41,6 @@ from train.hf.directory import CONFIG, is_hf_directory, write_directory
 from train.hf.files import (
     OutputError,
     WeightsError,
-    check_fits,
     check_output,
     is_regular,
     publishing,
@@ -49,7 +48,7 @@ from train.hf.files import (
     write_json,
 )
 from train.hf.shards import DEFAULT_SHARD, parse_size
-from train.models import build_model, count_params, get_spec
+from train.models import build_model, get_spec
 from train.tokenizer import sha256_of
 from train.weights import (
     EXPORT_CONFIG,
@@ -58,7 +57,6 @@ from train.weights import (
     find_tokenizer,
     load_model_weights,
     model_config,
-    saved_config,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,10 +83,8 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
         max_shard = parse_size(shard)
     except (OutputError, WeightsError) as exc:
         raise ExportError(str(exc)) from None
-    cfg = model_config(saved_config(run_dir), run_dir)
-    needed = 4 * count_params(cfg).total  # the weights, in fp32 at most, once in this host's memory
-    check_fits(needed, torch.device("cpu"), f"exporting {run_dir}", "export on a host with more memory")
-    state, config, step = load_model_weights(run_dir)
+    state, config, step = load_model_weights(run_dir)  # each reader checks that the weights fit first
+    cfg = model_config(config, run_dir)
     params = parameter_names(config)
     tensors = {
         key: (value.to(DTYPES[dtype]) if key in params and value.is_floating_point() else value).contiguous()

@@ -69,20 +69,23 @@ def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
 def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any], int]:
     """A model from load_model_weights(path) in eval mode on `device`: (model, config tree, step)."""
 
-    cfg = model_config(saved_config(path), path)
-    # fp32 parameters on the device, before the weights are read or the model is built
-    check_fits(4 * count_params(cfg).total, device, f"the model of {path} ({count_params(cfg).total:,} parameters)",
-               "sample or evaluate on a device with more memory")  # fmt: skip
     state, config, step = load_model_weights(path)
     cfg = model_config(config, path)
     with torch.device("meta"):
         model = build_model(cfg)
     check_weights(model.state_dict(), state, str(path))  # shapes first, on the meta model: nothing allocated yet
+    fits(cfg, device, f"the model of {path}", "sample or evaluate on a device with more memory")
     model = model.to_empty(device=device)
     if hasattr(model, "init_weights"):
         model.init_weights()  # fills the derived buffers (RoPE tables), which no state dict holds
     model.load_state_dict(state)
     return model.eval(), config, step
+
+
+def fits(cfg: ModelConfig, device: torch.device, what: str, fix: str) -> None:
+    """Refuse, before it is allocated, a model whose fp32 parameters exceed what `device` has free."""
+    total = count_params(cfg).total
+    check_fits(4 * total, device, f"{what} ({total:,} parameters in fp32)", fix)
 
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -158,7 +161,9 @@ def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
 def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
 
     config = _checkpoint_config(run_dir)
-    model = build_model(model_config(config, run_dir))
+    cfg = model_config(config, run_dir)
+    fits(cfg, torch.device("cpu"), f"reading {run_dir}'s weights", "read them on a host with more memory")
+    model = build_model(cfg)
     try:
         step = load_model(run_dir, model)
     except CheckpointError as exc:

@@ -18,6 +18,7 @@ dtype, the training-only model keys and the run's data.seq_len.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from train.config import ModelConfig
 from train.config_loader import config_from_dict, validate_model
 from train.errors import ConfigError
 from train.hf import tokenizer_files
-from train.hf.files import WeightsError, is_regular, read_json, write_json
+from train.hf.files import WeightsError, check_fits, is_regular, read_json, write_json
 from train.hf.shards import FLOAT_DTYPES, Header, read_headers, read_tensors, weight_files, write_weights
 from train.models import build_model, registered
 from train.models.spec import ModelSpec
@@ -41,6 +42,7 @@ PROVENANCE_FORMAT = 2  # 1 was the previous release's export (config.json {"mode
 DERIVED = re.compile(r".*\.rotary_emb\.inv_freq")
 # config.json's dtype names (torch_dtype in 4.x, dtype in 5.x) as safetensors names them.
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2}
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -175,6 +177,8 @@ def read_directory(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     source = open_directory(directory)
     expected = expected_weights(source)
     check_headers(source, expected)
+    stored = sum(math.prod(source.headers[name].shape) * DTYPE_BYTES[source.headers[name].dtype] for name in expected)
+    check_fits(stored, torch.device("cpu"), f"reading {directory}'s weights", "read them on a host with more memory")
     weights = read_tensors(directory, source.headers, list(expected))
     return source.spec.hf.from_state(source.model, weights), source.tree(), source.step
 
