@@ -9,6 +9,6 @@ venv=.build/current-venv
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 # shellcheck disable=SC2086  # CURRENT_TORCH may name torch and torchvision with versions
 "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade ${CURRENT_TORCH:-torch torchvision} \
-    pyyaml numpy pytest pytest-timeout nvidia-ml-py matplotlib tensorboard tokenizers safetensors transformers
+    pyyaml numpy pytest pytest-timeout nvidia-ml-py matplotlib tensorboard tokenizers safetensors
 "$venv/bin/python" -c 'import torch; print(f"test-current: torch {torch.__version__}")'
 "$venv/bin/python" -m pytest -q "$@"
