@@ -164,7 +164,8 @@ missing=$(grep ': MISSING' "$OUT/preflight.log" 2>/dev/null | cut -d: -f1 | tr '
 note "${missing:+missing: $missing}"
 
 run_step tests-cuda 120 "pytest yaml" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
-run_step tests-model 90 "pytest yaml" "$PY" -m pytest -q -p no:cacheprovider tests/test_model.py
+run_step tests-model 90 "pytest yaml" "$PY" -m pytest -q -p no:cacheprovider \
+    tests/train/models/test_deepseek.py tests/train/models/test_resnet.py
 
 run_step "train-$TRAIN_CONFIG" 150 "yaml" "$PY" -m train.launch --gpus 1 --config "$TRAIN_CONFIG" --steps 60 \
     --run-dir "$OUT/train-$TRAIN_CONFIG"

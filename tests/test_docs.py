@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from env.rig import runtime
+from tests.helpers.paths import ROOT
 
-# The repository root, found from here so that the test may move within tests/.
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "Makefile").is_file())
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAKE_VARIABLES_DOC = DOCS / "make-variables.md"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers.paths import ROOT
 
 # module -> (the prefix of its error line, arguments that are a domain error of that tool)
 ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
@@ -37,6 +37,7 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "train.sample": ("torchrig sample: ", ["--run-dir", "/no/such/run"]),
     "train.export": ("torchrig export: ", ["--run-dir", "/no/such/run", "--output", "/no/such/out"]),
     "env.slurm.job": ("torchrig slurm: ", ["submit", "train", "NNODES=x"]),
+    "train.config_keys": ("torchrig keys: ", ["--output", "/no/such/dir/config.md"]),
 }
 NOT_YET: set[str] = set()
 

@@ -155,12 +155,16 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def resume_fixed_keys() -> set[str]:
-    """The data.* and train.* keys marked RESUME_FIXED; every model.* key is fixed as well."""
-    sections = {"data": DataConfig, "train": TrainConfig}
-    return {
-        f"{name}.{f.name}"
-        for name, kind in sections.items()
-        for f in dataclasses.fields(kind)
-        if f.metadata == RESUME_FIXED
-    }
+def resume_fixed_keys(section: Any = None, prefix: str = "", fixed: bool = False) -> set[str]:
+    """The data.* and train.* keys marked RESUME_FIXED, or under a nested section so marked (without a section:
+    both sections'); every model.* key is fixed as well, by train/checkpoint/resume.py's own rule."""
+    if section is None:
+        return resume_fixed_keys(DataConfig(), "data.") | resume_fixed_keys(TrainConfig(), "train.")
+    keys: set[str] = set()
+    for f in dataclasses.fields(section):
+        value, own = getattr(section, f.name), fixed or f.metadata == RESUME_FIXED
+        if dataclasses.is_dataclass(value):
+            keys |= resume_fixed_keys(value, f"{prefix}{f.name}.", own)
+        elif own:
+            keys.add(f"{prefix}{f.name}")
+    return keys

@@ -22,7 +22,7 @@ from typing import Any
 
 from env.common.atomic import write_text_atomically
 from env.common.cli import ArgumentParser, run_cli
-from train.config import RESUME_FIXED, DataConfig, ModelConfig, RunConfig, TrainConfig
+from train.config import DataConfig, ModelConfig, RunConfig, TrainConfig, resume_fixed_keys
 from train.models import registered
 
 
@@ -62,12 +62,40 @@ def type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One settable key: the dataclass instance that holds it, the field's name, type and docstring."""
+
+    owner: Any
+    name: str
+    kind: Any
+    doc: str
+    fixed: bool  # its change breaks an exact resume
+
+
+def leaves(section: Any, prefix: str) -> dict[str, Leaf]:
+    """Every key of a section by its dotted name, a nested section's (train.lora.rank) included; fixed for a
+    resume as train/config.py's resume_fixed_keys says (every model key is)."""
+    fixed = None if isinstance(section, ModelConfig) else resume_fixed_keys(section, prefix)
+
+    def walk(node: Any, at: str) -> dict[str, Leaf]:
+        found: dict[str, Leaf] = {}
+        docs, types = field_docs(type(node)), field_types(type(node))
+        for field in dataclasses.fields(node):
+            key, value = f"{at}{field.name}", getattr(node, field.name)
+            if dataclasses.is_dataclass(value):
+                found |= walk(value, f"{key}.")
+            else:
+                is_fixed = fixed is None or key in fixed
+                found[key] = Leaf(node, field.name, types[field.name], docs.get(field.name, ""), is_fixed)
+        return found
+
+    return walk(section, prefix)
+
+
 def fixed_keys_of(section: Any, prefix: str) -> set[str]:
     """A section's keys whose change breaks an exact resume: a model's all, else the fields marked RESUME_FIXED."""
-    fixed = dataclasses.fields(section)
-    if not isinstance(section, ModelConfig):
-        fixed = [f for f in fixed if f.metadata == RESUME_FIXED]
-    return {f"{prefix}{f.name}" for f in fixed}
+    return {key for key, leaf in leaves(section, prefix).items() if leaf.fixed}
 
 
 _WORD = re.compile(r"[a-z]+")
@@ -112,13 +140,12 @@ def _default_text(section: Any, name: str) -> str:
 
 
 def _table(prefix: str, section: Any, skip: tuple[str, ...] = ()) -> list[str]:
-    docs, types, fixed = field_docs(type(section)), field_types(type(section)), fixed_keys_of(section, prefix)
     rows = ["| key | type | default | what it is |", "|---|---|---|---|"]
-    for name, kind in types.items():
-        if name in skip:
+    for key, leaf in leaves(section, prefix).items():
+        if leaf.name in skip and leaf.owner is section:
             continue
-        cells = [f"`{prefix}{name}`", type_name(kind), f"`{_default_text(section, name)}`", docs.get(name, "")]
-        if f"{prefix}{name}" in fixed:
+        cells = [f"`{key}`", type_name(leaf.kind), f"`{_default_text(leaf.owner, leaf.name)}`", leaf.doc]
+        if leaf.fixed:
             cells[-1] += " Fixed for a resume."
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return rows

@@ -27,7 +27,7 @@ from train.config import (
     RunConfig,
     flatten,
 )
-from train.config_keys import closest_key, field_docs, field_types
+from train.config_keys import Leaf, closest_key, field_docs, field_types, leaves
 from train.data.sources import resolve_data
 from train.errors import ConfigError, require_positive
 from train.models import built_in_specs, get_spec, registered
@@ -70,13 +70,16 @@ def _sections(cfg: RunConfig) -> dict[str, Any]:
 # Unknown keys: the closest one, by name or by docstring (train/config_keys.py)
 
 
+def _keys(cfg: RunConfig) -> dict[str, Leaf]:
+    """Every settable key of cfg (model.arch's own model keys), nested sections included."""
+    return {key: leaf for name, section in _sections(cfg).items() for key, leaf in leaves(section, f"{name}.").items()}
+
+
 def _unknown_key(cfg: RunConfig, dotted: str) -> ConfigError:
-    candidates = {"name": field_docs(RunConfig).get("name", "")}
-    for section, value in _sections(cfg).items():
-        candidates |= {f"{section}.{key}": doc for key, doc in field_docs(type(value)).items()}
-        candidates |= {
-            f"{section}.{key}": "" for key in field_types(type(value)) if f"{section}.{key}" not in candidates
-        }
+    candidates = {"name": field_docs(RunConfig).get("name", "")} | {key: leaf.doc for key, leaf in _keys(cfg).items()}
+    if dotted in {key.rpartition(".")[0] for key in candidates}:
+        example = next(key for key in candidates if key.startswith(f"{dotted}."))
+        return ConfigError(f"'{dotted}' is a section, not a key; set its keys, e.g. {example}=...")
     if dotted.startswith("model."):
         owners = [name for name, spec in registered().items() if dotted[6:] in field_types(spec.config)]
         if owners:
@@ -153,11 +156,10 @@ def _set(cfg: RunConfig, dotted: str, raw: Any) -> None:
         return
     if dotted == "model.vocab_size" and str(raw).strip().lower() == "auto":
         raw = VOCAB_AUTO
-    section_name, _, key = dotted.partition(".")
-    section = _sections(cfg).get(section_name)
-    if section is None or key not in field_types(type(section)):
+    leaf = _keys(cfg).get(dotted)
+    if leaf is None:
         raise _unknown_key(cfg, dotted)
-    setattr(section, key, _coerce(dotted, raw, field_types(type(section))[key]))
+    setattr(leaf.owner, leaf.name, _coerce(dotted, raw, leaf.kind))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make test-slurm: a real two-node Slurm cluster on this machine, then tests/slurm/ against it.
+# make test-slurm: a real two-node Slurm cluster on this machine, then tests/e2e/slurm/ against it.
 #
 # Installs Debian's slurm-wlm and munge when missing, then starts, all under one temporary directory:
 # munged (its own socket and key), slurmctld, and two slurmd "nodes" n1 and n2 on 127.0.0.1, each on its
@@ -146,7 +146,7 @@ say "cluster up in $((SECONDS - started)) s: $(sinfo -h -N -o '%N %T %G' | sort 
 # The tests submit with sbatch and read the logs and runs from here; they skip without it.
 export TORCHRIG_SLURM_CLUSTER="$top"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider tests/slurm "$@"
+"$PY" -m pytest -q -p no:cacheprovider tests/e2e/slurm "$@"
 code=$?
 set -e
 say "stage took $((SECONDS - started)) s"

@@ -7,8 +7,11 @@ cd "$(dirname "$0")/../.."
 
 venv=.build/current-venv
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+# The profiles' libraries, unpinned; transformers[torch]: pip keeps to the torch floor transformers declares,
+# so an older CURRENT_TORCH gets the newest transformers that still supports it.
 # shellcheck disable=SC2086  # CURRENT_TORCH may name torch and torchvision with versions
 "$venv/bin/pip" install --quiet --disable-pip-version-check --upgrade ${CURRENT_TORCH:-torch torchvision} \
-    pyyaml numpy pytest pytest-timeout nvidia-ml-py matplotlib tensorboard tokenizers safetensors
+    pyyaml numpy pytest pytest-timeout nvidia-ml-py matplotlib tensorboard tokenizers safetensors \
+    'transformers[torch]' peft pyarrow datasets zstandard wandb mlflow-skinny sqlalchemy alembic
 "$venv/bin/python" -c 'import torch; print(f"test-current: torch {torch.__version__}")'
 "$venv/bin/python" -m pytest -q "$@"

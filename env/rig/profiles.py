@@ -6,8 +6,8 @@ lock files and how they are read (parse_lock, read_pins, lock_path, locked_versi
 
 Newer GPUs need newer CUDA (RTX 50-series and other Blackwell cards need 12.8). Builds use only PyPI's
 default Linux wheels, so each profile's torch is a release whose default wheels are built on that CUDA;
-its NCCL pin is the exact nvidia-nccl-cu12 that torch itself requires. tests/test_lock.py keeps each
-lock file consistent with this table, and the image build checks the installed stack against it.
+its NCCL pin is the exact nvidia-nccl-cu12 that torch itself requires. tests/env/rig/test_profiles.py
+keeps each lock file consistent with this table, and the image build checks the installed stack against it.
 
 Standard library only: scripts and the Dockerfile call `python3 -m env.rig.profiles` before any venv exists.
 """

@@ -45,7 +45,7 @@ class MakeVar:
     """A make variable: the CLI flag it becomes, and what kind of value it takes.
 
     The one table of them is MAKE_VARS; the Makefile's help lines, the dispatcher, the launcher
-    and bench all read it (tests/test_cli.py fails when the Makefile and the table differ).
+    and bench all read it (tests/e2e/test_make_input.py fails when the Makefile and the table differ).
     """
 
     flag: str  # the flag the target's CLI takes; "" for a positional value or one the dispatcher uses itself

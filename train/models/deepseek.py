@@ -31,7 +31,7 @@ report, arXiv:2412.19437):
 
 `DeepSeekConfig`, first, is the `model:` section. After the model: `validate_decoder`, the model.*
 checks the config runs before every build; `decoder_params` and `decoder_flops_per_token`, the
-counts from the config alone, block by block as the classes above build it (tests/test_flops.py
+counts from the config alone, block by block as the classes above build it (tests/train/models/test_counts.py
 checks them against a built model, torch's FLOP counter and DeepSeek-V2-Lite's published size);
 and SPEC.
 

@@ -1,0 +1,88 @@
+"""The make dispatcher (env/rig/runtime.py): the RUNTIME value, each target's command line from the make variables,
+and the venv it makes, refused before pip starts on a disk too full for it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from env.common.cli import UserError
+from env.rig.runtime import TARGETS, build_argv
+from tests.helpers.commands import run
+
+PY = sys.executable
+
+
+def test_unknown_runtime_is_one_line() -> None:
+    result = run([PY, "-m", "env.rig.runtime", "train", "RUNTIME=podman"])
+    assert result.returncode == 2 and result.stderr.strip() == "torchrig make: RUNTIME=podman is not docker or local"
+
+
+def _fake_disk(monkeypatch, tmp_path, free_bytes: float) -> list[list[str]]:
+    """env.rig.runtime rooted in tmp_path (no .venv yet), a disk with free_bytes, and a record of commands run."""
+    import collections
+
+    import env.rig.runtime as runtime
+
+    monkeypatch.setattr(runtime, "ROOT", tmp_path)
+    monkeypatch.setattr(runtime, "VENV", tmp_path / ".venv")
+    monkeypatch.setattr(runtime, "STAMP", tmp_path / ".venv" / "stamp")
+    monkeypatch.setattr(runtime.tempfile, "gettempdir", lambda: str(tmp_path))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda _: usage(100e9, 100e9 - free_bytes, free_bytes))
+    ran: list[list[str]] = []
+
+    def fake_run(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        ran.append(cmd)  # making the venv works; pip fails
+        return subprocess.CompletedProcess(cmd, 1 if "pip" in cmd else 0)
+
+    monkeypatch.setattr(runtime.subprocess, "run", fake_run)
+    return ran
+
+
+def test_a_disk_too_full_for_the_venv_is_refused_before_pip_starts(monkeypatch, tmp_path) -> None:
+    import env.rig.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=6e9)
+    with pytest.raises(UserError) as err:
+        runtime.ensure_venv()
+    # The venv and pip's downloads share this disk: 5.5 + 3.0 GB are needed and 6 GB is not enough.
+    assert "needs about 8.5 GB free" in str(err.value) and "has 6.0 GB" in str(err.value)
+    assert "pip cache purge" in str(err.value) and "\n" not in str(err.value)
+    assert ran == [] and not (tmp_path / ".venv").exists()
+
+
+def test_a_disk_that_fills_during_the_install_is_named(monkeypatch, tmp_path) -> None:
+    import env.rig.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=9e9)
+    runtime.check_disk_for_venv()  # enough room to start
+    monkeypatch.setattr(runtime, "check_disk_for_venv", lambda: None)
+    full = runtime.shutil.disk_usage(tmp_path)._replace(free=0)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda _: full)  # pip then fills the disk
+    with pytest.raises(UserError, match=r"filled up while installing \.venv"):
+        runtime.ensure_venv()
+    assert ran and "pip" in ran[-1]
+    assert not (tmp_path / ".venv" / "stamp").exists()  # the next make remakes the venv
+
+
+def test_a_lock_update_of_an_existing_venv_skips_the_first_install_disk_check(monkeypatch, tmp_path) -> None:
+    import env.rig.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=2e9)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()  # made before; its stamp names an older lock
+    with pytest.raises(UserError, match="see pip's message above"):  # the fake pip fails, with room left
+        runtime.ensure_venv()
+    assert len(ran) == 1 and "pip" in ran[0]
+
+
+def test_make_passes_the_new_variables() -> None:
+    prepare = build_argv(TARGETS["prepare"], {"INPUT": "a/*.txt", "OUTPUT": "x.bin", "TOKENIZER": "bpe",
+                                              "VOCAB": "512", "FORCE": "1"}, None)  # fmt: skip
+    # --flag=value, so that a value starting with '-' stays a value; FORCE=1 is the bare switch
+    assert prepare[3:] == ["--input=a/*.txt", "--output=x.bin", "--tokenizer=bpe", "--vocab=512", "--force"]
+    evaluate = build_argv(TARGETS["eval"], {"RUN_DIR": "runs/r", "DATA": "d.bin"}, 2)
+    assert evaluate[3:] == ["--gpus=2", "--run-dir=runs/r", "--data=d.bin"]
