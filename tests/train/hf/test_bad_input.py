@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
-from tests.hf_models import saved_run
+from tests.helpers.hf_models import saved_run
+from tests.helpers.paths import ROOT
 from train.config_loader import load_config
 from train.errors import ConfigError
 from train.export import ExportError, export

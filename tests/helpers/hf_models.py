@@ -1,4 +1,4 @@
-"""Helpers for the Hugging Face tests (tests/test_hf_*.py): tiny models of each family in both directions, and
+"""Helpers for the Hugging Face tests (tests/train/hf/): tiny models of each family in both directions, and
 what differs between transformers releases (hf.md's findings, each used where a test meets it).
 
 transformers is a test dependency (hash-locked in CI): the pinned suite runs 4.57 on torch 2.4.1, `make
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tests.sampling import save_checkpoint
+from tests.helpers.sampling import save_checkpoint
 from train.config import RunConfig
 from train.config_loader import load_config
 from train.models import build_model
@@ -76,7 +76,7 @@ def variant_config(variant: str, *extra: str) -> RunConfig:
 
 def torchrig_model(cfg: RunConfig, seed: int = 0) -> torch.nn.Module:
     """A model of cfg in eval mode with every weight off its initial value: norms near 1, the balancing bias
-    non-zero (positive: transformers 4.57 routes otherwise with negative biases, see test_hf_features.py)."""
+    non-zero (positive: transformers 4.57 routes otherwise with negative biases, see tests/train/hf/test_deepseek_features.py)."""
     torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
     with torch.no_grad():

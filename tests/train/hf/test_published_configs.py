@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from tests.hf_models import saved_run
+from tests.helpers.hf_models import saved_run
 from train.config_loader import config_from_dict, load_config
 from train.export import export
 from train.hf import deepseek as hf_deepseek

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from tests.hf_models import (
+from tests.helpers.hf_models import (
     V5,
     VARIANTS,
     add_v2_yarn_correction,
@@ -19,7 +19,8 @@ from tests.hf_models import (
     greedy_generate,
     saved_run,
 )
-from tests.sampling import make, needs_make, tool_lines
+from tests.helpers.make import make, needs_make
+from tests.helpers.sampling import tool_lines
 from train.export import ExportError, export
 from train.hf import deepseek as hf_deepseek
 from train.models import get_spec

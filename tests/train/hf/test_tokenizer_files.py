@@ -12,8 +12,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.hf_models import greedy_generate, torchrig_model, variant_config
-from tests.sampling import make, needs_make, save_checkpoint
+from tests.helpers.hf_models import greedy_generate, torchrig_model, variant_config
+from tests.helpers.make import make, needs_make
+from tests.helpers.sampling import save_checkpoint
 from train.export import export
 from train.hf.tokenizer_files import byte_alphabet, byte_tokenizer, is_byte_tokenizer
 from train.sample import ByteCodec, printable

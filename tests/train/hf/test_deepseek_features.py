@@ -17,7 +17,7 @@ from transformers import CONFIG_MAPPING, DeepseekV2ForCausalLM, DeepseekV3ForCau
 from transformers.models.deepseek_v2 import modeling_deepseek_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3
 
-from tests.hf_models import V5, yarn_mscale
+from tests.helpers.hf_models import V5, yarn_mscale
 from train.errors import ConfigError
 from train.hf.deepseek import to_config
 from train.models import build_model

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-from tests.conftest import ROOT
-from tests.hf_models import V5, add_v2_yarn_correction, greedy_generate
-from tests.sampling import make, needs_make
-from tests.trainrun import metrics
+from tests.helpers.hf_models import V5, add_v2_yarn_correction, greedy_generate
+from tests.helpers.make import make, needs_make
+from tests.helpers.paths import ROOT
+from tests.helpers.trainrun import metrics
 from train.config_loader import load_config
 from train.data import build_dataset, build_loader
 from train.data.sources import TokenWindows
