@@ -76,7 +76,8 @@ def variant_config(variant: str, *extra: str) -> RunConfig:
 
 def torchrig_model(cfg: RunConfig, seed: int = 0) -> torch.nn.Module:
     """A model of cfg in eval mode with every weight off its initial value: norms near 1, the balancing bias
-    non-zero (positive: transformers 4.57 routes otherwise with negative biases, see tests/train/hf/test_deepseek_features.py)."""
+    non-zero (positive: transformers 4.57 routes otherwise with negative biases, see
+    tests/train/hf/test_deepseek_features.py)."""
     torch.manual_seed(seed)
     model = build_model(cfg.model).eval()
     with torch.no_grad():

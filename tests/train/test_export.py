@@ -16,7 +16,7 @@ from train.data import build_dataset, build_loader
 from train.export import ExportError, export
 from train.weights import WeightsError, build_loaded_model, load_model_weights
 
-# What an export of a byte-level run holds (tests/train/hf/test_to_transformers.py checks what transformers makes of it).
+# What an export of a byte-level run holds (tests/train/hf/test_to_transformers.py: what transformers makes of it).
 HF_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
                    "tokenizer.json", "tokenizer_config.json", "torchrig.json"])  # fmt: skip
 
