@@ -380,11 +380,6 @@ def caveats(cfg: ModelConfig, state: State) -> list[str]:
     return notes
 
 
-def is_mtp_weight(cfg: ModelConfig, name: str) -> bool:
-    found = re.match(r"model\.layers\.(\d+)\.", name)
-    return bool(found) and int(found[1]) >= cfg.n_layers
-
-
 MAPPING = HFMapping(
     model_types=(V3, V2),
     to_config=to_config,
@@ -392,6 +387,5 @@ MAPPING = HFMapping(
     to_state=to_state,
     from_state=from_state,
     training_keys=("bias_update_speed", "mtp_weight"),
-    extra_weights=is_mtp_weight,
     caveats=caveats,
 )

@@ -37,9 +37,6 @@ class HFMapping:
     to_state: Callable[[ModelConfig, State], State]
     from_state: Callable[[ModelConfig, State], State]
     training_keys: tuple[str, ...] = ()
-    # HF names of weights transformers does not build (DeepSeek's MTP layers): loaded by other tools, reported
-    # as unexpected by transformers.
-    extra_weights: Callable[[ModelConfig, str], bool] = lambda cfg, name: False
     # Where transformers computes this model (config and weights) otherwise than torchrig and the model's
     # reference code: one sentence each, which make export prints.
     caveats: Callable[[ModelConfig, State], list[str]] = lambda cfg, state: []
