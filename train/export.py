@@ -158,7 +158,8 @@ def _write_torchrig_format(
     write_json(folder / EXPORT_CONFIG, {"model": config["model"], "export": export_record})
     files = [EXPORT_CONFIG, EXPORT_WEIGHTS]
     if tokenizer is not None:
-        (folder / tokenizer_files.TOKENIZER).write_bytes(tokenizer.read_bytes())
+        text, _ = tokenizer_files.read_tokenizer(tokenizer)  # a regular file that parses, or one line
+        (folder / tokenizer_files.TOKENIZER).write_text(text, encoding="utf-8")
         files.append(tokenizer_files.TOKENIZER)
     return sorted(files)
 

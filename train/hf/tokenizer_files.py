@@ -83,7 +83,7 @@ class TokenizerFiles:
     ids: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(ID_KEYS.values()))
 
 
-def _parsed(path: Path) -> tuple[str, Any]:
+def read_tokenizer(path: Path) -> tuple[str, Any]:
     """A tokenizer.json's text and the `tokenizers` Tokenizer it makes; WeightsError when it makes none."""
     from tokenizers import Tokenizer
 
@@ -100,7 +100,7 @@ def _parsed(path: Path) -> tuple[str, Any]:
 
 def for_run(tokenizer: Path | None, max_len: int) -> TokenizerFiles:
     """The files for a run's tokenizer.json (None: the run is byte-level)."""
-    text, parsed = (byte_tokenizer(), None) if tokenizer is None else _parsed(tokenizer)
+    text, parsed = (byte_tokenizer(), None) if tokenizer is None else read_tokenizer(tokenizer)
     if parsed is None:
         end = byte_alphabet()[DOC_SEPARATOR]
         end_id: int | None = DOC_SEPARATOR
@@ -125,7 +125,7 @@ def from_directory(directory: Path, config: dict[str, Any]) -> TokenizerFiles | 
     None when it has no tokenizer.json."""
     if not is_regular(directory / TOKENIZER):
         return None
-    text, _ = _parsed(directory / TOKENIZER)
+    text, _ = read_tokenizer(directory / TOKENIZER)
     check_special_tokens(directory)
     files = {TOKENIZER: text}
     for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG):
@@ -150,7 +150,7 @@ def check_special_tokens(directory: Path) -> None:
     config = read_json(directory / TOKENIZER_CONFIG, "give a valid tokenizer_config.json or remove it")
     if not isinstance(config, dict):
         raise WeightsError(f"{directory / TOKENIZER_CONFIG} is not a JSON object; give a valid one or remove it")
-    _, tokenizer = _parsed(directory / TOKENIZER)
+    _, tokenizer = read_tokenizer(directory / TOKENIZER)
     extra = config.get("additional_special_tokens") or []
     named = [(key, _token(config.get(key))) for key in SPECIAL_KEYS]
     named += [("additional_special_tokens", _token(item)) for item in (extra if isinstance(extra, list) else [])]
