@@ -124,9 +124,10 @@ class TrainConfig:
     eval_batches: int = 20
     """Batches of ranks x micro_batch validation samples per evaluation; 0 means the whole split."""
     init_from: str = ""
-    """Fine-tuning: start from the weights of an export directory (make export) or of a run directory's newest
-    valid checkpoint, with a fresh optimizer and schedule. The model config must match (the first differing
-    weight is named). Ignored when this run resumes from its own checkpoint."""
+    """Fine-tuning: start from the weights of a Hugging Face model directory (make export's, or a transformers
+    checkpoint: deepseek_v2, deepseek_v3, llama), an export of an earlier release, or a run directory's newest
+    valid checkpoint, with a fresh optimizer and schedule. The model is the source's: model.* keys given must
+    agree with it. Ignored when this run resumes from its own checkpoint."""
 
 
 @dataclass

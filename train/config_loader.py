@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,11 +246,19 @@ def _apply(cfg: RunConfig, flat: dict[str, Any]) -> None:
             _set(cfg, dotted, value)
 
 
-def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    name: str,
+    overrides: list[str] | dict[str, Any] | None = None,
+    source_config: Callable[[str], dict[str, Any]] | None = None,
+) -> RunConfig:
     """Read a named config (or a YAML path) and apply `key=value` overrides on top.
 
     An override that names another model.arch than the file's starts from that model's defaults: the
-    file's model section describes its own model (its data and train sections still apply).
+    file's model section describes its own model (its data and train sections still apply). With
+    train.init_from the model is the source's (model_from_source), read by `source_config(init_from)` ->
+    a config tree: the launcher passes train.weights' reader (which knows checkpoints, exports and Hugging
+    Face directories, and whether the run resumes from its own checkpoint); without one, the model section
+    stays as given.
     """
     path = resolve_config_path(name)
     cfg = default_config(path.stem)
@@ -259,9 +268,42 @@ def load_config(name: str, overrides: list[str] | dict[str, Any] | None = None) 
         from_file = {key: value for key, value in from_file.items() if not key.startswith("model.")}
     _apply(cfg, from_file)
     _apply(cfg, given)
+    if cfg.train.init_from and source_config is not None:
+        model_from_source(cfg, given, source_config(cfg.train.init_from))
     resolve_data(cfg, source_given="data.source" in given)  # vocab_size=auto, and a source inferred from a path
     validate(cfg)
     return cfg
+
+
+def model_from_source(cfg: RunConfig, given: dict[str, Any], source_tree: dict[str, Any]) -> None:
+    """train.init_from builds the model its weights come from: cfg.model becomes the source's (a run's newest
+    checkpoint, an export, a Hugging Face directory's config.json; the run's own checkpoint when it resumes), the
+    config file's model section aside. A model.* key given on the command line must agree with the source, one
+    line naming the key and both values otherwise; the family's training-only keys (HFMapping.training_keys:
+    a loss weight, a balancing speed) are the run's to set."""
+    source = cfg.train.init_from
+    model = config_from_dict({"model": source_tree.get("model") or {}}).model
+    hf = get_spec(model.arch).hf
+    free = set(hf.training_keys) if hf else set()
+    trial = RunConfig(name=cfg.name, model=model)
+    for dotted, raw in given.items():
+        key = dotted.removeprefix("model.")
+        if key == dotted or (key == "vocab_size" and str(raw).strip().lower() == "auto"):
+            continue
+        if key == "arch":
+            value: Any = _coerce(dotted, raw, str)
+        elif key in field_types(type(model)):
+            value = _coerce(dotted, raw, field_types(type(model))[key])
+        else:
+            raise _unknown_key(trial, dotted)
+        if key in free:
+            setattr(model, key, value)
+        elif value != getattr(model, key):
+            raise ConfigError(
+                f"{dotted}={raw} contradicts train.init_from={source}, whose model has {key}={getattr(model, key)}; "
+                f"drop {dotted}: the model comes from init_from"
+            )
+    cfg.model = model
 
 
 def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:

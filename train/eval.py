@@ -20,7 +20,10 @@ training data iterator is not touched.
 
 evaluates the newest valid checkpoint of RUN_DIR (DDP or FSDP) on the run's validation split, or
 on the whole of PATH (a token file, or text, tokenized with the run's tokenizer), and writes
-RUN_DIR/eval.json.
+RUN_DIR/eval.json. RUN_DIR may also be a directory of weights alone (make export's, or a Hugging Face
+checkpoint): it holds no validation split, so DATA is needed; samples are data.seq_len tokens as the
+exported run trained them (its torchrig.json), else min(the model's max_seq_len, EXPORT_SEQ_LEN), one per
+forward; one process unless GPUS says more.
 """
 
 from __future__ import annotations
@@ -54,13 +57,17 @@ from train.data.text import document_chunks, expand_globs
 from train.data.tokens import BYTE_VOCAB, read_token_file
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
 from train.errors import ConfigError, DataError
+from train.hf.tokenizer_files import is_byte_tokenizer
 from train.models import get_spec
 from train.prepare import encode_files
 from train.run import Precision, Run, device_settings
 from train.tokenizer import RUN_TOKENIZER_NAME, load_tokenizer, sha256_of, token_byte_lengths
-from train.weights import build_loaded_model
+from train.weights import build_loaded_model, is_weights_directory, model_config, saved_config
 
 EVAL_RECORD = "eval.json"
+# Sample length for weights whose training context is unknown (a transformers checkpoint): long enough for a
+# meaningful loss, short enough that one sample's activations fit beside a large model.
+EXPORT_SEQ_LEN = 2048
 
 
 class EvalError(UserError):
@@ -264,6 +271,39 @@ def run_config(run_dir: Path) -> RunConfig:
         ) from None
 
 
+def weights_config(run_dir: Path, data: str) -> RunConfig:
+    """The config to evaluate a directory of weights alone with (see the module docstring)."""
+    if not data:
+        raise EvalError(f"{run_dir} holds weights without a validation split; give DATA=… (a token file or text files)")
+    try:
+        tree = saved_config(run_dir)
+        model = model_config(tree, run_dir)
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+    limit = get_spec(model.arch).seq_len_limit
+    recorded = (tree.get("data") or {}).get("seq_len")
+    cfg = RunConfig(name=run_dir.name, model=model)
+    if recorded or limit:
+        cfg.data.seq_len = recorded or min(getattr(model, limit), EXPORT_SEQ_LEN)
+    cfg.data.source, cfg.data.path, cfg.train.micro_batch = "files", data, 1
+    return cfg
+
+
+def eval_config(run_dir: Path, data: str) -> RunConfig:
+    """A run's own config (its manifest), or weights_config for a directory of weights alone."""
+    try:
+        weights_only = is_weights_directory(run_dir)
+    except ConfigError as exc:
+        raise EvalError(str(exc)) from None
+    return weights_config(run_dir, data) if weights_only else run_config(run_dir)
+
+
+def run_tokenizer(run_dir: Path) -> Path | None:
+    """RUN_DIR's tokenizer.json, or None for bytes (an export of a byte-level run holds the byte tokenizer)."""
+    tokenizer = run_dir / RUN_TOKENIZER_NAME
+    return tokenizer if tokenizer.is_file() and not is_byte_tokenizer(tokenizer) else None
+
+
 def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Dataset, np.ndarray]:
     """The whole of DATA as token windows: a token file as it is, text through the run's tokenizer (or as bytes)."""
     if data.endswith(".bin"):
@@ -293,7 +333,7 @@ def worker(run_dir: Path, data: str) -> dict[str, Any]:
     A reader: it builds the model and its weights alone (train.weights, any strategy and world size the
     checkpoint was saved with), never the training state, and writes nothing into checkpoints/.
     """
-    cfg = run_config(run_dir)
+    cfg = eval_config(run_dir, data)
     store = connect_store(backstop_timeout(cfg))
     info = init_distributed(cfg, run_dir, store)
     try:
@@ -306,8 +346,7 @@ def worker(run_dir: Path, data: str) -> dict[str, Any]:
                 f"every checkpoint in {exc.directory} is damaged ({', '.join(exc.damaged)}; the warnings above say "
                 "how); nothing to evaluate: restore one, or retrain"
             ) from None
-        tokenizer = run_dir / RUN_TOKENIZER_NAME
-        tokenizer = tokenizer if tokenizer.is_file() else None
+        tokenizer = run_tokenizer(run_dir)
         if data:
             dataset, indices = _data_dataset(cfg, data, tokenizer)
         else:
@@ -338,9 +377,13 @@ def main(argv: list[str] | None = None) -> int:
         raise EvalError(f"RUN_DIR={run_dir} is not a directory; give a make train RUN_DIR")
     if args.worker:
         _worker_main(run_dir, args.data)
-    layout = newest_checkpoint_layout(run_dir)
-    run_config(run_dir)
-    nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else layout["world_size"]
+    if is_weights_directory(run_dir):
+        weights_config(run_dir, args.data)  # DATA and the model checked before any process starts
+        saved = 1  # one process unless GPUS says more
+    else:
+        saved = newest_checkpoint_layout(run_dir)["world_size"]  # as many as the checkpoint was saved by
+        run_config(run_dir)
+    nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else saved
     forwarded = ["--worker", "--run-dir", str(run_dir), *(["--data", args.data] if args.data else [])]
     return launch("train.eval", forwarded, nproc)
 

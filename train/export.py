@@ -1,39 +1,66 @@
-"""`make export`: a run's weights as a self-contained directory that leaves torchrig.
+"""`make export`: a run's weights as a Hugging Face model directory that transformers and vLLM load as it is.
 
-    python -m train.export --run-dir RUN_DIR --output DIR [--dtype fp32|bf16] [--force 1]
+    python -m train.export --run-dir RUN_DIR --output DIR [--dtype fp32|bf16] [--shard 5GB] [--force 1]
 
-DIR gets `model.safetensors` (the model's parameters and persistent buffers, nothing of the
-optimizer, RNG or schedule; from a DDP or an FSDP checkpoint alike), `config.json` ({"model":
-the model config, "export": where it came from}) and the run's `tokenizer.json` when it has one.
---dtype bf16 halves the parameters; buffers (the MoE routing bias) stay float32, because routing
-decisions hinge on their small steps. A non-empty DIR is refused unless --force 1, which then
-replaces only these files. Load an export with train.weights.load_model_weights, sample from it
-with `make sample RUN_DIR=DIR`, or fine-tune from it with ARGS="train.init_from=DIR".
+RUN_DIR is a run directory (its newest valid checkpoint, DDP or FSDP) or any directory `make sample` reads
+(an export, a transformers checkpoint). For a model family with a transformers twin (train/hf/: deepseek as
+deepseek_v3 when sigmoid-routed, deepseek_v2 when softmax-routed; llama as llama) DIR gets:
+
+- config.json that AutoConfig reads (model_type, architectures, every key; DeepSeek's num_nextn_predict_layers);
+- the weights under transformers' names: model.safetensors, or shards of at most --shard bytes (make's SHARD,
+  default 5GB as transformers 4.x) with model.safetensors.index.json; DeepSeek's MTP modules as its own
+  checkpoints hold them (model.layers.{num_hidden_layers + d}.*), which transformers skips and vLLM drafts with;
+- tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json, for a BPE run and
+  a byte-level run alike (train/hf/tokenizer_files.py);
+- torchrig.json: the source (its path relative to DIR, its name, step and manifest digest) and the model keys
+  config.json has no place for.
+
+A family without one (resnet50, a plugin's) gets torchrig's own format: model.safetensors and config.json
+{"model", "export"}. --dtype bf16 halves the parameters; buffers (the MoE routing bias) stay float32, because
+routing decisions hinge on their small steps. DIR is written beside itself and moved into place at the end, so
+a failure leaves it as it was; a non-empty DIR is refused unless --force 1, which then replaces only the files
+an export writes. Read an export with AutoModelForCausalLM.from_pretrained(DIR), or here with `make sample
+RUN_DIR=DIR`, `make eval RUN_DIR=DIR DATA=...` and ARGS="train.init_from=DIR".
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from env.common.atomic import replace_atomically, write_fix
 from env.common.cli import ArgumentParser, UserError, run_cli
-from train.models import build_model
+from train.hf import tokenizer_files
+from train.hf.directory import CONFIG, is_hf_directory, write_directory
+from train.hf.files import (
+    OutputError,
+    WeightsError,
+    check_output,
+    is_regular,
+    publishing,
+    read_json,
+    write_json,
+)
+from train.hf.shards import DEFAULT_SHARD, parse_size
+from train.models import build_model, get_spec
+from train.tokenizer import sha256_of
 from train.weights import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
     EXPORT_WEIGHTS,
-    TOKENIZER_FILE,
     find_tokenizer,
     load_model_weights,
     model_config,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BYTE_VOCAB = 256
 
 
 class ExportError(UserError):
@@ -41,56 +68,108 @@ class ExportError(UserError):
 
 
 def parameter_names(config: dict) -> set[str]:
-
     with torch.device("meta"):
         return {name for name, _ in build_model(model_config(config, "the checkpoint")).named_parameters()}
 
 
-def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False) -> dict:
+def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False, shard: str = DEFAULT_SHARD) -> dict:
     """Write the export of run_dir's newest valid checkpoint (or of another export) into output."""
-    from safetensors.torch import save
-
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"OUTPUT={output} is a file; give a directory")
     in_a_run = (output / "checkpoints").exists() or (output / "manifest.json").exists()
-    if output.resolve() == run_dir.resolve() or in_a_run:
+    if (output.exists() and output.resolve() == run_dir.resolve()) or in_a_run:
         # sampling and fine-tuning read an export before checkpoints: one inside a run would hide newer training
         raise ExportError(f"OUTPUT={output} is a training run's directory; export into a directory of its own")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise ExportError(f"OUTPUT={output} is not empty; choose an empty or new directory, or set FORCE=1 to replace")
-    state, config, step = load_model_weights(run_dir)
+    try:
+        check_output(output, force)  # before reading any weights
+        max_shard = parse_size(shard)
+    except (OutputError, WeightsError) as exc:
+        raise ExportError(str(exc)) from None
+    state, config, step = load_model_weights(run_dir)  # each reader checks that the weights fit first
+    cfg = model_config(config, run_dir)
     params = parameter_names(config)
     tensors = {
         key: (value.to(DTYPES[dtype]) if key in params and value.is_floating_point() else value).contiguous()
         for key, value in state.items()
     }
-    tokenizer = find_tokenizer(run_dir, config)
-    exported = {
-        "model": config["model"],
-        "export": {"format": EXPORT_FORMAT, "step": step, "dtype": dtype, "source": str(run_dir)},
-    }
+    spec = get_spec(cfg.arch)
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        blob = save(tensors, metadata={"format": "pt", "torchrig_step": str(step), "torchrig_dtype": dtype})
-        replace_atomically(output / EXPORT_WEIGHTS, lambda handle: handle.write(blob), mode="wb")
-        replace_atomically(output / EXPORT_CONFIG, lambda handle: handle.write(json.dumps(exported, indent=1) + "\n"))
-        target = output / TOKENIZER_FILE
-        if tokenizer is not None and tokenizer.resolve() != target.resolve():
-            replace_atomically(target, lambda handle: handle.write(tokenizer.read_bytes()), mode="wb")
-        elif tokenizer is None:
-            target.unlink(missing_ok=True)  # a forced export over an older one keeps no stale tokenizer
-    except OSError as exc:
-        fix = write_fix(exc).replace("RUN_DIR", "OUTPUT")
-        raise ExportError(f"cannot write {output} ({exc.strerror}); {fix}") from None
+        if spec.hf is None:
+            tokenizer = find_tokenizer(run_dir, config)
+            with publishing(output, force) as folder:
+                files = _write_torchrig_format(folder, config, tensors, step, dtype, tokenizer, run_dir, output)
+            kind = "torchrig"
+        else:
+            hf_tokenizer = _tokenizer(run_dir, config, cfg)
+            provenance = _provenance(run_dir, output, step, dtype, config)
+            with publishing(output, force) as folder:
+                files = write_directory(folder, cfg, tensors, hf_tokenizer, provenance, DTYPES[dtype], max_shard)
+            kind = spec.hf.to_config(cfg)["model_type"]
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return {"step": step, "tensors": len(tensors), "bytes": size, "tokenizer": tokenizer is not None}
+    caveats = spec.hf.caveats(cfg, tensors) if spec.hf else []
+    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": kind, "caveats": caveats}
+
+
+def _tokenizer(run_dir: Path, config: dict[str, Any], cfg: Any) -> tokenizer_files.TokenizerFiles:
+    """The tokenizer files: a Hugging Face source's own, else from the run's tokenizer.json, else (a byte-level
+    model) the byte tokenizer; none for a model of more than 256 ids without a tokenizer (synthetic data)."""
+    if is_hf_directory(run_dir):
+        own = tokenizer_files.from_directory(run_dir, read_json(run_dir / CONFIG, "give a valid config.json"))
+        if own is not None:
+            return own
+    tokenizer = find_tokenizer(run_dir, config)
+    if tokenizer is None and cfg.vocab_size > BYTE_VOCAB:
+        return tokenizer_files.TokenizerFiles()
+    return tokenizer_files.for_run(tokenizer, cfg.max_seq_len)
+
+
+def _provenance(run_dir: Path, output: Path, step: int, dtype: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Where the weights came from, with paths relative to the export (it may move; this machine's layout stays)."""
+    manifest = run_dir / "manifest.json"
+    seq_len = (config.get("data") or {}).get("seq_len")
+    return {
+        "source": {
+            "run": os.path.relpath(run_dir.absolute(), output.absolute()),
+            "name": run_dir.absolute().name,
+            "step": step,
+            "manifest_sha256": sha256_of(manifest) if is_regular(manifest) else None,
+        },
+        "dtype": dtype,
+        **({"data": {"seq_len": seq_len}} if isinstance(seq_len, int) else {}),
+    }
+
+
+def _write_torchrig_format(
+    folder: Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    step: int,
+    dtype: str,
+    tokenizer: Path | None,
+    run_dir: Path,
+    output: Path,
+) -> list[str]:
+    """torchrig's own export (train/weights.py reads it): for a family transformers has no class for."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, folder / EXPORT_WEIGHTS, metadata={"format": "pt", "torchrig_step": str(step)})
+    source = os.path.relpath(run_dir.absolute(), output.absolute())
+    export_record = {"format": EXPORT_FORMAT, "step": step, "dtype": dtype, "source": source}
+    write_json(folder / EXPORT_CONFIG, {"model": config["model"], "export": export_record})
+    files = [EXPORT_CONFIG, EXPORT_WEIGHTS]
+    if tokenizer is not None:
+        text, _ = tokenizer_files.read_tokenizer(tokenizer)  # a regular file that parses, or one line
+        (folder / tokenizer_files.TOKENIZER).write_text(text, encoding="utf-8")
+        files.append(tokenizer_files.TOKENIZER)
+    return sorted(files)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default="", help="a run directory (its newest valid checkpoint)")
+    parser.add_argument("--run-dir", default="", help="a run directory (its newest valid checkpoint) or an export")
     parser.add_argument("--output", default="", help="the directory to write")
     parser.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    parser.add_argument("--shard", default=DEFAULT_SHARD, help=f"largest weights file (default {DEFAULT_SHARD})")
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUTPUT (FORCE=1)")
     args = parser.parse_args(argv)
     for value, name in ((args.run_dir, "RUN_DIR"), (args.output, "OUTPUT")):
@@ -99,13 +178,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dtype not in DTYPES:
         raise ExportError(f"DTYPE={args.dtype} is not one of {', '.join(DTYPES)}")
     output = Path(args.output)
-    done = export(Path(args.run_dir), output, args.dtype, args.force)
+    done = export(Path(args.run_dir), output, args.dtype, args.force, args.shard)
+    for caveat in done["caveats"]:
+        print(f"torchrig export: note: {caveat}", file=sys.stderr)
+    weights = [name for name in done["files"] if name.endswith(".safetensors")]
+    where = shlex.quote(str(output))
+    loads = f"AutoModelForCausalLM.from_pretrained({json.dumps(str(output))}), " if done["kind"] != "torchrig" else ""
     print(
-        f"torchrig export: wrote {output}/{EXPORT_WEIGHTS} ({done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB "
-        f"{args.dtype}, step {done['step']}), {EXPORT_CONFIG}"
-        + (f", {TOKENIZER_FILE}" if done["tokenizer"] else "")
-        + f"; sample with make sample RUN_DIR={shlex.quote(str(output))}, fine-tune with make train "
-        + shlex.quote(f"ARGS=train.init_from={shlex.quote(str(output))}")
+        f"torchrig export: wrote {output} ({done['kind']}: {done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB "
+        f"{args.dtype} in {len(weights)} safetensors file(s), step {done['step']}; {', '.join(done['files'])}); "
+        f"load it with {loads}make sample RUN_DIR={where} or make train " + shlex.quote(f"ARGS=train.init_from={where}")
     )
     return 0
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
@@ -29,6 +30,7 @@ from train.data import build_dataset
 from train.errors import ConfigError, DataError
 from train.models import count_params
 from train.rundir import completed_steps
+from train.weights import init_source_config
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100"),
 # from the one make-variable table.
@@ -53,7 +55,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def resolve_config(args: argparse.Namespace, has_gpu: bool) -> RunConfig:
-    return load_config(args.config or ("small" if has_gpu else "tiny"), _overrides(args))
+    run_dir = Path(args.run_dir) if args.run_dir else None  # train.init_from: a resumed run's model is its own
+    source_config = partial(init_source_config, run_dir=run_dir)
+    return load_config(args.config or ("small" if has_gpu else "tiny"), _overrides(args), source_config)
 
 
 def worker_args(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> list[str]:

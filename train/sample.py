@@ -1,4 +1,4 @@
-"""`make sample`: text from a trained run (or an export), streamed as it is made.
+"""`make sample`: text from a trained run (or an export, or a Hugging Face checkpoint), streamed as it is made.
 
     python -m train.sample --run-dir RUN_DIR [--prompt TEXT] [--tokens 200] [--temperature 0.8]
         [--top-k 0] [--top-p 1] [--seed 1337] [--cache 1] [--speculate 0] [--device auto]
@@ -23,8 +23,9 @@ Context longer than model.max_seq_len: a sliding window. When the next token wou
 positions than the model has, the oldest tokens are dropped so that the newest max_seq_len/2
 remain, and those are read again (the cache holds absolute RoPE positions, so it is rebuilt).
 Byte-level models (vocabulary 256, no tokenizer) start the context with the document separator
-(NUL), as every training document begins after one; a tokenizer.json of the run, the export or
-beside the run's token file is used through Hugging Face `tokenizers`.
+(NUL), as every training document begins after one; so do exports of them, whose tokenizer.json is the
+byte tokenizer (train/hf/tokenizer_files.py). Any other tokenizer.json of the run, the export or beside the
+run's token file is used through Hugging Face `tokenizers`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch
 from env.common.cli import ArgumentParser, UserError, run_cli
 from train.checkpoint import CheckpointError
 from train.errors import ConfigError
+from train.hf.tokenizer_files import is_byte_tokenizer
 from train.models import get_spec
 from train.models.spec import Decoder
 from train.weights import WeightsError, build_loaded_model, find_tokenizer, model_config, saved_config
@@ -153,7 +155,7 @@ class TokenizerCodec:
 
 def make_codec(path: Path, config: dict[str, Any], vocab_size: int) -> ByteCodec | TokenizerCodec:
     tokenizer = find_tokenizer(path, config)
-    if tokenizer is not None:
+    if tokenizer is not None and not is_byte_tokenizer(tokenizer):  # an export's byte tokenizer: bytes, as its run
         return TokenizerCodec(tokenizer, vocab_size)
     if vocab_size > BYTE_VOCAB:
         raise SampleError(

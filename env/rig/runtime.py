@@ -105,6 +105,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "TOP_P": MakeVar("--top-p", "real"),
     "CACHE": MakeVar("--cache"),
     "SPECULATE": MakeVar("--speculate"),
+    "SHARD": MakeVar("--shard"),
 }
 
 
@@ -168,7 +169,9 @@ TARGETS: dict[str, Target] = {
         summary="text from a run or export",
     ),
     "export": Target(
-        "train.export", ("RUN_DIR", "OUTPUT", "DTYPE", "FORCE"), summary="a run's weights as safetensors + config.json"
+        "train.export",
+        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE"),
+        summary="a run's weights as a Hugging Face model directory",
     ),
     "keys": Target(
         "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"

@@ -15,10 +15,12 @@ from train.config_loader import load_config
 from train.distributed import DistInfo
 from train.models import build_model
 from train.run import build_optimizer, checkpoint_parts
+from train.weights import init_source_config
 
 
 def small_config(*overrides: str) -> RunConfig:
-    return load_config("tiny", [*SMALL, *overrides])
+    """The tiny config with SMALL and the overrides, read as a run reads it (train.init_from's model included)."""
+    return load_config("tiny", [*SMALL, *overrides], init_source_config)
 
 
 def trained_in_process(cfg: RunConfig, steps: int = 2, seed: int = 3) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Export (safetensors + config.json) from DDP and FSDP checkpoints, and fine-tuning with train.init_from."""
+"""Export (a Hugging Face model directory) from DDP and FSDP checkpoints, and fine-tuning with train.init_from."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from train.data import build_dataset, build_loader
 from train.export import ExportError, export
 from train.weights import WeightsError, build_loaded_model, load_model_weights
 
+# What an export of a byte-level run holds (tests/train/hf/test_to_transformers.py: what transformers makes of it).
+HF_FILES = sorted(["config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                   "tokenizer.json", "tokenizer_config.json", "torchrig.json"])  # fmt: skip
+
 
 def logits_of(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -28,7 +32,7 @@ def test_an_export_loads_into_a_fresh_model_with_identical_logits(tmp_path: Path
     model = trained_in_process(cfg)
     save_checkpoint(tmp_path / "run", model, cfg, step=2, strategy=strategy)
     export(tmp_path / "run", tmp_path / "export")
-    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == HF_FILES
 
     loaded, config, step = build_loaded_model(tmp_path / "export", torch.device("cpu"))
     assert step == 2 and config["model"] == cfg.to_dict()["model"]
@@ -64,7 +68,8 @@ def test_export_refuses_a_non_empty_output_unless_forced(tmp_path: Path) -> None
     (tmp_path / "out" / "tokenizer.json").write_text("{}")  # left by an older export of a tokenized run
     export(tmp_path / "run", tmp_path / "out", force=True)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["config.json", "model.safetensors", "notes.txt"]  # the user's file stays, the stale one goes
+    assert names == sorted([*HF_FILES, "notes.txt"])  # the user's file stays, the stale one is replaced
+    assert (tmp_path / "out" / "tokenizer.json").read_text() != "{}"
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:
@@ -91,7 +96,7 @@ def test_make_export_into_a_non_empty_directory_is_one_line(tmp_path: Path) -> N
                                  "directory, or set FORCE=1 to replace"]  # fmt: skip
     forced = make("export", f"RUN_DIR={tmp_path / 'run'}", f"OUTPUT={tmp_path / 'out'}", "DTYPE=bf16", "FORCE=1")
     assert forced.returncode == 0, forced.stderr
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["export"]["dtype"] == "bf16"
+    assert json.loads((tmp_path / "out" / "torchrig.json").read_text())["dtype"] == "bf16"
 
 
 def test_an_export_into_a_run_directory_is_refused(tmp_path: Path) -> None:
@@ -142,22 +147,18 @@ def test_init_from_starts_a_new_run_from_the_exported_weights(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_init_from_a_model_of_another_shape_names_the_first_differing_weight(tmp_path: Path) -> None:
+def test_init_from_with_a_model_key_of_another_value_names_it_and_both_values(tmp_path: Path) -> None:
     cfg = small_config()
     save_checkpoint(tmp_path / "source", trained_in_process(cfg), cfg, step=2)
     result = launch_train(tmp_path / "run", 1, 1, f"train.init_from={tmp_path / 'source'}", "model.kv_lora_rank=16")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("torchrig")]
     assert lines == [
-        f"torchrig: train.init_from={tmp_path / 'source'}: weight 'layers.0.attn.wkv_a.weight' has shape [40, 64] "
-        "there but [24, 64] in this model config; use the model config it was trained with"
+        f"torchrig train: model.kv_lora_rank=16 contradicts train.init_from={tmp_path / 'source'}, whose model has "
+        "kv_lora_rank=32; drop model.kv_lora_rank: the model comes from init_from"
     ], result.stderr
 
 
 def test_init_from_without_weights_is_one_line(tmp_path: Path) -> None:
-    from train.weights import init_from
-
-    cfg = small_config(f"train.init_from={tmp_path / 'nothing'}")
-    model = trained_in_process(cfg, steps=0)
     with pytest.raises(WeightsError, match=r"nothing is not a directory; give a run directory"):
-        init_from(model, cfg, tmp_path / "run")
+        small_config(f"train.init_from={tmp_path / 'nothing'}")  # the model comes from there

@@ -10,11 +10,15 @@ report, arXiv:2412.19437):
   the rotated key slice k_rope is one vector shared by all heads. The query may be low-rank too
   (q_lora_rank > 0).
 - DeepSeekMoE (2.1.2, `Router`, `MoE`): a few shared experts see every token, routed experts see
-  the top-k tokens by sigmoid affinity. Group-limited routing first keeps the best
+  the top-k tokens by sigmoid affinity (V3), or by softmax probability (DeepSeek-V2, arXiv:2405.04434,
+  section 2.2; model.score_func=softmax). Group-limited routing first keeps the best
   n_limited_groups expert groups. Experts and dense layers are `SwiGLU`; `Block` is one layer.
-- Auxiliary-loss-free balancing (2.1.2): a per-expert bias is added to the affinities only to
-  choose experts; after each optimizer step `moe_balance_step` nudges it toward the experts that
-  got fewer tokens than average.
+- Auxiliary-loss-free balancing (2.1.2): a per-expert bias is added to the sigmoid affinities only
+  to choose experts; after each optimizer step `moe_balance_step` nudges it toward the experts that
+  got fewer tokens than average. Softmax routing (V2) has no such bias.
+- YaRN context extension (`Yarn`; DeepSeek-V2 report appendix, used by V2 and V3): the rotary
+  frequencies are interpolated between original_seq_len and max_seq_len, the rotation tables scaled
+  and the attention's softmax scale corrected, as DeepSeek's code computes them.
 - Multi-token prediction (2.2, `MTPModule`): D extra blocks, the d-th combining the previous depth's
   hidden state at position i with the embedding of token i+d to predict token i+d+1.
 - Decoding with the latent KV cache (DeepSeek-V3 inference/model.py, attn_impl="absorb"):
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +52,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
+from train.hf import deepseek as hf_deepseek
 from train.models.spec import AllReduce, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
@@ -54,6 +60,9 @@ from train.models.spec import AllReduce, ModelSpec, ParamCount
 MAX_LAYERS = 4096
 # A context far past any this rig trains (DeepSeek-V3: 128K); sampling's cache is sized by it.
 MAX_SEQ_LEN = 1 << 20
+# The epsilon of the query and key-value latent norms: DeepSeek's code builds them at RMSNorm's default
+# (inference/model.py `RMSNorm(self.kv_lora_rank)`), whatever rms_norm_eps says, and transformers does the same.
+LATENT_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -90,7 +99,16 @@ class DeepSeekConfig(ModelConfig):
     n_limited_groups: int = 1
     """Groups a token may route into: the best ones by the sum of their top-2 affinities."""
     route_scale: float = 1.0
-    """Factor on the normalised gate weights of the routed experts."""
+    """Factor on the gate weights of the routed experts (DeepSeek's routed_scaling_factor); see norm_topk_prob."""
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    """How the router scores the routed experts: sigmoid, each affinity on its own, with the balancing bias steering
+    the choice (DeepSeek-V3; exported as deepseek_v3), or softmax over all of them, without a bias (DeepSeek-V2;
+    exported as deepseek_v2). Groups rank by their top-2 biased affinities (sigmoid) or their best probability
+    (softmax)."""
+    norm_topk_prob: bool = True
+    """Divide the chosen experts' gate weights by their sum. sigmoid: then times route_scale, as DeepSeek-V3 does.
+    softmax: in place of route_scale, as DeepSeek-V2's code does (with more than one expert chosen); off, the
+    probabilities are taken times route_scale."""
     bias_update_speed: float = 0.001
     """Auxiliary-loss-free balancing: the step by which each expert's selection bias moves after every
     optimizer step."""
@@ -106,6 +124,22 @@ class DeepSeekConfig(ModelConfig):
     """MLA: per-head value size."""
     rope_theta: float = 10000.0
     """RoPE's base."""
+    rope_factor: float = 1.0
+    """YaRN: the factor by which the context was extended beyond original_seq_len (DeepSeek-V2/V3: 40); 1 is plain
+    RoPE. As in DeepSeek's code, YaRN applies only when max_seq_len exceeds original_seq_len."""
+    original_seq_len: int = 4096
+    """YaRN: the context the rotary frequencies were trained for before the extension (transformers'
+    original_max_position_embeddings)."""
+    beta_fast: float = 32.0
+    """YaRN: frequencies that turn more than beta_fast times over original_seq_len keep their value."""
+    beta_slow: float = 1.0
+    """YaRN: frequencies that turn fewer than beta_slow times are divided by rope_factor; those between, a blend."""
+    mscale: float = 1.0
+    """YaRN: the rotation tables are scaled by (0.1 mscale ln(rope_factor) + 1) / (0.1 mscale_all_dim
+    ln(rope_factor) + 1) (DeepSeek-V2-Lite: 0.707)."""
+    mscale_all_dim: float = 1.0
+    """YaRN: the attention's softmax scale is multiplied by (0.1 mscale_all_dim ln(rope_factor) + 1)^2; 0 leaves it
+    (DeepSeek-V2-Lite: 0.707, V3: 1)."""
     mtp_depth: int = 0
     """Multi-token prediction modules: depth d predicts token t+d+1 (0 turns it off; 1 also lets sampling
     speculate)."""
@@ -144,11 +178,70 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_cache(rope_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each [max_seq_len, rope_dim / 2]."""
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's magnitude correction for a context extended `factor` times (DeepSeek's yarn_get_mscale)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN rope scaling as DeepSeek's code computes it (inference/model.py precompute_freqs_cis and MLA; the
+    mscale/mscale_all_dim split of its Hugging Face modeling_deepseek.py, which transformers follows).
+
+    `Yarn.of(cfg)` is None, plain RoPE, unless rope_factor > 1 and max_seq_len > original_seq_len: DeepSeek's
+    condition (`if seqlen > args.original_seq_len`); with rope_factor 1 YaRN would change nothing.
+    """
+
+    factor: float
+    original_seq_len: int
+    beta_fast: float
+    beta_slow: float
+    mscale: float
+    mscale_all_dim: float
+
+    @classmethod
+    def of(cls, cfg: DeepSeekConfig) -> Yarn | None:
+        if cfg.rope_factor <= 1 or cfg.max_seq_len <= cfg.original_seq_len:
+            return None
+        return cls(cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow, cfg.mscale, cfg.mscale_all_dim)
+
+    def inv_freq(self, freqs: torch.Tensor, rope_dim: int, theta: float) -> torch.Tensor:
+        """The plain frequencies [rope_dim / 2] blended toward freqs / factor: kept where they turn more than
+        beta_fast times over original_seq_len, divided where fewer than beta_slow, linearly in between."""
+
+        def dim_turning(turns: float) -> float:  # the dimension whose frequency turns `turns` times
+            return rope_dim * math.log(self.original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(dim_turning(self.beta_fast)), 0)
+        high = min(math.ceil(dim_turning(self.beta_slow)), rope_dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp
+        return freqs / self.factor * (1 - keep) + freqs * keep
+
+    @property
+    def table_scale(self) -> float:
+        """The factor on cos and sin (1 when mscale == mscale_all_dim, as in DeepSeek's inference code)."""
+        return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+
+    @property
+    def softmax_factor(self) -> float:
+        """The factor on the attention's softmax scale 1/sqrt(qk_head_dim)."""
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+
+def rope_cache(
+    rope_dim: int, max_seq_len: int, theta: float, yarn: Yarn | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each [max_seq_len, rope_dim / 2], YaRN-scaled when given."""
     inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim)
+    scale = 1.0
+    if yarn is not None:
+        inv_freq, scale = yarn.inv_freq(inv_freq, rope_dim, theta), yarn.table_scale
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,17 +263,18 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.v_head_dim = cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
-        self.softmax_scale = 1.0 / math.sqrt(self.qk_head_dim)
+        yarn = Yarn.of(cfg)
+        self.softmax_scale = 1.0 / math.sqrt(self.qk_head_dim) * (yarn.softmax_factor if yarn else 1.0)
 
         if cfg.q_lora_rank == 0:
             self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.qk_head_dim, bias=False)
         else:
             self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * self.qk_head_dim, bias=False)
         # One down-projection yields the KV latent and the shared rotary key.
         self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
 
@@ -298,8 +392,18 @@ class LatentKVCache:
         )
 
 
+# The router's expert affinities from its float32 logits [tokens, experts], by model.score_func.
+ROUTER_SCORES = {"sigmoid": torch.sigmoid, "softmax": lambda logits: logits.softmax(dim=-1)}
+
+
 class Router(nn.Module):
-    """Sigmoid affinities, bias-adjusted group-limited top-k choice, normalised gate weights."""
+    """Expert affinities (ROUTER_SCORES), a group-limited top-k choice, and the chosen experts' gate weights.
+
+    sigmoid (V3): the choice adds the balancing bias `expert_bias` and ranks groups by their top-2 biased
+    affinities; softmax (V2): no bias, groups rank by their best probability. Experts of dropped groups are
+    masked with -inf, as DeepSeek's inference/model.py does (transformers 4.57's V3 uses 0.0, which differs when
+    a biased affinity is negative; docs/models.md). Gate weights: see DeepSeekConfig.norm_topk_prob.
+    """
 
     def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
@@ -307,25 +411,37 @@ class Router(nn.Module):
         self.n_groups = cfg.n_expert_groups
         self.n_limited_groups = cfg.n_limited_groups
         self.route_scale = cfg.route_scale
+        self.score = ROUTER_SCORES[cfg.score_func]
+        # DeepSeek-V2's code normalises instead of scaling, and only a choice of several experts.
+        self.normalise = cfg.norm_topk_prob and (cfg.score_func == "sigmoid" or cfg.n_activated_experts > 1)
+        self.scale_after_norm = cfg.score_func == "sigmoid"
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        # Persistent (checkpointed) and float32: updates of ~1e-3 vanish in bf16.
-        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Persistent (checkpointed) and float32: updates of ~1e-3 vanish in bf16. None under softmax routing.
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.score_func == "sigmoid" else None
+        self.register_buffer("expert_bias", bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, dim] -> (gate weights [tokens, k] float32, expert indices [tokens, k])."""
-        scores = F.linear(x, self.weight).float().sigmoid()
-        choice = scores + self.expert_bias  # the bias steers the choice, never the weights
+        scores = self.score(F.linear(x, self.weight).float())
+        choice = scores if self.expert_bias is None else scores + self.expert_bias  # the bias steers the choice only
         if self.n_groups > 1:
             choice = self.keep_best_groups(choice)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(-1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        if self.normalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        if self.scale_after_norm or not self.normalise:
+            weights = weights * self.route_scale
         return weights, indices
 
     def keep_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
-        """Mask every expert outside the n_limited_groups groups with the highest top-2 score sums."""
-        grouped = choice.view(choice.shape[0], self.n_groups, -1)
-        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        """Mask every expert outside the n_limited_groups best groups: by the sum of their top-2 biased
+        affinities, or by their best probability without a bias (DeepSeek's Gate)."""
+        grouped = choice.view(choice.shape[0], self.n_groups, -1)  # [tokens, groups, experts per group]
+        if self.expert_bias is None:
+            group_scores = grouped.amax(dim=-1)
+        else:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
         best_groups = group_scores.topk(self.n_limited_groups, dim=-1).indices
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, False)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
@@ -437,7 +553,7 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        cos, sin = rope_cache(self.cfg.qk_rope_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_cache(self.cfg.qk_rope_head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, Yarn.of(self.cfg))
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         for module in self.modules():
@@ -445,7 +561,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
             elif isinstance(module, Router):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
-                module.expert_bias.zero_()
+                if module.expert_bias is not None:
+                    module.expert_bias.zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, MoE):
@@ -550,7 +667,8 @@ def moe_balance_step(model: nn.Module, all_reduce: AllReduce | None = None) -> d
     per_layer = counts.view(len(moe_layers), -1).float()
     mean = per_layer.mean(dim=1, keepdim=True)
     for layer, layer_counts, layer_mean in zip(moe_layers, per_layer, mean, strict=True):
-        layer.router.expert_bias += layer.bias_update_speed * torch.sign(layer_mean - layer_counts)
+        if layer.router.expert_bias is not None:  # softmax routing (V2) has no bias: its load is only reported
+            layer.router.expert_bias += layer.bias_update_speed * torch.sign(layer_mean - layer_counts)
         layer.tokens_per_expert.zero_()
     load = per_layer / mean
     return {"moe_load_max": load.max(), "moe_load_min": load.min()}
@@ -602,6 +720,28 @@ def validate_decoder(m: DeepSeekConfig) -> None:
                 f"model.n_activated_experts={m.n_activated_experts} exceeds the {reachable} experts that "
                 "model.n_limited_groups groups hold; raise n_limited_groups or lower n_activated_experts"
             )
+    validate_yarn(m)
+
+
+def validate_yarn(m: DeepSeekConfig) -> None:
+    """The YaRN keys: sensible values, and a rope_factor that takes effect (DeepSeek's condition, see Yarn)."""
+    if not m.rope_factor >= 1:
+        raise ConfigError(f"model.rope_factor={m.rope_factor} must be at least 1 (1 is plain RoPE, YaRN above)")
+    require_positive({"model.original_seq_len": m.original_seq_len})
+    if not 0 < m.beta_slow < m.beta_fast:
+        raise ConfigError(
+            f"model.beta_slow={m.beta_slow} and model.beta_fast={m.beta_fast} must satisfy 0 < beta_slow < beta_fast "
+            "(DeepSeek: 1 and 32)"
+        )
+    for key in ("mscale", "mscale_all_dim"):
+        if not getattr(m, key) >= 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be 0 or more (DeepSeek-V3: 1)")
+    if m.rope_factor > 1 and m.max_seq_len <= m.original_seq_len:
+        raise ConfigError(
+            f"model.rope_factor={m.rope_factor} has no effect: YaRN applies only when model.max_seq_len "
+            f"({m.max_seq_len}) exceeds model.original_seq_len ({m.original_seq_len}), as in DeepSeek's code; "
+            "raise max_seq_len, lower original_seq_len, or set rope_factor=1"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,4 +855,5 @@ SPEC = ModelSpec(
     seq_len_limit="max_seq_len",
     after_step=moe_balance_step,
     decoder=lambda model: model,  # Transformer is a Decoder itself
+    hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers
 )

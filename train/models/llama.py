@@ -42,6 +42,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
+from train.hf import llama as hf_llama
 from train.models.spec import ModelSpec, ParamCount
 
 # More layers than any model this rig trains (Llama 3 405B has 126): a bigger figure is a typo, and
@@ -400,4 +401,5 @@ SPEC = ModelSpec(
     validate=validate_llama,
     seq_len_limit="max_seq_len",
     decoder=lambda model: model,  # Llama is a Decoder itself
+    hf=hf_llama.MAPPING,  # transformers' LlamaForCausalLM
 )

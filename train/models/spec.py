@@ -3,7 +3,8 @@
 A `ModelSpec` says everything the rest of train/ needs, so that nothing outside train/models/ switches
 on a model's name: the config dataclass (the keys of the `model:` section), how to build and check it,
 its parameter and FLOP counts from the config alone, the batch it takes, its FSDP2 shard units, a hook
-run after every optimizer step (DeepSeek's MoE balancing), and how to decode with it (`Decoder`).
+run after every optimizer step (DeepSeek's MoE balancing), how to decode with it (`Decoder`), and how it
+is a Hugging Face transformers model (`hf`, train/hf/mapping.py: exports, and checkpoints read as they are).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import ConfigError
+from train.hf.mapping import HFMapping
 
 # What a model's batch holds: (inputs, targets) of token ids [batch, seq] and next tokens, or of
 # images [batch, 3, H, W] and class labels. train/data/ says which sources give which.
@@ -114,6 +116,9 @@ class ModelSpec:
     after_step: Callable[[nn.Module, AllReduce | None], dict[str, torch.Tensor]] | None = None
     # The model (unwrapped, in eval mode) as a Decoder, for make sample; None: the family does not decode.
     decoder: Callable[[nn.Module], Decoder] | None = None
+    # Its transformers twin (model types, config.json and state dict both ways); None: make export writes
+    # torchrig's own format, and no Hugging Face directory builds it.
+    hf: HFMapping | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"

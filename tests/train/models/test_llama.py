@@ -215,7 +215,8 @@ def hf_config(cfg: LlamaConfig):
     ids=["gqa", "mqa-tied-theta"],
 )
 def test_transformers_llama_gives_the_same_logits_from_the_same_weights(overrides: list[str]) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (hash-locked): never skipped
+
     cfg = small_llama(*overrides)
     model = trained_in_process(cfg, steps=3)  # norms and weights off their initial values
     torch.manual_seed(0)
