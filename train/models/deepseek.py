@@ -53,6 +53,7 @@ from torch import nn
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
 from train.hf import deepseek as hf_deepseek
+from train.models.loss import token_loss
 from train.models.spec import AllReduce, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
@@ -568,8 +569,12 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets."""
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor | None = None, divisors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets
+        (IGNORE_INDEX targets not counted; divisors [1 + mtp_depth]: each term's sum over its divisor,
+        train/models/loss.py)."""
         cos, sin = self.rope_cos, self.rope_sin
         hidden = self.embed(inputs)
         for layer in self.layers:
@@ -577,7 +582,8 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(hidden))
         if targets is None:
             return logits
-        return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
+        main = token_loss(logits, targets, None if divisors is None else divisors[0])
+        return main + self.mtp_loss(hidden, inputs, targets, divisors)
 
     @property
     def max_seq_len(self) -> int:
@@ -622,11 +628,13 @@ class Transformer(nn.Module):
         _, normed = self.mtp[0].forward_cached(hidden, self.embed(next_tokens), self.rope_cos, self.rope_sin, cache)
         return self.head(normed)
 
-    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(
+        self, hidden: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, divisors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """mtp_weight times the mean over depths d of the loss predicting token i+d+1 at position i.
 
-        targets[:, j] is token j+1, so emb(t_{i+d}) is embed(targets[:, i+d-1]) and the label is
-        targets[:, i+d]; depth d has seq-d positions.
+        inputs[:, j] is token j, so emb(t_{i+d}) is embed(inputs[:, i+d]) (never the targets, which masked
+        data marks IGNORE_INDEX), and the label is targets[:, i+d]; depth d has seq-d positions.
         """
         if not self.mtp:
             return hidden.new_zeros(())
@@ -634,15 +642,12 @@ class Transformer(nn.Module):
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             positions = seq_len - depth
-            next_embed = self.embed(targets[:, depth - 1 : depth - 1 + positions])
+            next_embed = self.embed(inputs[:, depth : depth + positions])
             hidden, normed = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
             logits = self.head(normed)
-            losses.append(cross_entropy(logits, targets[:, depth : depth + positions]))
+            divisor = None if divisors is None else divisors[depth]
+            losses.append(token_loss(logits, targets[:, depth : depth + positions], divisor))
         return self.cfg.mtp_weight * torch.stack(losses).mean()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 @torch.no_grad()
@@ -854,6 +859,7 @@ SPEC = ModelSpec(
     validate=validate_decoder,
     seq_len_limit="max_seq_len",
     after_step=moe_balance_step,
+    loss_terms=lambda cfg: 1 + cfg.mtp_depth,  # the next token, then one term per MTP depth
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers
 )
