@@ -54,7 +54,7 @@ from train.checkpoint import EveryCheckpointDamaged
 from train.config import RunConfig
 from train.config_loader import config_from_dict
 from train.data import build_dataset, data_tokenizer, validation_set
-from train.data.sources import TokenWindows
+from train.data.sources import TokenWindows, token_mask
 from train.data.text import document_chunks, expand_globs
 from train.data.tokens import BYTE_VOCAB, read_token_file
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
@@ -312,8 +312,10 @@ def run_tokenizer(run_dir: Path) -> Path | None:
 
 def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Dataset, np.ndarray]:
     """The whole of DATA as token windows: a token file as it is, text through the run's tokenizer (or as bytes)."""
+    mask = None
     if data.endswith(".bin"):
         tokens, meta = read_token_file(data)
+        mask = token_mask(data, meta, cfg.data.seq_len, "the run's data.seq_len")
         recorded = (meta.get("tokenizer") or {}).get("sha256")
         if tokenizer is not None and recorded and recorded != sha256_of(tokenizer):
             raise EvalError(
@@ -329,7 +331,7 @@ def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Da
         raise EvalError(
             f"DATA={data} holds token id {int(tokens.max())}, beyond the model's vocab_size={cfg.model.vocab_size}"
         )
-    dataset = TokenWindows(tokens, cfg.data.seq_len, "files", data)
+    dataset = TokenWindows(tokens, cfg.data.seq_len, "files", data, mask)
     return dataset, np.arange(len(dataset), dtype=np.int64)
 
 
