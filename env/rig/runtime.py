@@ -97,6 +97,9 @@ MAKE_VARS: dict[str, MakeVar] = {
     "PROCS": MakeVar("--procs", "count"),
     "SHARD_TOKENS": MakeVar("--shard-tokens", "count"),
     "SHARD_FORMAT": MakeVar("--shard-format"),
+    "CHAT": MakeVar("--chat", "switch"),
+    "SEQ_LEN": MakeVar("--seq-len", "count"),
+    "CHAT_TEMPLATE": MakeVar("--chat-template"),
     "DATA": MakeVar("--data"),
     "PROMPT": MakeVar("--prompt"),
     "TOKENS": MakeVar("--tokens", "count"),
@@ -130,6 +133,8 @@ class Target:
 
 RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
+PREPARE_VARS = ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT",
+                "FORCE", "CHAT", "SEQ_LEN", "CHAT_TEMPLATE")  # fmt: skip
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",), summary="train a model"),
     "nccl-test": Target(
@@ -157,8 +162,8 @@ TARGETS: dict[str, Target] = {
     ),
     "prepare": Target(
         "train.prepare",
-        ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT", "FORCE"),
-        summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE",
+        PREPARE_VARS,
+        summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask",
     ),
     "eval": Target(
         "train.eval", ("GPUS", "RUN_DIR", "DATA"), summary="validation loss of a run's newest valid checkpoint"
