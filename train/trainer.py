@@ -130,10 +130,7 @@ def train_step(
         watchdog.mark(step, "start")
         with gradient_sync(model, enabled=micro == accum - 1):
             with run.precision.autocast(device):  # the forward only: backward follows its dtypes
-                if divisors is None:
-                    loss = model(inputs, targets) / accum
-                else:
-                    loss = model(inputs, targets, divisors)
+                loss = model(inputs, targets) / accum if divisors is None else model(inputs, targets, divisors)
             watchdog.mark(step, "backward")
             run.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
