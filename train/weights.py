@@ -66,12 +66,14 @@ def model_config(config: dict[str, Any], where: Path | str) -> ModelConfig:
 
 def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Module, dict[str, Any], int]:
     """A model from load_model_weights(path) in eval mode on `device`: (model, config tree, step)."""
+    from train.checkpoint.parts import in_model_layout
     from train.models import build_model
 
     state, config, step = load_model_weights(path)
     cfg = model_config(config, path)
     with torch.device("meta"):
         model = build_model(cfg)
+    state = in_model_layout(model, state)  # an export written before the model's layout changed
     check_weights(model.state_dict(), state, str(path))  # shapes first, on the meta model: nothing allocated yet
     model = model.to_empty(device=device)
     if hasattr(model, "init_weights"):
@@ -82,6 +84,9 @@ def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Modul
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict, with a mismatch named by its first key in the model's order (one line)."""
+    from train.checkpoint.parts import in_model_layout
+
+    state = in_model_layout(model, state)  # an export written before the model's layout changed
     check_weights(model.state_dict(), state, where)
     model.load_state_dict(state)
 
