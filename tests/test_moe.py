@@ -272,8 +272,12 @@ def test_an_expert_lora_is_expressible_on_the_stacked_weights() -> None:
             self.a = nn.Parameter(torch.randn(experts, rank, in_features) * 0.1)
             self.b = nn.Parameter(torch.randn(experts, out_features, rank) * 0.1)
 
-        def forward(self, x: torch.Tensor, groups) -> torch.Tensor:
-            return self.base(x, groups) + grouped_linear(grouped_linear(x, self.a, groups), self.b, groups)
+        def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+            return self.base(x, offsets) + grouped_linear(grouped_linear(x, self.a, offsets), self.b, offsets)
+
+        def per_expert(self) -> list:
+            pairs = zip(self.base.per_expert(), self.a.unbind(0), self.b.unbind(0), strict=True)
+            return [lambda rows, f=f, a=a, b=b: f(rows) + rows @ a.T @ b.T for f, a, b in pairs]
 
     cfg = CONFIGS["tiny"]()
     moe = trained_router(cfg)
