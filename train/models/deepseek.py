@@ -380,6 +380,17 @@ if _GROUPED_MM:
 
     _grouped_mm_float32.register_autograd(_grouped_mm_float32_backward, setup_context=_save_grouped_inputs)
 
+    # torch's FLOP counter (FlopCounterMode) knows nothing of ops of ours: every row is one matmul row.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32)
+    def _(x_shape: torch.Size, weight_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * x_shape[0] * x_shape[1] * weight_shape[-2]
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32_weight_grad)
+    def _(grad_shape: torch.Size, x_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * grad_shape[0] * grad_shape[1] * x_shape[1]
+
 
 class GroupedLinear(nn.Module):
     """E bias-free linear layers in one [E, out, in] weight, initialised as E nn.Linear layers would be.
