@@ -16,8 +16,9 @@ Tables (each prints as soon as it is measured):
   backward and in moe_balance_step. On a GPU, CUDA's own count (torch.cuda.set_sync_debug_mode);
   on the CPU, where nothing waits, the calls that would wait on a GPU (Tensor.item, .tolist,
   .__bool__, ...). Target: at most one per optimizer step, the trainer's read of the loss included.
+  Then what that read of the loss costs: windows of steps with and without it.
 - compile: torch.compile (inductor) of the whole model against eager, one training step, and the
-  graph breaks dynamo finds in one MoE block.
+  graph breaks in one MoE block compiled through autograd.
 
 "reference" is the implementation before the experts were stacked, kept here to measure against:
 per layer one host read of the token counts (`counts.tolist()`), then each expert's three matmuls
