@@ -344,7 +344,8 @@ def test_the_same_seed_draws_the_same_weights_as_the_per_expert_modules_did() ->
 
 
 def copied_run(tmp_path: Path, strategy: str) -> Path:
-    shutil.copytree(FIXTURE / strategy, tmp_path / strategy)
+    """A run directory holding the fixture's checkpoints of `strategy` (ddp or fsdp)."""
+    shutil.copytree(FIXTURE / strategy, tmp_path / strategy / "checkpoints")
     return tmp_path / strategy
 
 
