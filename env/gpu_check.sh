@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every check that needs a real GPU, in one run on a machine with one GPU: the CUDA-marked tests and
 # the model tests, a short bf16 train of `small` with its MFU, the doctor on real NVML, the collective
-# test on one rank and its launch overhead, the harness, step-profile and data-loader benchmarks, a one-GPU
+# test on one rank and its launch overhead, the harness, step-profile, MoE and data-loader benchmarks, a one-GPU
 # ResNet-50 bench against the published 4090 claim, and decoding speed (latent KV cache, MTP speculation).
 #
 #   bash env/gpu_check.sh            logs and JSON into ${OUT:-runs/gpu-check}, a summary table at the end
@@ -191,6 +191,12 @@ note "$(last_line "$OUT/launch-overhead.log" 'launch overhead' | sed 's/^# //')"
 # Where the step's time goes, should the MFU fall short: the device idle share, kernels and host syncs per step.
 run_step step-profile 60 "yaml" "$PY" -m train.benchmarks.step_profile --config "$TRAIN_CONFIG" --steps 5
 note "$(last_line "$OUT/step-profile.log" '^device busy' | sed 's/ *: */: /')"
+
+# The MoE against a dense model of the same active size, in bf16: one layer (small, V2-Lite sizes), the training step
+# of tiny and small with the MFU of this code and of the per-expert loop before it, host syncs per step (CUDA's own
+# count) and what the trainer's per-step read of the loss costs.
+run_step moe 150 "yaml" "$PY" -m train.benchmarks.moe --tables layer,step,syncs --shapes small,v2-lite --repeats 5
+note "$(last_line "$OUT/moe.log" '^summary: ' | sed 's/^summary: //')"
 
 run_step data-loader 75 "yaml" "$PY" -m train.benchmarks.data_loader --config "$TRAIN_CONFIG" --seconds 2
 note "$(loader_note "$OUT/data-loader.log")"

@@ -34,6 +34,7 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "train.benchmarks.step_profile": ("torchrig step-profile: ", ["--steps", "0"]),
     "train.benchmarks.sample": ("torchrig sample-bench: ", ["--run-dir", "/no/such/run"]),
     "train.benchmarks.prepare": ("torchrig prepare-bench: ", ["--procs", "0"]),
+    "train.benchmarks.moe": ("torchrig moe-benchmark: ", ["--tables", "nope"]),
     "train.eval": ("torchrig eval: ", ["--run-dir", "/no/such/run"]),
     "train.sample": ("torchrig sample: ", ["--run-dir", "/no/such/run"]),
     "train.export": ("torchrig export: ", ["--run-dir", "/no/such/run", "--output", "/no/such/out"]),

@@ -12,7 +12,10 @@ report, arXiv:2412.19437):
 - DeepSeekMoE (2.1.2, `Router`, `MoE`): a few shared experts see every token, routed experts see
   the top-k tokens by sigmoid affinity (V3), or by softmax probability (DeepSeek-V2, arXiv:2405.04434,
   section 2.2; model.score_func=softmax). Group-limited routing first keeps the best
-  n_limited_groups expert groups. Experts and dense layers are `SwiGLU`; `Block` is one layer.
+  n_limited_groups expert groups. Dense layers and shared experts are `SwiGLU`; the routed experts'
+  weights are stacked (`GroupedExperts`: [experts, out, in]) so that they run in a few grouped
+  matmuls (`grouped_linear`) with no host sync where torch._grouped_mm runs; exports and Hugging
+  Face checkpoints hold one tensor per expert (`split_experts`, `stack_experts`). `Block` is one layer.
 - Auxiliary-loss-free balancing (2.1.2): a per-expert bias is added to the sigmoid affinities only
   to choose experts; after each optimizer step `moe_balance_step` nudges it toward the experts that
   got fewer tokens than average. Softmax routing (V2) has no such bias.
@@ -42,13 +45,17 @@ norms at 1), so `torch.manual_seed(seed)` before `train.models.build_model(cfg)`
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
@@ -447,13 +454,159 @@ class Router(nn.Module):
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
 
 
+# torch._grouped_mm: on CUDA in bf16 from torch 2.8, on compute capability 9.0 (a kernel without a host
+# sync); from 2.9 also 8.0+ (a loop inside the op that reads the offsets itself: still one op, so no
+# Python loop and no graph break), and the CPU.
+_TORCH = TorchVersion(torch.__version__)
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_ON_CPU = _GROUPED_MM and _TORCH >= (2, 9)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> bool:
+    """Whether torch._grouped_mm computes matmuls of these row and column sizes here, from offsets on
+    the device. Every row and matrix stride must be a multiple of 16 bytes."""
+    if not _GROUPED_MM or any(size * dtype.itemsize % 16 for size in sizes):
+        return False
+    if device.type == "cuda":
+        major = _cuda_major(device.index or 0)
+        return dtype == torch.bfloat16 and (major == 9 or (_TORCH >= (2, 9) and major >= 8))
+    return device.type == "cpu" and _GROUPED_MM_ON_CPU
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
+    """x [rows, in] sorted into E groups, weight [E, out, in] -> [rows, out]: group e's rows times weight[e]^T.
+
+    `groups`: the groups' end offsets as an int32 tensor on the device (torch._grouped_mm, where it
+    runs these sizes), or their sizes as a host list (one F.linear per group).
+    """
+    if isinstance(groups, torch.Tensor):
+        if _grouped_mm_runs(x.device, x.dtype, weight.shape[-2:]):
+            if x.dtype == torch.float32:
+                return _grouped_mm_float32(x, weight, groups)
+            return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=groups)
+        groups = groups.diff(prepend=groups.new_zeros(1)).tolist()  # a size grouped_mm cannot take: a host read
+    rows = x.split(groups)
+    return torch.cat([F.linear(r, w) for r, w in zip(rows, weight.unbind(0), strict=True)])
+
+
+if _GROUPED_MM:
+    # torch._grouped_mm runs float32 on the CPU, but its fake kernel (what torch.compile traces with)
+    # takes bf16 and fp16 only: in float32 it is wrapped as an op of ours, which compiles as one
+    # opaque call, its backward two more.
+
+    @torch.library.custom_op("torchrig::grouped_mm_float32", mutates_args=())
+    def _grouped_mm_float32(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+    @_grouped_mm_float32.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[-2])
+
+    @torch.library.custom_op("torchrig::grouped_mm_float32_weight_grad", mutates_args=())
+    def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[E, out, in]: group e's grad rows^T times its x rows (zeros for an empty group)."""
+        return torch._grouped_mm(grad.transpose(0, 1), x, offs=offsets)
+
+    @_grouped_weight_grad.register_fake
+    def _(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grad.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
+
+    def _save_grouped_inputs(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_float32_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()  # the kernel refuses the zero strides of an expanded gradient
+        grad_x = _grouped_mm_float32(grad, weight.transpose(-2, -1), offsets)
+        return grad_x, _grouped_weight_grad(grad, x, offsets), None
+
+    _grouped_mm_float32.register_autograd(_grouped_mm_float32_backward, setup_context=_save_grouped_inputs)
+
+    # torch's FLOP counter (FlopCounterMode) knows nothing of ops of ours: every row is one matmul row.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32)
+    def _(x_shape: torch.Size, weight_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * x_shape[0] * x_shape[1] * weight_shape[-2]
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32_weight_grad)
+    def _(grad_shape: torch.Size, x_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * grad_shape[0] * grad_shape[1] * x_shape[1]
+
+
+class GroupedLinear(nn.Module):
+    """E bias-free linear layers in one [E, out, in] weight, initialised as E nn.Linear layers would be.
+
+    Applied in one of two ways, both of which a wrapper of it (an adapter such as LoRA) provides:
+    `forward(x, offsets)`, each expert on its own group of rows, all at once (grouped_linear); and
+    `per_expert()`, one function per expert, for the loop where torch._grouped_mm does not run.
+    """
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        for expert_weight in self.weight.detach():
+            nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, offsets)
+
+    def per_expert(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        # unbind: one gradient for the whole weight in backward, not one full-size gradient per expert
+        return [functools.partial(F.linear, weight=weight) for weight in self.weight.unbind(0)]
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts, each a SwiGLU (w2(silu(w1 x) * w3 x)), as three GroupedLinear layers.
+
+    Stacked, so that all experts run in a few batched calls: ffn.experts.w1.weight is
+    [n_experts, hidden, dim]. Exports and Hugging Face checkpoints hold one tensor per expert
+    (ffn.experts.{i}.w1.weight, as the per-expert modules of earlier versions did):
+    `split_experts` and `stack_experts` convert.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.sizes = (dim, hidden)
+        self.w1 = GroupedLinear(n_experts, dim, hidden)
+        self.w3 = GroupedLinear(n_experts, dim, hidden)
+        self.w2 = GroupedLinear(n_experts, hidden, dim)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [rows, dim] sorted by expert, counts [n_experts] rows per expert -> [rows, dim]."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if _grouped_mm_runs(x.device, dtype, self.sizes):
+            offsets = counts.cumsum(0, dtype=torch.int32)
+            x = x.to(dtype)  # autocast leaves torch._grouped_mm alone
+            return self.w2(F.silu(self.w1(x, offsets)) * self.w3(x, offsets), offsets)
+        # Elsewhere: the one host read of this layer, then expert by expert, each expert's three
+        # matmuls while its rows are in cache (measured on the CPU: faster than three loops over all experts).
+        w1, w3, w2 = self.w1.per_expert(), self.w3.per_expert(), self.w2.per_expert()
+        rows = x.split(counts.tolist())
+        return torch.cat([w2[e](F.silu(w1[e](r)) * w3[e](r)) for e, r in enumerate(rows)])
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """N(0, std), drawn expert by expert in the order of per-expert SwiGLU modules: the same seed
+        gives the same weights as the earlier layout did."""
+        for w1, w3, w2 in zip(self.w1.weight, self.w3.weight, self.w2.weight, strict=True):
+            for weight in (w1, w3, w2):
+                nn.init.normal_(weight, std=std)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.n_routed_experts = cfg.n_routed_experts
         self.bias_update_speed = cfg.bias_update_speed
         self.router = Router(cfg)
-        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = (
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         )
@@ -464,19 +617,20 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, indices = self.router(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        x = x.reshape(-1, shape[-1])  # [tokens, dim]
+        weights, indices = self.router(x)  # [tokens, k] each
+        chosen = indices.flatten()  # [tokens * k]: token t's choices at t*k .. t*k+k-1
+        # Counted on the device (bincount's output size would depend on the data).
+        counts = torch.zeros_like(self.tokens_per_expert).scatter_add_(0, chosen, torch.ones_like(chosen))
         if self.training and torch.is_grad_enabled():
             self.tokens_per_expert += counts
 
-        # Sort the (token, slot) assignments by expert so each expert reads one contiguous slice.
-        order = indices.flatten().argsort()
+        # Sort the (token, choice) pairs by expert, so each expert's rows are one contiguous group.
+        # Every expert is in the matmuls, with no rows if it got no tokens: each weight gets a (zero)
+        # gradient every step, so DDP needs no find_unused_parameters and ranks never diverge.
+        order = chosen.argsort(stable=True)
         token_of = order // indices.shape[1]
-        slices = x[token_of].split(counts.tolist())
-        # Every expert runs, on an empty slice if it got no tokens, so each weight gets a (zero)
-        # gradient every step: DDP needs no find_unused_parameters and ranks never diverge.
-        expert_out = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices, strict=True)])
+        expert_out = self.experts(x[token_of], counts)  # [tokens * k, dim]
         weighted = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
         if self.shared_experts is not None:
@@ -565,6 +719,8 @@ class Transformer(nn.Module):
                     module.expert_bias.zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, GroupedExperts):
+                module.init_weights(self.cfg.init_std)
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
 
@@ -578,6 +734,12 @@ class Transformer(nn.Module):
         if targets is None:
             return logits
         return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
+
+    def import_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """`state`, keyed by this model's parameter names in either expert layout, in the layout this model
+        holds (stacked): for exports and checkpoints written with one tensor per expert, the model's
+        weights or an optimizer's per-parameter state alike (see stack_experts)."""
+        return stack_experts(state, like=dict(self.named_parameters()))
 
     @property
     def max_seq_len(self) -> int:
@@ -672,6 +834,74 @@ def moe_balance_step(model: nn.Module, all_reduce: AllReduce | None = None) -> d
         layer.tokens_per_expert.zero_()
     load = per_layer / mean
     return {"moe_load_max": load.max(), "moe_load_min": load.min()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The experts' two layouts: stacked in memory (GroupedExperts), one tensor per expert on disk
+# (exports, Hugging Face checkpoints, and the checkpoints of versions before the stacking).
+
+_STACKED_EXPERT = re.compile(r"(?P<experts>(?:.*\.)?experts)\.(?P<weight>w[123]\.weight)")
+_PER_EXPERT = re.compile(r"(?P<experts>(?:.*\.)?experts)\.(?P<index>\d+)\.(?P<weight>w[123]\.weight)")
+
+
+def split_experts(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with each stacked `...experts.w1.weight` [E, out, in] as E tensors `...experts.{i}.w1.weight`.
+
+    Each expert's tensor is a copy of its own (safetensors refuses tensors that share memory);
+    every other entry passes unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _STACKED_EXPERT.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        for index, weight in enumerate(value.unbind(0)):
+            out[f"{match['experts']}.{index}.{match['weight']}"] = weight.clone()
+    return out
+
+
+def stack_experts(state: Mapping[str, Any], like: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The inverse of split_experts, on any dict keyed by parameter name: the entries of experts
+    0..E-1 become one entry of the stacked name, in the place of the first.
+
+    Values may be tensors (a state dict), an optimizer's per-parameter state (a dict: tensors of the
+    weight's shape are stacked, AdamW's step and other scalars taken from expert 0) or anything else
+    (taken from expert 0). `like`: this model's tensors by name; where one is a DTensor (FSDP2), the
+    stacked value is distributed as it is. Entries already stacked pass unchanged, and so do the
+    entries of experts whose numbering has a gap, for the loader to name.
+    """
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[int, tuple[str, Any]]] = {}
+    for key, value in state.items():
+        match = _PER_EXPERT.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        stacked = f"{match['experts']}.{match['weight']}"
+        out.setdefault(stacked, None)
+        groups.setdefault(stacked, {})[int(match["index"])] = (key, value)
+    for stacked, experts in groups.items():
+        if sorted(experts) == list(range(len(experts))):
+            out[stacked] = _stacked([experts[i][1] for i in range(len(experts))], (like or {}).get(stacked))
+        else:
+            del out[stacked]
+            out.update(experts.values())
+    return out
+
+
+def _stacked(values: list[Any], like: torch.Tensor | None) -> Any:
+    first = values[0]
+    if isinstance(first, dict):
+        return {name: _stacked([value[name] for value in values], like) for name in first}
+    if not (isinstance(first, torch.Tensor) and first.dim() > 0):
+        return first
+    stacked = torch.stack(values)
+    if like is None or not hasattr(like, "device_mesh"):
+        return stacked
+    from torch.distributed._tensor import distribute_tensor  # torch 2.4's path; later versions keep it
+
+    return distribute_tensor(stacked.to(like.device), like.device_mesh, like.placements)
 
 
 # ---------------------------------------------------------------------------------------------
