@@ -17,6 +17,7 @@ from torch import nn
 
 from train.config import ModelConfig
 from train.errors import ConfigError
+from train.models.activations import Activations, Setting
 
 # What a model's batch holds: (inputs, targets) of token ids [batch, seq] and next tokens, or of
 # images [batch, 3, H, W] and class labels. train/data/ says which sources give which.
@@ -114,6 +115,12 @@ class ModelSpec:
     after_step: Callable[[nn.Module, AllReduce | None], dict[str, torch.Tensor]] | None = None
     # The model (unwrapped, in eval mode) as a Decoder, for make sample; None: the family does not decode.
     decoder: Callable[[nn.Module], Decoder] | None = None
+    # The part of each block that train.activation_checkpointing=selective recomputes
+    # (train/activation_checkpointing.py); None: selective recomputes the whole shard units, as full does.
+    selective_units: Callable[[nn.Module], list[nn.Module]] | None = None
+    # Bytes one sample keeps for the backward, unit by unit, from the config alone: (cfg, seq_len, setting) ->
+    # Activations (train/models/activations.py); make plan's activations. None: the plan cannot size them.
+    activations: Callable[[ModelConfig, int, Setting], Activations] | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"
