@@ -811,6 +811,7 @@ SPEC = ModelSpec(
     seq_len_limit="max_seq_len",
     after_step=moe_balance_step,
     selective_units=selective_units,
+    lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
     activations=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
 )

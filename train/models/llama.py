@@ -424,6 +424,7 @@ SPEC = ModelSpec(
     validate=validate_llama,
     seq_len_limit="max_seq_len",
     selective_units=selective_units,
+    lora_targets=("wq", "wk", "wv", "wo"),
     activations=llama_activations,
     decoder=lambda model: model,  # Llama is a Decoder itself
 )

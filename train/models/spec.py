@@ -121,6 +121,9 @@ class ModelSpec:
     # Bytes one sample keeps for the backward, unit by unit, from the config alone: (cfg, seq_len, setting) ->
     # Activations (train/models/activations.py); make plan's activations. None: the plan cannot size them.
     activations: Callable[[ModelConfig, int, Setting], Activations] | None = None
+    # The modules LoRA adapts unless told otherwise (PEFT's target_modules: a module named so, or ending in "." +
+    # one): the attention projections. make plan's LoRA lever plans them.
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"
