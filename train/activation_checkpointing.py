@@ -47,11 +47,12 @@ def checkpointed_units(model: nn.Module, spec: ModelSpec, mode: str) -> list[nn.
 def apply(model: nn.Module, spec: ModelSpec, mode: str) -> nn.Module:
     """Checkpoint the units of `mode` in place (before DDP/FSDP2 wrap the model and before torch.compile)."""
     for unit in checkpointed_units(model, spec, mode):
-        _checkpoint_forward(unit)
+        checkpoint_module(unit)
     return model
 
 
-def _checkpoint_forward(module: nn.Module) -> None:
+def checkpoint_module(module: nn.Module) -> None:
+    """Make `module` keep only its inputs and recompute its forward in the backward."""
     forward = module.forward
 
     def recomputed_in_backward(*args: Any, **kwargs: Any) -> Any:
