@@ -3,7 +3,7 @@
     python -m train.benchmarks.plan [--configs tiny,small,dense,llama-tiny] [--seq-lens 64,128] [--batch 2]
                                     [--precisions fp32,bf16,bf16-fsdp] [--device cpu|cuda]
 
-On the CPU, three tables (figures only: tests/test_plan.py holds the bounds):
+On the CPU, four tables (figures only: tests/test_plan.py holds the bounds):
 
 1. exact: per config, the plan's weights, gradients and AdamW states of one GPU (from the meta-device model)
    against a real model after one optimizer step: its parameters and buffers, .grad tensors and state tensors.
@@ -13,7 +13,9 @@ On the CPU, three tables (figures only: tests/test_plan.py holds the bounds):
    copies apart), and the error. Precisions: fp32; bf16 autocast over float32 parameters (as DDP runs);
    bf16 parameters under bf16 autocast (as FSDP2's mixed precision runs). The CPU's attention kernel keeps
    the seq x seq scores where queries and values differ in head size (MLA), as the plan says for the CPU.
-3. selective: per config, what recomputing each block's attention or its feed-forward saves (measured) per
+3. LoRA: the activation rows of a frozen base with adapters on the family's LoRA targets (lora_stand_in: the
+   computation issue 18's LoRA layers make, until they exist), which keep less: a frozen matmul keeps no input.
+4. selective: per config, what recomputing each block's attention or its feed-forward saves (measured) per
    FLOP of recompute (torch's FLOP counter), the figure that chose the feed-forward for selective.
 
 With --device cuda (env/gpu_check.sh): per config, a real training step (bf16 autocast, fused AdamW, one
@@ -28,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,7 +41,8 @@ from train.config import RunConfig
 from train.config_loader import load_config
 from train.errors import ConfigError
 from train.models import build_model, get_spec
-from train.models.activations import MODES, Setting
+from train.models.activations import FP32, MODES, Setting
+from train.plan.levers import LORA_RANK
 from train.plan.memory import FULL_FINE_TUNE, GIB, Box, plan_memory, with_changes
 from train.run import build_optimizer
 
@@ -57,8 +61,11 @@ class Measured:
     weight_copies: int  # autocast's low-precision copies of parameters
 
 
-def _weight_copy(tensor: torch.Tensor) -> bool:
-    """Whether a saved tensor is (a view of) autocast's cast of a parameter."""
+def _weight_copy(tensor: torch.Tensor, shapes: set[tuple[int, ...]]) -> bool:
+    """Whether a saved tensor is (a view of) autocast's cast of a parameter: of a trainable one, a cast in the
+    graph; of a frozen one, a tensor outside autograd of a parameter's shape (or its transpose)."""
+    if tensor.grad_fn is None:
+        return not tensor.requires_grad and (tuple(tensor.shape) in shapes or tuple(tensor.shape)[::-1] in shapes)
     node = tensor.grad_fn
     while node is not None and type(node).__name__ in VIEW_NODES:
         node = node.next_functions[0][0]
@@ -71,6 +78,7 @@ def measure_saved(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tupl
     """What `forward()` of `model` saves for the backward: every storage once, parameters and buffers not counted.
     Returns the figures and the loss (backward still possible)."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
     activations: dict[int, int] = {}
     copies: dict[int, int] = {}
 
@@ -78,7 +86,7 @@ def measure_saved(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tupl
         storage = tensor.untyped_storage()
         where = storage.data_ptr()
         if where and where not in owned and where not in activations and where not in copies:
-            (copies if _weight_copy(tensor) else activations)[where] = storage.nbytes()
+            (copies if _weight_copy(tensor, shapes) else activations)[where] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
@@ -91,11 +99,14 @@ def cpu_setting(precision: str) -> Setting:
     return {"fp32": Setting(4, 4, "cpu"), "bf16": Setting(2, 4, "cpu"), "bf16-fsdp": Setting(2, 2, "cpu")}[precision]
 
 
-def built(cfg: RunConfig, precision: str, mode: str) -> nn.Module:
-    """The model as a run of that precision and checkpointing mode computes (FSDP2's bf16 parameters as a cast)."""
+def built(cfg: RunConfig, precision: str, mode: str, prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """The model as a run of that precision and checkpointing mode computes (FSDP2's bf16 parameters as a cast),
+    `prepare` applied to it first (lora_stand_in)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     activation_checkpointing.apply(model, get_spec(cfg.model.arch), mode)
+    if prepare is not None:
+        prepare(model)
     if precision == "bf16-fsdp":
         for parameter in model.parameters():
             parameter.data = parameter.data.to(torch.bfloat16)
@@ -110,8 +121,10 @@ def batch(cfg: RunConfig, size: int, device: str = "cpu") -> tuple[torch.Tensor,
     return inputs.to(device), targets.to(device)
 
 
-def measured_activations(cfg: RunConfig, size: int, precision: str, mode: str) -> Measured:
-    model = built(cfg, precision, mode)
+def measured_activations(
+    cfg: RunConfig, size: int, precision: str, mode: str, prepare: Callable[[nn.Module], None] | None = None
+) -> Measured:
+    model = built(cfg, precision, mode, prepare)
     inputs, targets = batch(cfg, size)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32")
     with autocast:
@@ -156,6 +169,37 @@ def sized(name: str, seq_len: int) -> RunConfig:
     cfg = load_config(name, ["train.precision=fp32"])
     positions = max(seq_len, getattr(cfg.model, "max_seq_len", seq_len))
     return replace(cfg, model=replace(cfg.model, max_seq_len=positions), data=replace(cfg.data, seq_len=seq_len))
+
+
+def lora_stand_in(model: nn.Module, targets: tuple[str, ...], rank: int) -> None:
+    """LoRA as issue 18's adapters compute it, for measuring only: the base frozen, and every nn.Linear named by
+    `targets` (PEFT's target_modules) computing base(x) + B(A(x)) with A [rank, in] and B [out, rank]."""
+    setting = Setting(FP32, FP32, adapters=targets)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and setting.adapted(name):
+            module.lora_A = nn.Parameter(torch.randn(rank, module.in_features) / module.in_features)
+            module.lora_B = nn.Parameter(torch.zeros(module.out_features, rank))
+            base = module.forward
+            module.forward = lambda x, m=module, base=base: base(x) + F.linear(F.linear(x, m.lora_A), m.lora_B)
+
+
+def lora_rows(configs: list[str], seq_len: int, precisions: list[str], size: int) -> Iterator[ActivationRow]:
+    """Activation rows of a frozen base with rank-LORA_RANK adapters on the family's LoRA targets."""
+    for name in configs:
+        cfg = sized(name, seq_len)
+        targets = get_spec(cfg.model.arch).lora_targets
+
+        def adapters(model: nn.Module, targets: tuple[str, ...] = targets) -> None:
+            lora_stand_in(model, targets, LORA_RANK)
+
+        for precision in precisions:
+            setting = replace(cpu_setting(precision), frozen_base=True, adapters=targets, adapter_rank=LORA_RANK)
+            for mode in MODES:
+                measured = measured_activations(cfg, size, precision, mode, adapters)
+                planned = size * get_spec(cfg.model.arch).activations(cfg.model, seq_len, setting).kept(mode)
+                yield ActivationRow(name, seq_len, precision, mode, planned, measured.activations)
 
 
 @dataclass(frozen=True)
@@ -292,6 +336,12 @@ def run(args: argparse.Namespace) -> None:
             f"{row.measured:>14,} {row.error:>+7.2%}"
         )
     print(f"largest error: {worst:.2%}")
+    print(f"\nLoRA: the same, the base frozen, rank {LORA_RANK} adapters on each family's LoRA targets (a stand-in)")
+    for row in lora_rows(args.configs, max(args.seq_lens), args.precisions, args.batch):
+        print(
+            f"{row.config:<12} {row.seq_len:>5} {row.precision:<10} {row.mode:<10} {row.planned:>14,.0f} "
+            f"{row.measured:>14,} {row.error:>+7.2%}"
+        )
     seq_len = max(args.seq_lens)
     print(f"\nselective: what recomputing one part of every block saves, per FLOP of recompute (seq {seq_len}, bf16)")
     print(f"{'config':<12} {'part':<5} {'saved MiB':>10} {'GFLOP':>9} {'bytes/FLOP':>11}")
