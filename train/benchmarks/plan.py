@@ -43,7 +43,7 @@ from train.errors import ConfigError
 from train.models import build_model, get_spec
 from train.models.activations import FP32, MODES, Setting
 from train.plan.levers import LORA_RANK
-from train.plan.memory import FULL_FINE_TUNE, GIB, Box, plan_memory, with_changes
+from train.plan.memory import CUDA_CONTEXT_BYTES, FULL_FINE_TUNE, GIB, Box, plan_memory, with_changes
 from train.run import build_optimizer
 
 PRECISIONS = ("fp32", "bf16", "bf16-fsdp")
@@ -315,10 +315,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     if args.device == "cuda":
         print(f"{'config':<12} {'mode':<6} {'planned GiB':>12} {'peak GiB':>9} {'error':>7} {'context MiB':>12}")
+        worst, contexts = 0.0, []
         for name, mode, planned, peak, context in cuda_rows(args.configs, args.batch):
             error = (planned - peak) / peak
+            worst, contexts = max(worst, abs(error)), [*contexts, context]
             figures = f"{planned / GIB:>12.3f} {peak / GIB:>9.3f} {error:>+7.1%} {context / 2**20:>12.0f}"
             print(f"{name:<12} {mode:<6} {figures}")
+        context = f"CUDA context measured {max(contexts) / 2**20:.0f} MiB (allowed: {CUDA_CONTEXT_BYTES / 2**20:.0f})"
+        print(f"largest error: {worst:.1%}; {context}")
         return
     print("exact: one CPU process's weights, gradients and AdamW states, planned (meta model) vs after one step")
     print(f"{'config':<12} {'kind':<20} {'planned':>14} {'actual':>14}")

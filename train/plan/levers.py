@@ -19,7 +19,16 @@ from dataclasses import dataclass, replace
 
 from train.config import RunConfig
 from train.models import get_spec
-from train.plan.memory import Box, MemoryPlan, Model, Training, plan_memory, resolve_precision, with_changes
+from train.plan.memory import (
+    PRECISION_BYTES,
+    Box,
+    MemoryPlan,
+    Model,
+    Training,
+    plan_memory,
+    resolve_precision,
+    with_changes,
+)
 
 LORA_RANK = 16
 # Far more GPUs than one data-parallel run of this rig uses: the search for "more GPUs" stops here.
@@ -54,16 +63,20 @@ class _Planner:
 
 
 def lora(cfg: RunConfig) -> Training:
-    """The LoRA lever's training: rank LORA_RANK on the family's default targets."""
-    return Training(get_spec(cfg.model.arch).lora_targets, LORA_RANK)
+    """The LoRA lever's training: rank LORA_RANK on the family's default targets, the frozen base stored in the
+    run's autocast dtype (issue 18's frozen bf16 base; float32 in an fp32 run)."""
+    return Training(
+        get_spec(cfg.model.arch).lora_targets, LORA_RANK, PRECISION_BYTES[resolve_precision(cfg.train.precision)]
+    )
 
 
 def _lora(p: _Planner, now: MemoryPlan) -> list[Lever]:
     targets = get_spec(p.cfg.model.arch).lora_targets
     if p.training.frozen_base or not targets:
         return []
-    name = f"LoRA rank {LORA_RANK} on {', '.join(targets)}, the base frozen"
-    return [Lever(name, f"train.lora.rank={LORA_RANK}", p.plan(training=lora(p.cfg)))]
+    training = lora(p.cfg)
+    name = f"LoRA rank {LORA_RANK} on {', '.join(targets)}, the base frozen ({8 * training.base_bytes}-bit)"
+    return [Lever(name, f"train.lora.rank={LORA_RANK}", p.plan(training=training))]
 
 
 def _fsdp(p: _Planner, now: MemoryPlan) -> list[Lever]:

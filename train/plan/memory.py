@@ -72,23 +72,27 @@ class Training:
     """What trains: every parameter (a full fine-tune, the default), or LoRA adapters on a frozen base.
 
     adapters: LoRA's target modules (PEFT's target_modules list: a module whose name is a target or ends in
-    "." + target), each nn.Linear of them given rank x in (A) and out x rank (B) trainable parameters while
-    every parameter of the model is frozen. Issue 18's LoRA (train.lora) supplies these from its config.
+    "." + target), each nn.Linear of them given rank x in (A) and out x rank (B) float32 trainable parameters,
+    while every parameter of the model is frozen and stored in `base_bytes` per number (issue 18: a frozen bf16
+    base, 2; 0 keeps float32). Issue 18's LoRA (train.lora) supplies these from its config.
     """
 
     adapters: tuple[str, ...] = ()
     rank: int = 0
+    base_bytes: int = 0
 
     @property
     def frozen_base(self) -> bool:
         return bool(self.adapters)
 
     def prepare(self, model: nn.Module) -> None:
-        """Freeze the base and add the adapters' parameters to a meta-device model (shapes only)."""
+        """Freeze the base (in its stored dtype) and add the adapters' parameters to a meta-device model."""
         if not self.adapters:
             return
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+            if self.base_bytes:
+                parameter.data = parameter.data.to(_dtype(self.base_bytes))
         setting = Setting(FP32, FP32, adapters=self.adapters)
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and setting.adapted(name):
@@ -99,7 +103,8 @@ class Training:
     def describe(self) -> str:
         if not self.adapters:
             return "every parameter trains"
-        return f"LoRA rank {self.rank} on {', '.join(self.adapters)}; the base is frozen"
+        stored = f"{8 * self.base_bytes}-bit" if self.base_bytes else "float32"
+        return f"LoRA rank {self.rank} on {', '.join(self.adapters)}; the base frozen, stored {stored}"
 
 
 FULL_FINE_TUNE = Training()
@@ -158,9 +163,10 @@ def resolve_precision(requested: str) -> str:
 
 
 def setting_for(cfg: RunConfig, training: Training, device: str = "cuda") -> Setting:
-    """What the forward computes in: autocast's dtype; the parameters' dtype FSDP2's mixed precision gives."""
+    """What the forward computes in: autocast's dtype; the parameters' dtype as the forward reads them (FSDP2's
+    mixed precision casts them to autocast's; a frozen base may be stored in it)."""
     compute = PRECISION_BYTES[resolve_precision(cfg.train.precision)]
-    params = compute if cfg.train.strategy == "fsdp" else FP32
+    params = compute if cfg.train.strategy == "fsdp" or training.base_bytes == compute else FP32
     return Setting(
         compute,
         params,
@@ -188,10 +194,11 @@ def _dtype(per_number: int) -> torch.dtype:
     return {2: torch.bfloat16, 4: torch.float32}[per_number]
 
 
-def _matmul_weights(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters a matmul reads: every one of two or more dimensions but an embedding table's."""
+def _matmul_weights(model: nn.Module, dtype: torch.dtype) -> list[nn.Parameter]:
+    """Parameters autocast casts to `dtype` for a matmul: every one of two or more dimensions in another dtype,
+    but an embedding table."""
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+    return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables and p.dtype != dtype]
 
 
 @dataclass(frozen=True)
@@ -233,7 +240,7 @@ def plan_memory(
     weights = _bytes(params, shards=shards) + sum(b.numel() * b.element_size() for b in model.buffers())
     gradients = _bytes(trainable, FP32, shards)
     optimizer = 2 * _bytes(trainable, FP32, shards) + ADAMW_STEP_BYTES * len(trainable)
-    weight_copies = 0 if fsdp or precision == "fp32" else _bytes(_matmul_weights(model), setting.compute)
+    weight_copies = 0 if fsdp else _bytes(_matmul_weights(model, _dtype(setting.compute)), setting.compute)
     gather = _gather_buffers(model, built.units, setting.params) if fsdp else 0
 
     acts = get_spec(cfg.model.arch).activations(cfg.model, cfg.data.seq_len, setting)
