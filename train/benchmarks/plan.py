@@ -134,7 +134,7 @@ def measured_activations(
 
 def planned_activations(cfg: RunConfig, size: int, precision: str, mode: str) -> float:
     spec = get_spec(cfg.model.arch)
-    return size * spec.activations(cfg.model, cfg.data.seq_len, cpu_setting(precision)).kept(mode)
+    return size * spec.saved_for_backward(cfg.model, cfg.data.seq_len, cpu_setting(precision)).kept(mode)
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def lora_rows(configs: list[str], seq_len: int, precisions: list[str], size: int
             setting = replace(cpu_setting(precision), frozen_base=True, adapters=targets, adapter_rank=LORA_RANK)
             for mode in MODES:
                 measured = measured_activations(cfg, size, precision, mode, adapters)
-                planned = size * get_spec(cfg.model.arch).activations(cfg.model, seq_len, setting).kept(mode)
+                planned = size * get_spec(cfg.model.arch).saved_for_backward(cfg.model, seq_len, setting).kept(mode)
                 yield ActivationRow(name, seq_len, precision, mode, planned, measured.activations)
 
 

@@ -1,4 +1,4 @@
-"""What a forward keeps for its backward, from a model's config alone: the figures a spec's `activations`
+"""What a forward keeps for its backward, from a model's config alone: the figures a spec's `saved_for_backward`
 returns (train/models/spec.py), and the saved tensors of the operations the families share, per token.
 
 A figure is the bytes of the storages autograd keeps between the forward and the backward (what

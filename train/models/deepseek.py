@@ -812,6 +812,6 @@ SPEC = ModelSpec(
     after_step=moe_balance_step,
     selective_units=selective_units,
     lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
-    activations=decoder_activations,
+    saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
 )

@@ -425,6 +425,6 @@ SPEC = ModelSpec(
     seq_len_limit="max_seq_len",
     selective_units=selective_units,
     lora_targets=("wq", "wk", "wv", "wo"),
-    activations=llama_activations,
+    saved_for_backward=llama_activations,
     decoder=lambda model: model,  # Llama is a Decoder itself
 )

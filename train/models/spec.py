@@ -120,7 +120,7 @@ class ModelSpec:
     selective_units: Callable[[nn.Module], list[nn.Module]] | None = None
     # Bytes one sample keeps for the backward, unit by unit, from the config alone: (cfg, seq_len, setting) ->
     # Activations (train/models/activations.py); make plan's activations. None: the plan cannot size them.
-    activations: Callable[[ModelConfig, int, Setting], Activations] | None = None
+    saved_for_backward: Callable[[ModelConfig, int, Setting], Activations] | None = None
     # The modules LoRA adapts unless told otherwise (PEFT's target_modules: a module named so, or ending in "." +
     # one): the attention projections. make plan's LoRA lever plans them.
     lora_targets: tuple[str, ...] = ()

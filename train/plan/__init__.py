@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from train.config import RunConfig
 from train.errors import ConfigError
+from train.models import get_spec
 from train.plan.levers import Lever, levers
 from train.plan.memory import FULL_FINE_TUNE, GIB, Box, MemoryPlan, Model, Training, plan_memory
 
@@ -50,7 +51,9 @@ def advice(found: list[Lever]) -> str:
 
 def check_fits(cfg: RunConfig, box: Box) -> None:
     """make train's check on a GPU: a ConfigError, in one line with the plan's advice, for a run that cannot fit
-    (the levers are planned only then)."""
+    (the levers are planned only then). A family that does not say what its forward keeps is not planned."""
+    if get_spec(cfg.model.arch).saved_for_backward is None:
+        return
     training = training_of(cfg)
     model = Model.build(cfg, training)
     plan = plan_memory(cfg, box, training, model)

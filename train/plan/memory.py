@@ -3,7 +3,7 @@
 `plan_memory(cfg, box, training)` is a pure function: it builds the model on the meta device (no memory, no
 weights) and reads every parameter's shape and dtype there, so the weights, gradients and optimizer states
 are exact; the activations come from the model family's own account of what its forward keeps
-(ModelSpec.activations, train/models/activations.py), which train/benchmarks/plan.py measures against a real
+(ModelSpec.saved_for_backward, train/models/activations.py), which train/benchmarks/plan.py measures against a real
 forward. The figures, per GPU, as train/run.py and train/distributed.py set a run up:
 
 - weights: the parameters as stored (float32), whole under DDP, a 1/gpus shard of every tensor under FSDP2
@@ -211,9 +211,9 @@ class Model:
     @classmethod
     def build(cls, cfg: RunConfig, training: Training = FULL_FINE_TUNE) -> Model:
         spec = get_spec(cfg.model.arch)
-        if spec.activations is None:
+        if spec.saved_for_backward is None:
             raise ConfigError(
-                f"model.arch={cfg.model.arch} does not say what its forward keeps (ModelSpec.activations); "
+                f"model.arch={cfg.model.arch} does not say what its forward keeps (ModelSpec.saved_for_backward); "
                 "make plan needs it: add one to its spec"
             )
         spec.validate(cfg.model)
@@ -230,7 +230,7 @@ def plan_memory(
     Model.build(cfg, training), may be passed in to plan one model several ways without building it again)."""
     built = model or Model.build(cfg, training)
     model, t = built.module, cfg.train
-    fsdp = t.strategy == "fsdp" and box.gpus > 1
+    fsdp = t.strategy == "fsdp"
     shards = box.gpus if fsdp else 1
     precision = resolve_precision(t.precision)
     setting = setting_for(cfg, training)
@@ -243,7 +243,7 @@ def plan_memory(
     weight_copies = 0 if fsdp else _bytes(_matmul_weights(model, _dtype(setting.compute)), setting.compute)
     gather = _gather_buffers(model, built.units, setting.params) if fsdp else 0
 
-    acts = get_spec(cfg.model.arch).activations(cfg.model, cfg.data.seq_len, setting)
+    acts = get_spec(cfg.model.arch).saved_for_backward(cfg.model, cfg.data.seq_len, setting)
     by_mode = {mode: round(t.micro_batch * acts.kept(mode)) for mode in MODES}
     transient_per_sample = max(_loss_transient(cfg), acts.recomputed(t.activation_checkpointing))
     per_sample = acts.kept(t.activation_checkpointing) + transient_per_sample
