@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 FP32 = 4
 INDEX = 8  # int64 indices: embedding lookups, targets, routing
 MODES = ("none", "full", "selective")
@@ -118,9 +120,19 @@ def attention_core(
     Fused kernels keep q, k, v (`value_storage`: numbers per token of the storage v is a view of), the output
     (which the output projection reads as a view) and the float32 log-sum-exp per head. The math kernel keeps
     the scaled q and k, the softmax probabilities (seq numbers per head) and a contiguous v; the output
-    projection then reads (and keeps, if it trains) a copy of the output.
+    projection then reads (and keeps, if it trains) a copy of the output; newer torch keeps those in float32
+    (math_attention_bytes).
     """
     adapter = dt.matmul_inputs(0, out_proj)  # only an adapter's intermediate: the input is counted here
     if fused_attention(dt.device, qk_dim, v_dim):
         return (2 * heads * qk_dim + value_storage + heads * v_dim) * dt.compute + heads * FP32 + adapter
-    return heads * (2 * qk_dim + seq_len + v_dim) * dt.compute + dt.matmul_inputs(heads * v_dim, out_proj)
+    kept = math_attention_bytes(dt.compute)
+    return heads * (2 * qk_dim + seq_len + v_dim) * kept + dt.matmul_inputs(heads * v_dim, out_proj)
+
+
+def math_attention_bytes(compute: int) -> int:
+    """Bytes per number the math kernel computes in: float32 for bf16/fp16 inputs where torch has the switch
+    torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed and it is off (the default of the torch releases
+    that have it), else the inputs' own."""
+    allowed = getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)
+    return FP32 if allowed is not None and not allowed() else compute
