@@ -2,7 +2,8 @@
 # Every check that needs a real GPU, in one run on a machine with one GPU: the CUDA-marked tests and
 # the model tests, a short bf16 train of `small` with its MFU, the doctor on real NVML, the collective
 # test on one rank and its launch overhead, the harness, step-profile, MoE and data-loader benchmarks, a one-GPU
-# ResNet-50 bench against the published 4090 claim, and decoding speed (latent KV cache, MTP speculation).
+# ResNet-50 bench against the published 4090 claim, the memory plan against the GPU's peak, and decoding speed
+# (latent KV cache, MTP speculation).
 #
 #   bash env/gpu_check.sh            logs and JSON into ${OUT:-runs/gpu-check}, a summary table at the end
 #
@@ -204,6 +205,11 @@ note "$(loader_note "$OUT/data-loader.log")"
 run_step data-loader-resnet50 60 "yaml torchvision" "$PY" -m train.benchmarks.data_loader --config resnet50 \
     --workers 0,4 --seconds 2
 note "$(loader_note "$OUT/data-loader-resnet50.log")"
+
+# The memory plan against this GPU: planned bytes (less its CUDA/NCCL allowance) vs max_memory_allocated, and
+# the CUDA context this process measured, per config with and without activation checkpointing.
+run_step plan-memory 90 "yaml" "$PY" -m train.benchmarks.plan --device cuda --configs small,llama-124m --batch 4
+note "$(last_line "$OUT/plan-memory.log" '^largest error')"
 
 # Decoding: tokens/s without a cache, with MLA's latent cache and with MTP speculation, after a short train.
 run_step sample-decode 90 "yaml" "$PY" -m train.benchmarks.sample --config tiny --train-steps 200 --tokens 200

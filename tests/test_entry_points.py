@@ -40,6 +40,8 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "train.export": ("torchrig export: ", ["--run-dir", "/no/such/run", "--output", "/no/such/out"]),
     "env.slurm.job": ("torchrig slurm: ", ["submit", "train", "NNODES=x"]),
     "train.config_keys": ("torchrig keys: ", ["--output", "/no/such/dir/config.md"]),
+    "train.plan": ("torchrig plan: ", ["--vram", "0"]),
+    "train.benchmarks.plan": ("torchrig plan-bench: ", ["--precisions", "fp64"]),
 }
 NOT_YET: set[str] = set()
 

@@ -60,6 +60,16 @@ from torch.torch_version import TorchVersion
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
 from train.hf import deepseek as hf_deepseek
+from train.models.activations import (
+    FP32,
+    INDEX,
+    Activations,
+    Setting,
+    Unit,
+    attention_core,
+    rms_norm,
+    swiglu_inner,
+)
 from train.models.spec import AllReduce, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
@@ -1068,9 +1078,95 @@ def flops_per_sample(cfg: DeepSeekConfig, seq_len: int) -> float:
     return decoder_flops_per_token(cfg, seq_len) * seq_len
 
 
+# ---------------------------------------------------------------------------------------------
+# What the forward keeps for the backward, per token, as the classes above compute (train/models/activations.py).
+# RMSNorm casts its input to float32 twice (one `.float()` for the statistics, one for the product).
+
+
+def _attention_kept(m: DeepSeekConfig, seq_len: int, dt: Setting) -> float:
+    """MultiHeadLatentAttention.forward from its input: the projections' inputs, the query and latent norms,
+    and the attention itself (v a view of wkv_b's output, keys and values per head)."""
+    query = 0.0
+    if m.q_lora_rank:  # q_norm normalises wq_a's output (compute dtype); wq_b reads its params-dtype output
+        query = rms_norm(m.q_lora_rank, dt.compute, dt.trains("attn.q_norm"), 2)
+        query += dt.matmul_inputs(m.q_lora_rank, "attn.wq_b")
+    inputs = dt.matmul_inputs(m.dim, "attn.wq_a" if m.q_lora_rank else "attn.wq", "attn.wkv_a")
+    storage = m.kv_lora_rank + m.qk_rope_head_dim  # kv_latent is a slice of wkv_a's output
+    latent = rms_norm(m.kv_lora_rank, dt.compute, dt.trains("attn.kv_norm"), 2, storage)
+    latent += dt.matmul_inputs(m.kv_lora_rank, "attn.wkv_b")
+    qk_dim, values = m.qk_nope_head_dim + m.qk_rope_head_dim, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)
+    return inputs + query + latent + attention_core(m.n_heads, qk_dim, m.v_head_dim, seq_len, dt, values, "attn.wo")
+
+
+def _swiglu_kept(dim: int, hidden: int, dt: Setting, prefix: str) -> float:
+    return dt.matmul_inputs(dim, f"{prefix}.w1", f"{prefix}.w3") + swiglu_inner(hidden, dt, f"{prefix}.w2")
+
+
+def _moe_kept(m: DeepSeekConfig, dt: Setting) -> float:
+    """MoE.forward from its input: the router's scores and choices, the tokens sorted by expert, the experts,
+    the weighted sum, and the shared experts (which read the input with the router)."""
+    k, groups = m.n_activated_experts, m.n_expert_groups
+    router = dt.matmul_inputs(m.dim, "ffn.router") + m.n_routed_experts * FP32  # its input, sigmoid scores
+    router += k * INDEX + FP32  # the chosen experts, the gate weights' sum
+    if groups > 1:  # each group's top-2 indices, the chosen groups, the mask of the others
+        router += groups * min(2, m.n_routed_experts // groups) * INDEX + m.n_limited_groups * INDEX + groups
+    experts = 2 * k * INDEX + k * _swiglu_kept(m.dim, m.moe_inter_dim, dt, "ffn.experts")  # + token, slot order
+    combine = k * (m.dim * dt.compute + dt.compute + m.dim * dt.params)  # outputs, gate weights, index_add's source
+    if not m.n_shared_experts:
+        return router + experts + combine
+    shared = _swiglu_kept(m.dim, m.n_shared_experts * m.moe_inter_dim, dt, "ffn.shared_experts")
+    if not dt.casts and dt.trains("ffn.router") and dt.trains("ffn.shared_experts.w1"):
+        shared -= m.dim * dt.compute  # the router keeps the same input tensor
+    return router + experts + combine + shared
+
+
+def _block_unit(
+    m: DeepSeekConfig, layer_id: int, seq_len: int, dt: Setting, residual: int, inputs: float, extra: float = 0.0
+) -> Unit:
+    """A Block per token, times seq_len: `residual` the bytes per number of its input, `inputs` what full
+    checkpointing keeps, `extra` what else the unit holds around the block (an MTP module's norms and merge
+    projection). Selective recomputes the feed-forward and keeps its input, the norm's (params-dtype) output."""
+    norms = rms_norm(m.dim, residual, dt.trains("attn_norm"), 2) + rms_norm(m.dim, residual, dt.trains("ffn_norm"), 2)
+    rest = extra + norms + _attention_kept(m, seq_len, dt)
+    ffn = _swiglu_kept(m.dim, m.inter_dim, dt, "ffn") if m.is_dense_layer(layer_id) else _moe_kept(m, dt)
+    return Unit(
+        kept=seq_len * (rest + ffn),
+        inputs=seq_len * inputs,
+        selective=seq_len * (rest + m.dim * dt.params),
+    )
+
+
+def decoder_activations(cfg: DeepSeekConfig, seq_len: int, dt: Setting) -> Activations:
+    """Bytes one sample of seq_len tokens keeps for the backward: every block (a unit of checkpointing), and
+    the embedding lookup, the final norm, the head and the loss of every prediction depth outside them."""
+    m, p, c = cfg, dt.params, dt.compute
+    units = [_block_unit(m, i, seq_len, dt, p, m.dim * p) for i in range(m.n_layers)]
+    head = dt.matmul_inputs(m.dim, "head") + m.vocab_size * FP32  # the head's input, the log-probabilities
+    outside = seq_len * (2 * INDEX + rms_norm(m.dim, p, dt.trains("norm"), 2) + head)  # inputs, targets, final norm
+    for depth in range(1, m.mtp_depth + 1):
+        # An MTP module normalises the hidden state (whose float32 form, with float32 parameters, the final norm
+        # keeps already) and the next tokens' embeddings, merges them (the block's residual is the merge
+        # projection's output, in the compute dtype) and normalises the block's output.
+        hidden_norm = rms_norm(m.dim, p, dt.trains("hidden_norm"), 2) - (m.dim * FP32 if p == FP32 else 0)
+        embed_norm = rms_norm(m.dim, p, dt.trains("embed_norm"), 2)
+        merge = (
+            hidden_norm + embed_norm + dt.matmul_inputs(2 * m.dim, "proj") + rms_norm(m.dim, c, dt.trains("norm"), 2)
+        )
+        inputs = m.dim * p * (1 if p == FP32 else 2)  # the embedded next tokens (and the hidden state)
+        units.append(_block_unit(m, m.n_layers + depth - 1, seq_len - depth, dt, c, inputs, merge))
+        outside += (seq_len - depth) * head
+    return Activations(tuple(units), outside)
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
+
+
+def selective_units(model: nn.Module) -> list[nn.Module]:
+    """What train.activation_checkpointing=selective recomputes: each block's feed-forward, which keeps the most
+    bytes per FLOP of recompute (python -m train.benchmarks.plan measures it against the attention)."""
+    return [block.ffn for block in [*model.layers, *(module.block for module in model.mtp)]]
 
 
 SPEC = ModelSpec(
@@ -1084,6 +1180,9 @@ SPEC = ModelSpec(
     validate=validate_decoder,
     seq_len_limit="max_seq_len",
     after_step=moe_balance_step,
+    selective_units=selective_units,
+    lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
+    saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers
 )
