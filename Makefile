@@ -15,7 +15,7 @@ override SCRIPT_ONLY = $(if $(COMMAND_LINE_VARS),$(error make $@ takes no variab
 override SHELL := /bin/bash
 override DISPATCH = python3 -m env.rig.runtime --from-make $@
 
-.PHONY: help setup build doctor nccl-test train bench compare prepare eval sample export keys shell test test-current test-image lint lock clean
+.PHONY: help setup build doctor nccl-test train plan bench compare prepare eval sample export keys shell test test-current test-image lint lock clean
 .PHONY: slurm-train slurm-nccl-test test-slurm
 
 help: ## list the targets
@@ -34,6 +34,9 @@ nccl-test: ## collective bandwidth + correctness with a verdict (GPUS, SIZES, DT
 	@$(DISPATCH)
 
 train: ## train a model (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, MAX_RESTARTS, MASTER_WAIT)
+	@$(DISPATCH)
+
+plan: ## whether a run fits a box's GPUs: memory per GPU by kind, a verdict, the levers (CONFIG, GPUS=N, VRAM=24, MICRO_BATCH, STRATEGY, PRECISION, JSON=path, ARGS)
 	@$(DISPATCH)
 
 bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, PRECISION, STRATEGY, SEED, RUN_DIR, ARGS, BASELINE, NCCL_JSON, COUNTS, LINK)

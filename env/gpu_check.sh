@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every check that needs a real GPU, in one run on a machine with one GPU: the CUDA-marked tests and
 # the model tests, a short bf16 train of `small` with its MFU, the doctor on real NVML, the collective
-# test on one rank and its launch overhead, the harness, step-profile and data-loader benchmarks, a one-GPU
-# ResNet-50 bench against the published 4090 claim, and decoding speed (latent KV cache, MTP speculation).
+# test on one rank and its launch overhead, the harness, step-profile, MoE and data-loader benchmarks, a one-GPU
+# ResNet-50 bench against the published 4090 claim, the memory plan against the GPU's peak, and decoding speed
+# (latent KV cache, MTP speculation).
 #
 #   bash env/gpu_check.sh            logs and JSON into ${OUT:-runs/gpu-check}, a summary table at the end
 #
@@ -192,12 +193,23 @@ note "$(last_line "$OUT/launch-overhead.log" 'launch overhead' | sed 's/^# //')"
 run_step step-profile 60 "yaml" "$PY" -m train.benchmarks.step_profile --config "$TRAIN_CONFIG" --steps 5
 note "$(last_line "$OUT/step-profile.log" '^device busy' | sed 's/ *: */: /')"
 
+# The MoE against a dense model of the same active size, in bf16: one layer (small, V2-Lite sizes), the training step
+# of tiny and small with the MFU of this code and of the per-expert loop before it, host syncs per step (CUDA's own
+# count) and what the trainer's per-step read of the loss costs.
+run_step moe 150 "yaml" "$PY" -m train.benchmarks.moe --tables layer,step,syncs --shapes small,v2-lite --repeats 5
+note "$(last_line "$OUT/moe.log" '^summary: ' | sed 's/^summary: //')"
+
 run_step data-loader 75 "yaml" "$PY" -m train.benchmarks.data_loader --config "$TRAIN_CONFIG" --seconds 2
 note "$(loader_note "$OUT/data-loader.log")"
 # Synthetic images are made on the CPU: does the loader keep up with a fast GPU's ResNet-50 steps?
 run_step data-loader-resnet50 60 "yaml torchvision" "$PY" -m train.benchmarks.data_loader --config resnet50 \
     --workers 0,4 --seconds 2
 note "$(loader_note "$OUT/data-loader-resnet50.log")"
+
+# The memory plan against this GPU: planned bytes (less its CUDA/NCCL allowance) vs max_memory_allocated, and
+# the CUDA context this process measured, per config with and without activation checkpointing.
+run_step plan-memory 90 "yaml" "$PY" -m train.benchmarks.plan --device cuda --configs small,llama-124m --batch 4
+note "$(last_line "$OUT/plan-memory.log" '^largest error')"
 
 # Decoding: tokens/s without a cache, with MLA's latent cache and with MTP speculation, after a short train.
 run_step sample-decode 90 "yaml" "$PY" -m train.benchmarks.sample --config tiny --train-steps 200 --tokens 200

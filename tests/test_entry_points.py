@@ -34,11 +34,14 @@ ENTRY_POINTS: dict[str, tuple[str, list[str]]] = {
     "train.benchmarks.step_profile": ("torchrig step-profile: ", ["--steps", "0"]),
     "train.benchmarks.sample": ("torchrig sample-bench: ", ["--run-dir", "/no/such/run"]),
     "train.benchmarks.prepare": ("torchrig prepare-bench: ", ["--procs", "0"]),
+    "train.benchmarks.moe": ("torchrig moe-benchmark: ", ["--tables", "nope"]),
     "train.eval": ("torchrig eval: ", ["--run-dir", "/no/such/run"]),
     "train.sample": ("torchrig sample: ", ["--run-dir", "/no/such/run"]),
     "train.export": ("torchrig export: ", ["--run-dir", "/no/such/run", "--output", "/no/such/out"]),
     "env.slurm.job": ("torchrig slurm: ", ["submit", "train", "NNODES=x"]),
     "train.config_keys": ("torchrig keys: ", ["--output", "/no/such/dir/config.md"]),
+    "train.plan": ("torchrig plan: ", ["--vram", "0"]),
+    "train.benchmarks.plan": ("torchrig plan-bench: ", ["--precisions", "fp64"]),
 }
 NOT_YET: set[str] = set()
 

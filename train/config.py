@@ -102,6 +102,11 @@ class TrainConfig:
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """torch.compile's backend: inductor generates fused kernels; aot_eager traces and runs the same forward and
     backward graphs without generating code (cheap: for tests and for debugging a compile)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in the backward instead of keeping them (train/activation_checkpointing.py): none
+    keeps everything; full keeps only each block's input and recomputes the block; selective recomputes only the
+    part of each block that keeps the most bytes per FLOP of recompute (DeepSeek and Llama: the feed-forward, MoE
+    or dense). Losses and gradients are unchanged; make plan shows what each saves."""
     seed: int = field(default=1337, metadata=RESUME_FIXED)
     """Seeds the weights, the sample order and every RNG of the run."""
     log_every: int = 10

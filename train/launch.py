@@ -24,6 +24,7 @@ from env.records.manifest import MANIFEST_ENV, build_manifest
 from env.records.runlock import RunDirLock
 from env.rig.launch import add_node_arguments, check_rendezvous, launch, nodes_from_args
 from env.rig.runtime import shorthand_keys
+from train import plan
 from train.config import RunConfig
 from train.config_loader import load_config
 from train.data import build_dataset
@@ -123,6 +124,8 @@ def _preflight(args: argparse.Namespace, has_gpu: bool) -> tuple[RunConfig, Path
         )
     workers = check_workers(args.gpus, torch.cuda.device_count() if has_gpu else 0, "--gpus")
     check_fits(cfg, workers, workers * nodes.nnodes, has_gpu)
+    if has_gpu:  # make plan's figures for this box; on the CPU, VRAM is not what limits a run
+        plan.check_fits(cfg, plan.Box(workers * nodes.nnodes, torch.cuda.get_device_properties(0).total_memory))
     run_dir = Path(args.run_dir or f"runs/{plain_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train import activation_checkpointing
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.distributed import DistInfo, wrap_model
@@ -103,6 +104,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
+    activation_checkpointing.apply(model, get_spec(cfg.model.arch), cfg.train.activation_checkpointing)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
     if cfg.train.compile:

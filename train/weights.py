@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from train.checkpoint import Checkpointer, CheckpointError, load_model
+from train.checkpoint.parts import in_model_layout
 from train.config import ModelConfig, RunConfig
 from train.config_loader import config_from_dict, validate_model
 from train.errors import ConfigError
@@ -73,6 +74,7 @@ def build_loaded_model(path: Path | str, device: torch.device) -> tuple[nn.Modul
     cfg = model_config(config, path)
     with torch.device("meta"):
         model = build_model(cfg)
+    state = in_model_layout(model, state)  # an export written before the model's layout changed
     check_weights(model.state_dict(), state, str(path))  # shapes first, on the meta model: nothing allocated yet
     fits(cfg, device, f"the model of {path}", "sample or evaluate on a device with more memory")
     model = model.to_empty(device=device)
@@ -90,6 +92,7 @@ def fits(cfg: ModelConfig, device: torch.device, what: str, fix: str) -> None:
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict, with a mismatch named by its first key in the model's order (one line)."""
+    state = in_model_layout(model, state)  # an export written before the model's layout changed
     check_weights(model.state_dict(), state, where)
     model.load_state_dict(state)
 

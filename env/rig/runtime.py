@@ -109,6 +109,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "CACHE": MakeVar("--cache"),
     "SPECULATE": MakeVar("--speculate"),
     "SHARD": MakeVar("--shard"),
+    "VRAM": MakeVar("--vram", "real"),
 }
 
 
@@ -128,6 +129,7 @@ class Target:
     variables: tuple[str, ...] = ()  # names in MAKE_VARS: flagged ones become `--flag=value`
     positional: tuple[str, ...] = ()  # make variables passed as positional arguments, after `--`
     workers: bool = True  # GPUS counts worker processes it starts (the doctor only judges for that many)
+    planned: bool = False  # GPUS is the box planned for (make plan): never checked against this machine's GPUs
     summary: str = ""  # what it does, as its help line in the Makefile begins (`make help`, `torchrig --help`)
 
 
@@ -180,6 +182,14 @@ TARGETS: dict[str, Target] = {
     ),
     "keys": Target(
         "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"
+    ),
+    "plan": Target(
+        "train.plan",
+        ("CONFIG", "GPUS", "VRAM", "MICRO_BATCH", "STRATEGY", "PRECISION", "JSON"),
+        positional=("ARGS",),
+        workers=False,
+        planned=True,
+        summary="whether a run fits a box's GPUs: memory per GPU by kind, a verdict, the levers",
     ),
 }
 # Targets the dispatcher runs itself, and the variables they read.
@@ -399,7 +409,9 @@ def job_argv(target: Target, values: dict[str, str], visible: int, label: Callab
     if "GPUS" in target.variables:
         # Unset GPUS is left to each CLI, which applies the same check_workers default.
         given = values.get("GPUS", "")
-        gpus = check_workers(count(given, label("GPUS")), visible, label("GPUS")) if given else None
+        gpus = count(given, label("GPUS")) if given else None
+        if gpus is not None and not target.planned:
+            gpus = check_workers(gpus, visible, label("GPUS"))
         if visible == 0 and target.workers:
             many = f"{gpus} CPU process(es)" if gpus else "CPU processes"
             print(

@@ -34,6 +34,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def in_model_layout(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """A dict keyed by `model`'s parameter names, saved by an earlier layout of the model, in the layout it holds.
+
+    Through the model's own `import_state_dict` where it has one (the DeepSeek experts, stacked since
+    checkpoints held one tensor per expert); unchanged otherwise.
+    """
+    convert = getattr(unwrap_model(model), "import_state_dict", None)
+    return convert(state) if convert is not None else state
+
+
 class ModelState:
     """Parameters and persistent buffers (the MoE balancing biases among them), by fully qualified name.
 
@@ -52,7 +62,7 @@ class ModelState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(unwrap_model(self.model), model_state_dict=state)
+        set_model_state_dict(unwrap_model(self.model), model_state_dict=in_model_layout(self.model, state))
 
 
 class OptimizerState:
@@ -70,6 +80,14 @@ class OptimizerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        state = {
+            **state,
+            "state": in_model_layout(self.model, state["state"]),
+            "param_groups": [
+                {**group, "params": list(in_model_layout(self.model, dict.fromkeys(group["params"])))}
+                for group in state["param_groups"]
+            ],
+        }
         set_optimizer_state_dict(unwrap_model(self.model), self.optimizer, optim_state_dict=state)
 
 

@@ -270,22 +270,26 @@ EXPERT_PROJ_BACK = {hf: ours for ours, hf in EXPERT_PROJ.items()}
 
 
 def experts_to_hf(experts: State) -> State:
-    """One MoE layer's routed experts, named below ffn.experts. ('3.w1.weight') -> below mlp.experts.
-    ('3.gate_proj.weight'). The one place that knows how torchrig lays the experts out."""
+    """One MoE layer's routed experts, named below ffn.experts., torchrig holding each projection stacked
+    [experts, out, in] ('w1.weight'), as Hugging Face names them below mlp.experts., one tensor per expert
+    ('3.gate_proj.weight', a copy of its own: safetensors refuses shared memory). The one place that knows
+    how torchrig lays the experts out."""
     out = {}
     for key, value in experts.items():
-        expert, proj, param = key.split(".")
-        out[f"{expert}.{EXPERT_PROJ[proj]}.{param}"] = value
+        proj, param = key.split(".")
+        for index, tensor in enumerate(value.unbind(0)):
+            out[f"{index}.{EXPERT_PROJ[proj]}.{param}"] = tensor.clone()
     return out
 
 
 def experts_from_hf(experts: State) -> State:
-    """experts_to_hf backwards."""
-    out = {}
+    """experts_to_hf backwards: each projection's per-expert tensors stacked in expert order (the directory
+    reader has checked every expert's tensor against the model before)."""
+    grouped: dict[str, dict[int, torch.Tensor]] = {}
     for key, value in experts.items():
         expert, proj, param = key.split(".")
-        out[f"{expert}.{EXPERT_PROJ_BACK[proj]}.{param}"] = value
-    return out
+        grouped.setdefault(f"{EXPERT_PROJ_BACK[proj]}.{param}", {})[int(expert)] = value
+    return {name: torch.stack([tensors[i] for i in sorted(tensors)]) for name, tensors in grouped.items()}
 
 
 def _renamed(state: State, table: dict[str, str]) -> State:

@@ -12,7 +12,10 @@ report, arXiv:2412.19437):
 - DeepSeekMoE (2.1.2, `Router`, `MoE`): a few shared experts see every token, routed experts see
   the top-k tokens by sigmoid affinity (V3), or by softmax probability (DeepSeek-V2, arXiv:2405.04434,
   section 2.2; model.score_func=softmax). Group-limited routing first keeps the best
-  n_limited_groups expert groups. Experts and dense layers are `SwiGLU`; `Block` is one layer.
+  n_limited_groups expert groups. Dense layers and shared experts are `SwiGLU`; the routed experts'
+  weights are stacked (`GroupedExperts`: [experts, out, in]) so that they run in a few grouped
+  matmuls (`grouped_linear`) with no host sync where torch._grouped_mm runs; exports and Hugging
+  Face checkpoints hold one tensor per expert (`split_experts`, `stack_experts`). `Block` is one layer.
 - Auxiliary-loss-free balancing (2.1.2): a per-expert bias is added to the sigmoid affinities only
   to choose experts; after each optimizer step `moe_balance_step` nudges it toward the experts that
   got fewer tokens than average. Softmax routing (V2) has no such bias.
@@ -42,17 +45,31 @@ norms at 1), so `torch.manual_seed(seed)` before `train.models.build_model(cfg)`
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
 from train.hf import deepseek as hf_deepseek
+from train.models.activations import (
+    FP32,
+    INDEX,
+    Activations,
+    Setting,
+    Unit,
+    attention_core,
+    rms_norm,
+    swiglu_inner,
+)
 from train.models.loss import token_loss
 from train.models.spec import AllReduce, ModelSpec, ParamCount
 
@@ -448,13 +465,159 @@ class Router(nn.Module):
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
 
 
+# torch._grouped_mm: on CUDA in bf16 from torch 2.8, on compute capability 9.0 (a kernel without a host
+# sync); from 2.9 also 8.0+ (a loop inside the op that reads the offsets itself: still one op, so no
+# Python loop and no graph break), and the CPU.
+_TORCH = TorchVersion(torch.__version__)
+_GROUPED_MM = hasattr(torch, "_grouped_mm")
+_GROUPED_MM_ON_CPU = _GROUPED_MM and _TORCH >= (2, 9)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> bool:
+    """Whether torch._grouped_mm computes matmuls of these row and column sizes here, from offsets on
+    the device. Every row and matrix stride must be a multiple of 16 bytes."""
+    if not _GROUPED_MM or any(size * dtype.itemsize % 16 for size in sizes):
+        return False
+    if device.type == "cuda":
+        major = _cuda_major(device.index or 0)
+        return dtype == torch.bfloat16 and (major == 9 or (_TORCH >= (2, 9) and major >= 8))
+    return device.type == "cpu" and _GROUPED_MM_ON_CPU
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
+    """x [rows, in] sorted into E groups, weight [E, out, in] -> [rows, out]: group e's rows times weight[e]^T.
+
+    `groups`: the groups' end offsets as an int32 tensor on the device (torch._grouped_mm, where it
+    runs these sizes), or their sizes as a host list (one F.linear per group).
+    """
+    if isinstance(groups, torch.Tensor):
+        if _grouped_mm_runs(x.device, x.dtype, weight.shape[-2:]):
+            if x.dtype == torch.float32:
+                return _grouped_mm_float32(x, weight, groups)
+            return torch._grouped_mm(x, weight.to(x.dtype).transpose(-2, -1), offs=groups)
+        groups = groups.diff(prepend=groups.new_zeros(1)).tolist()  # a size grouped_mm cannot take: a host read
+    rows = x.split(groups)
+    return torch.cat([F.linear(r, w) for r, w in zip(rows, weight.unbind(0), strict=True)])
+
+
+if _GROUPED_MM:
+    # torch._grouped_mm runs float32 on the CPU, but its fake kernel (what torch.compile traces with)
+    # takes bf16 and fp16 only: in float32 it is wrapped as an op of ours, which compiles as one
+    # opaque call, its backward two more.
+
+    @torch.library.custom_op("torchrig::grouped_mm_float32", mutates_args=())
+    def _grouped_mm_float32(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+    @_grouped_mm_float32.register_fake
+    def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], weight.shape[-2])
+
+    @torch.library.custom_op("torchrig::grouped_mm_float32_weight_grad", mutates_args=())
+    def _grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """[E, out, in]: group e's grad rows^T times its x rows (zeros for an empty group)."""
+        return torch._grouped_mm(grad.transpose(0, 1), x, offs=offsets)
+
+    @_grouped_weight_grad.register_fake
+    def _(grad: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grad.new_empty(offsets.shape[0], grad.shape[1], x.shape[1])
+
+    def _save_grouped_inputs(ctx: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_mm_float32_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()  # the kernel refuses the zero strides of an expanded gradient
+        grad_x = _grouped_mm_float32(grad, weight.transpose(-2, -1), offsets)
+        return grad_x, _grouped_weight_grad(grad, x, offsets), None
+
+    _grouped_mm_float32.register_autograd(_grouped_mm_float32_backward, setup_context=_save_grouped_inputs)
+
+    # torch's FLOP counter (FlopCounterMode) knows nothing of ops of ours: every row is one matmul row.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32)
+    def _(x_shape: torch.Size, weight_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * x_shape[0] * x_shape[1] * weight_shape[-2]
+
+    @register_flop_formula(torch.ops.torchrig.grouped_mm_float32_weight_grad)
+    def _(grad_shape: torch.Size, x_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * grad_shape[0] * grad_shape[1] * x_shape[1]
+
+
+class GroupedLinear(nn.Module):
+    """E bias-free linear layers in one [E, out, in] weight, initialised as E nn.Linear layers would be.
+
+    Applied in one of two ways, both of which a wrapper of it (an adapter such as LoRA) provides:
+    `forward(x, offsets)`, each expert on its own group of rows, all at once (grouped_linear); and
+    `per_expert()`, one function per expert, for the loop where torch._grouped_mm does not run.
+    """
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+        for expert_weight in self.weight.detach():
+            nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, offsets)
+
+    def per_expert(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        # unbind: one gradient for the whole weight in backward, not one full-size gradient per expert
+        return [functools.partial(F.linear, weight=weight) for weight in self.weight.unbind(0)]
+
+
+class GroupedExperts(nn.Module):
+    """The routed experts, each a SwiGLU (w2(silu(w1 x) * w3 x)), as three GroupedLinear layers.
+
+    Stacked, so that all experts run in a few batched calls: ffn.experts.w1.weight is
+    [n_experts, hidden, dim]. Exports and Hugging Face checkpoints hold one tensor per expert
+    (ffn.experts.{i}.w1.weight, as the per-expert modules of earlier versions did):
+    `split_experts` and `stack_experts` convert.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.sizes = (dim, hidden)
+        self.w1 = GroupedLinear(n_experts, dim, hidden)
+        self.w3 = GroupedLinear(n_experts, dim, hidden)
+        self.w2 = GroupedLinear(n_experts, hidden, dim)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [rows, dim] sorted by expert, counts [n_experts] rows per expert -> [rows, dim]."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        if _grouped_mm_runs(x.device, dtype, self.sizes):
+            offsets = counts.cumsum(0, dtype=torch.int32)
+            x = x.to(dtype)  # autocast leaves torch._grouped_mm alone
+            return self.w2(F.silu(self.w1(x, offsets)) * self.w3(x, offsets), offsets)
+        # Elsewhere: the one host read of this layer, then expert by expert, each expert's three
+        # matmuls while its rows are in cache (measured on the CPU: faster than three loops over all experts).
+        w1, w3, w2 = self.w1.per_expert(), self.w3.per_expert(), self.w2.per_expert()
+        rows = x.split(counts.tolist())
+        return torch.cat([w2[e](F.silu(w1[e](r)) * w3[e](r)) for e, r in enumerate(rows)])
+
+    @torch.no_grad()
+    def init_weights(self, std: float) -> None:
+        """N(0, std), drawn expert by expert in the order of per-expert SwiGLU modules: the same seed
+        gives the same weights as the earlier layout did."""
+        for w1, w3, w2 in zip(self.w1.weight, self.w3.weight, self.w2.weight, strict=True):
+            for weight in (w1, w3, w2):
+                nn.init.normal_(weight, std=std)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: DeepSeekConfig):
         super().__init__()
         self.n_routed_experts = cfg.n_routed_experts
         self.bias_update_speed = cfg.bias_update_speed
         self.router = Router(cfg)
-        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_inter_dim) for _ in range(cfg.n_routed_experts))
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = (
             SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         )
@@ -465,19 +628,20 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        weights, indices = self.router(x)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts)
+        x = x.reshape(-1, shape[-1])  # [tokens, dim]
+        weights, indices = self.router(x)  # [tokens, k] each
+        chosen = indices.flatten()  # [tokens * k]: token t's choices at t*k .. t*k+k-1
+        # Counted on the device (bincount's output size would depend on the data).
+        counts = torch.zeros_like(self.tokens_per_expert).scatter_add_(0, chosen, torch.ones_like(chosen))
         if self.training and torch.is_grad_enabled():
             self.tokens_per_expert += counts
 
-        # Sort the (token, slot) assignments by expert so each expert reads one contiguous slice.
-        order = indices.flatten().argsort()
+        # Sort the (token, choice) pairs by expert, so each expert's rows are one contiguous group.
+        # Every expert is in the matmuls, with no rows if it got no tokens: each weight gets a (zero)
+        # gradient every step, so DDP needs no find_unused_parameters and ranks never diverge.
+        order = chosen.argsort(stable=True)
         token_of = order // indices.shape[1]
-        slices = x[token_of].split(counts.tolist())
-        # Every expert runs, on an empty slice if it got no tokens, so each weight gets a (zero)
-        # gradient every step: DDP needs no find_unused_parameters and ranks never diverge.
-        expert_out = torch.cat([expert(tokens) for expert, tokens in zip(self.experts, slices, strict=True)])
+        expert_out = self.experts(x[token_of], counts)  # [tokens * k, dim]
         weighted = expert_out * weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, weighted.to(x.dtype))
         if self.shared_experts is not None:
@@ -566,6 +730,8 @@ class Transformer(nn.Module):
                     module.expert_bias.zero_()
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, GroupedExperts):
+                module.init_weights(self.cfg.init_std)
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
 
@@ -584,6 +750,12 @@ class Transformer(nn.Module):
             return logits
         main = token_loss(logits, targets, None if divisors is None else divisors[0])
         return main + self.mtp_loss(hidden, inputs, targets, divisors)
+
+    def import_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """`state`, keyed by this model's parameter names in either expert layout, in the layout this model
+        holds (stacked): for exports and checkpoints written with one tensor per expert, the model's
+        weights or an optimizer's per-parameter state alike (see stack_experts)."""
+        return stack_experts(state, like=dict(self.named_parameters()))
 
     @property
     def max_seq_len(self) -> int:
@@ -677,6 +849,74 @@ def moe_balance_step(model: nn.Module, all_reduce: AllReduce | None = None) -> d
         layer.tokens_per_expert.zero_()
     load = per_layer / mean
     return {"moe_load_max": load.max(), "moe_load_min": load.min()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The experts' two layouts: stacked in memory (GroupedExperts), one tensor per expert on disk
+# (exports, Hugging Face checkpoints, and the checkpoints of versions before the stacking).
+
+_STACKED_EXPERT = re.compile(r"(?P<experts>(?:.*\.)?experts)\.(?P<weight>w[123]\.weight)")
+_PER_EXPERT = re.compile(r"(?P<experts>(?:.*\.)?experts)\.(?P<index>\d+)\.(?P<weight>w[123]\.weight)")
+
+
+def split_experts(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with each stacked `...experts.w1.weight` [E, out, in] as E tensors `...experts.{i}.w1.weight`.
+
+    Each expert's tensor is a copy of its own (safetensors refuses tensors that share memory);
+    every other entry passes unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        match = _STACKED_EXPERT.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        for index, weight in enumerate(value.unbind(0)):
+            out[f"{match['experts']}.{index}.{match['weight']}"] = weight.clone()
+    return out
+
+
+def stack_experts(state: Mapping[str, Any], like: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The inverse of split_experts, on any dict keyed by parameter name: the entries of experts
+    0..E-1 become one entry of the stacked name, in the place of the first.
+
+    Values may be tensors (a state dict), an optimizer's per-parameter state (a dict: tensors of the
+    weight's shape are stacked, AdamW's step and other scalars taken from expert 0) or anything else
+    (taken from expert 0). `like`: this model's tensors by name; where one is a DTensor (FSDP2), the
+    stacked value is distributed as it is. Entries already stacked pass unchanged, and so do the
+    entries of experts whose numbering has a gap, for the loader to name.
+    """
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[int, tuple[str, Any]]] = {}
+    for key, value in state.items():
+        match = _PER_EXPERT.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        stacked = f"{match['experts']}.{match['weight']}"
+        out.setdefault(stacked, None)
+        groups.setdefault(stacked, {})[int(match["index"])] = (key, value)
+    for stacked, experts in groups.items():
+        if sorted(experts) == list(range(len(experts))):
+            out[stacked] = _stacked([experts[i][1] for i in range(len(experts))], (like or {}).get(stacked))
+        else:
+            del out[stacked]
+            out.update(experts.values())
+    return out
+
+
+def _stacked(values: list[Any], like: torch.Tensor | None) -> Any:
+    first = values[0]
+    if isinstance(first, dict):
+        return {name: _stacked([value[name] for value in values], like) for name in first}
+    if not (isinstance(first, torch.Tensor) and first.dim() > 0):
+        return first
+    stacked = torch.stack(values)
+    if like is None or not hasattr(like, "device_mesh"):
+        return stacked
+    from torch.distributed._tensor import distribute_tensor  # torch 2.4's path; later versions keep it
+
+    return distribute_tensor(stacked.to(like.device), like.device_mesh, like.placements)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,9 +1083,95 @@ def flops_per_sample(cfg: DeepSeekConfig, seq_len: int) -> float:
     return decoder_flops_per_token(cfg, seq_len) * seq_len
 
 
+# ---------------------------------------------------------------------------------------------
+# What the forward keeps for the backward, per token, as the classes above compute (train/models/activations.py).
+# RMSNorm casts its input to float32 twice (one `.float()` for the statistics, one for the product).
+
+
+def _attention_kept(m: DeepSeekConfig, seq_len: int, dt: Setting) -> float:
+    """MultiHeadLatentAttention.forward from its input: the projections' inputs, the query and latent norms,
+    and the attention itself (v a view of wkv_b's output, keys and values per head)."""
+    query = 0.0
+    if m.q_lora_rank:  # q_norm normalises wq_a's output (compute dtype); wq_b reads its params-dtype output
+        query = rms_norm(m.q_lora_rank, dt.compute, dt.trains("attn.q_norm"), 2)
+        query += dt.matmul_inputs(m.q_lora_rank, "attn.wq_b")
+    inputs = dt.matmul_inputs(m.dim, "attn.wq_a" if m.q_lora_rank else "attn.wq", "attn.wkv_a")
+    storage = m.kv_lora_rank + m.qk_rope_head_dim  # kv_latent is a slice of wkv_a's output
+    latent = rms_norm(m.kv_lora_rank, dt.compute, dt.trains("attn.kv_norm"), 2, storage)
+    latent += dt.matmul_inputs(m.kv_lora_rank, "attn.wkv_b")
+    qk_dim, values = m.qk_nope_head_dim + m.qk_rope_head_dim, m.n_heads * (m.qk_nope_head_dim + m.v_head_dim)
+    return inputs + query + latent + attention_core(m.n_heads, qk_dim, m.v_head_dim, seq_len, dt, values, "attn.wo")
+
+
+def _swiglu_kept(dim: int, hidden: int, dt: Setting, prefix: str) -> float:
+    return dt.matmul_inputs(dim, f"{prefix}.w1", f"{prefix}.w3") + swiglu_inner(hidden, dt, f"{prefix}.w2")
+
+
+def _moe_kept(m: DeepSeekConfig, dt: Setting) -> float:
+    """MoE.forward from its input: the router's scores and choices, the tokens sorted by expert, the experts,
+    the weighted sum, and the shared experts (which read the input with the router)."""
+    k, groups = m.n_activated_experts, m.n_expert_groups
+    router = dt.matmul_inputs(m.dim, "ffn.router") + m.n_routed_experts * FP32  # its input, sigmoid scores
+    router += k * INDEX + FP32  # the chosen experts, the gate weights' sum
+    if groups > 1:  # each group's top-2 indices, the chosen groups, the mask of the others
+        router += groups * min(2, m.n_routed_experts // groups) * INDEX + m.n_limited_groups * INDEX + groups
+    experts = 2 * k * INDEX + k * _swiglu_kept(m.dim, m.moe_inter_dim, dt, "ffn.experts")  # + token, slot order
+    combine = k * (m.dim * dt.compute + dt.compute + m.dim * dt.params)  # outputs, gate weights, index_add's source
+    if not m.n_shared_experts:
+        return router + experts + combine
+    shared = _swiglu_kept(m.dim, m.n_shared_experts * m.moe_inter_dim, dt, "ffn.shared_experts")
+    if not dt.casts and dt.trains("ffn.router") and dt.trains("ffn.shared_experts.w1"):
+        shared -= m.dim * dt.compute  # the router keeps the same input tensor
+    return router + experts + combine + shared
+
+
+def _block_unit(
+    m: DeepSeekConfig, layer_id: int, seq_len: int, dt: Setting, residual: int, inputs: float, extra: float = 0.0
+) -> Unit:
+    """A Block per token, times seq_len: `residual` the bytes per number of its input, `inputs` what full
+    checkpointing keeps, `extra` what else the unit holds around the block (an MTP module's norms and merge
+    projection). Selective recomputes the feed-forward and keeps its input, the norm's (params-dtype) output."""
+    norms = rms_norm(m.dim, residual, dt.trains("attn_norm"), 2) + rms_norm(m.dim, residual, dt.trains("ffn_norm"), 2)
+    rest = extra + norms + _attention_kept(m, seq_len, dt)
+    ffn = _swiglu_kept(m.dim, m.inter_dim, dt, "ffn") if m.is_dense_layer(layer_id) else _moe_kept(m, dt)
+    return Unit(
+        kept=seq_len * (rest + ffn),
+        inputs=seq_len * inputs,
+        selective=seq_len * (rest + m.dim * dt.params),
+    )
+
+
+def decoder_activations(cfg: DeepSeekConfig, seq_len: int, dt: Setting) -> Activations:
+    """Bytes one sample of seq_len tokens keeps for the backward: every block (a unit of checkpointing), and
+    the embedding lookup, the final norm, the head and the loss of every prediction depth outside them."""
+    m, p, c = cfg, dt.params, dt.compute
+    units = [_block_unit(m, i, seq_len, dt, p, m.dim * p) for i in range(m.n_layers)]
+    head = dt.matmul_inputs(m.dim, "head") + m.vocab_size * FP32  # the head's input, the log-probabilities
+    outside = seq_len * (2 * INDEX + rms_norm(m.dim, p, dt.trains("norm"), 2) + head)  # inputs, targets, final norm
+    for depth in range(1, m.mtp_depth + 1):
+        # An MTP module normalises the hidden state (whose float32 form, with float32 parameters, the final norm
+        # keeps already) and the next tokens' embeddings, merges them (the block's residual is the merge
+        # projection's output, in the compute dtype) and normalises the block's output.
+        hidden_norm = rms_norm(m.dim, p, dt.trains("hidden_norm"), 2) - (m.dim * FP32 if p == FP32 else 0)
+        embed_norm = rms_norm(m.dim, p, dt.trains("embed_norm"), 2)
+        merge = (
+            hidden_norm + embed_norm + dt.matmul_inputs(2 * m.dim, "proj") + rms_norm(m.dim, c, dt.trains("norm"), 2)
+        )
+        inputs = m.dim * p * (1 if p == FP32 else 2)  # the embedded next tokens (and the hidden state)
+        units.append(_block_unit(m, m.n_layers + depth - 1, seq_len - depth, dt, c, inputs, merge))
+        outside += (seq_len - depth) * head
+    return Activations(tuple(units), outside)
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
+
+
+def selective_units(model: nn.Module) -> list[nn.Module]:
+    """What train.activation_checkpointing=selective recomputes: each block's feed-forward, which keeps the most
+    bytes per FLOP of recompute (python -m train.benchmarks.plan measures it against the attention)."""
+    return [block.ffn for block in [*model.layers, *(module.block for module in model.mtp)]]
 
 
 SPEC = ModelSpec(
@@ -860,6 +1186,9 @@ SPEC = ModelSpec(
     seq_len_limit="max_seq_len",
     after_step=moe_balance_step,
     loss_terms=lambda cfg: 1 + cfg.mtp_depth,  # the next token, then one term per MTP depth
+    selective_units=selective_units,
+    lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
+    saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers
 )

@@ -43,6 +43,7 @@ from torch import nn
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
 from train.hf import llama as hf_llama
+from train.models.activations import FP32, INDEX, Activations, Setting, Unit, attention_core, rms_norm, swiglu_inner
 from train.models.loss import token_loss
 from train.models.spec import ModelSpec, ParamCount
 
@@ -389,9 +390,32 @@ def flops_per_sample(cfg: LlamaConfig, seq_len: int) -> float:
     return llama_flops_per_token(cfg, seq_len) * seq_len
 
 
+def llama_activations(cfg: LlamaConfig, seq_len: int, dt: Setting) -> Activations:
+    """Bytes one sample of seq_len tokens keeps for the backward (train/models/activations.py), block by block:
+    two norms (one float32 cast each), the projections' inputs, attention over keys and values repeated to every
+    query head, the SwiGLU; outside the blocks the lookup, the final norm, the head and the loss. Selective
+    recomputes the SwiGLU and keeps its input."""
+    m, p = cfg, dt.params
+    heads = m.n_heads * m.head_dim
+    attention = dt.matmul_inputs(m.dim, "attn.wq", "attn.wk", "attn.wv")
+    attention += attention_core(m.n_heads, m.head_dim, m.head_dim, seq_len, dt, heads, "attn.wo")
+    rest = rms_norm(m.dim, p, dt.trains("attn_norm")) + rms_norm(m.dim, p, dt.trains("ffn_norm")) + attention
+    ffn = dt.matmul_inputs(m.dim, "ffn.w1", "ffn.w3") + swiglu_inner(m.inter_dim, dt, "ffn.w2")
+    block = Unit(kept=seq_len * (rest + ffn), inputs=seq_len * m.dim * p, selective=seq_len * (rest + m.dim * p))
+    head = dt.matmul_inputs(m.dim, "embed" if m.tie_embeddings else "head") + m.vocab_size * FP32
+    outside = 2 * INDEX + rms_norm(m.dim, p, dt.trains("norm")) + head
+    return Activations((block,) * m.n_layers, seq_len * outside)
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block: one all-gather per block in forward and backward; the root holds embedding, norm and head."""
     return list(model.layers)
+
+
+def selective_units(model: nn.Module) -> list[nn.Module]:
+    """What train.activation_checkpointing=selective recomputes: each block's feed-forward, which keeps the most
+    bytes per FLOP of recompute (python -m train.benchmarks.plan measures it against the attention)."""
+    return [block.ffn for block in shard_units(model)]
 
 
 SPEC = ModelSpec(
@@ -404,6 +428,9 @@ SPEC = ModelSpec(
     shard_units=shard_units,
     validate=validate_llama,
     seq_len_limit="max_seq_len",
+    selective_units=selective_units,
+    lora_targets=("wq", "wk", "wv", "wo"),
+    saved_for_backward=llama_activations,
     decoder=lambda model: model,  # Llama is a Decoder itself
     hf=hf_llama.MAPPING,  # transformers' LlamaForCausalLM
 )

@@ -19,6 +19,7 @@ from torch import nn
 from train.config import ModelConfig
 from train.errors import ConfigError
 from train.hf.mapping import HFMapping
+from train.models.activations import Activations, Setting
 
 # What a model's batch holds: (inputs, targets) of token ids [batch, seq] and next tokens, or of
 # images [batch, 3, H, W] and class labels. train/data/ says which sources give which.
@@ -124,6 +125,15 @@ class ModelSpec:
     # Its transformers twin (model types, config.json and state dict both ways); None: make export writes
     # torchrig's own format, and no Hugging Face directory builds it.
     hf: HFMapping | None = None
+    # The part of each block that train.activation_checkpointing=selective recomputes
+    # (train/activation_checkpointing.py); None: selective recomputes the whole shard units, as full does.
+    selective_units: Callable[[nn.Module], list[nn.Module]] | None = None
+    # Bytes one sample keeps for the backward, unit by unit, from the config alone: (cfg, seq_len, setting) ->
+    # Activations (train/models/activations.py); make plan's activations. None: the plan cannot size them.
+    saved_for_backward: Callable[[ModelConfig, int, Setting], Activations] | None = None
+    # The modules LoRA adapts unless told otherwise (PEFT's target_modules: a module named so, or ending in "." +
+    # one): the attention projections. make plan's LoRA lever plans them.
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"
