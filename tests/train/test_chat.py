@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from tests.helpers.chat_data import (
     write_tiny_v2,
 )
 from tests.helpers.commands import one_line_error, run_module
+from tests.helpers.paths import ROOT
 from tests.helpers.trainrun import SMALL, launch_train, metrics
 from train.config_loader import load_config
 from train.data import build_dataset, read_token_file
@@ -69,7 +72,7 @@ def prepared(folder: Path, tokenizer: Path, records: list[dict], *, seq_len: int
 
 def stream_of(output: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     tokens, meta = read_token_file(output)
-    return np.asarray(tokens).astype(np.int64), np.asarray(read_mask(output, meta)), meta
+    return np.asarray(tokens).astype(np.int64), np.array(read_mask(output, meta)), meta  # copies: writable
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -367,8 +370,10 @@ TRAIN = [f"data.seq_len={SEQ_LEN}", "model.vocab_size=auto", "train.eval_every=0
 
 
 @pytest.mark.slow
-def test_two_ranks_and_accumulation_equal_one_process_on_masked_data(v2: Path, tmp_path: Path) -> None:
+def test_two_ranks_and_accumulation_equal_one_process_on_masked_data_and_resume_is_exact(v2, tmp_path) -> None:
     output = chat_set(tmp_path, v2)
+    # Every run decays the learning rate over 4 steps, so a first leg of 2 is the same run stopped early.
+    common = [f"data.path={output}", *TRAIN, "train.ckpt_every=2", "train.lr_decay_steps=4"]
     runs_ = {
         "2 ranks": (2, ["train.micro_batch=2", "train.accum=1"]),
         "1 process, accum 2": (1, ["train.micro_batch=2", "train.accum=2"]),
@@ -376,23 +381,34 @@ def test_two_ranks_and_accumulation_equal_one_process_on_masked_data(v2: Path, t
     }
     losses = {}
     for name, (gpus, layout) in runs_.items():
-        result = launch_train(tmp_path / name.replace(" ", "_"), gpus, 4, f"data.path={output}", *TRAIN, *layout)
+        result = launch_train(tmp_path / name.replace(" ", "_"), gpus, 4, *common, *layout)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = metrics(tmp_path / name.replace(" ", "_"))
         losses[name] = [row["loss"] for row in rows]
         assert all(row["counted_tokens"] < 4 * SEQ_LEN for row in rows)  # the mask left most targets out
     for name in ("2 ranks", "1 process, accum 2"):
         assert losses[name] == pytest.approx(losses["1 process"], rel=0, abs=1e-6), name
+    # Stopped after step 2 and resumed on 2 ranks: the same losses, bitwise, as the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    assert launch_train(resumed, 2, 2, *common, *runs_["2 ranks"][1]).returncode == 0
+    result = launch_train(resumed, 2, 4, *common, *runs_["2 ranks"][1])
+    assert result.returncode == 0 and "resuming from step 2" in result.stdout, result.stderr[-3000:]
+    by_step = {row["step"]: (row["loss"], row["counted_tokens"]) for row in metrics(resumed)}
+    assert by_step == {row["step"]: (row["loss"], row["counted_tokens"]) for row in metrics(tmp_path / "2_ranks")}
 
 
 @pytest.mark.slow
 def test_a_model_from_the_v2_checkpoint_learns_the_answers_and_eval_counts_the_same_tokens(v2, tmp_path) -> None:
     output = chat_set(tmp_path, v2)
     run_dir = tmp_path / "run"
-    result = launch_train(
-        run_dir, 1, 30, f"data.path={output}", f"train.init_from={v2}", *TRAIN[:2], "train.micro_batch=4",
-        "train.eval_every=30", "data.val_fraction=0.1", "train.lr=3e-3",
-    )  # fmt: skip
+    # Not launch_train: its SMALL model keys would contradict the checkpoint's, which init_from decides.
+    command = [
+        sys.executable, "-m", "train.launch", "--gpus", "1", "--config", "tiny", "--run-dir", str(run_dir),
+        "--steps", "30", f"data.path={output}", f"train.init_from={v2}", *TRAIN[:2], "train.micro_batch=4",
+        "train.eval_every=30", "data.val_fraction=0.1", "train.lr=3e-3", "train.precision=fp32",
+        "train.log_every=1", "train.warmup_steps=2", "data.num_workers=0",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss: over the tokens" in result.stdout
     rows = metrics(run_dir)
@@ -409,15 +425,25 @@ def test_a_model_from_the_v2_checkpoint_learns_the_answers_and_eval_counts_the_s
     tokens, mask, _ = stream_of(output)
     windows = (len(tokens) - 1) // SEQ_LEN
     held_out = range(windows - math.ceil(windows * 0.1 - 1e-9), windows)
+    assert val_loss == pytest.approx(masked_loss(model, tokens, mask, held_out), rel=1e-5)
+    # make eval DATA=<the chat set>: every window of it, by the same rule.
+    whole = run_module("train.eval", "--run-dir", str(run_dir), "--data", str(output))
+    assert whole.returncode == 0, whole.stderr
+    figure = json.loads((run_dir / "eval.json").read_text())["val_loss"]
+    assert figure == pytest.approx(masked_loss(model, tokens, mask, range(windows)), rel=1e-5)
+
+
+def masked_loss(model: torch.nn.Module, tokens: np.ndarray, mask: np.ndarray, windows: range) -> float:
+    """The mean next-token loss over the targets the mask learns in these windows of SEQ_LEN."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for index in held_out:
+        for index in windows:
             window = torch.from_numpy(tokens[index * SEQ_LEN : index * SEQ_LEN + SEQ_LEN + 1])
             learned = torch.from_numpy(mask[index * SEQ_LEN + 1 : index * SEQ_LEN + SEQ_LEN + 1]).bool()
             losses = F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="none")
             total += losses[learned].double().sum().item()
             count += int(learned.sum())
-    assert val_loss == pytest.approx(total / count, rel=1e-5)
+    return total / count
 
 
 def test_data_seq_len_other_than_the_packing_is_refused(v2: Path, tmp_path: Path) -> None:
