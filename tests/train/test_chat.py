@@ -103,6 +103,26 @@ def test_the_ids_are_transformers_apply_chat_template_s(kind: str, request, reco
     assert set(tokens[position:].tolist()) <= {end}
 
 
+@pytest.mark.parametrize("decoder", [False, True])
+def test_the_special_tokens_are_those_transformers_loads(v2: Path, tmp_path: Path, decoder: bool) -> None:
+    """special_tokens_map.json overrides tokenizer_config.json only on transformers' legacy path (no
+    added_tokens_decoder): the template must see the eos_token AutoTokenizer has."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes((v2 / "tokenizer.json").read_bytes())
+    config = json.loads((v2 / "tokenizer_config.json").read_text()) | {"eos_token": BOS}
+    if decoder:
+        vocabulary = Tokenizer.from_file(str(v2 / "tokenizer.json"))
+        flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        config["added_tokens_decoder"] = {str(vocabulary.token_to_id(t)): {"content": t, **flags} for t in (BOS, EOS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    expected = AutoTokenizer.from_pretrained(tmp_path).eos_token
+    assert expected == (BOS if decoder else EOS)
+    assert dict(find_template(str(tmp_path), None).specials)["eos_token"] == expected
+
+
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of each run of ones."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))

@@ -8,7 +8,7 @@ and no TEXT_FIELD):
 |---|---|---|
 | {"messages": [{"role", "content"}, ...]} | the messages | every assistant turn |
 | {"prompt": str, "completion": str} | a user turn, then an assistant turn | the assistant turn |
-| {"prompt": [messages], "completion": [messages]} | the prompt's, then the completion's (TRL's form) | the completion's assistant turns |
+| {"prompt": [messages], "completion": [messages]} | the prompt's, then the completion's (TRL) | its assistant turns |
 
 Roles are system, user and assistant, and content is a string; a message's other keys reach the template as
 they are. A line that is not JSON, an unknown role, empty messages, content that is not a string, or a first
@@ -104,23 +104,29 @@ def _token(value: Any) -> str | None:
 
 
 def _specials(directory: Path) -> dict[str, Any]:
-    """The special tokens transformers gives a template: tokenizer_config.json's, then special_tokens_map.json's."""
+    """The special tokens transformers gives a template: tokenizer_config.json's; special_tokens_map.json's over
+    them only where tokenizer_config.json has no added_tokens_decoder (transformers' legacy path, which reads it)."""
     from train.hf.files import is_regular, read_json
     from train.hf.tokenizer_files import SPECIAL_KEYS, TOKENIZER_CONFIG
 
     found: dict[str, Any] = {}
+    legacy = True
     for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
-        if not is_regular(directory / name):
+        if not is_regular(directory / name) or not legacy:
             continue
         tree = read_json(directory / name, f"give a valid {name} or remove it")
         if not isinstance(tree, dict):
             raise DataError(f"{directory / name} is not a JSON object; give a valid one or remove it")
+        legacy = "added_tokens_decoder" not in tree
         for key in SPECIAL_KEYS:
-            if key not in found and _token(tree.get(key)) is not None:
+            if _token(tree.get(key)) is not None:
                 found[key] = _token(tree.get(key))
         extra = tree.get("additional_special_tokens")
-        if "additional_special_tokens" not in found and isinstance(extra, list) and extra:
-            found["additional_special_tokens"] = [t for t in map(_token, extra) if t is not None]
+        if isinstance(extra, list):  # the map's are added to the config's, as transformers does
+            known = found.get("additional_special_tokens", [])
+            found["additional_special_tokens"] = known + [t for t in map(_token, extra) if t and t not in known]
+    if not found.get("additional_special_tokens"):
+        found.pop("additional_special_tokens", None)
     return found
 
 
@@ -206,7 +212,9 @@ def _messages(value: Any, key: str, where: str) -> list[dict[str, Any]]:
         raise DataError(f"{where}: {key!r} is empty; give its messages or remove the line")
     for number, message in enumerate(value, start=1):
         if not isinstance(message, dict):
-            raise DataError(f"{where}: message {number} of {key!r} is {_kind(message)}, not an object with role and content")
+            raise DataError(
+                f"{where}: message {number} of {key!r} is {_kind(message)}, not an object with role and content"
+            )
         role = message.get("role")
         if role not in ROLES:
             shown = repr(role) if "role" in message else "no role"
@@ -217,7 +225,7 @@ def _messages(value: Any, key: str, where: str) -> list[dict[str, Any]]:
         try:
             content.encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"{where}: message {number} of {key!r} holds an unpaired surrogate escape; fix it") from None
+            raise DataError(f"{where}: message {number} of {key!r} holds an unpaired surrogate; fix it") from None
     return value
 
 
@@ -255,11 +263,11 @@ def conversation(raw: bytes, origin: str, line: int) -> Conversation:
     else:
         shown = ", ".join(list(record)[:20]) or "none"
         raise DataError(
-            f"{where} has neither \"messages\" nor \"prompt\" and \"completion\" (its fields: {shown}); a chat "
+            f'{where} has neither "messages" nor "prompt" and "completion" (its fields: {shown}); a chat '
             "prepare reads only conversations"
         )
     if found.learned and found.learned[0] == 0:
-        raise DataError(f"{where}: the first message is the assistant's, with nothing before it; start with a user turn")
+        raise DataError(f"{where}: the first message is the assistant's, with nothing before it; start with a user")
     return found
 
 
@@ -353,8 +361,10 @@ def check_template(template: ChatTemplate, tokenizer_json: str, vocabulary: Any)
     try:
         ChatRenderer(template, tokenizer_json).render(probe)
     except jinja2.TemplateSyntaxError as exc:
-        raise DataError(f"the chat template ({template.origin}) is not valid Jinja (line {exc.lineno}: {exc.message})") from None
-    except Exception:  # noqa: BLE001 - a template may refuse this probe (raise_exception); the records decide
+        raise DataError(
+            f"the chat template ({template.origin}) is not valid Jinja (line {exc.lineno}: {exc.message})"
+        ) from None
+    except Exception:  # a template may refuse this probe (raise_exception): the records decide
         pass
 
 
@@ -397,7 +407,9 @@ class ChatEncoder:
                 ) from None
             except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
                 detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-                raise DataError(f"{unit.origin} line {line}: the chat template fails on it ({detail}); fix the line") from None
+                raise DataError(
+                    f"{unit.origin} line {line}: the chat template fails on it ({detail}); fix the line"
+                ) from None
         return rendered
 
 

@@ -9,8 +9,8 @@ cursor of the next one. A shard is written to a temporary file and renamed whole
 crash loses at most the shard being written. A set with a mask (chat data, train/data/chat.py) has one
 mask file per shard beside it, data/x.000000.mask (data/x.mask for a set of one shard): a uint8 per id,
 1 where the loss learns that token, written and renamed with its shard; and the counts a chat prepare
-reports (its tally) are kept with each cursor, so a resumed prepare reports the whole set. One prepare writes a set at a time (an flock on
-.NAME.bin.lock), and a file beside it that prepare did not write is never replaced unasked. A rerun of the same prepare (same inputs, sizes and
+reports (its tally) are kept with each cursor, so a resumed prepare reports the whole set. One prepare
+writes a set at a time (an flock on .NAME.bin.lock), and a file beside it that prepare did not write is never replaced unasked. A rerun of the same prepare (same inputs, sizes and
 times, tokenizer and settings: the plan) checks each listed shard's length and sha256, keeps the
 good ones in order, and goes on from the first one missing or damaged; any other rerun starts
 afresh.

@@ -262,7 +262,9 @@ def read_mask(path: Path | str, meta: dict[str, Any]) -> np.ndarray | TokenStrea
         mask = entry.get("mask") if isinstance(entry, dict) else None
         name = mask.get("file") if isinstance(mask, dict) else None
         if not isinstance(name, str) or "/" in name or name.startswith("."):
-            raise DataError(f"{sidecar_path(path)} has a mask but lists a shard without its mask file; re-run make prepare")
+            raise DataError(
+                f"{sidecar_path(path)} has a mask but lists a shard without its mask file; re-run make prepare"
+            )
         count = int(entry["count"])
         file = path.parent / name
         size = file.stat().st_size if file.is_file() else None
