@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from env.common.atomic import replace_atomically
+from env.common.readfile import ReadRefused, read_bounded
 
 METRICS_NAME = "metrics.jsonl"
+METRICS_LIMIT = 1 << 30  # far above what a run writes (train/rundir.py reads it with the same bound)
 LOSS_PLOT_NAME = "loss.png"
 # (record key for x, axis label) of the two loss panels
 LOSS_AXES = (("step", "optimizer step"), ("tokens", "tokens seen"))
@@ -35,9 +37,9 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_NAME
     by_step: dict[int, dict[str, Any]] = {}
     try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise PlotError(f"cannot read {path} ({exc.strerror})") from None
+        lines = read_bounded(path, METRICS_LIMIT).decode(errors="replace").splitlines()
+    except ReadRefused as exc:
+        raise PlotError(f"{path} {exc.reason}") from None
     for line in lines:
         try:
             record = json.loads(line)
