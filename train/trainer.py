@@ -148,6 +148,9 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
     step = checkpointer.latest_step()
+    if step is None and checkpointer.saved:  # this run saved some, and they are gone (RUN_DIR/checkpoints removed?)
+        last = checkpointer.saved[-1]
+        return f"no checkpoint is left in {checkpointer.directory}: the last saved, step {last}, is gone"
     if step is None:
         return "no checkpoint was written yet"
     return f"the last checkpoint (step {step}, in {checkpointer.run_dir / 'checkpoints'}) is intact"
