@@ -698,6 +698,48 @@ def flops_per_sample(cfg: DeepSeekConfig, seq_len: int) -> float:
     return decoder_flops_per_token(cfg, seq_len) * seq_len
 
 
+def _ffn_modules(m: DeepSeekConfig, layer_id: int) -> int:
+    if m.is_dense_layer(layer_id):
+        return 4  # SwiGLU: itself, w1, w2, w3
+    shared = 4 if m.n_shared_experts else 0
+    return 3 + 4 * m.n_routed_experts + shared  # MoE, router, the experts' ModuleList, each expert's SwiGLU
+
+
+def _block_modules(m: DeepSeekConfig, layer_id: int) -> int:
+    query = 1 if m.q_lora_rank == 0 else 3  # wq, or wq_a + q_norm + wq_b
+    attention = 1 + query + 4  # MLA, its query, wkv_a, kv_norm, wkv_b, wo
+    return 3 + attention + _ffn_modules(m, layer_id)  # Block, attn_norm, ffn_norm
+
+
+def decoder_modules(cfg: DeepSeekConfig) -> int:
+    """The nn.Modules Transformer(cfg) builds, counted from the config alone (each routed expert is four)."""
+    main = sum(_block_modules(cfg, i) for i in range(cfg.n_layers))
+    mtp = sum(5 + _block_modules(cfg, cfg.n_layers + d) for d in range(cfg.mtp_depth))  # + norms, proj
+    return 6 + main + mtp  # Transformer, embed, layers, norm, head, mtp
+
+
+def _block_activations(m: DeepSeekConfig, layer_id: int) -> int:
+    """Numbers per token one block keeps for its backward, at least: its input (the norm's), the attention's
+    q, k, v and output, and the feed-forward's two projections and their product (each routed slot's too)."""
+    attention = m.n_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim)
+    if m.is_dense_layer(layer_id):
+        ffn = 3 * m.inter_dim
+    else:
+        ffn = m.n_activated_experts * (m.dim + 3 * m.moe_inter_dim) + 3 * m.n_shared_experts * m.moe_inter_dim
+    return m.dim + attention + ffn
+
+
+def decoder_activations(cfg: DeepSeekConfig, seq_len: int, training: bool) -> float:
+    """Numbers a sample of seq_len tokens holds at once, a lower bound (train/memory_bound.py): training keeps
+    every block's (_block_activations) and the logits of every prediction depth; a forward without gradients
+    holds the logits and one block's input at a time."""
+    logits = cfg.vocab_size * (1 + (cfg.mtp_depth if training else 0))
+    if not training:
+        return float(seq_len) * (logits + cfg.dim)
+    blocks = [_block_activations(cfg, i) for i in range(cfg.n_layers + cfg.mtp_depth)]
+    return float(seq_len) * (logits + sum(blocks))
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
@@ -709,6 +751,8 @@ SPEC = ModelSpec(
     build=Transformer,
     count_params=decoder_params,
     flops_per_sample=flops_per_sample,
+    count_modules=decoder_modules,
+    activations=decoder_activations,
     inputs="tokens",
     shard_units=shard_units,
     validate=validate_decoder,
