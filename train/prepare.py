@@ -17,7 +17,6 @@ replaced without --force. Train with ARGS="data.path=data/x.bin model.vocab_size
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
 import sys
 import time
@@ -29,10 +28,20 @@ import numpy as np
 
 from env.common.atomic import replace_atomically
 from env.common.cli import ArgumentParser, count_arg, run_cli
+from env.common.outputs import OutputLock, remove_leftovers
+from env.common.readfile import ReadRefused, read_json
 from train.data.text import expand_globs
-from train.data.tokens import BYTE_VOCAB, TOKEN_DTYPES, sidecar_path, token_dtype, write_token_file
+from train.data.tokens import BYTE_VOCAB, SIDECAR_LIMIT, TOKEN_DTYPES, sidecar_path, token_dtype, write_token_file
 from train.errors import DataError
-from train.tokenizer import end_of_text_id, load_tokenizer, sha256_of, train_bpe
+from train.tokenizer import (
+    BYTES_RECORD,
+    EncodingAudit,
+    end_of_text_id,
+    parse_tokenizer,
+    read_tokenizer_bytes,
+    sha256_of,
+    train_bpe,
+)
 
 WRITER = "train.prepare"
 # Texts are encoded in pieces of about this size, cut after a newline: memory stays bounded on
@@ -40,6 +49,7 @@ WRITER = "train.prepare"
 PIECE_BYTES = 1 << 20
 PROGRESS_EVERY_S = 2.0
 ENCODE_BATCH = 8  # pieces per encode_batch call: progress between calls
+DEFAULT_VOCAB = 8192
 
 
 def tokenizer_path(bin_path: Path) -> Path:
@@ -129,12 +139,12 @@ def encode_files(files: list[Path], tokenizer: Any) -> Iterator[np.ndarray]:
 def _is_ours(bin_path: Path) -> bool:
     """A sidecar prepare wrote (or the byte prepare before it), describing the .bin beside it."""
     try:
-        meta = json.loads(sidecar_path(bin_path).read_text())
+        meta = read_json(sidecar_path(bin_path), SIDECAR_LIMIT)
         expected = int(meta["count"]) * TOKEN_DTYPES[meta["dtype"]].itemsize
         return {"dtype", "count", "vocab_size", "sha256"} <= meta.keys() and (
             not bin_path.exists() or bin_path.stat().st_size == expected
         )
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ReadRefused, ValueError, KeyError, TypeError):
         return False
 
 
@@ -148,7 +158,7 @@ def check_overwrite(bin_path: Path, tokenizer_out: Path | None, force: bool) -> 
     if bin_path.exists() and not meta_path.exists():
         raise DataError(f"{bin_path} exists and was not written by prepare; move it away or pass FORCE=1")
     if tokenizer_out is not None and tokenizer_out.exists():
-        recorded = (json.loads(meta_path.read_text()).get("tokenizer") or {}) if meta_path.exists() else {}
+        recorded = (read_json(meta_path, SIDECAR_LIMIT).get("tokenizer") or {}) if meta_path.exists() else {}
         if recorded.get("sha256") != sha256_of(tokenizer_out):
             raise DataError(f"{tokenizer_out} exists and was not written by prepare; move it away or pass FORCE=1")
 
@@ -175,25 +185,41 @@ def prepare(inputs: list[str], output: str, tokenizer_arg: str, vocab: int, forc
         raise DataError(f"TOKENIZER={tokenizer_arg!r} is neither bytes, bpe nor an existing tokenizer.json")
     if given is not None and tokenizer_out is not None and given.resolve() == tokenizer_out.resolve():
         tokenizer_out = None  # the tokenizer already lies where it would be copied
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    # One prepare writes these files at a time; what a killed one left of them is removed (env/common/outputs.py).
+    with OutputLock(bin_path, "OUTPUT"):
+        remove_leftovers(
+            bin_path.parent, [p.name for p in (bin_path, sidecar_path(bin_path), tokenizer_path(bin_path))]
+        )
+        return _prepare_owned(files, bin_path, kind, given, tokenizer_out, vocab, force, total)
+
+
+def _prepare_owned(
+    files: list[Path], bin_path: Path, kind: str, given: Path | None, tokenizer_out: Path | None, vocab: int,
+    force: bool, total: int,
+) -> dict[str, Any]:  # fmt: skip
     check_overwrite(bin_path, tokenizer_out, force)
     if kind == "bytes":
         chunks = _byte_chunks(files, Progress("tokenized", total))
-        return write_token_file(bin_path, chunks, BYTE_VOCAB, meta=_meta(files, {"kind": "bytes"}))
+        return write_token_file(bin_path, chunks, BYTE_VOCAB, tokenizer=BYTES_RECORD, meta=_meta(files, {}))
     if kind == "bpe":
         tokenizer = train_bpe(_texts(files, Progress("BPE training read", total)), vocab)
     else:
-        tokenizer = load_tokenizer(given)
+        given_bytes = read_tokenizer_bytes(given)  # parsed from the very bytes that are copied below
+        tokenizer = parse_tokenizer(given_bytes, given)
     separator = end_of_text_id(tokenizer)
     vocab_size = tokenizer.get_vocab_size()
     final = tokenizer_path(bin_path)
     # The tokenizer file is written last, after the sidecar that records its sha256: an interrupted
     # prepare leaves no tokenizer.json that a rerun would take for a stranger's.
-    content = tokenizer.to_str(pretty=True).encode() if kind == "bpe" else given.read_bytes()
+    content = tokenizer.to_str(pretty=True).encode() if kind == "bpe" else given_bytes
     record = {"kind": kind, "file": final.name, "sha256": hashlib.sha256(content).hexdigest(),
               "vocab_size": vocab_size, "end_of_document": separator}  # fmt: skip
-    chunks = _token_chunks(files, tokenizer, separator, Progress("tokenized", total))
+    progress = Progress("tokenized", total)
+    audit = EncodingAudit(tokenizer, separator, f"TOKENIZER={given or kind}")
+    chunks = audit.stream(_token_chunks(files, tokenizer, separator, progress), lambda: progress.done)
     info = write_token_file(
-        bin_path, chunks, vocab_size, dtype=token_dtype(vocab_size), meta=_meta(files, {"tokenizer": record})
+        bin_path, chunks, vocab_size, tokenizer=record, dtype=token_dtype(vocab_size), meta=_meta(files, {})
     )
     if tokenizer_out is not None:
         try:
@@ -221,10 +247,15 @@ def main(argv: list[str] | None = None) -> int:
         "--output", required=True, metavar="PATH.bin", help="the token file to write; its .json sidecar goes next to it"
     )
     parser.add_argument("--tokenizer", default="bytes", help="bytes (default), bpe (train one), or a tokenizer.json")
-    parser.add_argument("--vocab", type=count_arg("VOCAB"), default=8192, help="vocabulary size of a trained BPE")
+    parser.add_argument("--vocab", type=count_arg("VOCAB"), help=f"vocabulary size of a trained BPE ({DEFAULT_VOCAB})")
     parser.add_argument("--force", action="store_true", help="replace files that prepare did not write (FORCE=1)")
     args = parser.parse_args(argv)
-    vocab = args.vocab
+    if args.vocab is not None and args.tokenizer != "bpe":
+        raise DataError(
+            f"VOCAB={args.vocab} sets the size of a BPE that prepare trains, so it needs TOKENIZER=bpe; "
+            f"TOKENIZER={args.tokenizer} has its own vocabulary: drop VOCAB or set TOKENIZER=bpe"
+        )
+    vocab = DEFAULT_VOCAB if args.vocab is None else args.vocab
     if vocab > 2**32:
         raise DataError(f"VOCAB={vocab} does not fit a uint32 token file; use at most {2**32}")
     try:
@@ -232,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         raise DataError(f"cannot write {args.output} ({exc.strerror}); choose a writable OUTPUT") from None
     tokenizer = info.get("tokenizer")
-    extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if tokenizer else ""
+    extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if "file" in tokenizer else ""
     print(
         f"wrote {args.output} and {sidecar_path(Path(args.output))}: {info['count']:,} {info['dtype']} tokens "
         f"from {info['files']} files{extra}; train with make train "

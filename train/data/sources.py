@@ -34,6 +34,7 @@ from train.data.text import document_chunks, expand_globs
 from train.data.tokens import BYTE_VOCAB, read_token_file, sidecar_path
 from train.errors import ConfigError, DataError
 from train.models import get_spec
+from train.tokenizer import ANY, BYTES, TokenizerId, recorded_tokenizer, sha256_of
 
 # Stream length of the synthetic sources: large enough that an epoch boundary is rare.
 SYNTHETIC_SAMPLES = 2**16
@@ -297,20 +298,39 @@ def data_tokenizer(cfg: RunConfig) -> Path | None:
     path = cfg.data.path
     if cfg.data.source != "files" or not path.endswith(".bin"):
         return None
-    _, meta = read_token_file(path)
+    return token_file_tokenizer(path)
+
+
+def token_file_tokenizer(path: str, what: str = "data.path") -> Path | None:
+    """The tokenizer.json beside a token file that made its ids (its sha256 checked against the sidecar's
+    record), or None when the ids are bytes or the sidecar names no file."""
+    _, meta = read_token_file(path, what)
     record = meta.get("tokenizer")
     if not isinstance(record, dict) or not isinstance(record.get("file"), str):
         return None
     tokenizer = Path(path).parent / Path(record["file"]).name
     try:
-        actual = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise DataError(
-            f"{path} was made with {tokenizer}, which cannot be read ({exc.strerror}); restore it"
-        ) from None
+        actual = sha256_of(tokenizer)
+    except DataError as exc:
+        raise DataError(f"{path} was made with {tokenizer}, which cannot be used ({exc}); restore it") from None
     if actual != record.get("sha256"):
         raise DataError(f"{tokenizer} is not the tokenizer {path} was made with (sha256 differs); re-run make prepare")
     return tokenizer
+
+
+def path_tokenizer(path: str, what: str = "data.path") -> TokenizerId:
+    """What made the ids of a data path: a text glob is read as bytes; a token file says so in its sidecar."""
+    if not path.endswith(".bin"):
+        return BYTES
+    return recorded_tokenizer(read_token_file(path, what)[1])
+
+
+def data_tokenizer_id(cfg: RunConfig) -> TokenizerId:
+    """What made the ids this run trains on (train/tokenizer.py TokenizerId)."""
+    source = cfg.data.source
+    if source == "files":
+        return path_tokenizer(cfg.data.path)
+    return BYTES if source == "corpus" else ANY  # synthetic ids and images stand for no text
 
 
 def build_dataset(cfg: RunConfig) -> Dataset:
