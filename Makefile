@@ -45,7 +45,7 @@ compare: ## compare two runs' manifests and figures, and overlay their losses in
 prepare: ## turn text files into a token file, bytes or BPE (INPUT='corpus/*.txt' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 FORCE=1)
 	@$(DISPATCH)
 
-eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS)
+eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS, MICRO_BATCH)
 	@$(DISPATCH)
 
 sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)

@@ -156,7 +156,9 @@ TARGETS: dict[str, Target] = {
         summary="turn text files into a token file, bytes or BPE",
     ),
     "eval": Target(
-        "train.eval", ("GPUS", "RUN_DIR", "DATA"), summary="validation loss of a run's newest valid checkpoint"
+        "train.eval",
+        ("GPUS", "RUN_DIR", "DATA", "MICRO_BATCH"),
+        summary="validation loss of a run's newest valid checkpoint",
     ),
     "sample": Target(
         "train.sample",
