@@ -83,6 +83,11 @@ def _throughput_key(records: list[dict[str, Any]]) -> tuple[str, str]:
     return "samples_per_sec", "samples/s (all ranks)"
 
 
+def _literal(text: str) -> str:
+    """Text matplotlib shows as written: a run named d$$e is not mathtext (an unpaired '$' is a parse error)."""
+    return text.replace("$", r"\$")
+
+
 def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -> Series:
     """Draw the three panels for each (label, records); returns what was drawn, line label -> (x, y)."""
     plt = _pyplot()
@@ -97,12 +102,13 @@ def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -
                 xs, ys = _points(records, x, key)
                 if xs:
                     line_label = f"{prefix}{name}"
-                    ax.plot(xs, ys, style, color=color, marker="o" if key == "val_loss" else None, label=line_label)
+                    marker = "o" if key == "val_loss" else None
+                    ax.plot(xs, ys, style, color=color, marker=marker, label=_literal(line_label))
                     drawn[f"{line_label} vs {x}"] = (xs, ys)
         key, _ = _throughput_key(records)
         xs, ys = _points(records, "step", key)
         if xs:
-            axes[2].plot(xs, ys, "-", color=color, label=f"{prefix}{key.replace('_per_sec', '/s')}")
+            axes[2].plot(xs, ys, "-", color=color, label=_literal(f"{prefix}{key.replace('_per_sec', '/s')}"))
             drawn[f"{prefix}{key}"] = (xs, ys)
     for ax, (_, xlabel) in zip(axes[:2], LOSS_AXES, strict=True):
         ax.set_xlabel(xlabel)
@@ -117,7 +123,7 @@ def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -
     axes[0].set_title("loss against step")
     axes[1].set_title("loss against tokens seen")
     axes[2].set_title("throughput")
-    figure.suptitle(title)
+    figure.suptitle(_literal(title))
     replace_atomically(out, lambda f: figure.savefig(f, format="png", dpi=100), "wb")
     plt.close(figure)
     return drawn
