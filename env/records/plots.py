@@ -25,6 +25,7 @@ Series = dict[str, tuple[list[float], list[float]]]
 # The training figure is the objective, which adds model.mtp_weight x the MTP loss to the next-token
 # loss; validation is the next-token loss alone: the labels say so, since the curves sit apart.
 TRAIN_LABEL = "training objective (next token + MTP)"
+NEXT_TOKEN_LABEL = "training loss (next token only)"
 VAL_LABEL = "validation loss (next token)"
 
 
@@ -98,7 +99,12 @@ def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -
         color = colors[index % len(colors)]
         prefix = f"{label}: " if len(runs) > 1 else ""
         for ax, (x, _) in zip(axes[:2], LOSS_AXES, strict=True):
-            for key, name, style in (("loss", TRAIN_LABEL, "-"), ("val_loss", VAL_LABEL, "--")):
+            lines = (
+                ("loss", TRAIN_LABEL, "-"),
+                ("next_token_loss", NEXT_TOKEN_LABEL, ":"),
+                ("val_loss", VAL_LABEL, "--"),
+            )
+            for key, name, style in lines:
                 xs, ys = _points(records, x, key)
                 if xs:
                     line_label = f"{prefix}{name}"

@@ -451,8 +451,14 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 module.tokens_per_expert.zero_()
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets."""
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor | None = None, parts: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets.
+
+        parts=True (the trainer's call): (loss, {"next_token_loss": the main head's cross-entropy}), the
+        figure comparable with val_loss; the loss adds the weighted MTP term to it.
+        """
         cos, sin = self.rope_cos, self.rope_sin
         hidden = self.embed(inputs)
         for layer in self.layers:
@@ -460,7 +466,9 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(hidden))
         if targets is None:
             return logits
-        return cross_entropy(logits, targets) + self.mtp_loss(hidden, targets)
+        next_token = cross_entropy(logits, targets)
+        loss = next_token + self.mtp_loss(hidden, targets)
+        return (loss, {"next_token_loss": next_token.detach()}) if parts else loss
 
     @property
     def max_seq_len(self) -> int:
@@ -757,6 +765,7 @@ SPEC = ModelSpec(
     shard_units=shard_units,
     validate=validate_decoder,
     seq_len_limit="max_seq_len",
+    loss_parts=("next_token_loss",),
     after_step=moe_balance_step,
     decoder=lambda model: model,  # Transformer is a Decoder itself
 )
