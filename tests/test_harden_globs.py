@@ -110,3 +110,20 @@ def test_a_glob_through_proc_ends_without_entering_its_links(listings: list[str]
     with pytest.raises(DataError):  # /proc's files are of size 0 or hold no .nothing files: either is one line
         expand_globs(["/proc/self/**/*.nothing"], "INPUT", "fix")
     assert not any(part in ("root", "cwd", "exe") for path in listings for part in path.split(os.sep))
+
+
+def test_a_tree_thousands_of_directories_deep_is_walked_without_recursion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the hostile pass on this change: the first walk recursed once per level."""
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    monkeypatch.chdir(deep)  # restored after the test; a relative mkdir per level keeps under PATH_MAX
+    for _ in range(1500):
+        os.mkdir("d")
+        os.chdir("d")
+    Path("x.txt").write_text("x")
+    os.chdir(tmp_path)
+    (deep / "top.txt").write_text("t")
+    assert sorted(p.name for p in expand_globs([f"{deep}/**/*.txt"], "INPUT", "fix")) == ["top.txt", "x.txt"]
+    assert len(expand_globs([f"{deep}/**"], "INPUT", "fix")) == 2  # a trailing ** takes the files below, as glob's

@@ -63,43 +63,49 @@ def _entries(folder: str) -> list[os.DirEntry]:
 def _expand(pattern: str) -> Iterator[str]:
     """Paths matching `pattern` (glob's syntax, ** recursive), wildcards never entering a link to a directory.
 
-    Each (real directory, rest of the pattern) is walked once, so several `**` cost no more than one.
+    Each (real directory, rest of the pattern) is walked once, so several `**` cost no more than one; the
+    walk keeps its own stack, so a tree thousands of directories deep is no RecursionError.
     """
     anchor, rest = (os.sep, pattern.lstrip(os.sep)) if pattern.startswith(os.sep) else ("", pattern)
     parts = [part for part in rest.split(os.sep) if part]
     walked: set[tuple[int, int, int]] = set()
-
-    def walk(base: str, index: int) -> Iterator[str]:
+    pending = [(anchor, 0)]
+    while pending:
+        base, index = pending.pop()
         if index == len(parts):
             yield base
-            return
+            continue
         try:
             here = os.stat(base or os.curdir)
         except OSError:
-            return
+            continue
         key = (here.st_dev, here.st_ino, index)
         if key in walked:
-            return
+            continue
         walked.add(key)
         part = parts[index]
         if part == "**":
-            yield from walk(base, index + 1)  # no directory at all
+            pending.append((base, index + 1))  # no directory at all
             for entry in _entries(base):
-                if not _hidden(entry.name, part) and entry.is_dir(follow_symlinks=False):
-                    yield from walk(os.path.join(base, entry.name), index)
+                if _hidden(entry.name, part):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((os.path.join(base, entry.name), index))
+                elif index + 1 == len(parts):  # a trailing ** matches the files below too, as glob's does
+                    yield os.path.join(base, entry.name)
         elif not glob.has_magic(part):
             path = os.path.join(base, part)
             if index + 1 == len(parts) or os.path.isdir(path):  # written out in full: followed as written
-                yield from walk(path, index + 1)
+                pending.append((path, index + 1))
         else:
             last = index + 1 == len(parts)
-            for entry in _entries(base):
-                if _hidden(entry.name, part) or not fnmatch.fnmatchcase(entry.name, part):
-                    continue
-                if last or entry.is_dir(follow_symlinks=False):
-                    yield from walk(os.path.join(base, entry.name), index + 1)
-
-    yield from walk(anchor, 0)
+            pending += [
+                (os.path.join(base, entry.name), index + 1)
+                for entry in _entries(base)
+                if not _hidden(entry.name, part)
+                and fnmatch.fnmatchcase(entry.name, part)
+                and (last or entry.is_dir(follow_symlinks=False))
+            ]
 
 
 def expand_globs(patterns: Iterable[str], what: str, fix: str) -> list[Path]:
