@@ -126,3 +126,19 @@ def test_removed_checkpoints_are_named_as_removed_not_as_never_written(
     assert "the last at step 3" in message and "was it removed?" in message
     note = last_checkpoint_note(saver)
     assert "no checkpoint was written yet" not in note and "step 3, is gone" in note
+
+
+@pytest.mark.parametrize("read", ["weights", "config"])
+def test_every_checkpoint_really_damaged_is_said_in_a_readers_words(tmp_path: Path, models: dict, read: str) -> None:
+    """A reader (sample, export, eval, init_from) is never told it would "train over this run's records"."""
+    from train.weights import DamagedCheckpoints, load_model_weights, saved_config
+
+    for step in (1, 2):
+        save(tmp_path, models[step], step, keep=2)
+        tensors = max((tmp_path / "checkpoints" / f"step-00000{step}").glob("*.distcp"), key=lambda p: p.stat().st_size)
+        tensors.write_bytes(tensors.read_bytes()[:-4] + b"oops")
+    with pytest.raises(DamagedCheckpoints) as caught:
+        (load_model_weights if read == "weights" else saved_config)(tmp_path)
+    message = str(caught.value)
+    assert "step-000002, step-000001" in message and "restore them from a copy" in message
+    assert "train over" not in message and "retrain" not in message

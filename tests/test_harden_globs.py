@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,5 +126,8 @@ def test_a_tree_thousands_of_directories_deep_is_walked_without_recursion(
     Path("x.txt").write_text("x")
     os.chdir(tmp_path)
     (deep / "top.txt").write_text("t")
-    assert sorted(p.name for p in expand_globs([f"{deep}/**/*.txt"], "INPUT", "fix")) == ["top.txt", "x.txt"]
-    assert len(expand_globs([f"{deep}/**"], "INPUT", "fix")) == 2  # a trailing ** takes the files below, as glob's
+    try:
+        assert sorted(p.name for p in expand_globs([f"{deep}/**/*.txt"], "INPUT", "fix")) == ["top.txt", "x.txt"]
+        assert len(expand_globs([f"{deep}/**"], "INPUT", "fix")) == 2  # a trailing ** takes the files below
+    finally:  # shutil.rmtree (pytest's cleanup of old temporary folders) recurses per level: rm does not
+        subprocess.run(["rm", "-rf", str(deep)], check=True)

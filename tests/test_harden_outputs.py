@@ -215,3 +215,12 @@ def test_a_sigkilled_prepare_leaves_temporaries_that_the_rerun_removes(tmp_path:
     assert rerun.returncode == 0, rerun.stderr
     assert not list(output.parent.glob(".tmp-*")), list(output.parent.iterdir())
     assert sorted(p.name for p in output.parent.iterdir()) == ["x.bin", "x.json"]
+
+
+def test_an_output_that_is_a_symlink_is_refused_not_replaced(run: Path, tmp_path: Path) -> None:
+    """Found by the hostile pass on this change: the one-rename publish would have replaced the link."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    with pytest.raises(Exception, match=r"OUTPUT=.*linked is a symlink; give the directory itself"):
+        export(run, tmp_path / "linked")
+    assert (tmp_path / "linked").is_symlink() and list((tmp_path / "real").iterdir()) == []

@@ -58,7 +58,7 @@ from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, 
 from env.common.outputs import OutputBusy, OutputLock, remove_leftovers
 from env.rig.launch import launch
 from env.rig.lifeline import end_with_parent
-from train.checkpoint import Checkpointer, EveryCheckpointDamaged
+from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.config_loader import config_from_dict, default_config
 from train.data import build_dataset, data_tokenizer, validation_set
@@ -81,7 +81,7 @@ from train.tokenizer import (
     token_byte_lengths,
     tokenizer_id,
 )
-from train.weights import build_loaded_model, model_tokenizer
+from train.weights import DamagedCheckpoints, build_loaded_model, model_tokenizer
 
 EVAL_RECORD = "eval.json"
 
@@ -364,7 +364,7 @@ def worker(run_dir: Path, data: str, micro_batch: int | None) -> dict[str, Any]:
     try:
         try:
             model, config, step = build_loaded_model(run_dir, info.device, samples=micro_batch, seq_len=None)
-        except EveryCheckpointDamaged as exc:
+        except DamagedCheckpoints as exc:
             raise EvalError(
                 f"every checkpoint in {exc.directory} is damaged ({', '.join(exc.damaged)}; the warnings above say "
                 "how); nothing to evaluate: restore them from a copy"
@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         _worker_main(run_dir, args.data, args.micro_batch)
     if not os.access(run_dir, os.R_OK | os.X_OK):
         raise EvalError(f"RUN_DIR={run_dir} cannot be read by this user; give a run directory you can read")
-    if Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).latest_step() is None:
+    # Whether any was written; which one is usable (or damaged) the workers say, after their checks.
+    if not Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).listed_steps():
         train = f"make train RUN_DIR={shlex.quote(str(run_dir))}"
         raise EvalError(f"{run_dir} has no checkpoint to evaluate; train first ({train})")
     # Any number of processes: each reads the whole model, whatever world size saved it (train.weights).

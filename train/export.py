@@ -59,6 +59,8 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
     """
     from safetensors.torch import save
 
+    if output.is_symlink():  # the new directory replaces OUTPUT in one rename: a link would be replaced, not followed
+        raise ExportError(f"OUTPUT={output} is a symlink; give the directory itself")
     if output.exists() and not output.is_dir():
         raise ExportError(f"OUTPUT={output} is a file; give a directory")
     try:

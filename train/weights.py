@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from env.common.readfile import ReadRefused, read_json
-from train.checkpoint import Checkpointer, CheckpointError, read_model
+from train.checkpoint import Checkpointer, CheckpointError, EveryCheckpointDamaged, read_model
 from train.config import ModelConfig, RunConfig
 from train.config_loader import config_from_dict, validate_model
 from train.data.sources import data_tokenizer_id, path_tokenizer, token_file_tokenizer
@@ -49,6 +49,19 @@ CONFIG_LIMIT = 4 * 2**20
 class WeightsError(ConfigError):
     """Weights cannot be found, read or used; one line with the fix. A ConfigError too, so the
     training worker reports it as one (train.init_from)."""
+
+
+class DamagedCheckpoints(WeightsError):
+    """Every committed checkpoint of a run failed its checks (not one pruned while read: train/checkpoint/).
+
+    A reader's words: a training run's refusal (train over the records?) says nothing to one who reads."""
+
+    def __init__(self, directory: str, damaged: list[str]) -> None:
+        self.directory, self.damaged = directory, damaged
+        super().__init__(
+            f"every checkpoint in {directory} is damaged ({', '.join(damaged)}; the warnings above say how); "
+            "nothing to read: restore them from a copy"
+        )
 
 
 def _is_export(path: Path) -> bool:
@@ -213,7 +226,10 @@ def saved_config(path: Path | str) -> dict[str, Any]:
 
 def _checkpoint_config(run_dir: Path) -> dict[str, Any]:
 
-    newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
+    try:
+        newest = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).newest_header()
+    except EveryCheckpointDamaged as exc:
+        raise DamagedCheckpoints(exc.directory, exc.damaged) from None
     if newest is None:
         raise _no_checkpoint(run_dir)
     saved = newest[1].get("config")
@@ -236,6 +252,8 @@ def _checkpoint_weights(
 
     try:
         found = read_model(run_dir, build)
+    except EveryCheckpointDamaged as exc:
+        raise DamagedCheckpoints(exc.directory, exc.damaged) from None
     except CheckpointError as exc:
         raise WeightsError(str(exc)) from None
     if found is None:

@@ -354,6 +354,10 @@ class Checkpointer:
         """A committed checkpoint whose sidecar is gone now: pruned (sidecars go first), on every rank's word."""
         return bool(from_rank0(not self._sidecar(step).exists() if self.rank == 0 else None))
 
+    def listed_steps(self) -> list[int]:
+        """Every step with an entry or a sidecar on disk, newest first: complete, damaged or unfinished (any rank)."""
+        return self._candidate_steps()
+
     def latest_step(self) -> int | None:
         """The newest complete step (sidecar valid, file sizes right), without hashing or loading; any rank."""
         for step in self._candidate_steps():
