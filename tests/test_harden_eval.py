@@ -176,3 +176,14 @@ def test_datas_errors_are_in_evals_own_words(tmp_path: Path) -> None:
     assert "fewer than one sample" in str(short.value) and "lower data.seq_len" not in str(short.value)
     for words in (missing, short):
         assert "data.path" not in str(words.value) and "TOKENIZER=" not in str(words.value)
+
+
+def test_an_export_given_as_run_dir_is_named_as_one(tmp_path: Path) -> None:
+    """Found by the hostile pass on this change: it was told to train first."""
+    from tests.sampling import small_config, trained_in_process, write_export
+
+    cfg = small_config()
+    write_export(tmp_path, trained_in_process(cfg, steps=0), cfg.to_dict()["model"])
+    result = make_eval(tmp_path)
+    assert result.returncode == 2 and "is an export, which holds no validation split" in result.stderr
+    assert "train first" not in result.stderr

@@ -81,7 +81,7 @@ from train.tokenizer import (
     token_byte_lengths,
     tokenizer_id,
 )
-from train.weights import DamagedCheckpoints, build_loaded_model, model_tokenizer
+from train.weights import EXPORT_WEIGHTS, DamagedCheckpoints, build_loaded_model, model_tokenizer
 
 EVAL_RECORD = "eval.json"
 
@@ -461,6 +461,11 @@ def main(argv: list[str] | None = None) -> int:
         _worker_main(run_dir, args.data, args.micro_batch)
     if not os.access(run_dir, os.R_OK | os.X_OK):
         raise EvalError(f"RUN_DIR={run_dir} cannot be read by this user; give a run directory you can read")
+    if (run_dir / EXPORT_WEIGHTS).exists():
+        raise EvalError(
+            f"RUN_DIR={run_dir} is an export, which holds no validation split: make eval reads a training run "
+            f"(its checkpoints and data); give the run it came from, or sample the export with make sample"
+        )
     # Whether any was written; which one is usable (or damaged) the workers say, after their checks.
     if not Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).listed_steps():
         train = f"make train RUN_DIR={shlex.quote(str(run_dir))}"

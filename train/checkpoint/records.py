@@ -106,7 +106,7 @@ def read_sidecar(path: Path, entry: str) -> dict[str, Any] | str:
         sidecar = read_json(path, SIDECAR_LIMIT)
     except ReadRefused as exc:
         if exc.missing:
-            return f"checkpoint {entry} is incomplete (no {path.name}; the save was interrupted)"
+            return f"checkpoint {entry} is incomplete (no {path.name}: still being saved, or its save was interrupted)"
         return f"checkpoint sidecar {path.name} is unreadable (it {exc.reason})"
     found = sidecar.get("format") if isinstance(sidecar, dict) else None
     if type(found) is not int:
