@@ -112,7 +112,9 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
     lr = lr_at(step - 1, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = torch.zeros((), device=device)
+    part_names = get_spec(cfg.model.arch).loss_parts  # e.g. the next-token loss inside DeepSeek's MTP objective
+    # [loss, each named part] summed over the micro-batches
+    sums = torch.zeros(1 + len(part_names), device=device)
     for micro in range(accum):
         inputs, targets = next(batches)
         inputs = inputs.to(device, non_blocking=True)
@@ -120,16 +122,18 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
         watchdog.mark(step, "start")
         with gradient_sync(model, enabled=micro == accum - 1):
             with run.precision.autocast(device):  # the forward only: backward follows its dtypes
-                loss = model(inputs, targets) / accum
+                loss, parts = model(inputs, targets, parts=True) if part_names else (model(inputs, targets), {})
+                loss = loss / accum
             watchdog.mark(step, "backward")
             run.scaler.scale(loss).backward()
-        loss_sum += loss.detach().float()
-    # One small all-reduce per step: the global mean loss, and the stop request of any rank.
+        sums += torch.stack([loss.detach().float(), *(parts[name].float() / accum for name in part_names)])
+    # One small all-reduce per step: the global mean loss and its parts, and the stop request of any rank.
     watchdog.mark(step, "sync")
     # torch.full, not torch.tensor: no copy from the host, which would wait for the backward to finish.
-    stats = torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)])
+    stats = torch.cat([sums, torch.full((1,), float(stop.requested), device=device)])
     all_reduce_sum(stats)
-    loss_mean, stop_votes = (stats / run.stats_divisor).tolist()
+    means = (stats / run.stats_divisor).tolist()
+    loss_mean, stop_votes = means[0], means[-1]
     stop.agreed = stop_votes > 0
     if not math.isfinite(loss_mean):
         raise TrainingStopped(
@@ -143,11 +147,15 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
     run.optimizer.zero_grad(set_to_none=True)
     after_step = get_spec(cfg.model.arch).after_step  # e.g. DeepSeek's MoE balancing bias update
     extra = after_step(model, all_reduce_sum) if after_step is not None else {}
-    return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm} | extra
+    named = dict(zip(part_names, means[1:-1], strict=True))
+    return {"loss": loss_mean, **named, "lr": lr, "grad_norm": grad_norm} | extra
 
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
     step = checkpointer.latest_step()
+    if step is None and checkpointer.saved:  # this run saved some, and they are gone (RUN_DIR/checkpoints removed?)
+        last = checkpointer.saved[-1]
+        return f"no checkpoint is left in {checkpointer.directory}: the last saved, step {last}, is gone"
     if step is None:
         return "no checkpoint was written yet"
     return f"the last checkpoint (step {step}, in {checkpointer.run_dir / 'checkpoints'}) is intact"
