@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.paths import ROOT
+from tests.helpers.processes import alive, children
 from tests.helpers.trainrun import launch_train, metrics
 
 EVAL = ["train.eval_every=2", "train.eval_batches=3", "train.ckpt_every=2", "train.keep_ckpts=3"]
@@ -126,28 +127,6 @@ def test_a_killed_eval_launcher_takes_its_workers_along(resumed: Path, tmp_path:
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
-            if int(ppid) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (OSError, StopIteration):
-        return False
-    return "zombie" not in state
 
 
 def test_data_for_an_image_run_is_one_line_not_an_attribute_error(tmp_path: Path) -> None:

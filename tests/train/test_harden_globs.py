@@ -8,13 +8,13 @@ measured by the directories it lists, not by time.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import alarm_after
 from train.data.text import expand_globs
 from train.errors import DataError
 
@@ -22,17 +22,8 @@ from train.errors import DataError
 @pytest.fixture(autouse=True)
 def bounded() -> Iterator[None]:
     """An exponential walk fails the test after 60 s instead of running for hours."""
-
-    def fire(signum: int, frame: object) -> None:
-        raise TimeoutError("the glob walk did not end: it follows directory links")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(60)
-    try:
+    with alarm_after(60, "the glob walk did not end: it follows directory links"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

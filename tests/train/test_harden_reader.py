@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from env.common.cli import UserError, load_json
 from env.records import compare
+from tests.helpers.processes import alarm_after
 from tests.helpers.sampling import save_checkpoint, small_config, trained_in_process, write_export
 from train.config_loader import load_config
 from train.data.tokens import read_token_file
@@ -31,17 +31,8 @@ DEEP = "[" * 100_000 + "]" * 100_000
 @pytest.fixture(autouse=True)
 def no_hang() -> Iterator[None]:
     """A read that blocks (a FIFO opened without O_NONBLOCK) fails the test after 60 s instead of hanging it."""
-
-    def fire(signum: int, frame: object) -> None:
-        raise TimeoutError("the read blocked: the reader opened a FIFO without O_NONBLOCK")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(60)
-    try:
+    with alarm_after(60, "the read blocked: the reader opened a FIFO without O_NONBLOCK"):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def plant(path: Path, kind: str) -> None:
