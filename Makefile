@@ -48,7 +48,7 @@ compare: ## compare two runs' manifests and figures, and overlay their losses in
 prepare: ## text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask (INPUT='corpus/*.jsonl.zst' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 TEXT_FIELD=text PROCS=4 SHARD_TOKENS=100000000 SHARD_FORMAT=llmc FORCE=1 CHAT=1 SEQ_LEN=2048 CHAT_TEMPLATE=file.jinja)
 	@$(DISPATCH)
 
-eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS)
+eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS, MICRO_BATCH)
 	@$(DISPATCH)
 
 sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from env.common.cli import plain_name
+from env.common.readfile import ReadRefused, read_bounded
 from train.config import (
     DEFAULT_ARCH,
     VOCAB_AUTO,
@@ -41,6 +43,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 8
 MAX_CONFIG_NODES = 10_000
+MAX_SEED = 2**63 - 1
 # Keys of configs saved by earlier releases, and what became of them: (new key, how the old value maps).
 RENAMED_KEYS: dict[str, tuple[str, Any]] = {
     # train.tensorboard: true became a "tensorboard" entry in train.sinks.
@@ -204,12 +207,10 @@ def _check_size(tree: Any, path: Path) -> None:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: over {MAX_CONFIG_BYTES >> 20} MiB, not a config; give a small YAML file")
-        text = path.read_bytes().decode("utf-8")
+        text = read_bounded(path, MAX_CONFIG_BYTES).decode("utf-8")
         tree = yaml.load(text, Loader=_ConfigLoader) or {}
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path} ({exc.strerror}); check the path and its permissions") from None
+    except ReadRefused as exc:
+        raise ConfigError(f"the config {path} {exc.reason}; give a small YAML file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except RecursionError:
@@ -227,8 +228,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def resolve_config_path(name: str) -> Path:
     """A config is a name under train/configs/ or a path to a YAML file."""
     as_path = Path(name)
-    if as_path.suffix in (".yaml", ".yml") and as_path.is_file():
-        return as_path
+    if as_path.suffix in (".yaml", ".yml") and os.path.lexists(as_path):
+        return as_path  # whatever is there: the bounded reader says in one line why it is not a config
     candidate = CONFIG_DIR / f"{name}.yaml"
     if candidate.is_file():
         return candidate
@@ -374,6 +375,9 @@ def validate(cfg: RunConfig) -> None:
     for key, value in {"train.eval_every": t.eval_every, "train.eval_batches": t.eval_batches}.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be 0 or more")
+    if not 0 <= t.seed <= MAX_SEED:
+        bound = "at least 0" if t.seed < 0 else f"at most {MAX_SEED} (2**63 - 1, what torch's generators take)"
+        raise ConfigError(f"train.seed={t.seed} must be {bound}, e.g. SEED=1337")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction={cfg.data.val_fraction} must be at least 0 and below 1, e.g. 0.05")
     _validate_sinks(t.sinks)

@@ -18,11 +18,20 @@ Evaluation never changes training: no gradient, MoE load counters untouched (the
 training mode with gradients), the model's train/eval mode and every RNG restored, and the
 training data iterator is not touched.
 
-    python -m train.eval --run-dir RUN_DIR [--data PATH] [--gpus N]   (make eval RUN_DIR=… [DATA=…])
+    python -m train.eval --run-dir RUN_DIR [--data PATH] [--gpus N] [--micro-batch M]
+        (make eval RUN_DIR=… [DATA=…] [GPUS=…] [MICRO_BATCH=…])
 
 evaluates the newest valid checkpoint of RUN_DIR (DDP or FSDP) on the run's validation split, or
 on the whole of PATH (a token file, or text, tokenized with the run's tokenizer), and writes
-RUN_DIR/eval.json. RUN_DIR may also be a directory of weights alone (make export's, or a Hugging Face
+RUN_DIR/eval.json. make eval is a reader: the config comes with the checkpoint's weights (not the
+first launch's manifest), any number of processes reads it whatever world size saved it, MICRO_BATCH
+sets only the forward's size, and the split's figure is training's (the same samples: eval_batches x
+the world size and micro-batch the checkpoint trained with), whatever GPUS and MICRO_BATCH are.
+Nothing is written into the run but eval.json, and a run directory it cannot write still gets its
+figures printed; a second evaluation keeps the first as eval-<time>.json (write_record). DATA of
+another tokenizer than the run's is refused (train/tokenizer.py TokenizerId), and so is text when the
+run's tokenizer is missing: never silently bytes. Its workers end with their launcher (env/rig/lifeline.py).
+RUN_DIR may also be a directory of weights alone (make export's, or a Hugging Face
 checkpoint): it holds no validation split, so DATA is needed; samples are data.seq_len tokens as the
 exported run trained them (its torchrig.json), else min(the model's max_seq_len, EXPORT_SEQ_LEN), one per
 forward; one process unless GPUS says more.
@@ -32,11 +41,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
 import shlex
+import shutil
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,23 +61,41 @@ from torch.utils.data import Dataset
 
 from env.common.atomic import write_text_atomically
 from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, run_cli
+from env.common.outputs import OutputBusy, OutputLock, remove_leftovers
 from env.rig.launch import launch
-from train.checkpoint import EveryCheckpointDamaged
+from env.rig.lifeline import end_with_parent
+from train.checkpoint import Checkpointer
 from train.config import RunConfig
-from train.config_loader import config_from_dict
+from train.config_loader import config_from_dict, default_config
 from train.data import build_dataset, data_tokenizer, validation_set
-from train.data.sources import TokenWindows, token_mask
-from train.data.text import document_chunks, expand_globs
+from train.data.sources import TokenWindows, data_tokenizer_id, token_mask
+from train.data.text import document_chunks, expand_globs, read_document
 from train.data.tokens import BYTE_VOCAB, read_token_file
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
 from train.errors import ConfigError, DataError
-from train.hf.tokenizer_files import is_byte_tokenizer
 from train.models import get_spec
 from train.models.loss import IGNORE_INDEX
 from train.prepare import encode_files
 from train.run import Precision, Run, device_settings
-from train.tokenizer import RUN_TOKENIZER_NAME, load_tokenizer, sha256_of, token_byte_lengths
-from train.weights import build_loaded_model, is_weights_directory, model_config, saved_config
+from train.tokenizer import (
+    RUN_TOKENIZER_NAME,
+    UNKNOWN,
+    TokenizerId,
+    load_tokenizer,
+    parse_tokenizer,
+    read_tokenizer_bytes,
+    recorded_tokenizer,
+    token_byte_lengths,
+    tokenizer_id,
+)
+from train.weights import (
+    DamagedCheckpoints,
+    build_loaded_model,
+    is_weights_directory,
+    model_config,
+    model_tokenizer,
+    saved_config,
+)
 
 EVAL_RECORD = "eval.json"
 # Sample length for weights whose training context is unknown (a transformers checkpoint): long enough for a
@@ -164,14 +194,27 @@ def byte_lengths_for(cfg: RunConfig, tokenizer_path: Path | None, device: torch.
     return table.to(device)
 
 
-def record_tokenizer(cfg: RunConfig, run_dir: Path, is_main: bool) -> Path | None:
-    """Copy the data's tokenizer to RUN_DIR/tokenizer.json (where sample and eval look); its path, or None for bytes."""
+def record_tokenizer(cfg: RunConfig, run_dir: Path, is_main: bool, resumed: bool = False) -> Path | None:
+    """Copy the data's tokenizer to RUN_DIR/tokenizer.json (where sample and eval look); its path, or None for bytes.
+
+    A resumed run whose weights were trained on another tokenizer's ids than data.path holds is refused:
+    the same ids would be other text. The copy is of a regular file, never a symlink, parsed first.
+    """
     source = data_tokenizer(cfg)
+    target = run_dir / RUN_TOKENIZER_NAME
+    mine = tokenizer_id(source)
+    recorded = tokenizer_id(target) if os.path.lexists(target) else UNKNOWN  # a byte run keeps none
+    if resumed and recorded.conflicts(mine):
+        raise DataError(
+            f"{run_dir}'s checkpoints were trained on ids of {recorded.describe()}, but data.path={cfg.data.path!r} "
+            f"holds ids of {mine.describe()}: resume on data of the run's tokenizer, or train in a new RUN_DIR"
+        )
     if source is None:
         return None
-    target = run_dir / RUN_TOKENIZER_NAME
-    if is_main and not (target.is_file() and sha256_of(target) == sha256_of(source)):
-        write_text_atomically(target, source.read_text(encoding="utf-8"))
+    if is_main and recorded != mine:  # a fresh run, or its first launch with a tokenizer
+        content = read_tokenizer_bytes(source, "copy the tokenizer file itself beside the token file", follow=False)
+        parse_tokenizer(content, source)
+        write_text_atomically(target, content.decode("utf-8"))
     return target
 
 
@@ -183,7 +226,7 @@ class Evaluator:
         self.run = run
         # data.val_fraction=0 without data.val_path holds nothing out: there is nothing to evaluate on.
         self.every = cfg.train.eval_every if cfg.data.val_fraction or cfg.data.val_path else 0
-        tokenizer = record_tokenizer(cfg, run_dir, info.is_main)
+        tokenizer = record_tokenizer(cfg, run_dir, info.is_main, resumed=run.start_step > 0)
         if not self.every:
             return
         self.dataset, self.indices = validation_set(dataset, cfg)
@@ -250,30 +293,13 @@ def run_evaluation(
 # ------------------------------------------------------------------------------ make eval
 
 
-def newest_checkpoint_layout(run_dir: Path) -> dict[str, Any]:
-    """world_size and strategy of the newest checkpoint sidecar; EvalError when RUN_DIR has none."""
-    sidecars = sorted((run_dir / "checkpoints").glob("step-*.json"), reverse=True)
-    for sidecar in sidecars:
-        try:
-            layout = json.loads(sidecar.read_text())
-            return {"world_size": int(layout["world_size"]), "strategy": str(layout["strategy"])}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    train = f"make train RUN_DIR={shlex.quote(str(run_dir))}"
-    raise EvalError(f"{run_dir} has no checkpoint to evaluate; train first ({train})")
-
-
-def run_config(run_dir: Path) -> RunConfig:
-    """The config the run trained with, from its manifest."""
-    path = run_dir / "manifest.json"
+def saved_run_config(config: dict[str, Any], run_dir: Path) -> RunConfig:
+    """The RunConfig a checkpoint was saved with (its header's config, the world size set aside)."""
     try:
-        tree = json.loads(path.read_text()).get("config")
-        if not isinstance(tree, dict):
-            raise ValueError("no config in it")
-        return config_from_dict(tree)
-    except (OSError, ValueError, AttributeError, ConfigError) as exc:
+        return config_from_dict({k: v for k, v in config.items() if k != "world_size"})
+    except ConfigError as exc:
         raise EvalError(
-            f"cannot read the run's config from {path} ({exc}); is {run_dir} a make train RUN_DIR?"
+            f"the newest checkpoint of {run_dir} holds a config this torchrig cannot read ({exc})"
         ) from None
 
 
@@ -295,87 +321,181 @@ def weights_config(run_dir: Path, data: str) -> RunConfig:
     return cfg
 
 
-def eval_config(run_dir: Path, data: str) -> RunConfig:
-    """A run's own config (its manifest), or weights_config for a directory of weights alone."""
+def weights_only(run_dir: Path) -> bool:
+    """Whether RUN_DIR is a directory of weights alone (an export or an HF checkpoint), not a training run."""
     try:
-        weights_only = is_weights_directory(run_dir)
+        return is_weights_directory(run_dir)
     except ConfigError as exc:
         raise EvalError(str(exc)) from None
-    return weights_config(run_dir, data) if weights_only else run_config(run_dir)
 
 
-def run_tokenizer(run_dir: Path) -> Path | None:
-    """RUN_DIR's tokenizer.json, or None for bytes (an export of a byte-level run holds the byte tokenizer)."""
-    tokenizer = run_dir / RUN_TOKENIZER_NAME
-    return tokenizer if tokenizer.is_file() and not is_byte_tokenizer(tokenizer) else None
+def eval_samples(cfg: RunConfig, available: int, trained_world: int, whole: bool) -> int:
+    """How many samples make eval reads: all of DATA, or of the split what training's evaluation read
+    (train.eval_batches x the world size and micro-batch the checkpoint was trained with; 0: all), so
+    that the figure is the one training logged whatever GPUS and MICRO_BATCH make eval runs with."""
+    if whole or not cfg.train.eval_batches:
+        return available
+    return min(available, cfg.train.eval_batches * trained_world * cfg.train.micro_batch)
 
 
-def _data_dataset(cfg: RunConfig, data: str, tokenizer: Path | None) -> tuple[Dataset, np.ndarray]:
-    """The whole of DATA as token windows: a token file as it is, text through the run's tokenizer (or as bytes)."""
+def _data_dataset(
+    cfg: RunConfig, data: str, made_by: TokenizerId, tokenizer: Path | None
+) -> tuple[Dataset, np.ndarray]:
+    """The whole of DATA as token windows: a token file as it is, text through the run's tokenizer (or as bytes).
+
+    Ids mean text only under the tokenizer that made them: DATA made by another than the run's is refused.
+    """
+    if get_spec(cfg.model.arch).inputs != "tokens":
+        raise EvalError(
+            f"DATA={data}: a {cfg.model.arch} run classifies images; make eval evaluates it on its validation "
+            "split: drop DATA"
+        )
     mask = None
     if data.endswith(".bin"):
-        tokens, meta = read_token_file(data)
+        tokens, meta = read_token_file(data, "DATA")
         mask = token_mask(data, meta, cfg.data.seq_len, "the run's data.seq_len")
-        recorded = (meta.get("tokenizer") or {}).get("sha256")
-        if tokenizer is not None and recorded and recorded != sha256_of(tokenizer):
+        data_made_by = recorded_tokenizer(meta)
+        if data_made_by.conflicts(made_by) or (made_by.kind == "tokenizer" and data_made_by.kind == "unknown"):
             raise EvalError(
-                f"DATA={data} was made with another tokenizer than the run's {tokenizer}; prepare it with that one"
+                f"DATA={data} holds ids of {data_made_by.describe()}, but the run reads ids of {made_by.describe()}; "
+                f"prepare DATA with the run's tokenizer (make prepare TOKENIZER=<RUN_DIR>/{RUN_TOKENIZER_NAME})"
             )
     else:
         files = expand_globs([data], "DATA", "check the path and quote globs")
-        if tokenizer is None:
+        if made_by.kind == "bytes" or (made_by.kind == "any" and cfg.model.vocab_size <= BYTE_VOCAB):
             tokens = np.concatenate(list(document_chunks(files)))
+        elif tokenizer is not None:
+            tokens = np.concatenate(list(encode_files(_text_files(files, data), load_tokenizer(tokenizer))))
         else:
-            tokens = np.concatenate(list(encode_files(files, load_tokenizer(tokenizer))))
+            raise EvalError(
+                f"DATA={data} is text, and the run reads ids of {made_by.describe()}, but RUN_DIR has no "
+                f"{RUN_TOKENIZER_NAME} to make them: copy the run's tokenizer there, or give DATA as a token file "
+                "made with it"
+            )
     if len(tokens) and int(tokens.max()) >= cfg.model.vocab_size:
         raise EvalError(
             f"DATA={data} holds token id {int(tokens.max())}, beyond the model's vocab_size={cfg.model.vocab_size}"
+        )
+    if len(tokens) < cfg.data.seq_len + 1:
+        raise EvalError(
+            f"DATA={data} holds {len(tokens):,} tokens, fewer than one sample of {cfg.data.seq_len + 1} (the run's "
+            "data.seq_len + 1); give more data"
         )
     dataset = TokenWindows(tokens, cfg.data.seq_len, "files", data, mask)
     return dataset, np.arange(len(dataset), dtype=np.int64)
 
 
-def worker(run_dir: Path, data: str) -> dict[str, Any]:
+def _text_files(files: list[Path], data: str) -> list[Path]:
+    """DATA's files, each checked to be readable UTF-8 text (a tokenizer reads text), in make eval's words."""
+    for path in files:
+        try:
+            read_document(path).decode("utf-8")
+        except DataError as exc:
+            raise EvalError(f"DATA={data}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise EvalError(
+                f"DATA={data}: {path} is not UTF-8 text (byte {exc.start}), which the run's tokenizer reads; "
+                "leave it out of DATA"
+            ) from None
+    return files
+
+
+def worker(run_dir: Path, data: str, micro_batch: int | None) -> dict[str, Any]:
     """One eval process (torchrun started it): the newest valid checkpoint's weights, evaluated; the figures.
 
     A reader: it builds the model and its weights alone (train.weights, any strategy and world size the
     checkpoint was saved with), never the training state, and writes nothing into checkpoints/.
     """
-    cfg = eval_config(run_dir, data)
-    store = connect_store(backstop_timeout(cfg))
-    info = init_distributed(cfg, run_dir, store)
+    defaults = default_config()  # the process group's timeouts; the run's own config comes with its weights
+    store = connect_store(backstop_timeout(defaults))
+    info = init_distributed(defaults, run_dir, store)
     try:
-        device_settings(cfg, info.device)
-        precision = Precision.resolve(cfg.train.precision, info.device)
         try:
-            model, _, step = build_loaded_model(run_dir, info.device)
-        except EveryCheckpointDamaged as exc:
+            model, config, step = build_loaded_model(run_dir, info.device, samples=micro_batch, seq_len=None)
+        except DamagedCheckpoints as exc:
             raise EvalError(
                 f"every checkpoint in {exc.directory} is damaged ({', '.join(exc.damaged)}; the warnings above say "
-                "how); nothing to evaluate: restore one, or retrain"
+                "how); nothing to evaluate: restore them from a copy"
             ) from None
-        tokenizer = run_tokenizer(run_dir)
+        cfg = weights_config(run_dir, data) if weights_only(run_dir) else saved_run_config(config, run_dir)
+        device_settings(cfg, info.device)
+        precision = Precision.resolve(cfg.train.precision, info.device)
+        made_by, tokenizer = model_tokenizer(run_dir, config)
         if data:
-            dataset, indices = _data_dataset(cfg, data, tokenizer)
+            dataset, indices = _data_dataset(cfg, data, made_by, tokenizer)
         else:
+            if data_tokenizer_id(cfg).conflicts(made_by):
+                raise EvalError(
+                    f"the run's data ({cfg.data.path}) now holds ids of {data_tokenizer_id(cfg).describe()}, but "
+                    f"its weights read ids of {made_by.describe()}; give DATA made with the run's tokenizer"
+                )
             dataset, indices = validation_set(build_dataset(cfg), cfg)
-        n = len(indices) if not cfg.train.eval_batches or data else None
-        n_samples = check_eval_size(cfg, len(indices), info.world_size) if n is None else n
+        trained_world = config.get("world_size") if isinstance(config.get("world_size"), int) else 1
+        n_samples = eval_samples(cfg, len(indices), trained_world, bool(data))
         if n_samples < 1:
-            raise EvalError("the data to evaluate holds no sample; give more data or a shorter data.seq_len")
-        byte_lengths = byte_lengths_for(cfg, tokenizer, info.device)
-        figures = run_evaluation(model, cfg, info, precision, dataset, indices, n_samples, byte_lengths)
+            raise EvalError(
+                "the validation split holds no sample (data.val_fraction=0 and no data.val_path); "
+                "give DATA=<token file or text> to evaluate on"
+            )
+        figures = evaluate(
+            model, dataset, indices, n_samples=n_samples, rank=info.rank, world_size=info.world_size,
+            micro_batch=micro_batch or cfg.train.micro_batch, device=info.device,
+            autocast=lambda: precision.autocast(info.device), all_reduce=all_reduce_sum,
+            byte_lengths=byte_lengths_for(cfg, tokenizer, info.device),
+        )  # fmt: skip
         return {"step": step, "samples": n_samples, "tokens": n_samples * cfg.data.seq_len,
-                "data": data or "validation split", **figures}  # fmt: skip
+                "data": data or "validation split", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **figures}  # fmt: skip
     finally:
         shutdown()
+
+
+def write_record(run_dir: Path, figures: dict[str, Any]) -> str:
+    """Write eval.json (the newest evaluation, what scripts read), keeping the one before as eval-<time>.json.
+
+    Kept, not overwritten: an evaluation of other DATA or of an earlier checkpoint is another figure, and a
+    second make eval must not lose the first silently. Returns the words that say where it went.
+    """
+    target = run_dir / EVAL_RECORD
+    try:
+        with OutputLock(target, "eval.json"):
+            remove_leftovers(run_dir, [EVAL_RECORD])
+            kept = _keep_previous(target)
+            write_text_atomically(target, json.dumps(figures, indent=1) + "\n")
+    except OutputBusy as exc:
+        return f"not written: {exc}"
+    except OSError as exc:  # a read-only or full RUN_DIR: the figures above are the result
+        return f"not written to {target} ({exc.strerror}): the figures are above"
+    return f"written to {target}" + (f"; the previous one kept as {kept.name}" if kept else "")
+
+
+def _keep_previous(target: Path) -> Path | None:
+    """The existing eval.json linked (else copied) to eval-<its time>.json, under a name not yet taken."""
+    if not os.path.lexists(target):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(os.lstat(target).st_mtime))
+    for attempt in range(1000):
+        kept = target.with_name(f"eval-{stamp}{f'-{attempt}' if attempt else ''}.json")
+        try:
+            os.link(target, kept, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        except OSError:  # a file system without hard links
+            if os.path.lexists(kept):
+                continue
+            shutil.copyfile(target, kept, follow_symlinks=False)
+        return kept
+    raise FileExistsError(errno.EEXIST, "no free name for the previous record", str(target))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="", help="the run to evaluate")
     parser.add_argument("--data", default="", help="evaluate on the whole of this token file or text glob")
-    parser.add_argument("--gpus", type=count_arg("--gpus"), help="processes (default: the checkpoint's world size)")
+    parser.add_argument("--gpus", type=count_arg("--gpus"), help="processes (default: every GPU, or 1 CPU process)")
+    parser.add_argument(
+        "--micro-batch", type=count_arg("--micro-batch"), help="samples per process and forward (default: the run's)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.run_dir:
@@ -383,16 +503,24 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"RUN_DIR={run_dir} is not a directory; give a make train RUN_DIR")
+    if args.micro_batch == 0:
+        raise EvalError("MICRO_BATCH=0: give at least 1 sample per forward, e.g. MICRO_BATCH=8")
     if args.worker:
-        _worker_main(run_dir, args.data)
-    if is_weights_directory(run_dir):
+        _worker_main(run_dir, args.data, args.micro_batch)
+    if not os.access(run_dir, os.R_OK | os.X_OK):
+        raise EvalError(f"RUN_DIR={run_dir} cannot be read by this user; give a run directory you can read")
+    if weights_only(run_dir):
         weights_config(run_dir, args.data)  # DATA and the model checked before any process starts
-        saved = 1  # one process unless GPUS says more
+        nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else 1
+    # Whether any was written; which one is usable (or damaged) the workers say, after their checks.
+    elif not Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).listed_steps():
+        train = f"make train RUN_DIR={shlex.quote(str(run_dir))}"
+        raise EvalError(f"{run_dir} has no checkpoint to evaluate; train first ({train})")
     else:
-        saved = newest_checkpoint_layout(run_dir)["world_size"]  # as many as the checkpoint was saved by
-        run_config(run_dir)
-    nproc = check_workers(args.gpus, _visible_gpus(), "--gpus") if args.gpus is not None else saved
-    forwarded = ["--worker", "--run-dir", str(run_dir), *(["--data", args.data] if args.data else [])]
+        # Any number of processes: each reads the whole model, whatever world size saved it (train.weights).
+        nproc = check_workers(args.gpus, _visible_gpus(), "--gpus")
+    forwarded = ["--worker", "--run-dir", str(run_dir), *(["--data", args.data] if args.data else []),
+                 *(["--micro-batch", str(args.micro_batch)] if args.micro_batch else [])]  # fmt: skip
     return launch("train.eval", forwarded, nproc)
 
 
@@ -400,17 +528,18 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _worker_main(run_dir: Path, data: str) -> None:
+def _worker_main(run_dir: Path, data: str, micro_batch: int | None) -> None:
     """Evaluate, print (rank 0), and leave without interpreter teardown, as train.worker does (gloo on torch 2.4)."""
+    end_with_parent()  # a killed make eval takes its workers along: none goes on to write eval.json
     rank = int(os.environ.get("RANK", 0))
     code = 0
     try:
-        figures = worker(run_dir, data)
+        figures = worker(run_dir, data, micro_batch)
         if rank == 0:
-            write_text_atomically(run_dir / EVAL_RECORD, json.dumps(figures, indent=1) + "\n")
             shown = " | ".join(f"{k} {v:.4f}" for k, v in figures.items() if k.startswith("val_"))
+            where = write_record(run_dir, figures)
             print(f"torchrig eval: step {figures['step']}: {shown} ({figures['samples']:,} samples of "
-                  f"{figures['data']}); written to {run_dir / EVAL_RECORD}")  # fmt: skip
+                  f"{figures['data']}); {where}")  # fmt: skip
     except UserError as exc:
         if rank == 0:
             print(f"torchrig eval: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
+from env.common.atomic import write_fix
 from env.common.cli import ArgumentParser, UserError, run_cli
+from env.common.outputs import OutputLock, remove_leftovers
 from train.hf import tokenizer_files
 from train.hf.directory import CONFIG, is_hf_directory, write_directory
 from train.hf.files import (
@@ -73,7 +75,28 @@ def parameter_names(config: dict) -> set[str]:
 
 
 def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False, shard: str = DEFAULT_SHARD) -> dict:
-    """Write the export of run_dir's newest valid checkpoint (or of another export) into output."""
+    """Write the export of run_dir's newest valid checkpoint (or of another export) into output.
+
+    The directory is owned for the write (env/common/outputs.py): a second export into it is refused, what a
+    killed one left beside it is removed, and the new directory replaces the old one in one rename.
+    """
+    if output.is_symlink():  # the new directory replaces OUTPUT in one rename: a link would be replaced, not followed
+        raise ExportError(f"OUTPUT={output} is a symlink; give the directory itself")
+    try:
+        output.absolute().parent.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(output, "OUTPUT").acquire()
+    except OSError as exc:
+        raise ExportError(
+            f"cannot write {output} ({exc.strerror}); {write_fix(exc).replace('RUN_DIR', 'OUTPUT')}"
+        ) from None
+    try:
+        remove_leftovers(output.absolute().parent, [output.name])
+        return _export(run_dir, output, dtype, force, shard)
+    finally:
+        lock.release()
+
+
+def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str) -> dict:
     in_a_run = (output / "checkpoints").exists() or (output / "manifest.json").exists()
     if (output.exists() and output.resolve() == run_dir.resolve()) or in_a_run:
         # sampling and fine-tuning read an export before checkpoints: one inside a run would hide newer training
@@ -94,6 +117,7 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
     try:
         if spec.hf is None:
             tokenizer = find_tokenizer(run_dir, config)
+            _never_a_link(tokenizer)
             with publishing(output, force) as folder:
                 files = _write_torchrig_format(folder, config, tensors, step, dtype, tokenizer, run_dir, output)
             kind = "torchrig"
@@ -118,9 +142,19 @@ def _tokenizer(run_dir: Path, config: dict[str, Any], cfg: Any) -> tokenizer_fil
         if own is not None:
             return own
     tokenizer = find_tokenizer(run_dir, config)
+    _never_a_link(tokenizer)
     if tokenizer is None and cfg.vocab_size > BYTE_VOCAB:
         return tokenizer_files.TokenizerFiles()
     return tokenizer_files.for_run(tokenizer, cfg.max_seq_len)
+
+
+def _never_a_link(tokenizer: Path | None) -> None:
+    """A run's tokenizer.json is copied out only as the file itself: a link, wherever it points (a secret the
+    exporting user can read), is refused; a Hugging Face directory's own files may be links (its hub cache)."""
+    if tokenizer is not None and tokenizer.is_symlink():
+        raise ExportError(
+            f"{tokenizer} is a symlink, which is never copied out; copy the run's tokenizer file itself there"
+        )
 
 
 def _provenance(run_dir: Path, output: Path, step: int, dtype: str, config: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from env.common.cli import ArgumentParser, UserError, check_workers, count_arg, plain_name, run_cli
+from env.common.readfile import ReadRefused, read_json
 from env.machine.nvml import read_snapshot
 from env.machine.p2p import apply_p2p_decision, decide_p2p, torch_copy_check
 from env.records.manifest import MANIFEST_ENV, build_manifest
@@ -28,9 +29,11 @@ from train import plan
 from train.config import RunConfig
 from train.config_loader import load_config
 from train.data import build_dataset
+from train.data.split import check_held_out
 from train.errors import ConfigError, DataError
-from train.models import count_params
-from train.rundir import completed_steps
+from train.memory_bound import check_need, training_need
+from train.run import lr_at
+from train.rundir import SUMMARY_LIMIT, completed_steps
 from train.weights import init_source_config
 
 # Make variables that are shorthands for config keys (make train STEPS=100 == ARGS="train.steps=100"),
@@ -79,31 +82,24 @@ def _p2p_decision() -> dict | None:
     return decision.to_dict()
 
 
-# Training holds, per parameter, fp32 weights and gradients and AdamW's two moments.
-TRAINING_BYTES_PER_PARAM = 16
-
-
-def memory_bytes(has_gpu: bool) -> int:
-    """What one worker may use: a GPU's memory, or this machine's RAM (CPU workers share it)."""
-    import torch
-
-    if has_gpu:
-        return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_fits(cfg: RunConfig, nproc: int, world: int, has_gpu: bool) -> None:
-    """Refuse, before anything is allocated, a model whose training state alone cannot fit in memory."""
+    """Refuse, before anything is allocated, a run whose state, activations or modules cannot fit
+    (train/memory_bound.py)."""
+    need = training_need(cfg, world, has_gpu)
+    fix = "shrink model.dim, model.n_layers, model.vocab_size, model.n_routed_experts, data.seq_len or MICRO_BATCH"
+    check_need(need, f"training model.arch={cfg.model.arch}", fix, workers=nproc, on_gpu=has_gpu)
 
-    params = count_params(cfg.model).total
-    per_worker = params * TRAINING_BYTES_PER_PARAM // (world if cfg.train.strategy == "fsdp" else 1)
-    needed, where = (per_worker, "one GPU's memory") if has_gpu else (per_worker * nproc, "this machine's RAM")
-    available = memory_bytes(has_gpu)
-    if needed > available:
-        raise ConfigError(
-            f"the model has {params:,} parameters: training them needs about {needed / 2**30:,.1f} GiB "
-            f"(16 bytes each) and {where} is {available / 2**30:,.1f} GiB; shrink model.dim, model.n_layers "
-            "or model.vocab_size"
+
+def warn_short_warmup(cfg: RunConfig) -> None:
+    """Say so when the run ends inside its warmup: the learning rate then never reaches train.lr."""
+    t = cfg.train
+    if t.warmup_steps > t.steps:
+        peak = lr_at(t.steps - 1, cfg)
+        print(
+            f"torchrig: warning: train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the learning "
+            f"rate only reaches {peak:.3g} ({peak / t.lr:.0%} of train.lr={t.lr:g}); lower train.warmup_steps to "
+            "train at the full rate",
+            flush=True,  # on stdout with the launcher's other lines: stderr is for what stops a run
         )
 
 
@@ -126,9 +122,12 @@ def _preflight(args: argparse.Namespace, has_gpu: bool) -> tuple[RunConfig, Path
     check_fits(cfg, workers, workers * nodes.nnodes, has_gpu)
     if has_gpu:  # make plan's figures for this box; on the CPU, VRAM is not what limits a run
         plan.check_fits(cfg, plan.Box(workers * nodes.nnodes, torch.cuda.get_device_properties(0).total_memory))
+    warn_short_warmup(cfg)
     run_dir = Path(args.run_dir or f"runs/{plain_name(cfg.name)}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         build_dataset(cfg)  # fails fast on a bad data path, and builds the corpus cache once
+        if cfg.data.val_path:
+            check_held_out(cfg)  # other data than data.path, of the same tokenizer
     except OSError as exc:
         raise DataError(f"cannot read {exc.filename} ({exc.strerror}); check data.path and its permissions") from None
     try:
@@ -192,7 +191,11 @@ def _stopped_cleanly(run_dir: Path, since: float) -> bool:
     summary = run_dir / "summary.json"
     if not summary.exists() or summary.stat().st_mtime < since:
         return False
-    return bool(json.loads(summary.read_text()).get("stopped_early"))
+    try:
+        record = read_json(summary, SUMMARY_LIMIT)
+    except ReadRefused:
+        return False
+    return isinstance(record, dict) and bool(record.get("stopped_early"))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,12 @@ class MetricsLogger:
             "steps": records[-1]["step"] if records else None,
             "final_loss": records[-1]["loss"] if records else None,
             "first_loss": records[0]["loss"] if records else None,
+            # The objective without its MTP term, where it has one: the figure val_loss compares with.
+            **(
+                {"final_next_token_loss": records[-1]["next_token_loss"]}
+                if records and "next_token_loss" in records[-1]
+                else {}
+            ),
             "step_ms": median("step_ms"),
             "samples_per_sec": median("samples_per_sec"),
             "tokens_per_sec": median("tokens_per_sec"),

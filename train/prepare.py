@@ -466,6 +466,12 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
                 f"INPUT={' '.join(args.inputs)!r} holds no conversation to learn from ({chat.report(writer.tally)}); "
                 "give conversations with assistant turns, or a larger SEQ_LEN"
             )
+        text = sum(source.size for source in sources)
+        if args.tokenizer not in (None, "bytes") and text:
+            raise DataError(
+                f"TOKENIZER={args.tokenizer} encodes {text:,} bytes of text into 0 tokens: it cannot encode this "
+                "text; use TOKENIZER=bpe or a tokenizer made for such text"
+            )
         raise DataError(f"INPUT={' '.join(args.inputs)!r} holds no documents; give files with text")
     return writer.finish()
 
@@ -518,7 +524,8 @@ def _check_unknown(unknown: int, total: int) -> None:
     """Refuse a tokenizer that cannot encode the text (checked after the first unit, and over the whole input)."""
     if total and unknown > UNKNOWN_SHARE * total:
         raise DataError(
-            f"{unknown / total:.0%} of the ids are the tokenizer's unknown token: it cannot encode this text; "
+            f"the tokenizer turns {unknown / total:.1%} of the text's {total:,} tokens into its unknown token: it "
+            "cannot encode this text; "
             "use TOKENIZER=bpe or a tokenizer made for such text"
         )
 
@@ -531,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--output", required=True, metavar="PATH.bin", help="the token set to write (its .json beside)")
     parser.add_argument("--tokenizer", default=None, help="bytes (default), bpe (train one), or a tokenizer.json")
-    parser.add_argument("--vocab", type=count_arg("VOCAB"), default=8192, help="vocabulary size of a trained BPE")
+    parser.add_argument("--vocab", type=count_arg("VOCAB"), help="vocabulary size of a trained BPE (8192)")
     parser.add_argument("--text-field", default="text", help="the JSON field or column holding the text (TEXT_FIELD)")
     parser.add_argument("--procs", type=count_arg("PROCS"), default=None, help="tokenizer processes (default: cores)")
     parser.add_argument(
@@ -543,6 +550,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=count_arg("SEQ_LEN"), default=None, help="chat: the windows to pack into")
     parser.add_argument("--chat-template", default=None, help="chat: a .jinja template instead of TOKENIZER's")
     args = parser.parse_args(argv)
+    if args.vocab is not None and args.tokenizer != "bpe":
+        raise DataError(
+            f"VOCAB={args.vocab} sets the size of a BPE that prepare trains, so it needs TOKENIZER=bpe; "
+            f"TOKENIZER={args.tokenizer or 'bytes'} has its own vocabulary: drop VOCAB or set TOKENIZER=bpe"
+        )
+    args.vocab = 8192 if args.vocab is None else args.vocab
     cores = available_cores()
     procs = cores if args.procs is None else args.procs
     if not 1 <= procs <= cores:

@@ -91,11 +91,13 @@ class Run:
     precision: Precision
     checkpointer: Checkpointer
     start_step: int
-    # Turns each step's summed [loss, stop votes] into [mean loss, stop votes]; made once: a copy from the host waits.
+    # Turns each step's summed [loss, its named parts (the spec's loss_parts), stop votes] into means and the
+    # vote count; made once: a copy from the host waits.
     stats_divisor: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.stats_divisor = torch.tensor([self.info.world_size, 1.0], device=self.info.device)
+        ranks = [float(self.info.world_size)] * (1 + len(get_spec(self.cfg.model.arch).loss_parts))
+        self.stats_divisor = torch.tensor([*ranks, 1.0], device=self.info.device)
 
 
 def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:

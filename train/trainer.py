@@ -118,28 +118,37 @@ def train_step(
     lr = lr_at(step - 1, cfg)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    part_names = get_spec(cfg.model.arch).loss_parts  # e.g. the next-token loss inside DeepSeek's MTP objective
     micro_batches = [next(batches) for _ in range(accum)]
     counted = counted_in_step(run, [targets for _, targets in micro_batches]) if masked else None
     # DDP and FSDP average gradients over ranks: each rank's share of the divisor makes the step's gradient
-    # that of the mean over all counted targets, as one process with the whole global batch takes it.
-    divisors = counted.clamp(min=1) / run.info.world_size if counted is not None else None
-    loss_sum = torch.zeros((), device=device)
+    # that of the mean over all counted targets, as one process with the whole global batch takes it; a
+    # micro-batch's loss is then already its share of the step's (no division by accum).
+    divisors = () if counted is None else (counted.clamp(min=1) / run.info.world_size,)
+    share = accum if counted is None else 1
+    # [loss, each named part] summed over the micro-batches
+    sums = torch.zeros(1 + len(part_names), device=device)
     for micro, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         watchdog.mark(step, "start")
         with gradient_sync(model, enabled=micro == accum - 1):
             with run.precision.autocast(device):  # the forward only: backward follows its dtypes
-                loss = model(inputs, targets) / accum if divisors is None else model(inputs, targets, divisors)
+                if part_names:
+                    loss, parts = model(inputs, targets, *divisors, parts=True)
+                else:
+                    loss, parts = model(inputs, targets, *divisors), {}
+                loss = loss / share
             watchdog.mark(step, "backward")
             run.scaler.scale(loss).backward()
-        loss_sum += loss.detach().float()
-    # One small all-reduce per step: the global mean loss, and the stop request of any rank.
+        sums += torch.stack([loss.detach().float(), *(parts[name].float() / share for name in part_names)])
+    # One small all-reduce per step: the global mean loss and its parts, and the stop request of any rank.
     watchdog.mark(step, "sync")
     # torch.full, not torch.tensor: no copy from the host, which would wait for the backward to finish.
-    stats = torch.stack([loss_sum, torch.full((), float(stop.requested), device=device)])
+    stats = torch.cat([sums, torch.full((1,), float(stop.requested), device=device)])
     all_reduce_sum(stats)
-    loss_mean, stop_votes = (stats / run.stats_divisor).tolist()
+    means = (stats / run.stats_divisor).tolist()
+    loss_mean, stop_votes = means[0], means[-1]
     stop.agreed = stop_votes > 0
     if not math.isfinite(loss_mean):
         raise TrainingStopped(
@@ -153,9 +162,10 @@ def train_step(
     run.optimizer.zero_grad(set_to_none=True)
     after_step = get_spec(cfg.model.arch).after_step  # e.g. DeepSeek's MoE balancing bias update
     extra = after_step(model, all_reduce_sum) if after_step is not None else {}
+    named = dict(zip(part_names, means[1:-1], strict=True))
     if counted is not None:
         extra["counted_tokens"] = counted[0]  # the targets the step's loss is over, all ranks
-    return {"loss": loss_mean, "lr": lr, "grad_norm": grad_norm} | extra
+    return {"loss": loss_mean, **named, "lr": lr, "grad_norm": grad_norm} | extra
 
 
 def counted_in_step(run: Run, targets: list[torch.Tensor]) -> torch.Tensor:
@@ -170,6 +180,9 @@ def counted_in_step(run: Run, targets: list[torch.Tensor]) -> torch.Tensor:
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
     step = checkpointer.latest_step()
+    if step is None and checkpointer.saved:  # this run saved some, and they are gone (RUN_DIR/checkpoints removed?)
+        last = checkpointer.saved[-1]
+        return f"no checkpoint is left in {checkpointer.directory}: the last saved, step {last}, is gone"
     if step is None:
         return "no checkpoint was written yet"
     return f"the last checkpoint (step {step}, in {checkpointer.run_dir / 'checkpoints'}) is intact"

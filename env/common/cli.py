@@ -11,7 +11,6 @@ venv exists.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -105,47 +104,26 @@ def check_workers(requested: int | None, visible_gpus: int, flag: str = "GPUS") 
     return requested
 
 
-# A JSON record the rig writes is a few levels deep; far deeper is not one of ours (and would
-# exhaust Python's recursion in json or in the code that walks it).
-MAX_JSON_DEPTH = 32
+# The largest JSON record a user may hand a tool (a baseline, a bandwidth record, a manifest).
 MAX_JSON_BYTES = 64 * 2**20
-
-
-def _json_depth(value: object) -> int:
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        level = [c for v in level if isinstance(v, (dict, list)) for c in (v.values() if isinstance(v, dict) else v)]
-    return depth - 1
 
 
 def load_json(path: object, what: str, fix: str, error: type[UserError] = UserError) -> object:
     """A JSON file a user named, parsed, or an `error` (a UserError): `{what} {path} <problem>; {fix}`.
 
-    Refuses a missing or unreadable file, one that is not UTF-8 text (a binary), not JSON, over
-    MAX_JSON_BYTES, or nested deeper than MAX_JSON_DEPTH; the caller checks the shape it needs.
+    Read by the one bounded reader (env/common/readfile.py): refuses a missing file, a FIFO, a device
+    (a link to /dev/zero), a directory, one over MAX_JSON_BYTES, one that is not UTF-8 JSON, or one
+    nested deeper than readfile.MAX_JSON_DEPTH; the caller checks the shape it needs.
     """
     from pathlib import Path
 
+    from env.common.readfile import ReadRefused, read_json
+
     file = Path(str(path))
     try:
-        if file.stat().st_size > MAX_JSON_BYTES:
-            raise error(f"{what} {file} is over {MAX_JSON_BYTES >> 20} MiB, not a record of ours; {fix}")
-        text = file.read_bytes().decode("utf-8")
-        data = json.loads(text)
-    except FileNotFoundError:
-        raise error(f"{what} {file} does not exist; {fix}") from None
-    except OSError as exc:
-        raise error(f"{what} {file} cannot be read ({exc.strerror}); {fix}") from None
-    except UnicodeDecodeError:
-        raise error(f"{what} {file} is not UTF-8 text (a binary file?); {fix}") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{what} {file} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
-    except RecursionError:
-        raise error(f"{what} {file} is nested too deeply to be a record of ours; {fix}") from None
-    if _json_depth(data) > MAX_JSON_DEPTH:
-        raise error(f"{what} {file} is nested deeper than {MAX_JSON_DEPTH} levels, not a record of ours; {fix}")
-    return data
+        return read_json(file, MAX_JSON_BYTES)
+    except ReadRefused as exc:
+        raise error(f"{what} {file} {exc.reason}; {fix}") from None
 
 
 def one_line(text: str) -> str:

@@ -4,10 +4,14 @@ A and B are run directories (holding manifest.json, and summary.json when the ru
 or manifest paths. Printed: the manifest keys whose values differ (flattened, noisy keys such
 as timestamps and temperatures left out), the package differences (added, removed, changed),
 and every numeric figure both summaries have (val_loss and val_bpb among them), side by side
-with the ratio B/A. For two training runs it also draws one PNG overlaying both runs' training
-and validation loss and throughput (env/records/plots.py): --plot PATH (make compare OUTPUT=…), by
-default A's run directory / compare-<B's name>.png.
-Exit status: 0 after printing, 2 when a path or its manifest is missing or unreadable.
+with the ratio B/A. Timing figures (step_ms, samples/s, tokens/s, mfu) are medians of logged steps:
+their ratio is marked NOISE, with a line saying why, when either run's logged step times spread
+beyond bench's rule (env/records/noise.py: ±10% around the median). For two training runs it also
+draws one PNG overlaying both runs' training and validation loss and throughput
+(env/records/plots.py): --plot PATH (make compare OUTPUT=…), by default A's run directory /
+compare-<B's name>.png.
+Exit status: 0 after printing, 2 when a path or its manifest is missing or unreadable, or when
+OUTPUT cannot be written (its folder missing, or another file there).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from env.common.cli import ArgumentParser, UserError, load_json, run_cli
-from env.records.plots import METRICS_NAME, PlotError, write_compare_plot
+from env.common.readfile import read_regular
+from env.records.noise import NOISE_SPREAD, spread
+from env.records.plots import METRICS_NAME, PlotError, read_records, write_compare_plot
 
 MANIFEST_NAME = "manifest.json"
 SUMMARY_NAME = "summary.json"
@@ -39,6 +45,8 @@ SKIPPED_KEYS = (
     "facts.pcie_load",
 )
 VALUE_WIDTH = 40
+# Summary figures that are timings (medians of logged steps): their ratio needs the noise rule.
+TIMING_KEYS = ("step_ms", "samples_per_sec", "tokens_per_sec", "mfu")
 
 
 class CompareError(UserError):
@@ -165,17 +173,41 @@ def render(a: Run, b: Run) -> str:
         lines.append("\npackages: the same")
     figures = compare_figures(a.summary, b.summary)
     if figures:
+        noise = timing_noise(a, b) if any(key in TIMING_KEYS for key, *_ in figures) else []
         width = max(len(k) for k, *_ in figures) + 2
         lines.append(f"\nfigures ({SUMMARY_NAME}):")
         lines.append(f"  {'KEY':<{width}}{'A':>14}{'B':>14}{'B/A':>9}")
         for key, va, vb, ratio in figures:
             shown = f"{ratio:.3f}" if ratio is not None else "-"
-            lines.append(f"  {key:<{width}}{_figure(va):>14}{_figure(vb):>14}{shown:>9}")
+            mark = "  NOISE" if noise and key in TIMING_KEYS else ""
+            lines.append(f"  {key:<{width}}{_figure(va):>14}{_figure(vb):>14}{shown:>9}{mark}")
+        if noise:
+            lines.append(
+                f"\n  NOISE: {'; '.join(noise)}: the timing ratios could move as much on a rerun (bench's rule: more "
+                f"than ±{NOISE_SPREAD:.0%} around the median); compare runs made on an idle machine"
+            )
     else:
         missing = [r.label for r in (a, b) if not r.summary]
         why = f"no {SUMMARY_NAME} in {', '.join(missing)}" if missing else "no numeric figure in both"
         lines.append(f"\nfigures: none to compare ({why})")
     return "\n".join(lines)
+
+
+def timing_noise(a: Run, b: Run) -> list[str]:
+    """Why the two runs' timings cannot carry a ratio, one phrase per run, by bench's rule; empty when they can
+    (or when a run logged no step times to judge them by: bench, too, takes a single figure as it is)."""
+    found = []
+    for label, run in (("A", a), ("B", b)):
+        try:
+            records = read_records(run.manifest_path.parent)
+        except PlotError:
+            continue
+        steady = records[len(records) // 10 :]  # the first tenth holds the warm-up, as the summary's medians skip it
+        times = [r["step_ms"] for r in steady if isinstance(r.get("step_ms"), (int, float)) and r["step_ms"] > 0]
+        measured = spread(times)
+        if measured is not None and measured > NOISE_SPREAD:
+            found.append(f"{label}'s step times spread ±{measured:.0%} over {len(times)} logged steps")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,15 +225,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAX_PLOT_BYTES = 64 * 2**20  # an overlay is well under a MiB
 
 
 def check_plot_path(out: Path) -> None:
     """OUTPUT is a .png, and an existing file there must be a PNG (an earlier overlay): nothing else is replaced."""
     if out.suffix.lower() != ".png":
         raise CompareError(f"OUTPUT={out} does not end in .png; name the overlay PNG, e.g. OUTPUT=compare.png")
+    if not out.parent.is_dir():
+        raise CompareError(f"OUTPUT={out}: its folder {out.parent} does not exist; create it or choose another OUTPUT")
     if out.is_symlink() or not out.exists():
         return  # a link is replaced, never written through (env.common.atomic)
-    if not out.is_file() or out.read_bytes()[: len(PNG_MAGIC)] != PNG_MAGIC:
+    head = read_regular(out, MAX_PLOT_BYTES)  # the bounded reader: a FIFO there is refused, never waited on
+    if head is None or head[: len(PNG_MAGIC)] != PNG_MAGIC:
         raise CompareError(f"OUTPUT={out} exists and is not a PNG; it is left alone: choose another OUTPUT")
 
 
@@ -214,8 +250,10 @@ def overlay(a: Run, b: Run, plot: str) -> str:
     check_plot_path(out)
     try:
         write_compare_plot(dirs[0], dirs[1], out)
-    except (PlotError, OSError) as exc:
+    except PlotError as exc:  # nothing to draw (no records, no matplotlib): the comparison above stands
         return f"\nplot: none ({exc})"
+    except OSError as exc:  # the OUTPUT asked for cannot be written: that is a failure, not a note
+        raise CompareError(f"cannot write OUTPUT={out} ({exc.strerror}); choose a writable OUTPUT") from None
     return f"\nplot: {out} (A and B overlaid: loss against step and tokens, validation dashed, throughput)"
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from env.common.atomic import replace_atomically
+from env.common.readfile import ReadRefused, read_bounded
 
 METRICS_NAME = "metrics.jsonl"
+METRICS_LIMIT = 1 << 30  # far above what a run writes (train/rundir.py reads it with the same bound)
 LOSS_PLOT_NAME = "loss.png"
 # (record key for x, axis label) of the two loss panels
 LOSS_AXES = (("step", "optimizer step"), ("tokens", "tokens seen"))
@@ -23,6 +25,7 @@ Series = dict[str, tuple[list[float], list[float]]]
 # The training figure is the objective, which adds model.mtp_weight x the MTP loss to the next-token
 # loss; validation is the next-token loss alone: the labels say so, since the curves sit apart.
 TRAIN_LABEL = "training objective (next token + MTP)"
+NEXT_TOKEN_LABEL = "training loss (next token only)"
 VAL_LABEL = "validation loss (next token)"
 
 
@@ -35,9 +38,9 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_NAME
     by_step: dict[int, dict[str, Any]] = {}
     try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        raise PlotError(f"cannot read {path} ({exc.strerror})") from None
+        lines = read_bounded(path, METRICS_LIMIT).decode(errors="replace").splitlines()
+    except ReadRefused as exc:
+        raise PlotError(f"{path} {exc.reason}") from None
     for line in lines:
         try:
             record = json.loads(line)
@@ -81,6 +84,11 @@ def _throughput_key(records: list[dict[str, Any]]) -> tuple[str, str]:
     return "samples_per_sec", "samples/s (all ranks)"
 
 
+def _literal(text: str) -> str:
+    """Text matplotlib shows as written: a run named d$$e is not mathtext (an unpaired '$' is a parse error)."""
+    return text.replace("$", r"\$")
+
+
 def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -> Series:
     """Draw the three panels for each (label, records); returns what was drawn, line label -> (x, y)."""
     plt = _pyplot()
@@ -91,16 +99,22 @@ def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -
         color = colors[index % len(colors)]
         prefix = f"{label}: " if len(runs) > 1 else ""
         for ax, (x, _) in zip(axes[:2], LOSS_AXES, strict=True):
-            for key, name, style in (("loss", TRAIN_LABEL, "-"), ("val_loss", VAL_LABEL, "--")):
+            lines = (
+                ("loss", TRAIN_LABEL, "-"),
+                ("next_token_loss", NEXT_TOKEN_LABEL, ":"),
+                ("val_loss", VAL_LABEL, "--"),
+            )
+            for key, name, style in lines:
                 xs, ys = _points(records, x, key)
                 if xs:
                     line_label = f"{prefix}{name}"
-                    ax.plot(xs, ys, style, color=color, marker="o" if key == "val_loss" else None, label=line_label)
+                    marker = "o" if key == "val_loss" else None
+                    ax.plot(xs, ys, style, color=color, marker=marker, label=_literal(line_label))
                     drawn[f"{line_label} vs {x}"] = (xs, ys)
         key, _ = _throughput_key(records)
         xs, ys = _points(records, "step", key)
         if xs:
-            axes[2].plot(xs, ys, "-", color=color, label=f"{prefix}{key.replace('_per_sec', '/s')}")
+            axes[2].plot(xs, ys, "-", color=color, label=_literal(f"{prefix}{key.replace('_per_sec', '/s')}"))
             drawn[f"{prefix}{key}"] = (xs, ys)
     for ax, (_, xlabel) in zip(axes[:2], LOSS_AXES, strict=True):
         ax.set_xlabel(xlabel)
@@ -115,7 +129,7 @@ def _draw(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str) -
     axes[0].set_title("loss against step")
     axes[1].set_title("loss against tokens seen")
     axes[2].set_title("throughput")
-    figure.suptitle(title)
+    figure.suptitle(_literal(title))
     replace_atomically(out, lambda f: figure.savefig(f, format="png", dpi=100), "wb")
     plt.close(figure)
     return drawn

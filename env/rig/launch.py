@@ -196,7 +196,7 @@ def launch(
     )
     try:
         with _one_stop_per_signal():
-            elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *args)
+            elastic_launch(config, entrypoint=sys.executable)("-u", "-m", module, *worker_argv(args))
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()  # the earliest failure is the cause; later ones follow from it
         if failure.exitcode not in explained:
@@ -212,6 +212,30 @@ def launch(
         )
         return 1
     return 0
+
+
+def worker_argv(args: Sequence[str]) -> list[str]:
+    """`args` as they must be handed to torch elastic's agent for every worker to receive them byte for byte.
+
+    The agent passes each argument through string.Template.safe_substitute(local_rank=...) (its macros),
+    so RUN_DIR='runs/d$$e' would reach the workers as 'runs/d$e' and 'x${local_rank}y' as 'x0y'. Each
+    '$' is doubled, which the substitution turns back into one; checked against the installed torch's
+    own substitution, so a torch that stops substituting gets the arguments as they are.
+    """
+    try:
+        from torch.distributed.elastic.utils.api import macros
+    except ImportError:
+        return list(args)
+    handed = []
+    for arg in args:
+        escaped = arg.replace("$", "$$")
+        for candidate in (escaped, arg):
+            if macros.substitute([candidate], "0")[0] == arg and macros.substitute([candidate], "1")[0] == arg:
+                handed.append(candidate)
+                break
+        else:
+            raise UserError(f"the argument {arg!r} cannot reach the workers unchanged; avoid '$' in it")
+    return handed
 
 
 @contextlib.contextmanager

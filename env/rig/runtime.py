@@ -168,7 +168,9 @@ TARGETS: dict[str, Target] = {
         summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask",
     ),
     "eval": Target(
-        "train.eval", ("GPUS", "RUN_DIR", "DATA"), summary="validation loss of a run's newest valid checkpoint"
+        "train.eval",
+        ("GPUS", "RUN_DIR", "DATA", "MICRO_BATCH"),
+        summary="validation loss of a run's newest valid checkpoint",
     ),
     "sample": Target(
         "train.sample",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -54,3 +57,20 @@ def pid_of(module: str, run_dir: Path, rank: int | None = None) -> int:
         if ours and (rank is None or f"RANK={rank}".encode() in environ):
             return int(entry.name)
     raise AssertionError(f"no {module} process of {run_dir}" + ("" if rank is None else f" with rank {rank}"))
+
+
+@contextlib.contextmanager
+def alarm_after(seconds: int, why: str) -> Iterator[None]:
+    """Fail with TimeoutError(why) once `seconds` pass: a hang (a blocking read, an endless walk) ends the test
+    instead of the suite. The main thread only (SIGALRM)."""
+
+    def fire(signum: int, frame: object) -> None:
+        raise TimeoutError(why)
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

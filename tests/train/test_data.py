@@ -197,7 +197,7 @@ def test_prepare_round_trip_keeps_the_bytes(tmp_path: Path, text_files: list[Pat
 def test_wide_vocab_uses_uint32_and_is_checked_against_the_model(tmp_path: Path) -> None:
     path = tmp_path / "wide.bin"
     tokens = np.arange(70_000 - 40, 70_000)
-    write_token_file(path, [tokens[:15], tokens[15:]], vocab_size=70_000)
+    write_token_file(path, [tokens[:15], tokens[15:]], vocab_size=70_000, tokenizer={"sha256": "0" * 64})
     assert json.loads(path.with_suffix(".json").read_text())["dtype"] == "uint32"
     assert np.array_equal(read_token_file(path)[0], tokens)
 
@@ -211,7 +211,7 @@ def test_wide_vocab_uses_uint32_and_is_checked_against_the_model(tmp_path: Path)
 
 def test_pickled_file_dataset_reopens_the_file(tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
-    write_token_file(path, [np.arange(100_000) % 256], vocab_size=256)
+    write_token_file(path, [np.arange(100_000) % 256], vocab_size=256, tokenizer={"kind": "bytes"})
     dataset = build_dataset(make_config("files", str(path), seq_len=32))
     blob = pickle.dumps(dataset)
     assert len(blob) < 10_000, "a worker started by spawn must not receive the tokens themselves"
@@ -225,7 +225,7 @@ def bad_configs(tmp_path: Path) -> dict[str, tuple[RunConfig, str]]:
     short = write_text(tmp_path, "short.txt", "tiny")
     write_text(tmp_path, "nosidecar.bin", "abcd")
     high = tmp_path / "high.bin"
-    write_token_file(high, [np.array([1, 2, 300, 4] * 10)], vocab_size=512)
+    write_token_file(high, [np.array([1, 2, 300, 4] * 10)], vocab_size=512, tokenizer={"sha256": "0" * 64})
     images_for_lm = make_config("images", str(tmp_path))
     return {
         "no path": (make_config("files"), "needs data.path"),

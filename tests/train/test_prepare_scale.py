@@ -195,7 +195,7 @@ def test_the_loader_reads_the_shards_as_one_stream_and_splits_as_before(corpus: 
     assert np.array_equal(np.asarray(tokens), expected)
     edge = SHARD_TOKENS - 5  # a slice across a shard boundary
     assert np.array_equal(tokens[edge : edge + 10], expected[edge : edge + 10]) and tokens[-1] == expected[-1]
-    write_token_file(whole, [expected], vocab_size=512)
+    write_token_file(whole, [expected], vocab_size=512, tokenizer={"sha256": "0" * 64})
     splits = []
     for path, seed, micro_batch in ((reference, 1, 4), (reference, 2, 3), (whole, 3, 2)):
         cfg = default_config()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from env.records.noise import NOISE_SPREAD  # the rig's one noise rule: ±10% around the median
 from env.rig.lifeline import signal_when_parent_dies
 from train.bench import counted
 from train.config import RunConfig
@@ -22,7 +23,6 @@ from train.sinks.console import format_duration
 
 LOG_WINDOWS = 8  # logged windows per run; the summary takes the median over the steady ones
 DEFAULT_REPEATS = 2  # runs per count; with the logged windows of each, several measurements per point
-NOISE_SPREAD = 0.10  # a point whose measurements spread wider than ±10% around its median is noise-bound
 NOISE_EXIT = 3  # the table is written, but its figures are noise-bound
 PROGRESS_POLL_S = 2.0
 

@@ -9,7 +9,7 @@ resume.py        which config changes a resume allows (the global batch, not its
 checkpointer.py  save / load_latest of a dict of parts, pruning, the fallback to older ones
 """
 
-from train.checkpoint.checkpointer import Checkpointer, load_model
+from train.checkpoint.checkpointer import Checkpointer, load_model, read_model
 from train.checkpoint.errors import CheckpointError, EveryCheckpointDamaged
 from train.checkpoint.parts import ModelState, OptimizerState, RNGState, capture_rng, restore_rng, unwrap_model
 from train.checkpoint.resume import check_compatible
@@ -24,6 +24,7 @@ __all__ = [
     "capture_rng",
     "check_compatible",
     "load_model",
+    "read_model",
     "restore_rng",
     "unwrap_model",
 ]

@@ -8,6 +8,11 @@ after the new one is complete. On load, a damaged or hostile newest checkpoint i
 one before, with one warning line; when every committed checkpoint is damaged, the load is
 refused rather than training from step 0 over the run's records.
 
+Readers (eval, sample, export, train.init_from) read a run that may still be training and pruning:
+a checkpoint whose sidecar disappears while it is read was pruned, not damaged. The reader then
+lists the checkpoints again and reads the newest, up to READ_ROUNDS times; it never reports a
+pruned checkpoint as damaged, nor a healthy run as one to retrain.
+
 Every method but latest_step is collective when torch.distributed is initialized: every rank calls
 it, and a failure on any rank becomes the same one-line CheckpointError on all.
 """
@@ -52,6 +57,10 @@ log = logging.getLogger(__name__)
 
 STEP_PATTERN = re.compile(r"^step-(\d+)(\.pt|\.json)?$")  # .pt: a DDP checkpoint of format 1
 PREFLIGHT_MARGIN_BYTES = 64 * 2**20
+# Times a reader lists the checkpoints again after the one it read was pruned meanwhile. A run
+# saving every step with keep_ckpts=1 replaces its checkpoint once a step; a reader that loses this
+# many rounds is slower than the run's steps, and says so instead of trying forever.
+READ_ROUNDS = 5
 T = TypeVar("T")
 
 
@@ -83,6 +92,10 @@ def _valid_header(header: Any, step: int) -> bool:
         and isinstance(header.get("part_names"), list)
         and isinstance(header.get("config"), dict | None)
     )
+
+
+class _Pruned(Exception):
+    """The checkpoint being read was pruned meanwhile (its sidecar is gone): list them again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +135,7 @@ class Checkpointer:
         self.world_size = world_size
         self.strategy = strategy
         self.config = config
+        self.saved: list[int] = []  # steps this checkpointer committed, newest last (to tell a removed folder)
 
     # -- before training
 
@@ -187,6 +201,7 @@ class Checkpointer:
             if rank0:
                 self._discard_uncommitted(step)
             raise
+        self.saved.append(step)
         if rank0:
             self._prune(step)
         return self.directory / name
@@ -224,9 +239,13 @@ class Checkpointer:
         else:
             reason, fix = first_line(exc), DEFAULT_WRITE_FIX
         previous = max((s for s in self._committed_steps() if s != step), default=None)
-        kept = (
-            f"the previous checkpoint step {previous} is intact" if previous is not None else "none was written before"
-        )
+        if previous is not None:
+            kept = f"the previous checkpoint step {previous} is intact"
+        elif self.saved:
+            last = self.saved[-1]
+            kept = f"the ones saved before (the last at step {last}) are gone from {self.directory}: was it removed?"
+        else:
+            kept = "none was written before"
         return f"checkpoint for step {step} could not be written ({reason}); {kept}: {fix}"
 
     def _discard_uncommitted(self, step: int) -> None:
@@ -259,23 +278,28 @@ class Checkpointer:
         """Restore every part from the newest usable checkpoint; returns its step, or None when there is none.
 
         Call before the first optimizer step, with gradients unset. A checkpoint that is damaged or
-        not plain data is skipped (one warning line); when every committed one is, this refuses.
+        not plain data is skipped (one warning line); when every committed one is, this refuses. One
+        pruned while it is read is no damage: the newest is read again (see the module docstring).
         """
-        damaged: list[str] = []
-        for step in from_rank0(self._candidate_steps() if self.rank == 0 else []):
-            header = self._verified_header(step)
-            if isinstance(header, Unusable):
-                if self.rank == 0:
-                    log.warning(f"{header.reason}; trying the one before")
-                if header.committed:
-                    damaged.append(self._entry(step))
-                continue
+
+        def apply(step: int, header: dict[str, Any]) -> int:
             self._check_usable(step, header)
             self._apply(step, header)
             return step
-        if damaged:
-            raise EveryCheckpointDamaged(str(self.directory), damaged)
-        return None
+
+        return self._newest_usable(apply)
+
+    def load_newest_into(self, make_parts: Callable[[dict[str, Any]], dict[str, Stateful]]) -> tuple[int, Any] | None:
+        """For a reader whose parts follow the checkpoint: (step, header) of the newest usable checkpoint, after
+        make_parts(its header) built the parts (e.g. a model of its config) and they were loaded from it."""
+
+        def apply(step: int, header: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            self.parts = make_parts(header)
+            self._check_usable(step, header)
+            self._apply(step, header)
+            return step, header
+
+        return self._newest_usable(apply)
 
     def newest_header(self) -> tuple[int, dict[str, Any]] | None:
         """The newest usable checkpoint's step and header (its config, its layout), verified but not loaded.
@@ -283,18 +307,56 @@ class Checkpointer:
         A damaged one is skipped with a warning line, as load_latest does, and when every committed one
         is, this refuses as load_latest does; None when none was written.
         """
+        return self._newest_usable(lambda step, header: (step, header))
+
+    def _newest_usable(self, use: Callable[[int, dict[str, Any]], T]) -> T | None:
+        """use(step, header) of the newest checkpoint that passes its checks, listing them again when one is pruned."""
+        for _ in range(READ_ROUNDS):
+            try:
+                return self._read_newest(use)
+            except _Pruned:
+                continue
+        raise CheckpointError(
+            f"the checkpoints in {self.directory} were replaced {READ_ROUNDS} times while being read: the run is "
+            "still training and prunes each one soon after the next (train.keep_ckpts); nothing is damaged: "
+            "try again, or once the run has finished"
+        )
+
+    def _read_newest(self, use: Callable[[int, dict[str, Any]], T]) -> T | None:
         damaged: list[str] = []
-        for step in from_rank0(self._candidate_steps() if self.rank == 0 else []):
+        listed = from_rank0(self._listing() if self.rank == 0 else ([], []))
+        steps, committed = listed
+        for step in steps:
             header = self._verified_header(step)
-            if not isinstance(header, Unusable):
-                return step, header
-            if self.rank == 0:
-                log.warning(f"{header.reason}; trying the one before")
-            if header.committed:
-                damaged.append(self._entry(step))
+            if isinstance(header, Unusable):
+                if step in committed and self._pruned(step):
+                    raise _Pruned
+                if self.rank == 0:
+                    log.warning(f"{header.reason}; trying the one before")
+                if header.committed:
+                    damaged.append(self._entry(step))
+                continue
+            try:
+                return use(step, header)
+            except CheckpointError:
+                if self._pruned(step):
+                    raise _Pruned from None
+                raise
         if damaged:
             raise EveryCheckpointDamaged(str(self.directory), damaged)
         return None
+
+    def _listing(self) -> tuple[list[int], list[int]]:
+        """Every step with an entry or a sidecar, newest first, and those whose sidecar exists (committed)."""
+        return self._candidate_steps(), self._committed_steps()
+
+    def _pruned(self, step: int) -> bool:
+        """A committed checkpoint whose sidecar is gone now: pruned (sidecars go first), on every rank's word."""
+        return bool(from_rank0(not self._sidecar(step).exists() if self.rank == 0 else None))
+
+    def listed_steps(self) -> list[int]:
+        """Every step with an entry or a sidecar on disk, newest first: complete, damaged or unfinished (any rank)."""
+        return self._candidate_steps()
 
     def latest_step(self) -> int | None:
         """The newest complete step (sidecar valid, file sizes right), without hashing or loading; any rank."""
@@ -419,3 +481,21 @@ def load_model(run_dir: Path, model: nn.Module) -> int | None:
     return Checkpointer(
         run_dir, {"model": ModelState(model)}, keep=1, rank=0, world_size=1, strategy=None
     ).load_latest()
+
+
+def read_model(
+    run_dir: Path, build: Callable[[dict[str, Any]], nn.Module]
+) -> tuple[nn.Module, dict[str, Any], int] | None:
+    """The newest usable checkpoint's model, built by build(its saved config) and loaded, in this one process:
+    (model, config, step), the config and the weights of one checkpoint even while the run prunes; None: none."""
+    models: list[nn.Module] = []
+
+    def parts(header: dict[str, Any]) -> dict[str, Stateful]:
+        models[:] = [build(header.get("config") or {})]
+        return {"model": ModelState(models[0])}
+
+    found = Checkpointer(run_dir, {}, keep=1, rank=0, world_size=1, strategy=None).load_newest_into(parts)
+    if found is None:
+        return None
+    step, header = found
+    return models[0], header.get("config") or {}, step

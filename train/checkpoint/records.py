@@ -8,6 +8,7 @@ lists exactly the files that are there (so no file is ever read unverified).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -20,9 +21,12 @@ from typing import Any
 import torch
 
 from env.common.atomic import open_exclusive, write_text_atomically
+from env.common.readfile import ReadRefused, open_bounded, read_json
 
 FORMAT_VERSION = 2  # 1: DDP as one step-N.pt file, FSDP as DCP (torchrig before checkpoints were Stateful parts)
 HASH_CHUNK_BYTES = 8 * 2**20
+# A sidecar lists one record per file of its entry (a few per rank); far above that is not one.
+SIDECAR_LIMIT = 16 * 2**20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -50,9 +54,14 @@ class _HashingWriter:
 
 
 def hash_file(path: Path) -> FileRecord:
+    """sha256 and size of a regular file (a FIFO or device planted in an entry is an OSError, never a hang)."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
+    try:
+        handle, _ = open_bounded(path, None)
+    except ReadRefused as exc:
+        raise OSError(errno.ENOENT if exc.missing else errno.EINVAL, exc.reason, str(path)) from None
+    with handle as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)
@@ -94,11 +103,11 @@ def read_sidecar(path: Path, entry: str) -> dict[str, Any] | str:
     A sidecar of another format comes back as {"format": n} only: refusing it is the caller's call.
     """
     try:
-        sidecar = json.loads(path.read_text())
-    except FileNotFoundError:
-        return f"checkpoint {entry} is incomplete (no {path.name}; the save was interrupted)"
-    except (OSError, ValueError, RecursionError) as exc:
-        return f"checkpoint sidecar {path.name} is unreadable ({first_line(exc)})"
+        sidecar = read_json(path, SIDECAR_LIMIT)
+    except ReadRefused as exc:
+        if exc.missing:
+            return f"checkpoint {entry} is incomplete (no {path.name}: still being saved, or its save was interrupted)"
+        return f"checkpoint sidecar {path.name} is unreadable (it {exc.reason})"
     found = sidecar.get("format") if isinstance(sidecar, dict) else None
     if type(found) is not int:
         return f"checkpoint sidecar {path.name} names no format"

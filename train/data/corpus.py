@@ -10,14 +10,14 @@ losses: compare runs only on the same corpus (its sha256 is in the cache's .json
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import sysconfig
 from pathlib import Path
 
+from env.common.readfile import ReadRefused, read_json
 from train.data.text import document_chunks
-from train.data.tokens import BYTE_VOCAB, BYTES_TOKENIZER, sidecar_path, write_token_file
+from train.data.tokens import BYTE_VOCAB, BYTES_TOKENIZER, SIDECAR_LIMIT, sidecar_path, write_token_file
 from train.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -50,16 +50,18 @@ def build_corpus(cache_dir: Path | None = None, max_bytes: int = CORPUS_MAX_BYTE
     identity = {"source": "corpus", "python": version, "stdlib": str(stdlib), "max_bytes": max_bytes}
     identity["tokenizer"] = BYTES_TOKENIZER
     try:
-        meta = json.loads(sidecar_path(path).read_text())
+        meta = read_json(sidecar_path(path), SIDECAR_LIMIT)
         if {k: meta.get(k) for k in identity} == identity and path.stat().st_size == meta["count"]:
             return path
-    except (OSError, ValueError, KeyError):
+    except (OSError, ReadRefused, KeyError, TypeError, AttributeError):
         pass  # missing or unreadable cache: build it
     files = corpus_files(stdlib)
     if not files:
         raise DataError(f"found no Python sources under {stdlib} for the corpus; use data.source=synthetic or files")
     try:
-        write_token_file(path, document_chunks(files, max_bytes), BYTE_VOCAB, dtype="uint8", meta=identity)
+        write_token_file(
+            path, document_chunks(files, max_bytes), BYTE_VOCAB, tokenizer=BYTES_TOKENIZER, dtype="uint8", meta=identity
+        )
     except OSError as exc:
         raise DataError(
             f"cannot write the corpus cache {path} ({exc.strerror}); set TORCHRIG_DATA_DIR to a writable directory"

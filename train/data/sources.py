@@ -46,6 +46,7 @@ from train.data.tokens import (
 from train.errors import ConfigError, DataError
 from train.models import get_spec
 from train.models.loss import IGNORE_INDEX
+from train.tokenizer import ANY, BYTES, TokenizerId, recorded_tokenizer, sha256_of
 
 # Stream length of the synthetic sources: large enough that an epoch boundary is rare.
 SYNTHETIC_SAMPLES = 2**16
@@ -269,12 +270,12 @@ def _shard_files(path: str) -> list[Path] | None:
     return sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
 
 
-def token_source(path: str) -> tuple[np.ndarray | TokenStream, dict] | None:
+def token_source(path: str, what: str = "data.path") -> tuple[np.ndarray | TokenStream, dict] | None:
     """A token file or set (NAME.bin), or llm.c shards (a .bin, a glob or a directory of them); None for text."""
     shards = _shard_files(path)
     if shards is not None:
         if not shards:
-            raise DataError(f"data.path={path!r} matches no .bin files; check the path")
+            raise DataError(f"{what}={path!r} matches no .bin files; check the path")
         strangers = [p for p in shards if not is_llmc_file(p)]
         if strangers:
             raise DataError(
@@ -283,7 +284,7 @@ def token_source(path: str) -> tuple[np.ndarray | TokenStream, dict] | None:
             )
         return read_llmc(shards)
     if path.endswith(".bin"):
-        return read_token_file(path)
+        return read_token_file(path, what)
     return None
 
 
@@ -391,7 +392,13 @@ def _data_vocab_size(cfg: RunConfig) -> int:
 def data_tokenizer(cfg: RunConfig) -> Path | None:
     """The tokenizer.json the run's token file was made with (checked against its sidecar), or None without one."""
     path = cfg.data.path
-    found = token_source(path) if cfg.data.source == "files" and path else None
+    return token_file_tokenizer(path) if cfg.data.source == "files" and path else None
+
+
+def token_file_tokenizer(path: str, what: str = "data.path") -> Path | None:
+    """The tokenizer.json beside a token file that made its ids (its sha256 checked against the sidecar's
+    record), or None when the path is text, the ids are bytes or the sidecar names no file."""
+    found = token_source(path, what)
     if found is None:
         return None
     record = found[1].get("tokenizer")
@@ -399,14 +406,26 @@ def data_tokenizer(cfg: RunConfig) -> Path | None:
         return None
     tokenizer = Path(path).parent / Path(record["file"]).name
     try:
-        actual = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise DataError(
-            f"{path} was made with {tokenizer}, which cannot be read ({exc.strerror}); restore it"
-        ) from None
+        actual = sha256_of(tokenizer)
+    except DataError as exc:
+        raise DataError(f"{path} was made with {tokenizer}, which cannot be used ({exc}); restore it") from None
     if actual != record.get("sha256"):
         raise DataError(f"{tokenizer} is not the tokenizer {path} was made with (sha256 differs); re-run make prepare")
     return tokenizer
+
+
+def path_tokenizer(path: str, what: str = "data.path") -> TokenizerId:
+    """What made the ids of a data path: a text glob is read as bytes; a token file says so in its sidecar."""
+    found = token_source(path, what)
+    return BYTES if found is None else recorded_tokenizer(found[1])
+
+
+def data_tokenizer_id(cfg: RunConfig) -> TokenizerId:
+    """What made the ids this run trains on (train/tokenizer.py TokenizerId)."""
+    source = cfg.data.source
+    if source == "files":
+        return path_tokenizer(cfg.data.path)
+    return BYTES if source == "corpus" else ANY  # synthetic ids and images stand for no text
 
 
 def build_dataset(cfg: RunConfig) -> Dataset:

@@ -21,12 +21,17 @@ Format (write it yourself from any tokenizer):
 - A mask (chat data, train/data/chat.py): "mask": {"dtype": "uint8", "learned"} in the sidecar, and each
   shard's {"mask": {"file", "sha256", "learned"}}: a file of one uint8 per id beside the shard, 1 where the
   loss learns that token (a target the loader does not mark IGNORE_INDEX); "learned" counts the 1s.
+
+Every file is read through a bounded reader: a FIFO, a device or an oversized file at either name
+is refused in one line. Every consumer compares the tokenizer record with the tokenizer it uses
+(train/tokenizer.py TokenizerId).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from env.common.atomic import replace_atomically
+from env.common.readfile import ReadRefused, open_bounded, read_json
 from train.data import llmc
-from train.data.streams import read_head, read_small
+from train.data.streams import read_head
 from train.errors import DataError
 
 BYTE_VOCAB = 256
@@ -68,9 +74,10 @@ def write_token_file(
     path: Path | str,
     chunks: Iterable[np.ndarray],
     vocab_size: int,
+    *,
+    tokenizer: dict[str, Any],
     dtype: str | None = None,
     meta: dict[str, Any] | None = None,
-    tokenizer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write token chunks to PATH.bin and its PATH.json sidecar (last, so its presence means done).
 
@@ -170,14 +177,11 @@ def is_llmc_file(path: Path) -> bool:
 
 
 def read_sidecar(meta_path: Path) -> dict[str, Any]:
-    """A sidecar's JSON through the bounded reader (a regular file of at most SIDECAR_LIMIT bytes)."""
-    data = read_small(meta_path, SIDECAR_LIMIT)
-    if data is None:
-        raise DataError(f"{meta_path} is not a regular file of at most {SIDECAR_LIMIT >> 20} MiB; it is no sidecar")
+    """A sidecar's JSON through the one bounded reader (a regular file of at most SIDECAR_LIMIT bytes)."""
     try:
-        meta = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"{meta_path} is not a valid sidecar ({type(exc).__name__}); re-run make prepare") from None
+        meta = read_json(meta_path, SIDECAR_LIMIT)
+    except ReadRefused as exc:
+        raise DataError(f"the sidecar {meta_path} {exc.reason}; re-run make prepare") from None
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path} is not a valid sidecar (not a JSON object); re-run make prepare")
     return meta
@@ -214,15 +218,16 @@ def _shard_parts(path: Path, meta: dict[str, Any], dtype: np.dtype) -> list[tupl
     return parts
 
 
-def read_token_file(path: Path | str) -> tuple[np.ndarray | TokenStream, dict[str, Any]]:
-    """Memory-map a token file or a set of shards after checking it against its sidecar; or an llm.c shard."""
+def read_token_file(path: Path | str, what: str = "data.path") -> tuple[np.ndarray | TokenStream, dict[str, Any]]:
+    """Memory-map a token file or a set of shards after checking it against its sidecar; or an llm.c shard.
+    `what` names the path in errors (DATA)."""
     path = Path(path)
     meta_path = sidecar_path(path)
     if not meta_path.exists() and is_llmc_file(path):
         return read_llmc([path])
-    if not path.is_file() and not meta_path.is_file():
-        raise DataError(f"data.path='{path}' does not exist; check the path or make it with make prepare")
-    if not meta_path.is_file():
+    if not path.exists() and not meta_path.exists():
+        raise DataError(f"{what}='{path}' does not exist; check the path or make it with make prepare")
+    if not os.path.lexists(meta_path):
         raise DataError(
             f"{path} has no sidecar {meta_path}; write one with dtype, vocab_size and count "
             "(docs/data.md#the-token-file-format) or re-run make prepare"
@@ -232,7 +237,8 @@ def read_token_file(path: Path | str) -> tuple[np.ndarray | TokenStream, dict[st
         dtype, count = meta["dtype"], int(meta["count"])
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(
-            f"{meta_path} is not a valid sidecar ({exc.__class__.__name__}: {exc}); it needs dtype, vocab_size and count"
+            f"{meta_path} is not a valid sidecar ({exc.__class__.__name__}: {exc}); "
+            "it needs dtype, vocab_size and count"
         ) from None
     if dtype not in TOKEN_DTYPES:
         raise DataError(f"{meta_path}: dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}; fix the sidecar")
@@ -241,6 +247,11 @@ def read_token_file(path: Path | str) -> tuple[np.ndarray | TokenStream, dict[st
         if len(parts) == 1 and parts[0][1] == 0 and parts[0][2]:  # one raw shard: a plain map, as a token file
             return np.memmap(parts[0][0], dtype=TOKEN_DTYPES[dtype], mode="r", shape=(parts[0][2],)), meta
         return TokenStream(parts, TOKEN_DTYPES[dtype]), meta
+    try:  # a regular file (a FIFO or device is named as one), opened without blocking
+        handle, _ = open_bounded(path, None)
+    except ReadRefused as exc:
+        raise DataError(f"{what}='{path}' {exc.reason}; give a token file made by make prepare") from None
+    handle.close()
     expected_bytes = count * TOKEN_DTYPES[dtype].itemsize
     if path.stat().st_size != expected_bytes:
         raise DataError(

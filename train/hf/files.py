@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from env.common import readfile
 from env.common.atomic import fsync_dir, make_temp_dir, write_fix
 from env.common.cli import UserError
 from train.errors import ConfigError
@@ -50,33 +51,21 @@ class OutputError(UserError):
 
 
 def read_regular(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; WeightsError naming `what` otherwise."""
+    """The bytes of a regular file of at most `limit` bytes (env/common/readfile.py); WeightsError naming what
+    the file is and `what` to do otherwise."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise WeightsError(f"{path} does not exist; {what}") from None
-    except OSError as exc:
-        raise WeightsError(f"cannot read {path} ({exc.strerror}); {what}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise WeightsError(f"{path} is not a regular file; {what}")
-        if info.st_size > limit:
-            raise WeightsError(f"{path} is {info.st_size:,} bytes, over the {limit:,} such a file can be; {what}")
-        try:
-            return handle.read(limit + 1)
-        except OSError as exc:
-            raise WeightsError(f"cannot read {path} ({exc.strerror}); {what}") from None
+        return readfile.read_bounded(path, limit)
+    except readfile.ReadRefused as exc:
+        raise WeightsError(f"{path} {exc.reason}; {what}") from None
 
 
 def read_json(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> Any:
-    """A JSON file's content (read_regular's rules); WeightsError naming `what` when it is not JSON."""
-    data = read_regular(path, limit, what)
+    """A JSON file's content through the one bounded reader (env/common/readfile.py: a regular file of at most
+    `limit` bytes, nested at most so deep); WeightsError naming what the file is and `what` to do otherwise."""
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = " ".join(str(exc).split())[:120] or type(exc).__name__
-        raise WeightsError(f"{path} is not JSON ({reason}); {what}") from None
+        return readfile.read_json(path, limit)
+    except readfile.ReadRefused as exc:
+        raise WeightsError(f"{path} {exc.reason}; {what}") from None
 
 
 def is_regular(path: Path) -> bool:

@@ -76,6 +76,9 @@ from train.models.spec import AllReduce, ModelSpec, ParamCount
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
 MAX_LAYERS = 4096
+# More routed experts than any MoE this rig trains (DeepSeek-V3 has 256): where torch._grouped_mm does not run
+# the experts are a loop, one step per expert, and millions of tiny ones would hang every forward.
+MAX_EXPERTS = 65536
 # A context far past any this rig trains (DeepSeek-V3: 128K); sampling's cache is sized by it.
 MAX_SEQ_LEN = 1 << 20
 # The epsilon of the query and key-value latent norms: DeepSeek's code builds them at RMSNorm's default
@@ -736,11 +739,19 @@ class Transformer(nn.Module):
                 module.tokens_per_expert.zero_()
 
     def forward(
-        self, inputs: torch.Tensor, targets: torch.Tensor | None = None, divisors: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        divisors: torch.Tensor | None = None,
+        parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets
         (IGNORE_INDEX targets not counted; divisors [1 + mtp_depth]: each term's sum over its divisor,
-        train/models/loss.py)."""
+        train/models/loss.py).
+
+        parts=True (the trainer's call): (loss, {"next_token_loss": the main head's cross-entropy}), the
+        figure comparable with val_loss; the loss adds the weighted MTP term to it.
+        """
         cos, sin = self.rope_cos, self.rope_sin
         hidden = self.embed(inputs)
         for layer in self.layers:
@@ -748,8 +759,9 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(hidden))
         if targets is None:
             return logits
-        main = token_loss(logits, targets, None if divisors is None else divisors[0])
-        return main + self.mtp_loss(hidden, inputs, targets, divisors)
+        next_token = token_loss(logits, targets, None if divisors is None else divisors[0])
+        loss = next_token + self.mtp_loss(hidden, inputs, targets, divisors)
+        return (loss, {"next_token_loss": next_token.detach()}) if parts else loss
 
     def import_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """`state`, keyed by this model's parameter names in either expert layout, in the layout this model
@@ -948,6 +960,8 @@ def validate_decoder(m: DeepSeekConfig) -> None:
         raise ConfigError(f"model.max_seq_len={m.max_seq_len} exceeds {MAX_SEQ_LEN:,}; lower it")
     if m.n_layers + m.mtp_depth > MAX_LAYERS:
         raise ConfigError(f"model.n_layers + model.mtp_depth = {m.n_layers + m.mtp_depth} exceeds {MAX_LAYERS}")
+    if m.n_routed_experts > MAX_EXPERTS:
+        raise ConfigError(f"model.n_routed_experts={m.n_routed_experts:,} exceeds {MAX_EXPERTS:,}; lower it")
     if m.qk_rope_head_dim < 2 or m.qk_rope_head_dim % 2:
         raise ConfigError(
             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and at least 2 (RoPE rotates pairs)"
@@ -1163,6 +1177,48 @@ def decoder_activations(cfg: DeepSeekConfig, seq_len: int, dt: Setting) -> Activ
     return Activations(tuple(units), outside)
 
 
+def _ffn_modules(m: DeepSeekConfig, layer_id: int) -> int:
+    if m.is_dense_layer(layer_id):
+        return 4  # SwiGLU: itself, w1, w2, w3
+    shared = 4 if m.n_shared_experts else 0
+    return 6 + shared  # MoE, router, the stacked experts and their three GroupedLinear layers
+
+
+def _block_modules(m: DeepSeekConfig, layer_id: int) -> int:
+    query = 1 if m.q_lora_rank == 0 else 3  # wq, or wq_a + q_norm + wq_b
+    attention = 1 + query + 4  # MLA, its query, wkv_a, kv_norm, wkv_b, wo
+    return 3 + attention + _ffn_modules(m, layer_id)  # Block, attn_norm, ffn_norm
+
+
+def decoder_modules(cfg: DeepSeekConfig) -> int:
+    """The nn.Modules Transformer(cfg) builds, counted from the config alone."""
+    main = sum(_block_modules(cfg, i) for i in range(cfg.n_layers))
+    mtp = sum(5 + _block_modules(cfg, cfg.n_layers + d) for d in range(cfg.mtp_depth))  # + norms, proj
+    return 6 + main + mtp  # Transformer, embed, layers, norm, head, mtp
+
+
+def _block_activations(m: DeepSeekConfig, layer_id: int) -> int:
+    """Numbers per token one block keeps for its backward, at least: its input (the norm's), the attention's
+    q, k, v and output, and the feed-forward's two projections and their product (each routed slot's too)."""
+    attention = m.n_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim)
+    if m.is_dense_layer(layer_id):
+        ffn = 3 * m.inter_dim
+    else:
+        ffn = m.n_activated_experts * (m.dim + 3 * m.moe_inter_dim) + 3 * m.n_shared_experts * m.moe_inter_dim
+    return m.dim + attention + ffn
+
+
+def activations_floor(cfg: DeepSeekConfig, seq_len: int, training: bool) -> float:
+    """Numbers a sample of seq_len tokens holds at once, a lower bound (train/memory_bound.py): training keeps
+    every block's (_block_activations) and the logits of every prediction depth; a forward without gradients
+    holds the logits and one block's input at a time."""
+    logits = cfg.vocab_size * (1 + (cfg.mtp_depth if training else 0))
+    if not training:
+        return float(seq_len) * (logits + cfg.dim)
+    blocks = [_block_activations(cfg, i) for i in range(cfg.n_layers + cfg.mtp_depth)]
+    return float(seq_len) * (logits + sum(blocks))
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
@@ -1180,10 +1236,13 @@ SPEC = ModelSpec(
     build=Transformer,
     count_params=decoder_params,
     flops_per_sample=flops_per_sample,
+    count_modules=decoder_modules,
+    activations=activations_floor,
     inputs="tokens",
     shard_units=shard_units,
     validate=validate_decoder,
     seq_len_limit="max_seq_len",
+    loss_parts=("next_token_loss",),
     after_step=moe_balance_step,
     loss_terms=lambda cfg: 1 + cfg.mtp_depth,  # the next token, then one term per MTP depth
     selective_units=selective_units,

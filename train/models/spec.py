@@ -134,6 +134,16 @@ class ModelSpec:
     # The modules LoRA adapts unless told otherwise (PEFT's target_modules: a module named so, or ending in "." +
     # one): the attention projections. make plan's LoRA lever plans them.
     lora_targets: tuple[str, ...] = ()
+    # The nn.Modules build() makes, from the config alone: building each costs memory and time, so a config of
+    # millions of tiny experts is refused before any is built (train/memory_bound.py). None: a few, not counted.
+    count_modules: Callable[[ModelConfig], int] | None = None
+    # Named parts of the loss the model reports when called forward(inputs, targets, parts=True), which then
+    # returns (loss, {name: 0-dim tensor}); the trainer logs each beside the loss (DeepSeek: the next-token
+    # loss without the MTP term, the figure comparable with val_loss). Empty: forward takes no `parts`.
+    loss_parts: tuple[str, ...] = ()
+    # Numbers one sample (seq_len tokens, or one image) holds at once, from the config alone: (cfg, seq_len,
+    # training: kept for the backward) -> count. A lower bound (train/memory_bound.py). None: not estimated.
+    activations: Callable[[ModelConfig, int, bool], float] | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"

@@ -63,8 +63,12 @@ class ConsoleSink:
         mfu = f" | mfu {r['mfu'] * 100:5.1f}%" if r.get("mfu") is not None else ""
         tokens = f" | {r['tokens_per_sec']:>11,.0f} tok/s" if r.get("tokens_per_sec") else ""
         val = "".join(f" | {key} {r[key]:8.4f}" for key in VAL_KEYS if r.get(key) is not None)
+        loss = f"loss {r['loss']:8.4f}"
+        if r.get("next_token_loss") is not None:  # an objective with an MTP term: val_loss compares with the first
+            mtp = r["loss"] - r["next_token_loss"]
+            loss = f"loss {r['loss']:8.4f} = next-token {r['next_token_loss']:8.4f} + mtp {mtp:7.4f}"
         return (
-            f"step {r['step']:>{steps}}/{self.total_steps} | loss {r['loss']:8.4f} | lr {r['lr']:9.2e} "
+            f"step {r['step']:>{steps}}/{self.total_steps} | {loss} | lr {r['lr']:9.2e} "
             f"| {r['step_ms']:9.1f} ms{tokens} | {r['samples_per_sec']:>10,.1f} samples/s{mfu} "
             f"| mem {r['peak_mem_gb']:7.2f} GB | eta {format_duration(self.eta.remaining(self.total_steps)):>6}{val}"
         )
