@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train import activation_checkpointing
+from train import activation_checkpointing, lora
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.distributed import DistInfo, wrap_model
@@ -91,6 +91,7 @@ class Run:
     precision: Precision
     checkpointer: Checkpointer
     start_step: int
+    parameters: tuple[int, int]  # (trainable, total): LoRA trains only its adapters
     # Turns each step's summed [loss, stop votes] into [mean loss, stop votes]; made once: a copy from the host waits.
     stats_divisor: torch.Tensor = field(init=False)
 
@@ -104,6 +105,8 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
+    lora.apply(model, cfg)  # train.lora: the base frozen, adapters on the targets
+    parameters = lora.parameter_counts(model)
     activation_checkpointing.apply(model, get_spec(cfg.model.arch), cfg.train.activation_checkpointing)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
@@ -124,7 +127,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
     start_step = checkpointer.load_latest() or 0
-    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
+    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step, parameters)
 
 
 def resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:

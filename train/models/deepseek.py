@@ -1158,6 +1158,13 @@ def decoder_activations(cfg: DeepSeekConfig, seq_len: int, dt: Setting) -> Activ
     return Activations(tuple(units), outside)
 
 
+def freeze_balancing(model: nn.Module) -> None:
+    """A frozen base's routing stays as loaded: the balancing biases stop moving (the loads are still reported)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.bias_update_speed = 0.0
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
@@ -1182,6 +1189,7 @@ SPEC = ModelSpec(
     after_step=moe_balance_step,
     selective_units=selective_units,
     lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
+    freeze_state=freeze_balancing,
     saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers

@@ -129,6 +129,9 @@ class ModelSpec:
     # The modules LoRA adapts unless told otherwise (PEFT's target_modules: a module named so, or ending in "." +
     # one): the attention projections. make plan's LoRA lever plans them.
     lora_targets: tuple[str, ...] = ()
+    # Stops the training-time updates of base state that are not parameters (DeepSeek: the MoE balancing biases),
+    # so that a LoRA run (train/lora.py) leaves its base as it found it; None: the family has none.
+    freeze_state: Callable[[nn.Module], None] | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"
