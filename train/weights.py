@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from torch import nn
 
 from train.checkpoint import Checkpointer, CheckpointError, load_model
 from train.checkpoint.parts import in_model_layout
-from train.config import ModelConfig, RunConfig
+from train import lora
+from train.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from train.config_loader import config_from_dict, validate_model
 from train.errors import ConfigError
 from train.hf.directory import is_hf_directory, open_directory, read_directory
@@ -42,10 +43,25 @@ TOKENIZER_FILE = "tokenizer.json"
 EXPORT_FORMAT = 1  # the previous release's export (train/hf/directory.py's torchrig.json is format 2)
 
 
-def load_model_weights(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-    """(model state dict on the CPU, config tree, training step) from any of SOURCES."""
+def load_model_weights(
+    path: Path | str, adapters: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    """(model state dict on the CPU, config tree, training step) from any of SOURCES.
+
+    A LoRA run's checkpoint holds the frozen base and the adapters (train/lora.py): by default they come merged,
+    each adapted weight W + alpha / r * B A, the plain model's weights computing what base and adapter compute;
+    `adapters=True` gives them as held (`...wq.weight` beside `...wq.lora_A` and `...wq.lora_B`)."""
     path = Path(path)
-    return weights_source(path).weights(path)
+    state, config, step = weights_source(path).weights(path)
+    if not adapters and any(lora.is_adapter_key(key) for key in state):
+        state = lora.merged(state, lora_config(config))
+    return state, config, step
+
+
+def lora_config(config: dict[str, Any]) -> LoRAConfig:
+    """train.lora of a saved config tree (the default, LoRA off, when it has none)."""
+    train = config.get("train") if isinstance(config, dict) else None
+    return config_from_dict({"train": {"lora": train.get("lora") or {}}}).train.lora if train else LoRAConfig()
 
 
 def saved_config(path: Path | str) -> dict[str, Any]:
@@ -167,6 +183,7 @@ def _checkpoint_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[st
     cfg = model_config(config, run_dir)
     fits(cfg, torch.device("cpu"), f"reading {run_dir}'s weights", "read them on a host with more memory")
     model = build_model(cfg)
+    lora.apply(model, RunConfig(model=cfg, train=replace(TrainConfig(), lora=lora_config(config))))  # LoRA's run
     try:
         step = load_model(run_dir, model)
     except CheckpointError as exc:

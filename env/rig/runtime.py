@@ -93,6 +93,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "TOKENIZER": MakeVar("--tokenizer"),
     "VOCAB": MakeVar("--vocab", "count"),
     "FORCE": MakeVar("--force", "switch"),
+    "MERGE": MakeVar("--merge", "switch"),
     "TEXT_FIELD": MakeVar("--text-field"),
     "PROCS": MakeVar("--procs", "count"),
     "SHARD_TOKENS": MakeVar("--shard-tokens", "count"),
@@ -172,7 +173,7 @@ TARGETS: dict[str, Target] = {
     ),
     "export": Target(
         "train.export",
-        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE"),
+        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE", "MERGE"),
         summary="a run's weights as a Hugging Face model directory",
     ),
     "keys": Target(
