@@ -115,6 +115,26 @@ def _named(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _expanded(modules: dict[str, nn.Module], target: str) -> dict[str, str]:
+    """{adapted layer: the target as it names that layer}: a layer the target names, or, for a module holding
+    layers, each layer in it (target "experts" names layers.1.ffn.experts.w1 as "experts.w1")."""
+    hits = {}
+    for name, module in modules.items():
+        if name and _named(name, target):
+            if _adapter_for(module):
+                hits[name] = target
+            else:
+                hits |= {f"{name}.{sub}": f"{target}.{sub}" for sub, m in module.named_modules() if sub and _adapter_for(m)}
+    return hits
+
+
+def layer_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """The targets as names of the layers they adapt (containers expanded: experts -> experts.w1, experts.w2, ...),
+    matched as PEFT matches target_modules: what make plan's activations read (train/plan/)."""
+    modules = dict(model.named_modules())
+    return list(dict.fromkeys(named for target in targets for named in _expanded(modules, target).values()))
+
+
 def adapted_modules(model: nn.Module, targets: list[str], rank: int, each: bool = True) -> dict[str, nn.Module]:
     """The layers the targets adapt, by name; a ConfigError for a target that adapts nothing (with `each`; without,
     for none adapting anything), naming the modules there are, or for a rank above an adapted matrix's smaller
@@ -122,12 +142,7 @@ def adapted_modules(model: nn.Module, targets: list[str], rank: int, each: bool 
     modules = dict(model.named_modules())
     found: dict[str, nn.Module] = {}
     for target in targets:
-        hits = {}
-        for name, module in modules.items():
-            if name and _named(name, target):
-                inside = {name: module} if _adapter_for(module) else {}
-                inside = inside or {f"{name}.{sub}": m for sub, m in module.named_modules() if sub and _adapter_for(m)}
-                hits |= inside
+        hits = {name: modules[name] for name in _expanded(modules, target)}
         if not hits and each:
             raise _no_match(target, modules)
         found |= hits
@@ -159,11 +174,6 @@ def _parts(name: str) -> list[str]:
     return [part for part in name.split(".") if not part.isdigit()]
 
 
-def _targets_at(cfg: RunConfig, rank: int) -> tuple[list[str], int, bool]:
-    targets, each = targets_of(cfg)
-    return targets, rank, each
-
-
 def check(cfg: RunConfig) -> None:
     """The train.lora values against the model they adapt (built on the meta device): the config loader's check."""
     lora = cfg.train.lora
@@ -179,7 +189,8 @@ def check(cfg: RunConfig) -> None:
 
     with torch.device("meta"):
         model = build_model(cfg.model)
-    adapted_modules(model, *_targets_at(cfg, lora.rank))
+    targets, each = targets_of(cfg)
+    adapted_modules(model, targets, lora.rank, each)
 
 
 def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -188,17 +199,23 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     lora = cfg.train.lora
     if not lora.rank:
         return model
-    found = adapted_modules(model, *_targets_at(cfg, lora.rank))
+    targets, each = targets_of(cfg)
+    found = adapted_modules(model, targets, lora.rank, each)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     freeze_state = get_spec(cfg.model.arch).freeze_state
     if freeze_state is not None:
         freeze_state(model)
+    add_adapters(model, found, lora)
+    return model
+
+
+def add_adapters(model: nn.Module, found: dict[str, nn.Module], settings: LoRAConfig) -> None:
+    """Replace each of the found layers by its adapter, in place."""
     for name, module in found.items():
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, _adapter_for(module).adapter(module, lora.rank, lora.alpha, lora.dropout))
-    return model
+        adapter = _adapter_for(module).adapter(module, settings.rank, settings.alpha, settings.dropout)
+        setattr(model.get_submodule(parent_name), child, adapter)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

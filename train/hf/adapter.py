@@ -7,12 +7,13 @@ and [E, out, r] become one adapter per expert (mlp.experts.{e}.gate_proj), as tr
 as linear layers (transformers 5.x fuses them, and peft then adapts them otherwise: an adapter on experts is
 for 4.x; one on the attention loads in both). The adapters are mapped by running the family's to_state on the
 base's meta state with each adapted weight replaced by its A (then its B): renames and per-expert splits apply
-alike, and the tensors that come out real are the adapters. target_modules lists a module's last name where every
-module of that name is adapted, and full names otherwise.
+alike, and the tensors that come out real are the adapters. target_modules lists, for each adapted module, the
+shortest ending of its name that only adapted modules have.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -43,18 +44,22 @@ def adapter_tensors(model: ModelConfig, state: dict[str, torch.Tensor]) -> dict[
 
 
 def target_modules(model: ModelConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """peft's target_modules for the adapted transformers modules: a last name where all modules so named are
-    adapted, else the full names."""
+    """peft's target_modules for the adapted transformers modules: for each, its shortest ending (q_proj,
+    experts.3.gate_proj) that no module without an adapter shares, as peft matches a list (name == target or
+    name ending in "." + target)."""
     with torch.device("meta"):
         every = get_spec(model.arch).hf.to_state(model, build_model(model).state_dict())
-    modules = {key.removesuffix(".weight") for key in every if key.endswith(".weight")}
     adapted = {key[len(PREFIX) :].rsplit(".", 2)[0] for key in tensors}
-    targets: list[str] = []
-    for leaf in sorted({name.rsplit(".", 1)[-1] for name in adapted}):
-        named = {name for name in modules if name.rsplit(".", 1)[-1] == leaf}
-        mine = {name for name in adapted if name.rsplit(".", 1)[-1] == leaf}
-        targets += [leaf] if mine == named else sorted(mine)
-    return targets
+    plain = Counter(end for key in every if key.endswith(".weight") for end in _endings(key.removesuffix(".weight")))
+    mine = Counter(end for name in adapted for end in _endings(name))
+    return sorted({next(end for end in _endings(name) if plain[end] == mine[end]) for name in adapted})
+
+
+def _endings(name: str) -> list[str]:
+    """model.layers.0.self_attn.q_proj -> q_proj, self_attn.q_proj, layers.0.self_attn.q_proj, the whole name (none
+    beginning with an index)."""
+    parts = name.split(".")
+    return [".".join(parts[-k:]) for k in range(1, len(parts) + 1) if k == len(parts) or not parts[-k].isdigit()]
 
 
 def adapter_config(targets: list[str], settings: LoRAConfig, base: str | None) -> dict[str, Any]:

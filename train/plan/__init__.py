@@ -6,6 +6,9 @@ train/plan/__main__.py is `make plan`. Everything here is a pure function of the
 
 from __future__ import annotations
 
+import torch
+
+from train import lora
 from train.config import RunConfig
 from train.errors import ConfigError
 from train.models import get_spec
@@ -16,8 +19,13 @@ __all__ = ["Box", "MemoryPlan", "Training", "check_fits", "plan_memory", "plan_r
 
 
 def training_of(cfg: RunConfig) -> Training:
-    """What the run trains. Every parameter, until issue 18's LoRA (train.lora) returns its adapters here."""
-    return FULL_FINE_TUNE
+    """What the run trains: every parameter, or with train.lora.rank > 0 its adapters on a float32 frozen base
+    (the targets as the layers they adapt: train/lora.py layer_targets)."""
+    if not cfg.train.lora.rank:
+        return FULL_FINE_TUNE
+    with torch.device("meta"):
+        model = get_spec(cfg.model.arch).build(cfg.model)
+    return Training(tuple(lora.layer_targets(model, lora.targets_of(cfg)[0])), cfg.train.lora.rank)
 
 
 def plan_run(cfg: RunConfig, box: Box) -> tuple[MemoryPlan, list[Lever]]:
