@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"torchrig export: wrote {output} (peft LoRA adapter: {done['tensors']} tensors, "
             f"{done['bytes'] / 2**20:.1f} MiB {args.dtype}, step {done['step']}; {', '.join(done['files'])}); load it "
-            f"with PeftModel.from_pretrained(<the base model>, {json.dumps(str(output))}), or MERGE=1 for the whole model"
+            f"with PeftModel.from_pretrained(<the base model>, {json.dumps(str(output))}); MERGE=1 for the whole model"
         )
         return 0
     loads = f"AutoModelForCausalLM.from_pretrained({json.dumps(str(output))}), " if done["kind"] != "torchrig" else ""

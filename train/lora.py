@@ -124,7 +124,9 @@ def _expanded(modules: dict[str, nn.Module], target: str) -> dict[str, str]:
             if _adapter_for(module):
                 hits[name] = target
             else:
-                hits |= {f"{name}.{sub}": f"{target}.{sub}" for sub, m in module.named_modules() if sub and _adapter_for(m)}
+                hits |= {
+                    f"{name}.{sub}": f"{target}.{sub}" for sub, m in module.named_modules() if sub and _adapter_for(m)
+                }
     return hits
 
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from train import lora
 from train.checkpoint import Checkpointer, CheckpointError, load_model
 from train.checkpoint.parts import in_model_layout
-from train import lora
 from train.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from train.config_loader import config_from_dict, validate_model
 from train.errors import ConfigError
@@ -43,9 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 EXPORT_FORMAT = 1  # the previous release's export (train/hf/directory.py's torchrig.json is format 2)
 
 
-def load_model_weights(
-    path: Path | str, adapters: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+def load_model_weights(path: Path | str, adapters: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """(model state dict on the CPU, config tree, training step) from any of SOURCES.
 
     A LoRA run's checkpoint holds the frozen base and the adapters (train/lora.py): by default they come merged,
