@@ -58,10 +58,13 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA; no weight decay on norms, biases and balancing vectors."""
+    """AdamW over the parameters that train (a LoRA run's adapters), fused on CUDA; no weight decay on norms,
+    biases and balancing vectors."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (a LoRA run's adapters are all matrices): DCP's optimizer state keeps no entry for one.
+    groups = [group for group in groups if group["params"]]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **extra)
 
