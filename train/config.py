@@ -152,6 +152,7 @@ class TrainConfig:
     valid checkpoint, with a fresh optimizer and schedule. The model is the source's: model.* keys given must
     agree with it. Ignored when this run resumes from its own checkpoint."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA fine-tuning: adapters on a frozen base (train.lora.rank > 0), in PEFT's format (docs/fine-tuning.md)."""
 
 
 @dataclass
