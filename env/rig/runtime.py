@@ -174,7 +174,7 @@ TARGETS: dict[str, Target] = {
     "export": Target(
         "train.export",
         ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE", "MERGE"),
-        summary="a run's weights as a Hugging Face model directory",
+        summary="a run's weights as a Hugging Face model directory, a LoRA run's as a PEFT adapter",
     ),
     "keys": Target(
         "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"
