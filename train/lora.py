@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from train.config import LoRAConfig, RunConfig
 from train.errors import ConfigError
@@ -33,6 +34,9 @@ from train.models import get_spec
 from train.models.deepseek import GroupedLinear, grouped_linear
 
 LORA_A, LORA_B = "lora_A", "lora_B"
+# FSDP2 accepts frozen parameters of another dtype than the trainable ones in one shard unit from torch 2.8
+# (pytorch/pytorch#154103); before, a bf16 base beside float32 adapters fails its uniform-dtype assertion.
+FSDP2_MIXED_DTYPES = TorchVersion(torch.__version__) >= (2, 8)
 
 
 def _dropout(p: float) -> nn.Module:
@@ -49,9 +53,9 @@ class LoRALinear(nn.Linear):
         self.register_parameter("bias", base.bias)
         self.scaling = alpha / rank
         self.dropout = _dropout(dropout)
-        device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
+        device = base.weight.device  # float32, whatever the base's dtype: AdamW steps them
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +74,8 @@ class LoRAGroupedLinear(GroupedLinear):
         self.scaling = alpha / rank
         self.dropout = _dropout(dropout)
         device = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(experts, rank, in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(experts, out_features, rank, device=device))
+        self.lora_A = nn.Parameter(torch.empty(experts, rank, in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(experts, out_features, rank, device=device, dtype=torch.float32))
         for expert_a in self.lora_A.detach():
             nn.init.kaiming_uniform_(expert_a, a=math.sqrt(5))
 
@@ -195,9 +199,17 @@ def check(cfg: RunConfig) -> None:
     adapted_modules(model, targets, lora.rank, each)
 
 
-def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """With train.lora.rank > 0: freeze the base and put an adapter on each target, in place (after the weights are
-    loaded, before activation checkpointing, DDP/FSDP2 and torch.compile). The adapters draw from the global RNG."""
+def base_dtype(cfg: RunConfig, autocast_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a LoRA run of cfg stores its frozen base in: autocast's (bf16, fp16), which every matmul reads it
+    in anyway, halving the base's bytes; None (as built, float32) without autocast, and under FSDP2 on a torch that
+    wants one dtype per shard unit."""
+    return None if cfg.train.strategy == "fsdp" and not FSDP2_MIXED_DTYPES else autocast_dtype
+
+
+def apply(model: nn.Module, cfg: RunConfig, dtype: torch.dtype | None = None) -> nn.Module:
+    """With train.lora.rank > 0: freeze the base (stored in `dtype`, base_dtype's, when given) and put a float32
+    adapter on each target, in place (after the weights are loaded, before activation checkpointing, DDP/FSDP2 and
+    torch.compile). The adapters draw from the global RNG."""
     lora = cfg.train.lora
     if not lora.rank:
         return model
@@ -205,6 +217,8 @@ def apply(model: nn.Module, cfg: RunConfig) -> nn.Module:
     found = adapted_modules(model, targets, lora.rank, each)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+        if dtype is not None:
+            parameter.data = parameter.data.to(dtype)
     freeze_state = get_spec(cfg.model.arch).freeze_state
     if freeze_state is not None:
         freeze_state(model)

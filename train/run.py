@@ -108,7 +108,7 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
-    lora.apply(model, cfg)  # train.lora: the base frozen, adapters on the targets
+    lora.apply(model, cfg, lora.base_dtype(cfg, precision.autocast_dtype))  # train.lora: the base frozen, adapters
     parameters = lora.parameter_counts(model)
     activation_checkpointing.apply(model, get_spec(cfg.model.arch), cfg.train.activation_checkpointing)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None

@@ -150,6 +150,31 @@ def test_the_merged_weights_compute_base_plus_adapter() -> None:
     torch.testing.assert_close(plain(tokens), model(tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_a_bf16_run_keeps_its_frozen_base_in_bf16_its_adapters_in_float32_and_plans_them_exactly() -> None:
+    from train.plan import Box, plan_run
+
+    cfg = small_config("train.lora.rank=4", EXPERTS, "train.precision=bf16")
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    built = {key: value.clone() for key, value in model.state_dict().items()}
+    lora.apply(model, cfg, lora.base_dtype(cfg, torch.bfloat16))
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if lora.is_adapter_key(name) else torch.bfloat16), name
+    assert model.layers[1].ffn.router.expert_bias.dtype == torch.float32  # buffers as built
+    plan, _ = plan_run(cfg, Box(1, 24 * 2**30))
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert plan.weights == stored  # the plan stores the base as the run does
+    optimizer = build_optimizer(model, cfg, torch.device("cpu"))
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    after = model.state_dict()
+    assert all(torch.equal(after[key], value.to(after[key].dtype)) for key, value in built.items())
+
+
 def test_the_plan_counts_the_runs_adapters_exactly() -> None:
     from train.plan import Box, plan_run
 
@@ -235,6 +260,23 @@ def test_a_resumed_lora_run_equals_an_unbroken_one(tmp_path: Path) -> None:
     torch.manual_seed(cfg.train.seed)
     base = build_model(cfg.model).state_dict()
     assert all(torch.equal(whole[key], value) for key, value in base.items())  # the base bitwise as built
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fsdp2_runs_here(), reason="FSDP2 trains on a GPU, or on the CPU from torch 2.6")
+def test_fsdp2_on_a_bf16_base_with_checkpointing_leaves_the_base_as_loaded(tmp_path: Path) -> None:
+    common = ["train.lora.rank=4", EXPERTS, "train.micro_batch=4", "train.precision=bf16", "train.strategy=fsdp"]
+    done = launch_train(tmp_path / "run", 2, 3, *common, "train.activation_checkpointing=full")
+    assert done.returncode == 0, done.stderr
+    cfg = small_config(*common)
+    torch.manual_seed(cfg.train.seed)
+    built = build_model(cfg.model)
+    dtype = lora.base_dtype(cfg, torch.bfloat16) or torch.float32  # float32 under FSDP2 before torch 2.8
+    expected = {name: p.detach().to(dtype) for name, p in built.named_parameters()} | dict(built.named_buffers())
+    state, _, _ = load_model_weights(tmp_path / "run", adapters=True)
+    for key in built.state_dict():  # the base bitwise as built, stored in its dtype
+        assert torch.equal(state[key], expected[key].to(state[key].dtype)), key
+    assert all(p.abs().sum() > 0 for key, p in state.items() if key.endswith("lora_B"))
 
 
 @pytest.mark.slow

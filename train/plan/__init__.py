@@ -13,19 +13,20 @@ from train.config import RunConfig
 from train.errors import ConfigError
 from train.models import get_spec
 from train.plan.levers import Lever, levers
-from train.plan.memory import FULL_FINE_TUNE, GIB, Box, MemoryPlan, Model, Training, plan_memory
+from train.plan.memory import FULL_FINE_TUNE, GIB, Box, MemoryPlan, Model, Training, frozen_base_bytes, plan_memory
 
 __all__ = ["Box", "MemoryPlan", "Training", "check_fits", "plan_memory", "plan_run"]
 
 
 def training_of(cfg: RunConfig) -> Training:
-    """What the run trains: every parameter, or with train.lora.rank > 0 its adapters on a float32 frozen base
-    (the targets as the layers they adapt: train/lora.py layer_targets)."""
+    """What the run trains: every parameter, or with train.lora.rank > 0 its adapters (the targets as the layers
+    they adapt: train/lora.py layer_targets) on a frozen base stored as the run stores it (lora.base_dtype)."""
     if not cfg.train.lora.rank:
         return FULL_FINE_TUNE
     with torch.device("meta"):
         model = get_spec(cfg.model.arch).build(cfg.model)
-    return Training(tuple(lora.layer_targets(model, lora.targets_of(cfg)[0])), cfg.train.lora.rank)
+    targets = tuple(lora.layer_targets(model, lora.targets_of(cfg)[0]))
+    return Training(targets, cfg.train.lora.rank, frozen_base_bytes(cfg))
 
 
 def plan_run(cfg: RunConfig, box: Box) -> tuple[MemoryPlan, list[Lever]]:

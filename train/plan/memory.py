@@ -154,6 +154,13 @@ class MemoryPlan:
         return max(0, (self.vram - fixed) // self.per_sample) if self.per_sample else 0
 
 
+def frozen_base_bytes(cfg: RunConfig) -> int:
+    """Bytes per number of a LoRA run's frozen base on a GPU (train/lora.py base_dtype): autocast's, or 0 (float32)."""
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.train.precision))
+    dtype = lora.base_dtype(cfg, autocast)
+    return dtype.itemsize if dtype is not None else 0
+
+
 def resolve_precision(requested: str) -> str:
     """The precision a GPU run takes: auto is bf16 on every GPU since Ampere (train/run.py's Precision)."""
     return "bf16" if requested == "auto" else requested
