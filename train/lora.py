@@ -153,7 +153,7 @@ def adapted_modules(model: nn.Module, targets: list[str], rank: int, each: bool 
             raise _no_match(target, modules)
         found |= hits
     if not found:
-        raise _no_match(",".join(targets), modules)
+        raise _no_match(",".join(targets), modules)  # none of the family's defaults (or none it has)
     for name, module in found.items():
         in_features, out_features = _adapter_for(module).sizes(module)
         if rank > min(in_features, out_features):
@@ -170,10 +170,13 @@ def _no_match(target: str, modules: dict[str, nn.Module]) -> ConfigError:
     layers = [name for name, module in modules.items() if name and _adapter_for(module)]
     names = dict.fromkeys(_parts(name)[-1] for name in layers)
     holders = dict.fromkeys(holder for name in layers for holder in _parts(name)[:-1])
-    return ConfigError(
-        f"train.lora.targets={target} matches no linear layer of this model; its linear layers are "
-        f"{', '.join(names)}, inside {', '.join(holders)}; give some of these (a comma list)"
+    given = (
+        f"train.lora.targets={target} matches no linear layer of this model"
+        if target
+        else ("train.lora.targets is empty and this model family names no default targets")
     )
+    inside = f", inside {', '.join(holders)}" if holders else ""
+    return ConfigError(f"{given}; its linear layers are {', '.join(names)}{inside}; give some of these (a comma list)")
 
 
 def _parts(name: str) -> list[str]:

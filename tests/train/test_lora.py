@@ -175,6 +175,19 @@ def test_a_bf16_run_keeps_its_frozen_base_in_bf16_its_adapters_in_float32_and_pl
     assert all(torch.equal(after[key], value.to(after[key].dtype)) for key, value in built.items())
 
 
+def test_init_from_a_lora_run_starts_from_its_merged_weights(tmp_path: Path) -> None:
+    cfg = small_config("train.lora.rank=4", EXPERTS)
+    model = lora_model(cfg)
+    train_steps(model, cfg, 2)
+    save_checkpoint(tmp_path / "lora", model, cfg, step=2)
+    new = small_config(f"train.init_from={tmp_path / 'lora'}")
+    fresh = build_model(new.model)
+    assert init_from(fresh, new, tmp_path / "new") == 2
+    merged = lora.merged(model.state_dict(), cfg.train.lora)
+    assert fresh.state_dict().keys() == merged.keys()
+    assert all(torch.equal(fresh.state_dict()[key], value) for key, value in merged.items())
+
+
 def test_the_plan_counts_the_runs_adapters_exactly() -> None:
     from train.plan import Box, plan_run
 
