@@ -126,8 +126,10 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
         strategy=cfg.train.strategy,
         config=resume_config(cfg, info),
     )
-    # Parameters and AdamW's two moments, all ranks together (an FSDP parameter's numel is the global one).
-    checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+    # Parameters and AdamW's two moments of those that train, all ranks together (an FSDP parameter's numel is the
+    # global one): a LoRA run's checkpoint is its base and its adapters' moments.
+    sizes = [(p.numel() * p.element_size(), p.requires_grad) for p in model.parameters()]
+    checkpointer.preflight(sum(size + 2 * size * trains for size, trains in sizes))
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
     start_step = checkpointer.load_latest() or 0
     return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step, parameters)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers.hf_models import V5, greedy_generate
+from tests.helpers.make import make, needs_make
 from tests.helpers.paths import ROOT
 from tests.helpers.sampling import save_checkpoint, small_config
 from tests.helpers.trainrun import fsdp2_runs_here, launch_train, losses
@@ -23,6 +24,7 @@ from train.errors import ConfigError
 from train.export import ExportError, export
 from train.models import build_model, get_spec
 from train.run import build_optimizer
+from train.sample import ByteCodec, printable
 from train.weights import build_loaded_model, init_from, init_source_config, load_model_weights
 
 EXPERTS = "train.lora.targets=wq,wkv_b,wo,experts,shared_experts"
@@ -331,6 +333,7 @@ def greedy(model: torch.nn.Module, ids: list[int], count: int) -> list[int]:
 FAMILIES = {"deepseek_v3": "wq_b,wkv_b,wo" if V5 else "wq_b,wkv_b,wo,experts,shared_experts", "llama": ""}
 
 
+@needs_make
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_the_export_loads_in_peft_onto_transformers_model_and_merge_in_transformers(
     tmp_path: Path, family: str
@@ -369,3 +372,8 @@ def test_the_export_loads_in_peft_onto_transformers_model_and_merge_in_transform
     loaded, _, _ = build_loaded_model(tmp_path / "run", torch.device("cpu"))  # make sample's and make eval's model
     prompt = tokens[0, :8].tolist()
     assert greedy_generate(peft_model, prompt, 12) == greedy(loaded, prompt, 12)
+    text = "import torch as t"
+    continuation = greedy_generate(peft_model, ByteCodec(256).encode(text), 16)
+    sampled = make("sample", f"RUN_DIR={tmp_path / 'run'}", f"PROMPT={text}", "TOKENS=16", "TEMPERATURE=0")
+    assert sampled.returncode == 0, sampled.stderr  # through the latent KV cache
+    assert sampled.stdout == printable(text) + printable(ByteCodec(256).stream(continuation)) + "\n"
