@@ -54,7 +54,7 @@ eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path,
 sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)
 	@$(DISPATCH)
 
-export: ## a run's weights as a Hugging Face model directory (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, SHARD=5GB, FORCE=1)
+export: ## a run's weights as a Hugging Face model directory, a LoRA run's as a PEFT adapter (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, SHARD=5GB, FORCE=1, MERGE=1)
 	@$(DISPATCH)
 
 keys: ## every config key with its type, default and docstring (docs/config.md is this list; OUTPUT=path writes it)

@@ -263,6 +263,7 @@ class Rates:
     device_name: str
     precision: str
     strategy: str
+    parameters: tuple[int, int]  # (trainable, total)
 
     def record(self, step: int, figures: dict[str, Any], step_s: float) -> dict[str, Any]:
         samples_per_sec = self.global_batch / step_s
@@ -288,6 +289,8 @@ class Rates:
             "flops_per_sample": self.flops,
             "peak_flops": self.peak.flops,
             "mfu_note": self.peak.note,
+            "trainable_parameters": self.parameters[0],
+            "parameters": self.parameters[1],
         }
 
 
@@ -309,6 +312,7 @@ def _start_loop(
         device_name=device_name,
         precision=run.precision.name,
         strategy=cfg.train.strategy,
+        parameters=run.parameters,
     )
     logger = MetricsLogger(
         run_dir, info.is_main, cfg.train.steps, cfg.train.sinks, cfg.to_dict(), start_step=run.start_step
@@ -316,6 +320,7 @@ def _start_loop(
     evaluator = Evaluator(run, run_dir, dataset)
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
+        print(f"torchrig: parameters: {_parameters_line(run)}", flush=True)
     if info.is_main and run.start_step:
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
     if info.is_main and rates.peak.flops is None:
@@ -325,6 +330,13 @@ def _start_loop(
         print(f"torchrig: loss: over the tokens {cfg.data.path}'s mask counts (the assistant's turns)", flush=True)
     step = functools.partial(train_step, masked=True) if masked else train_step
     return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(step), evaluator
+
+
+def _parameters_line(run: Run) -> str:
+    trainable, total = run.parameters
+    lora = run.cfg.train.lora
+    what = f"LoRA rank {lora.rank} adapters, the base frozen" if lora.rank else "every parameter trains"
+    return f"{trainable:,} trainable of {total:,} ({100 * trainable / max(1, total):.2f}%; {what})"
 
 
 def _record_launch(cfg: RunConfig, run_dir: Path) -> None:

@@ -93,6 +93,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "TOKENIZER": MakeVar("--tokenizer"),
     "VOCAB": MakeVar("--vocab", "count"),
     "FORCE": MakeVar("--force", "switch"),
+    "MERGE": MakeVar("--merge", "switch"),
     "TEXT_FIELD": MakeVar("--text-field"),
     "PROCS": MakeVar("--procs", "count"),
     "SHARD_TOKENS": MakeVar("--shard-tokens", "count"),
@@ -179,8 +180,8 @@ TARGETS: dict[str, Target] = {
     ),
     "export": Target(
         "train.export",
-        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE"),
-        summary="a run's weights as a Hugging Face model directory",
+        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE", "MERGE"),
+        summary="a run's weights as a Hugging Face model directory, a LoRA run's as a PEFT adapter",
     ),
     "keys": Target(
         "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"

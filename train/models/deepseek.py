@@ -1219,6 +1219,13 @@ def activations_floor(cfg: DeepSeekConfig, seq_len: int, training: bool) -> floa
     return float(seq_len) * (logits + sum(blocks))
 
 
+def freeze_balancing(model: nn.Module) -> None:
+    """A frozen base's routing stays as loaded: the balancing biases stop moving (the loads are still reported)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.bias_update_speed = 0.0
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
@@ -1247,6 +1254,7 @@ SPEC = ModelSpec(
     loss_terms=lambda cfg: 1 + cfg.mtp_depth,  # the next token, then one term per MTP depth
     selective_units=selective_units,
     lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
+    freeze_state=freeze_balancing,
     saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers

@@ -144,6 +144,9 @@ class ModelSpec:
     # Numbers one sample (seq_len tokens, or one image) holds at once, from the config alone: (cfg, seq_len,
     # training: kept for the backward) -> count. A lower bound (train/memory_bound.py). None: not estimated.
     activations: Callable[[ModelConfig, int, bool], float] | None = None
+    # Stops the training-time updates of base state that are not parameters (DeepSeek: the MoE balancing biases),
+    # so that a LoRA run (train/lora.py) leaves its base as it found it; None: the family has none.
+    freeze_state: Callable[[nn.Module], None] | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"
