@@ -45,7 +45,7 @@ bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, P
 compare: ## compare two runs' manifests and figures, and overlay their losses in a PNG (A=run_dir B=run_dir OUTPUT=png)
 	@$(DISPATCH)
 
-prepare: ## text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE (INPUT='corpus/*.jsonl.zst' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 TEXT_FIELD=text PROCS=4 SHARD_TOKENS=100000000 SHARD_FORMAT=llmc FORCE=1)
+prepare: ## text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask (INPUT='corpus/*.jsonl.zst' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 TEXT_FIELD=text PROCS=4 SHARD_TOKENS=100000000 SHARD_FORMAT=llmc FORCE=1 CHAT=1 SEQ_LEN=2048 CHAT_TEMPLATE=file.jinja)
 	@$(DISPATCH)
 
 eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS, MICRO_BATCH)
@@ -54,7 +54,7 @@ eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path,
 sample: ## text from a run or export (RUN_DIR, PROMPT, TOKENS, TEMPERATURE, TOP_K, TOP_P, SEED, CACHE, SPECULATE)
 	@$(DISPATCH)
 
-export: ## a run's weights as a Hugging Face model directory (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, SHARD=5GB, FORCE=1)
+export: ## a run's weights as a Hugging Face model directory, a LoRA run's as a PEFT adapter (RUN_DIR, OUTPUT=dir, DTYPE=fp32|bf16, SHARD=5GB, FORCE=1, MERGE=1)
 	@$(DISPATCH)
 
 keys: ## every config key with its type, default and docstring (docs/config.md is this list; OUTPUT=path writes it)

@@ -60,6 +60,24 @@ class DataConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """The `train.lora:` section: low-rank adapters on a frozen base (train/lora.py), saved in PEFT's format."""
+
+    rank: int = field(default=0, metadata=RESUME_FIXED)
+    """The adapters' rank r; 0 turns LoRA off (every parameter trains). At most the smaller dimension of each
+    adapted matrix. With LoRA on, every base parameter is frozen and the optimizer holds only the adapters."""
+    alpha: float = 16.0
+    """The adapters' scale is alpha / rank (PEFT's lora_alpha): y = W x + alpha / r * B A dropout(x)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (PEFT's lora_dropout); 0 turns it off."""
+    targets: list[str] = field(default_factory=list, metadata=RESUME_FIXED)
+    """The modules adapted, PEFT's target_modules: a module named so, or whose name ends in "." + it (wq adapts
+    every layers.N.attn.wq); a name of a module holding linear layers adapts each of them (experts: the routed
+    experts, stacked, one adapter per expert; shared_experts). Empty: the model family's attention projections
+    (deepseek: wq, wq_a, wq_b, wkv_a, wkv_b, wo; llama: wq, wk, wv, wo). On the command line a comma list."""
+
+
+@dataclass
 class TrainConfig:
     """The `train:` section: the optimisation, the parallelism, and what the run writes."""
 
@@ -133,6 +151,8 @@ class TrainConfig:
     checkpoint: deepseek_v2, deepseek_v3, llama), an export of an earlier release, or a run directory's newest
     valid checkpoint, with a fresh optimizer and schedule. The model is the source's: model.* keys given must
     agree with it. Ignored when this run resumes from its own checkpoint."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA fine-tuning: adapters on a frozen base (train.lora.rank > 0), in PEFT's format (docs/fine-tuning.md)."""
 
 
 @dataclass

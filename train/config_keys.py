@@ -123,11 +123,13 @@ def _score(unknown: str, key: str, doc: str) -> float:
 
 def closest_key(unknown: str, candidates: dict[str, str]) -> str | None:
     """The candidate key (dotted, with its docstring) that best answers `unknown`, or None when none is close."""
-    section = unknown.split(".", 1)[0]
-    scored = [
-        (_score(unknown, key, doc) + (0.25 if key.split(".", 1)[0] == section else 0.0), key)
-        for key, doc in candidates.items()
-    ]
+    section, parent = unknown.split(".", 1)[0], unknown.rpartition(".")[0]
+    nested = "." in parent  # train.lora.rnak: train.lora.rank before train.inner.rank
+
+    def bonus(key: str) -> float:
+        return 0.25 * (key.split(".", 1)[0] == section) + 0.25 * (nested and key.rpartition(".")[0] == parent)
+
+    scored = [(_score(unknown, key, doc) + bonus(key), key) for key, doc in candidates.items()]
     best_score, best = max(scored, default=(0.0, None))
     return best if best_score >= 0.75 else None
 

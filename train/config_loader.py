@@ -33,6 +33,7 @@ from train.config import (
 from train.config_keys import Leaf, closest_key, field_docs, field_types, leaves
 from train.data.sources import resolve_data
 from train.errors import ConfigError, require_positive
+from train.lora import check as check_lora
 from train.models import built_in_specs, get_spec, registered
 from train.sinks import SINKS
 
@@ -389,6 +390,7 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.data.source == "files" and not cfg.data.path:
         raise ConfigError('data.source=files needs data.path, e.g. ARGS="data.path=corpus/*.txt"')
+    check_lora(cfg)
 
 
 def _validate_sinks(sinks: list[str]) -> None:

@@ -1,8 +1,10 @@
 """Validation: the held-out loss during training (Evaluator) and of a saved run (`make eval`).
 
 The loss is the mean next-token cross-entropy (nats per target token; the main head only, no
-MTP term) over the first n samples of the validation split (train/data.py), n = eval_batches x
-world_size x micro_batch, or the whole split with eval_batches=0. Eval batch b is those positions
+MTP term) over the first n samples of the validation split (train/data/split.py), n = eval_batches x
+world_size x micro_batch, or the whole split with eval_batches=0. For masked data (chat) the target
+tokens are those the training loss counts (the assistant's), val_bpb is per byte of them, and
+val_loss is NaN when the samples count none. Eval batch b is those positions
 from b*G on (G = world_size x micro_batch), rank r taking micro_batch of them, the last batch
 padded with weight-0 samples so that every rank runs the same forwards (FSDP gathers in each).
 Each rank sums its samples' losses in float64 and one all-reduce adds them up, so the figure is
@@ -66,12 +68,13 @@ from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.config_loader import config_from_dict, default_config
 from train.data import build_dataset, data_tokenizer, validation_set
-from train.data.sources import TokenWindows, data_tokenizer_id
+from train.data.sources import TokenWindows, data_tokenizer_id, token_mask
 from train.data.text import document_chunks, expand_globs, read_document
 from train.data.tokens import BYTE_VOCAB, read_token_file
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
 from train.errors import ConfigError, DataError
 from train.models import get_spec
+from train.models.loss import IGNORE_INDEX
 from train.prepare import encode_files
 from train.run import Precision, Run, device_settings
 from train.tokenizer import (
@@ -156,15 +159,18 @@ def evaluate(
             weight = torch.tensor(weights, dtype=torch.float64, device=device)
             with autocast():
                 logits = model(inputs)
-            token_losses = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none")
+            token_losses = F.cross_entropy(
+                logits.flatten(0, -2).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+            )
             per_sample = token_losses.view(len(positions), -1).double()
+            counted = targets != IGNORE_INDEX  # masked data (chat): only the tokens the mask counts
             totals[0] += (per_sample.sum(dim=1) * weight).sum()
-            totals[1] += per_sample.shape[1] * weight.sum()
+            totals[1] += (counted.sum(dim=1).double() * weight).sum()
             if byte_lengths is not None:
-                totals[2] += (byte_lengths[targets].sum(dim=1) * weight).sum()
+                totals[2] += ((byte_lengths[targets.clamp(min=0)] * counted).sum(dim=1) * weight).sum()
     all_reduce(totals)
     loss_sum, tokens, text_bytes = totals.tolist()
-    figures = {"val_loss": loss_sum / tokens}
+    figures = {"val_loss": loss_sum / tokens if tokens else math.nan}
     if byte_lengths is not None and text_bytes > 0:
         figures["val_bpb"] = loss_sum / text_bytes / math.log(2)
     if byte_lengths is None or len(byte_lengths) > BYTE_VOCAB:
@@ -344,8 +350,10 @@ def _data_dataset(
             f"DATA={data}: a {cfg.model.arch} run classifies images; make eval evaluates it on its validation "
             "split: drop DATA"
         )
+    mask = None
     if data.endswith(".bin"):
         tokens, meta = read_token_file(data, "DATA")
+        mask = token_mask(data, meta, cfg.data.seq_len, "the run's data.seq_len")
         data_made_by = recorded_tokenizer(meta)
         if data_made_by.conflicts(made_by) or (made_by.kind == "tokenizer" and data_made_by.kind == "unknown"):
             raise EvalError(
@@ -373,7 +381,7 @@ def _data_dataset(
             f"DATA={data} holds {len(tokens):,} tokens, fewer than one sample of {cfg.data.seq_len + 1} (the run's "
             "data.seq_len + 1); give more data"
         )
-    dataset = TokenWindows(tokens, cfg.data.seq_len, "files", data)
+    dataset = TokenWindows(tokens, cfg.data.seq_len, "files", data, mask)
     return dataset, np.arange(len(dataset), dtype=np.int64)
 
 

@@ -1,6 +1,6 @@
 """`make export`: a run's weights as a Hugging Face model directory that transformers and vLLM load as it is.
 
-    python -m train.export --run-dir RUN_DIR --output DIR [--dtype fp32|bf16] [--shard 5GB] [--force 1]
+    python -m train.export --run-dir RUN_DIR --output DIR [--dtype fp32|bf16] [--shard 5GB] [--force] [--merge]
 
 RUN_DIR is a run directory (its newest valid checkpoint, DDP or FSDP) or any directory `make sample` reads
 (an export, a transformers checkpoint). For a model family with a transformers twin (train/hf/: deepseek as
@@ -14,6 +14,11 @@ deepseek_v3 when sigmoid-routed, deepseek_v2 when softmax-routed; llama as llama
   a byte-level run alike (train/hf/tokenizer_files.py);
 - torchrig.json: the source (its path relative to DIR, its name, step and manifest digest) and the model keys
   config.json has no place for.
+
+A LoRA run (train.lora, train/lora.py) gets its adapters in peft's format instead (train/hf/adapter.py):
+adapter_model.safetensors and adapter_config.json, whose base_model_name_or_path is the run's train.init_from as
+given; `peft.PeftModel.from_pretrained(<transformers model of that base>, DIR)` loads it. --merge (make's
+MERGE=1) writes the whole model instead, each adapted weight W + alpha / r * B A, in the layout above.
 
 A family without one (resnet50, a plugin's) gets torchrig's own format: model.safetensors and config.json
 {"model", "export"}. --dtype bf16 halves the parameters; buffers (the MoE routing bias) stay float32, because
@@ -38,7 +43,9 @@ import torch
 from env.common.atomic import write_fix
 from env.common.cli import ArgumentParser, UserError, run_cli
 from env.common.outputs import OutputLock, remove_leftovers
-from train.hf import tokenizer_files
+from train import lora
+from train.config import LoRAConfig
+from train.hf import adapter, tokenizer_files
 from train.hf.directory import CONFIG, is_hf_directory, write_directory
 from train.hf.files import (
     OutputError,
@@ -58,7 +65,9 @@ from train.weights import (
     EXPORT_WEIGHTS,
     find_tokenizer,
     load_model_weights,
+    lora_config,
     model_config,
+    saved_config,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,8 +83,16 @@ def parameter_names(config: dict) -> set[str]:
         return {name for name, _ in build_model(model_config(config, "the checkpoint")).named_parameters()}
 
 
-def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False, shard: str = DEFAULT_SHARD) -> dict:
-    """Write the export of run_dir's newest valid checkpoint (or of another export) into output.
+def export(
+    run_dir: Path,
+    output: Path,
+    dtype: str = "fp32",
+    force: bool = False,
+    shard: str = DEFAULT_SHARD,
+    merge: bool = False,
+) -> dict:
+    """Write the export of run_dir's newest valid checkpoint (or of another export) into output: a LoRA run's
+    adapter (its merged model with `merge`).
 
     The directory is owned for the write (env/common/outputs.py): a second export into it is refused, what a
     killed one left beside it is removed, and the new directory replaces the old one in one rename.
@@ -91,12 +108,12 @@ def export(run_dir: Path, output: Path, dtype: str = "fp32", force: bool = False
         ) from None
     try:
         remove_leftovers(output.absolute().parent, [output.name])
-        return _export(run_dir, output, dtype, force, shard)
+        return _export(run_dir, output, dtype, force, shard, merge)
     finally:
         lock.release()
 
 
-def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str) -> dict:
+def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str, merge: bool) -> dict:
     in_a_run = (output / "checkpoints").exists() or (output / "manifest.json").exists()
     if (output.exists() and output.resolve() == run_dir.resolve()) or in_a_run:
         # sampling and fine-tuning read an export before checkpoints: one inside a run would hide newer training
@@ -106,8 +123,16 @@ def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str) ->
         max_shard = parse_size(shard)
     except (OutputError, WeightsError) as exc:
         raise ExportError(str(exc)) from None
-    state, config, step = load_model_weights(run_dir)  # each reader checks that the weights fit first
+    settings = lora_config(saved_config(run_dir))
+    if merge and not settings.rank:
+        raise ExportError(
+            f"MERGE=1 merges a LoRA run's adapters, and {run_dir} has none (train.lora.rank=0); export without MERGE"
+        )
+    # each reader checks that the weights fit first
+    state, config, step = load_model_weights(run_dir, adapters=bool(settings.rank) and not merge)
     cfg = model_config(config, run_dir)
+    if settings.rank and not merge:
+        return _export_adapter(run_dir, output, force, state, config, step, dtype, settings)
     params = parameter_names(config)
     tensors = {
         key: (value.to(DTYPES[dtype]) if key in params and value.is_floating_point() else value).contiguous()
@@ -132,6 +157,37 @@ def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str) ->
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     caveats = spec.hf.caveats(cfg, tensors) if spec.hf else []
     return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": kind, "caveats": caveats}
+
+
+def _export_adapter(
+    run_dir: Path,
+    output: Path,
+    force: bool,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    step: int,
+    dtype: str,
+    settings: LoRAConfig,
+) -> dict:
+    """A LoRA run's adapters as peft's adapter directory."""
+    cfg = model_config(config, run_dir)
+    if get_spec(cfg.arch).hf is None:
+        raise ExportError(
+            f"model.arch={cfg.arch} has no Hugging Face model, so no peft adapter; export the merged model with MERGE=1"
+        )
+    base = (config.get("train") or {}).get("init_from") or None
+    try:
+        with publishing(output, force) as folder:
+            files = adapter.write_adapter(folder, cfg, state, settings, base, DTYPES[dtype])
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
+    tensors = [value for key, value in state.items() if lora.is_adapter_key(key)]
+    size = sum(t.numel() * DTYPES[dtype].itemsize for t in tensors)
+    caveats = [] if base else [
+        "the run has no train.init_from: its base is its own initial weights, which no Hugging Face directory "
+        "holds; MERGE=1 exports the whole model"
+    ]  # fmt: skip
+    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": "peft", "caveats": caveats}
 
 
 def _tokenizer(run_dir: Path, config: dict[str, Any], cfg: Any) -> tokenizer_files.TokenizerFiles:
@@ -205,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
     parser.add_argument("--shard", default=DEFAULT_SHARD, help=f"largest weights file (default {DEFAULT_SHARD})")
     parser.add_argument("--force", action="store_true", help="write into a non-empty OUTPUT (FORCE=1)")
+    parser.add_argument("--merge", action="store_true", help="a LoRA run's whole model, adapters merged (MERGE=1)")
     args = parser.parse_args(argv)
     for value, name in ((args.run_dir, "RUN_DIR"), (args.output, "OUTPUT")):
         if not value:
@@ -212,11 +269,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dtype not in DTYPES:
         raise ExportError(f"DTYPE={args.dtype} is not one of {', '.join(DTYPES)}")
     output = Path(args.output)
-    done = export(Path(args.run_dir), output, args.dtype, args.force, args.shard)
+    done = export(Path(args.run_dir), output, args.dtype, args.force, args.shard, args.merge)
     for caveat in done["caveats"]:
         print(f"torchrig export: note: {caveat}", file=sys.stderr)
     weights = [name for name in done["files"] if name.endswith(".safetensors")]
     where = shlex.quote(str(output))
+    if done["kind"] == "peft":
+        print(
+            f"torchrig export: wrote {output} (peft LoRA adapter: {done['tensors']} tensors, "
+            f"{done['bytes'] / 2**20:.1f} MiB {args.dtype}, step {done['step']}; {', '.join(done['files'])}); load it "
+            f"with PeftModel.from_pretrained(<the base model>, {json.dumps(str(output))}); MERGE=1 for the whole model"
+        )
+        return 0
     loads = f"AutoModelForCausalLM.from_pretrained({json.dumps(str(output))}), " if done["kind"] != "torchrig" else ""
     print(
         f"torchrig export: wrote {output} ({done['kind']}: {done['tensors']} tensors, {done['bytes'] / 2**20:.1f} MiB "

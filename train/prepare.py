@@ -2,14 +2,20 @@
 
     python -m train.prepare --input 'corpus/*.jsonl.zst' --output data/x.bin [--tokenizer bytes|bpe|PATH]
         [--vocab 8192] [--text-field text] [--procs N] [--shard-tokens N] [--shard-format tokens|llmc] [--force]
+        [--chat] [--seq-len T] [--chat-template FILE.jinja]
 
 Inputs (train/data/formats.py): text files, JSON lines (.jsonl, .gz, .zst), Parquet, a datasets
 save_to_disk directory, or llm.c shards; one format per prepare, decided by content and name;
 --text-field names the field or column. --tokenizer bytes (the default): each document's UTF-8
 bytes are its tokens, then a NUL. bpe: trains a byte-level BPE of --vocab tokens on the input
-(deterministic) and writes data/x.tokenizer.json. PATH: an existing tokenizer.json (parsed, then
-copied there). llm.c shards are already GPT-2 tokens: they are checked and copied (give their
-tokenizer.json as --tokenizer to record it).
+(deterministic) and writes data/x.tokenizer.json. PATH: an existing tokenizer.json, or a Hugging
+Face directory holding one (parsed, then copied there). llm.c shards are already GPT-2 tokens: they
+are checked and copied (give their tokenizer.json as --tokenizer to record it).
+
+Chat data (train/data/chat.py; --chat, or JSON lines whose records are conversations): each one is
+rendered through the chat template of TOKENIZER (a model directory) or --chat-template, with a mask
+of the assistant's tokens written beside the ids, and packed whole into the windows of --seq-len
+(the data.seq_len it will train with); the report counts what was kept, truncated and dropped.
 
 The ids are written as shards of --shard-tokens (train/data/shards.py; one shard is data/x.bin
 itself) with data/x.json as the set's sidecar and manifest (train/data/tokens.py). --procs processes
@@ -38,7 +44,7 @@ import numpy as np
 
 from env.common.atomic import replace_atomically
 from env.common.cli import ArgumentParser, count_arg, run_cli
-from train.data import formats, llmc
+from train.data import chat, formats, llmc
 from train.data.encode import EncoderSpec, encoded, serial_tokenizers
 from train.data.formats import FORMATS, Input, Meter, detect, one_format, units
 from train.data.shards import (
@@ -156,9 +162,11 @@ class Choice:
     unknown_id: int | None = None
 
 
-def plan_of(inputs: list[Input], fmt: str, args: PrepareArgs, given: bytes | None) -> dict[str, Any]:
+def plan_of(
+    inputs: list[Input], fmt: str, args: PrepareArgs, given: bytes | None, template: chat.ChatTemplate | None = None
+) -> dict[str, Any]:
     """What decides the output: a rerun with the same plan resumes, any other starts afresh."""
-    return {
+    plan = {
         "inputs": [_fingerprint(source) for source in inputs],
         "format": fmt,
         "text_field": args.text_field,
@@ -169,6 +177,10 @@ def plan_of(inputs: list[Input], fmt: str, args: PrepareArgs, given: bytes | Non
         "shard_format": args.shard_format,
         "layout": LAYOUT,
     }
+    if template is not None:
+        plan["chat"] = {"seq_len": args.seq_len, "template_sha256": template.sha256,
+                        "specials": dict(template.specials)}  # fmt: skip
+    return plan
 
 
 @dataclass
@@ -182,16 +194,51 @@ class PrepareArgs:
     procs: int = 1
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     shard_format: str = "tokens"
+    chat: bool = False  # CHAT=1: the records are conversations (else found from the first one)
+    seq_len: int | None = None  # SEQ_LEN: the windows chat data is packed into
+    chat_template: str | None = None  # CHAT_TEMPLATE: a .jinja file instead of TOKENIZER's template
 
 
 def _read_given(path: str) -> bytes:
-    given = Path(path)
+    given = chat.tokenizer_file(path)
     if not given.exists():
-        raise DataError(f"TOKENIZER={path!r} is neither bytes, bpe nor an existing tokenizer.json")
+        raise DataError(
+            f"TOKENIZER={path!r} is neither bytes, bpe, an existing tokenizer.json nor a directory holding one"
+        )
     content = read_small(given, TOKENIZER_LIMIT)
     if content is None:
-        raise DataError(f"TOKENIZER={path!r} is not a regular file of at most {TOKENIZER_LIMIT >> 20} MiB")
+        raise DataError(f"TOKENIZER={str(given)!r} is not a regular file of at most {TOKENIZER_LIMIT >> 20} MiB")
     return content
+
+
+def chat_template_of(args: PrepareArgs, fmt: str, sources: list[Input]) -> chat.ChatTemplate | None:
+    """The chat template of a chat prepare (CHAT=1, or conversations found), None for text; DataError for
+    settings chat data cannot use."""
+    if not (args.chat or (fmt == "jsonl" and chat.looks_like_chat(sources[0], args.text_field))):
+        if args.seq_len is not None or args.chat_template:
+            given = "SEQ_LEN" if args.seq_len is not None else "CHAT_TEMPLATE"
+            raise DataError(
+                f"{given} is for chat data, and INPUT holds {FORMATS[fmt].title} text records; leave it out, or give "
+                'JSON lines of {"messages": [...]} (CHAT=1)'
+            )
+        return None
+    if fmt != "jsonl":
+        raise DataError(f"CHAT=1 reads JSON lines of conversations, and INPUT is {FORMATS[fmt].title}; convert it")
+    if args.tokenizer in (None, "bytes", "bpe"):
+        raise DataError(
+            "INPUT holds conversations, rendered through the model's chat template: give TOKENIZER=<the model's "
+            "directory> (or its tokenizer.json and CHAT_TEMPLATE=<a .jinja file>)"
+        )
+    if args.shard_format != "tokens":
+        raise DataError("chat data keeps a mask beside its ids, which llm.c shards cannot: use SHARD_FORMAT=tokens")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise DataError(f"SEQ_LEN={args.seq_len} holds no token; give the data.seq_len you will train with, e.g. 2048")
+    if args.seq_len is None:
+        raise DataError(
+            "chat data is packed whole into the training windows: give SEQ_LEN=<the data.seq_len you will train "
+            "with>, e.g. SEQ_LEN=2048"
+        )
+    return chat.find_template(args.tokenizer, args.chat_template)
 
 
 def _parse(content: bytes, where: str) -> Any:
@@ -215,14 +262,30 @@ def _unknown_id(tokenizer: Any) -> int | None:
     return tokenizer.token_to_id(unknown) if isinstance(unknown, str) else None
 
 
-def _tokenizer_choice(tokenizer: Any, kind: str, content: bytes, args: PrepareArgs, final: Path) -> Choice:
+def _tokenizer_choice(
+    tokenizer: Any, kind: str, content: bytes, args: PrepareArgs, final: Path, template: chat.ChatTemplate | None = None
+) -> Choice:
     vocab = tokenizer.get_vocab_size()
-    end = end_of_text_id(tokenizer)
+    end = end_of_text_id(tokenizer) if template is None else _conversation_end(tokenizer, template)
     dtype = "uint16" if args.shard_format == "llmc" else token_dtype(vocab)
     record = {"kind": kind, "file": final.name, "sha256": hashlib.sha256(content).hexdigest(),
               "vocab_size": vocab, "end_of_document": end}  # fmt: skip
-    spec = EncoderSpec("tokenizer", args.text_field, dtype, tokenizer.to_str(), end)
+    encoder = "tokenizer" if template is None else "chat"
+    spec = EncoderSpec(encoder, args.text_field, dtype, tokenizer.to_str(), end, template)
     return Choice(record, spec, content, _unknown_id(tokenizer))
+
+
+def _conversation_end(tokenizer: Any, template: chat.ChatTemplate) -> int:
+    """What ends a conversation: the template's eos_token, else the tokenizer's end-of-text token."""
+    eos = dict(template.specials).get("eos_token")
+    found = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+    found = found if found is not None else end_of_text_id(tokenizer)
+    if found is None:
+        raise DataError(
+            "the tokenizer has no eos_token nor end-of-text token to end each conversation with; give "
+            "TOKENIZER=<the model's directory>, whose tokenizer_config.json names its eos_token"
+        )
+    return found
 
 
 def choose_tokenizer(
@@ -233,6 +296,7 @@ def choose_tokenizer(
     given: bytes | None,
     old: dict[str, Any] | None,
     out: TextIO,
+    template: chat.ChatTemplate | None = None,
 ) -> Choice:
     """Bytes, a trained BPE (reused from an interrupted run of the same plan), a given file, or llm.c's GPT-2."""
     kind = args.tokenizer or ("gpt2" if fmt == "llmc" else "bytes")
@@ -255,7 +319,10 @@ def choose_tokenizer(
         content = trained.to_str(pretty=True).encode()
         return _tokenizer_choice(trained, "bpe", content, args, paths.tokenizer)
     assert given is not None
-    choice = _tokenizer_choice(_parse(given, kind), "file", given, args, paths.tokenizer)
+    parsed = _parse(given, kind)
+    if template is not None:
+        chat.check_template(template, parsed.to_str(), parsed)
+    choice = _tokenizer_choice(parsed, "file", given, args, paths.tokenizer, template)
     if FORMATS[fmt].tokens:
         return Choice(choice.record, EncoderSpec("copy", args.text_field, "uint16"), given)
     return choice
@@ -323,10 +390,14 @@ def prepare(
     procs: int = 1,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     shard_format: str = "tokens",
+    chat: bool = False,
+    seq_len: int | None = None,
+    chat_template: str | None = None,
     out: TextIO = sys.stderr,
 ) -> dict[str, Any]:
     """Prepare OUTPUT from the inputs (the module docstring); returns the finished set's manifest."""
-    args = PrepareArgs(inputs, output, tokenizer, vocab, force, text_field, procs, shard_tokens, shard_format)
+    args = PrepareArgs(inputs, output, tokenizer, vocab, force, text_field, procs, shard_tokens, shard_format, chat,
+                       seq_len, chat_template)  # fmt: skip
     if not output.endswith(".bin") or output.endswith("/.bin") or output == ".bin":
         raise DataError(f"OUTPUT={output!r} must end in NAME.bin, e.g. data/mycorpus.bin")
     paths = SetPaths(Path(output))
@@ -343,17 +414,18 @@ def prepare(
 def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str, Any]:
     sources = expand_inputs(args.inputs, paths)
     fmt = one_format(sources, "INPUT")
+    template = chat_template_of(args, fmt, sources)
     old = own_manifest(paths)
-    check_overwrite(paths, old, args.force, out, args.tokenizer)
+    check_overwrite(paths, old, args.force, out, str(chat.tokenizer_file(args.tokenizer)) if args.tokenizer else None)
     given = _read_given(args.tokenizer) if args.tokenizer not in (None, "bytes", "bpe") else None
-    plan = plan_of(sources, fmt, args, given)
+    plan = plan_of(sources, fmt, args, given, template)
     same = old if old is not None and old.get("plan") == plan else None
     resume = _resume_point(same, paths)
     whole = same is not None and same.get("complete") and len(resume.shards) == len(same["shards"])
     if whole and _tokenizer_in_place(paths, same):
         out.write(f"prepare: {paths.output} is already prepared from these inputs (its shards check out)\n")
         return same
-    choice = choose_tokenizer(args, fmt, sources, paths, given, same, out)
+    choice = choose_tokenizer(args, fmt, sources, paths, given, same, out, template)
     _check_vocab(args, choice)
     vocab_size = choice.record["vocab_size"]
     dtype = "uint16" if args.shard_format == "llmc" else choice.spec.dtype  # llm.c's shards hold uint16
@@ -370,6 +442,8 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         "shard_format": args.shard_format,
         "plan": plan,
     }
+    if template is not None:
+        manifest["chat"] = {"seq_len": args.seq_len, "learned": chat.LEARNED_ROLE, **template.record()}
     writer = ShardWriter(paths, manifest, resume, args.shard_tokens, vocab_size)
 
     def begin() -> None:
@@ -377,7 +451,7 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         tokenizer file, so whatever a kill leaves, the rerun knows both as its own."""
         write_manifest(paths, writer.snapshot(complete=False))
         copy = choice.content is not None and choice.record.get("file")
-        if copy and not (args.tokenizer and Path(args.tokenizer).resolve() == paths.tokenizer.resolve()):
+        if copy and not (args.tokenizer and chat.tokenizer_file(args.tokenizer).resolve() == paths.tokenizer.resolve()):
             replace_atomically(paths.tokenizer, lambda handle: handle.write(choice.content), "wb")
 
     try:
@@ -387,6 +461,11 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         raise
     if writer.total == 0:
         writer.abandon()
+        if template is not None:
+            raise DataError(
+                f"INPUT={' '.join(args.inputs)!r} holds no conversation to learn from ({chat.report(writer.tally)}); "
+                "give conversations with assistant turns, or a larger SEQ_LEN"
+            )
         text = sum(source.size for source in sources)
         if args.tokenizer not in (None, "bytes") and text:
             raise DataError(
@@ -414,7 +493,14 @@ def _encode_into(
     seen, unknown, written, begun = before, 0, 0, False
     pause = float(os.environ.get(TEST_UNIT_SLEEP, "0") or 0)
     stream = units(sources, (start_file, offset, ordinal), args.text_field, meter)
-    for number, (unit, tokens) in enumerate(encoded(stream, choice.spec, args.procs)):
+    packer = chat.Packer(args.seq_len, choice.spec.end_of_document) if choice.spec.kind == "chat" else None
+    for number, (unit, result) in enumerate(encoded(stream, choice.spec, args.procs)):
+        mask, tally = None, None
+        if packer is not None:  # a unit's conversations, placed from where the stream stands
+            last = unit.last and unit.file == len(sources) - 1
+            tokens, mask, tally = packer.pack(result, writer.total - skip, last)
+        else:
+            tokens = result
         if choice.unknown_id is not None:
             unknown += int(np.count_nonzero(tokens == choice.unknown_id))
             if number == 0:
@@ -422,7 +508,7 @@ def _encode_into(
         if number == 0:
             begin()
             begun = True
-        writer.add(unit, tokens, skip)
+        writer.add(unit, tokens, skip, mask, tally)
         skip, written = 0, written + len(tokens)
         done = sum(source.size for source in sources[: unit.file]) + unit.disk
         progress.add(done - seen, len(tokens))
@@ -460,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shard-format", default="tokens", help="tokens (raw ids) or llmc (llm.c shards)")
     parser.add_argument("--force", action="store_true", help="replace files that prepare did not write (FORCE=1)")
+    parser.add_argument("--chat", action="store_true", help="the records are conversations (CHAT=1; else found)")
+    parser.add_argument("--seq-len", type=count_arg("SEQ_LEN"), default=None, help="chat: the windows to pack into")
+    parser.add_argument("--chat-template", default=None, help="chat: a .jinja template instead of TOKENIZER's")
     args = parser.parse_args(argv)
     if args.vocab is not None and args.tokenizer != "bpe":
         raise DataError(
@@ -482,18 +571,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = prepare(
             args.input, args.output, args.tokenizer, args.vocab, args.force, text_field=args.text_field,
-            procs=procs, shard_tokens=args.shard_tokens, shard_format=args.shard_format,
+            procs=procs, shard_tokens=args.shard_tokens, shard_format=args.shard_format, chat=args.chat,
+            seq_len=args.seq_len, chat_template=args.chat_template,
         )  # fmt: skip
     except OSError as exc:
         raise DataError(f"cannot write {args.output} ({exc.strerror}); choose a writable OUTPUT") from None
     tokenizer = info["tokenizer"]
     extra = f", tokenizer {tokenizer['file']} (vocab {tokenizer['vocab_size']:,})" if tokenizer.get("file") else ""
     shards = len(info["shards"])
+    settings = f"data.path={args.output} model.vocab_size=auto"
+    if "chat" in info:
+        print(f"prepare: chat: {chat.report(info.get('tally') or {})}; windows of {info['chat']['seq_len']} tokens")
+        settings += f" data.seq_len={info['chat']['seq_len']}"
     print(
         f"wrote {args.output} and {sidecar_path(Path(args.output))}: {info['count']:,} {info['dtype']} tokens in "
         f"{shards} shard{'s' if shards != 1 else ''} from {info['files']} {FORMATS[info['format']].title} "
-        f"input{'s' if info['files'] != 1 else ''}{extra}; train with make train "
-        + shlex.quote(f"ARGS=data.path={args.output} model.vocab_size=auto")
+        f"input{'s' if info['files'] != 1 else ''}{extra}; train with make train " + shlex.quote(f"ARGS={settings}")
     )
     return 0
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train import activation_checkpointing
+from train import activation_checkpointing, lora
 from train.checkpoint import Checkpointer, ModelState, OptimizerState, RNGState
 from train.config import RunConfig
 from train.distributed import DistInfo, wrap_model
@@ -58,10 +58,13 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused on CUDA; no weight decay on norms, biases and balancing vectors."""
+    """AdamW over the parameters that train (a LoRA run's adapters), fused on CUDA; no weight decay on norms,
+    biases and balancing vectors."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (a LoRA run's adapters are all matrices): DCP's optimizer state keeps no entry for one.
+    groups = [group for group in groups if group["params"]]
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **extra)
 
@@ -91,6 +94,7 @@ class Run:
     precision: Precision
     checkpointer: Checkpointer
     start_step: int
+    parameters: tuple[int, int]  # (trainable, total): LoRA trains only its adapters
     # Turns each step's summed [loss, its named parts (the spec's loss_parts), stop votes] into means and the
     # vote count; made once: a copy from the host waits.
     stats_divisor: torch.Tensor = field(init=False)
@@ -106,6 +110,8 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
     precision = Precision.resolve(cfg.train.precision, info.device)
     model = build_model(cfg.model).to(info.device)
     init_from(model, cfg, run_dir)  # train.init_from: fine-tuning starts from those weights (not on resume)
+    lora.apply(model, cfg, lora.base_dtype(cfg, precision.autocast_dtype))  # train.lora: the base frozen, adapters
+    parameters = lora.parameter_counts(model)
     activation_checkpointing.apply(model, get_spec(cfg.model.arch), cfg.train.activation_checkpointing)
     fsdp_param_dtype = precision.autocast_dtype if cfg.train.strategy == "fsdp" else None
     model = wrap_model(model, cfg, info, fsdp_param_dtype)
@@ -122,11 +128,13 @@ def setup(cfg: RunConfig, run_dir: Path, info: DistInfo) -> Run:
         strategy=cfg.train.strategy,
         config=resume_config(cfg, info),
     )
-    # Parameters and AdamW's two moments, all ranks together (an FSDP parameter's numel is the global one).
-    checkpointer.preflight(3 * sum(p.numel() * p.element_size() for p in model.parameters()))
+    # Parameters and AdamW's two moments of those that train, all ranks together (an FSDP parameter's numel is the
+    # global one): a LoRA run's checkpoint is its base and its adapters' moments.
+    sizes = [(p.numel() * p.element_size(), p.requires_grad) for p in model.parameters()]
+    checkpointer.preflight(sum(size + 2 * size * trains for size, trains in sizes))
     # The saved config is checked against this one before any state is loaded (CheckpointError if resume breaks).
     start_step = checkpointer.load_latest() or 0
-    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step)
+    return Run(cfg, info, model, optimizer, scaler, precision, checkpointer, start_step, parameters)
 
 
 def resume_config(cfg: RunConfig, info: DistInfo) -> dict[str, Any]:

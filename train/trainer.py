@@ -8,6 +8,7 @@ validation, watchdog.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from train.distributed import (
 from train.eval import Evaluator
 from train.metrics import MetricsLogger, StepClock, peak_memory_gb
 from train.models import flops_per_sample, get_spec
+from train.models.loss import counted_targets
 from train.models.spec import mfu
 from train.run import Run, lr_at, setup
 from train.rundir import RunDirWriteError
@@ -99,11 +101,15 @@ class FaultHooks:
         return with_faults
 
 
-def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest) -> dict[str, Any]:
+def train_step(
+    run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop: StopRequest, masked: bool = False
+) -> dict[str, Any]:
     """One optimizer step over `accum` micro-batches; returns the globally reduced figures.
 
     The step waits for the device once, for the loss and the stop votes. grad_norm and the MoE loads
     stay tensors: reading them would wait for the optimizer step too, so they are read only when logged.
+    masked: the data marks targets the loss ignores (chat); the loss is then the mean over the counted
+    targets of the whole global batch (counted_in_step).
     """
     cfg, model, device = run.cfg, run.model, run.info.device
     accum = cfg.train.accum
@@ -113,20 +119,29 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     part_names = get_spec(cfg.model.arch).loss_parts  # e.g. the next-token loss inside DeepSeek's MTP objective
+    micro_batches = [next(batches) for _ in range(accum)]
+    counted = counted_in_step(run, [targets for _, targets in micro_batches]) if masked else None
+    # DDP and FSDP average gradients over ranks: each rank's share of the divisor makes the step's gradient
+    # that of the mean over all counted targets, as one process with the whole global batch takes it; a
+    # micro-batch's loss is then already its share of the step's (no division by accum).
+    divisors = () if counted is None else (counted.clamp(min=1) / run.info.world_size,)
+    share = accum if counted is None else 1
     # [loss, each named part] summed over the micro-batches
     sums = torch.zeros(1 + len(part_names), device=device)
-    for micro in range(accum):
-        inputs, targets = next(batches)
+    for micro, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         watchdog.mark(step, "start")
         with gradient_sync(model, enabled=micro == accum - 1):
             with run.precision.autocast(device):  # the forward only: backward follows its dtypes
-                loss, parts = model(inputs, targets, parts=True) if part_names else (model(inputs, targets), {})
-                loss = loss / accum
+                if part_names:
+                    loss, parts = model(inputs, targets, *divisors, parts=True)
+                else:
+                    loss, parts = model(inputs, targets, *divisors), {}
+                loss = loss / share
             watchdog.mark(step, "backward")
             run.scaler.scale(loss).backward()
-        sums += torch.stack([loss.detach().float(), *(parts[name].float() / accum for name in part_names)])
+        sums += torch.stack([loss.detach().float(), *(parts[name].float() / share for name in part_names)])
     # One small all-reduce per step: the global mean loss and its parts, and the stop request of any rank.
     watchdog.mark(step, "sync")
     # torch.full, not torch.tensor: no copy from the host, which would wait for the backward to finish.
@@ -148,7 +163,19 @@ def train_step(run: Run, batches: Iterator, watchdog: Watchdog, step: int, stop:
     after_step = get_spec(cfg.model.arch).after_step  # e.g. DeepSeek's MoE balancing bias update
     extra = after_step(model, all_reduce_sum) if after_step is not None else {}
     named = dict(zip(part_names, means[1:-1], strict=True))
+    if counted is not None:
+        extra["counted_tokens"] = counted[0]  # the targets the step's loss is over, all ranks
     return {"loss": loss_mean, **named, "lr": lr, "grad_norm": grad_norm} | extra
+
+
+def counted_in_step(run: Run, targets: list[torch.Tensor]) -> torch.Tensor:
+    """Each loss term's counted targets (train/models/loss.py) in this step's micro-batches on all ranks,
+    float32 [terms]: one small all-reduce before the first forward. A term with none divides by 1 (its loss
+    and gradients are then 0)."""
+    terms = get_spec(run.cfg.model.arch).loss_terms(run.cfg.model)
+    counts = torch.stack([counted_targets(t, terms) for t in targets]).sum(dim=0).to(run.info.device)
+    all_reduce_sum(counts)
+    return counts.float()
 
 
 def last_checkpoint_note(checkpointer: Checkpointer) -> str:
@@ -236,6 +263,7 @@ class Rates:
     device_name: str
     precision: str
     strategy: str
+    parameters: tuple[int, int]  # (trainable, total)
 
     def record(self, step: int, figures: dict[str, Any], step_s: float) -> dict[str, Any]:
         samples_per_sec = self.global_batch / step_s
@@ -261,6 +289,8 @@ class Rates:
             "flops_per_sample": self.flops,
             "peak_flops": self.peak.flops,
             "mfu_note": self.peak.note,
+            "trainable_parameters": self.parameters[0],
+            "parameters": self.parameters[1],
         }
 
 
@@ -282,6 +312,7 @@ def _start_loop(
         device_name=device_name,
         precision=run.precision.name,
         strategy=cfg.train.strategy,
+        parameters=run.parameters,
     )
     logger = MetricsLogger(
         run_dir, info.is_main, cfg.train.steps, cfg.train.sinks, cfg.to_dict(), start_step=run.start_step
@@ -289,11 +320,23 @@ def _start_loop(
     evaluator = Evaluator(run, run_dir, dataset)
     if info.is_main:
         print(f"torchrig: data: {describe(dataset)}", flush=True)
+        print(f"torchrig: parameters: {_parameters_line(run)}", flush=True)
     if info.is_main and run.start_step:
         print(f"torchrig: resuming from step {run.start_step} of {cfg.train.steps}", flush=True)
     if info.is_main and rates.peak.flops is None:
         print(f"torchrig: mfu is null: {rates.peak.note}", flush=True)
-    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(train_step), evaluator
+    masked = bool(getattr(dataset, "masked", False))
+    if info.is_main and masked:
+        print(f"torchrig: loss: over the tokens {cfg.data.path}'s mask counts (the assistant's turns)", flush=True)
+    step = functools.partial(train_step, masked=True) if masked else train_step
+    return batches, rates, logger, FaultHooks.from_env(info.rank).wrap(step), evaluator
+
+
+def _parameters_line(run: Run) -> str:
+    trainable, total = run.parameters
+    lora = run.cfg.train.lora
+    what = f"LoRA rank {lora.rank} adapters, the base frozen" if lora.rank else "every parameter trains"
+    return f"{trainable:,} trainable of {total:,} ({100 * trainable / max(1, total):.2f}%; {what})"
 
 
 def _record_launch(cfg: RunConfig, run_dir: Path) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from env.common.readfile import ReadRefused, read_json
+from train import lora
 from train.checkpoint import Checkpointer, CheckpointError, EveryCheckpointDamaged, read_model
 from train.checkpoint.parts import in_model_layout
-from train.config import ModelConfig, RunConfig
+from train.config import LoRAConfig, ModelConfig, RunConfig, TrainConfig
 from train.config_loader import config_from_dict, validate_model
 from train.data.sources import data_tokenizer_id, path_tokenizer, token_file_tokenizer
 from train.data.tokens import BYTE_VOCAB
@@ -67,9 +68,13 @@ class DamagedCheckpoints(WeightsError):
 
 
 def load_model_weights(
-    path: Path | str, samples: int | None = 0, seq_len: int | None = 0, on_gpu: bool = False
+    path: Path | str, samples: int | None = 0, seq_len: int | None = 0, on_gpu: bool = False, adapters: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     """(model state dict on the CPU, config tree, training step) from any of SOURCES.
+
+    A LoRA run's checkpoint holds the frozen base and the adapters (train/lora.py): by default they come merged,
+    each adapted weight W + alpha / r * B A, the plain model's weights computing what base and adapter compute;
+    `adapters=True` gives them as held (`...wq.weight` beside `...wq.lora_A` and `...wq.lora_B`).
 
     Before anything is built or read, the model its config describes is checked against the memory
     available (train/memory_bound.py), with the forwards the caller will run at once: `samples`
@@ -81,7 +86,16 @@ def load_model_weights(
     def fits(config: dict[str, Any]) -> None:
         check_reading(config, path, samples, seq_len, on_gpu)
 
-    return weights_source(path).weights(path, fits)
+    state, config, step = weights_source(path).weights(path, fits)
+    if not adapters and any(lora.is_adapter_key(key) for key in state):
+        state = lora.merged(state, lora_config(config))
+    return state, config, step
+
+
+def lora_config(config: dict[str, Any]) -> LoRAConfig:
+    """train.lora of a saved config tree (the default, LoRA off, when it has none)."""
+    train = config.get("train") if isinstance(config, dict) else None
+    return config_from_dict({"train": {"lora": train.get("lora") or {}}}).train.lora if train else LoRAConfig()
 
 
 def saved_config(path: Path | str) -> dict[str, Any]:
@@ -250,7 +264,10 @@ def _checkpoint_weights(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
     def build(config: dict[str, Any]) -> nn.Module:
         fits(config)  # before a module is built
-        return build_model(model_config(config, run_dir))
+        cfg = model_config(config, run_dir)
+        model = build_model(cfg)
+        lora.apply(model, RunConfig(model=cfg, train=replace(TrainConfig(), lora=lora_config(config))))  # LoRA's run
+        return model
 
     try:
         found = read_model(run_dir, build)

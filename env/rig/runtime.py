@@ -93,10 +93,14 @@ MAKE_VARS: dict[str, MakeVar] = {
     "TOKENIZER": MakeVar("--tokenizer"),
     "VOCAB": MakeVar("--vocab", "count"),
     "FORCE": MakeVar("--force", "switch"),
+    "MERGE": MakeVar("--merge", "switch"),
     "TEXT_FIELD": MakeVar("--text-field"),
     "PROCS": MakeVar("--procs", "count"),
     "SHARD_TOKENS": MakeVar("--shard-tokens", "count"),
     "SHARD_FORMAT": MakeVar("--shard-format"),
+    "CHAT": MakeVar("--chat", "switch"),
+    "SEQ_LEN": MakeVar("--seq-len", "count"),
+    "CHAT_TEMPLATE": MakeVar("--chat-template"),
     "DATA": MakeVar("--data"),
     "PROMPT": MakeVar("--prompt"),
     "TOKENS": MakeVar("--tokens", "count"),
@@ -132,6 +136,8 @@ class Target:
 
 RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
+PREPARE_VARS = ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT",
+                "FORCE", "CHAT", "SEQ_LEN", "CHAT_TEMPLATE")  # fmt: skip
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",), summary="train a model"),
     "nccl-test": Target(
@@ -159,8 +165,8 @@ TARGETS: dict[str, Target] = {
     ),
     "prepare": Target(
         "train.prepare",
-        ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT", "FORCE"),
-        summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE",
+        PREPARE_VARS,
+        summary="text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask",
     ),
     "eval": Target(
         "train.eval",
@@ -174,8 +180,8 @@ TARGETS: dict[str, Target] = {
     ),
     "export": Target(
         "train.export",
-        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE"),
-        summary="a run's weights as a Hugging Face model directory",
+        ("RUN_DIR", "OUTPUT", "DTYPE", "SHARD", "FORCE", "MERGE"),
+        summary="a run's weights as a Hugging Face model directory, a LoRA run's as a PEFT adapter",
     ),
     "keys": Target(
         "train.config_keys", ("OUTPUT",), workers=False, summary="every config key with its type, default and docstring"

@@ -11,15 +11,15 @@ import sys
 import pytest
 
 from tests.helpers.paths import ROOT
-from train.config import DataConfig, RunConfig, TrainConfig
-from train.config_keys import field_docs, key_reference
+from train.config import DataConfig, LoRAConfig, RunConfig, TrainConfig
+from train.config_keys import field_docs, key_reference, leaves
 from train.config_loader import config_from_dict, default_config, load_config
 from train.errors import ConfigError
 from train.models import built_in_specs
 
 
 def test_every_field_of_every_section_and_built_in_model_has_a_docstring() -> None:
-    classes = [RunConfig, DataConfig, TrainConfig, *(spec.config for spec in built_in_specs().values())]
+    classes = [RunConfig, DataConfig, TrainConfig, LoRAConfig, *(spec.config for spec in built_in_specs().values())]
     for klass in classes:
         documented = field_docs(klass)
         missing = [f.name for f in dataclasses.fields(klass) if f.name not in documented and f.name not in SECTIONS]
@@ -33,10 +33,9 @@ def test_the_reference_lists_every_key_with_its_type_default_and_docstring() -> 
     reference = key_reference()
     cfg = default_config()
     for section in SECTIONS[1:]:
-        for field in dataclasses.fields(getattr(cfg, section)):
-            row = next(line for line in reference.splitlines() if line.startswith(f"| `{section}.{field.name}` |"))
-            doc = field_docs(type(getattr(cfg, section)))[field.name]
-            assert doc[:40].replace("|", "\\|") in row
+        for key, leaf in leaves(getattr(cfg, section), f"{section}.").items():  # nested sections' keys too
+            row = next(line for line in reference.splitlines() if line.startswith(f"| `{key}` |"))
+            assert leaf.doc[:40].replace("|", "\\|") in row
     assert "| `train.precision` | auto \\| bf16 \\| fp16 \\| fp32 | `auto` |" in reference
     assert "| `train.sinks` | list[str] | `console,jsonl` |" in reference
     for name, spec in built_in_specs().items():

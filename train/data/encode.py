@@ -133,11 +133,12 @@ def documents(unit: Unit, text_field: str, as_text: bool) -> Iterator[tuple[str 
 class EncoderSpec:
     """What a tokenizer process needs, picklable: how to encode, and into what."""
 
-    kind: str  # "bytes", "tokenizer" or "copy" (llm.c tokens)
+    kind: str  # "bytes", "tokenizer", "copy" (llm.c tokens) or "chat" (conversations, train/data/chat.py)
     text_field: str
     dtype: str  # the token file's dtype
     tokenizer_json: str = ""
     end_of_document: int | None = None
+    chat: Any = None  # the chat.ChatTemplate of a chat prepare
 
 
 class ByteEncoder:
@@ -183,7 +184,14 @@ class CopyEncoder:
         return np.concatenate(unit.records).astype(self.spec.dtype, copy=False)
 
 
-ENCODERS = {"bytes": ByteEncoder, "tokenizer": TokenizerEncoder, "copy": CopyEncoder}
+def chat_encoder(spec: EncoderSpec) -> Any:
+    """Conversations to ids and masks (imported only by a chat prepare: it needs transformers)."""
+    from train.data.chat import ChatEncoder
+
+    return ChatEncoder(spec)
+
+
+ENCODERS = {"bytes": ByteEncoder, "tokenizer": TokenizerEncoder, "copy": CopyEncoder, "chat": chat_encoder}
 
 
 def build_encoder(spec: EncoderSpec) -> Any:
@@ -203,7 +211,7 @@ def _start_process(spec: EncoderSpec, parent: int) -> None:
     _encoder = build_encoder(spec)
 
 
-def _encode(unit: Unit) -> np.ndarray:
+def _encode(unit: Unit) -> Any:
     return _encoder(unit)
 
 
@@ -213,8 +221,9 @@ def _context() -> Any:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def encoded(units: Iterator[Unit], spec: EncoderSpec, procs: int) -> Iterator[tuple[Unit, np.ndarray]]:
-    """Each unit with its ids, in input order, encoded in `procs` processes (1: in this one)."""
+def encoded(units: Iterator[Unit], spec: EncoderSpec, procs: int) -> Iterator[tuple[Unit, Any]]:
+    """Each unit with its ids (a chat unit's chat.RenderedUnit), in input order, encoded in `procs` processes
+    (1: in this one)."""
     if procs == 1 or spec.kind == "copy":  # copying tokens is a memcpy: no process would help
         serial_tokenizers()
         encoder = build_encoder(spec)

@@ -6,8 +6,11 @@ set of one shard is data/x.bin itself. The manifest data/x.json is the set's sid
 (train/data/tokens.py) and is rewritten atomically after every shard: the shards so far, each with
 the cursor it starts at (input, offset, records before it, ids of that unit to skip), and the
 cursor of the next one. A shard is written to a temporary file and renamed whole when full, so a
-crash loses at most the shard being written. One prepare writes a set at a time (an flock on
-.NAME.bin.lock), and a file beside it that prepare did not write is never replaced unasked. A rerun of the same prepare (same inputs, sizes and
+crash loses at most the shard being written. A set with a mask (chat data, train/data/chat.py) has one
+mask file per shard beside it, data/x.000000.mask (data/x.mask for a set of one shard): a uint8 per id,
+1 where the loss learns that token, written and renamed with its shard; and the counts a chat prepare
+reports (its tally) are kept with each cursor, so a resumed prepare reports the whole set. One prepare
+writes a set at a time (an flock on .NAME.bin.lock), and a file beside it that prepare did not write is never replaced unasked. A rerun of the same prepare (same inputs, sizes and
 times, tokenizer and settings: the plan) checks each listed shard's length and sha256, keeps the
 good ones in order, and goes on from the first one missing or damaged; any other rerun starts
 afresh.
@@ -20,7 +23,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
@@ -36,6 +40,7 @@ from train.tokenizer import sha256_of
 WRITER = "train.prepare"
 START: tuple[int, int, int, int] = (0, 0, 0, 0)  # (input, offset, records before it, ids of that unit to skip)
 HASH_BLOCK = 16 << 20
+MASK_SUFFIX = ".mask"
 # The manifest is rewritten after every shard: this many keeps it a few MB and the rewrites cheap.
 MAX_SHARDS = 10_000
 
@@ -69,12 +74,17 @@ class SetPaths:
     def shard(self, index: int) -> Path:
         return self.folder / f"{self.stem}.{index:06d}.bin"
 
-    def shard_names(self) -> re.Pattern[str]:
-        return re.compile(rf"{re.escape(self.stem)}(\.[0-9]{{6}})?\.bin")
+    @staticmethod
+    def mask_of(shard: Path) -> Path:
+        """The mask file beside a shard: x.000000.bin -> x.000000.mask, x.bin -> x.mask."""
+        return shard.with_suffix(MASK_SUFFIX)
 
-    def existing_shards(self) -> list[Path]:
-        """x.bin and x.NNNNNN.bin as they lie in the folder now."""
-        pattern = self.shard_names()
+    def shard_names(self, suffix: str = ".bin") -> re.Pattern[str]:
+        return re.compile(rf"{re.escape(self.stem)}(\.[0-9]{{6}})?{re.escape(suffix)}")
+
+    def existing_shards(self, suffix: str = ".bin") -> list[Path]:
+        """x.bin and x.NNNNNN.bin (or their masks, suffix .mask) as they lie in the folder now."""
+        pattern = self.shard_names(suffix)
         try:
             return sorted(p for p in self.folder.iterdir() if pattern.fullmatch(p.name))
         except OSError:
@@ -86,7 +96,8 @@ class SetPaths:
 
     def remove_leftovers(self) -> list[Path]:
         """Temporary files an interrupted prepare of this OUTPUT left (the caller holds the set's lock)."""
-        own = "|".join(re.escape(n) for n in self.own_names()) + "|" + self.shard_names().pattern
+        own = "|".join(re.escape(n) for n in self.own_names())
+        own += "|" + self.shard_names().pattern + "|" + self.shard_names(MASK_SUFFIX).pattern
         pattern = re.compile(rf"{re.escape(TEMP_PREFIX)}({own})\.[0-9a-f]{{16}}")
         removed = []
         for path in self.folder.iterdir() if self.folder.is_dir() else []:
@@ -148,7 +159,7 @@ def check_overwrite(
     if manifest is None:
         if paths.manifest.exists() or paths.manifest.is_symlink():
             strangers.append(paths.manifest)
-        strangers += paths.existing_shards()
+        strangers += paths.existing_shards() + paths.existing_shards(MASK_SUFFIX)
     is_given = given is not None and Path(given).resolve() == paths.tokenizer.resolve()
     if (paths.tokenizer.exists() or paths.tokenizer.is_symlink()) and not is_given:
         recorded = (manifest or {}).get("tokenizer") or {}
@@ -194,10 +205,25 @@ class Resume:
     digest: Any  # the running sha256 of the kept shards' ids
     count: int
     max_token: int
+    tally: dict[str, int] = field(default_factory=dict)  # a chat prepare's counts up to the cursor
+
+
+def _whole(path: Path, size: int) -> bool:
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == size
+
+
+def _mask_whole(paths: SetPaths, entry: dict[str, Any]) -> bool:
+    """A shard's mask as recorded (length and sha256), or True for a shard without one."""
+    mask = entry.get("mask")
+    if mask is None:
+        return True
+    path = paths.folder / mask["file"]
+    return _whole(path, entry["count"]) and _hash_shard(path, 0, hashlib.sha256()) == mask["sha256"]
 
 
 def kept_shards(paths: SetPaths, manifest: dict[str, Any] | None) -> Resume:
-    """The listed shards that are whole (length and sha256 as recorded), in order up to the first that is not."""
+    """The listed shards that are whole (length and sha256 as recorded, their masks too), in order up to the
+    first that is not."""
     digest = hashlib.sha256()
     if manifest is None:
         return Resume([], START, digest, 0, -1)
@@ -206,17 +232,15 @@ def kept_shards(paths: SetPaths, manifest: dict[str, Any] | None) -> Resume:
     kept: list[dict[str, Any]] = []
     for entry in manifest["shards"]:
         shard = paths.folder / entry["file"]
-        whole = (
-            shard.is_file()
-            and not shard.is_symlink()
-            and shard.stat().st_size == header + entry["count"] * itemsize
-        )
+        whole = _whole(shard, header + entry["count"] * itemsize) and _mask_whole(paths, entry)
         trial = digest.copy()
         if not whole or _hash_shard(shard, header, trial) != entry["sha256"]:
-            return Resume(kept, tuple(entry["start"]), digest, sum(e["count"] for e in kept), _max_of(kept))
+            count = sum(e["count"] for e in kept)
+            return Resume(kept, tuple(entry["start"]), digest, count, _max_of(kept), entry.get("tally", {}))
         digest = trial
         kept.append(entry)
-    return Resume(kept, tuple(manifest["cursor"]), digest, sum(e["count"] for e in kept), _max_of(kept))
+    count = sum(e["count"] for e in kept)
+    return Resume(kept, tuple(manifest["cursor"]), digest, count, _max_of(kept), manifest.get("tally", {}))
 
 
 def _max_of(shards: list[dict[str, Any]]) -> int:
@@ -224,7 +248,8 @@ def _max_of(shards: list[dict[str, Any]]) -> int:
 
 
 class ShardWriter:
-    """Appends each unit's ids to the set; a full shard is published and recorded before the next one starts."""
+    """Appends each unit's ids (and mask) to the set; a full shard is published and recorded before the next one
+    starts."""
 
     def __init__(
         self, paths: SetPaths, manifest: dict[str, Any], resume: Resume, shard_tokens: int, vocab_size: int
@@ -243,73 +268,119 @@ class ShardWriter:
         self.format = manifest["shard_format"]
         self.file: IO[bytes] | None = None
         self.temp: Path | None = None
+        self.mask_file: IO[bytes] | None = None
+        self.mask_temp: Path | None = None
         self.started: tuple[int, int, int, int] = START
+        self.started_tally: dict[str, int] = {}
         self.count = 0
         self.own = hashlib.sha256()
+        self.own_mask = hashlib.sha256()
+        self.own_learned = 0
         self.own_max = -1
+        self.tally = Counter(resume.tally)  # after the last unit added
+        self.cursor_tally = dict(resume.tally)  # at the cursor
 
-    def add(self, unit: Unit, tokens: np.ndarray, skip: int = 0) -> None:
-        """A unit's ids, of which the first `skip` are in finished shards already (a resumed unit)."""
+    def add(
+        self,
+        unit: Unit,
+        tokens: np.ndarray,
+        skip: int = 0,
+        mask: np.ndarray | None = None,
+        tally: dict[str, int] | None = None,
+    ) -> None:
+        """A unit's ids, of which the first `skip` are in finished shards already (a resumed unit); with its mask
+        (one uint8 per id) and its counts, for a set with a mask."""
         if tokens.size and int(tokens.max()) >= self.vocab_size:
             raise DataError(
                 f"{unit.origin} gives token id {int(tokens.max())}, beyond the vocabulary of {self.vocab_size}; "
                 "give the tokenizer these ids come from (TOKENIZER=…)"
             )
+        before = dict(self.tally)
+        after_unit = self.tally + Counter(tally or {})
         position = skip
         while position < len(tokens):
             if self.file is None:
-                self._open((unit.file, *unit.start, position))
+                self._open((unit.file, *unit.start, position), before, mask is not None)
             take = min(len(tokens) - position, self.shard_tokens - self.count)
-            self._append(tokens[position : position + take])
+            self._append(tokens[position : position + take], None if mask is None else mask[position : position + take])
             position += take
             if self.count == self.shard_tokens:
-                after = (unit.file, *unit.start, position) if position < len(tokens) else _after(unit)
-                self._close(after)
+                if position < len(tokens):
+                    self._close((unit.file, *unit.start, position), before)
+                else:
+                    self._close(_after(unit), dict(after_unit))
+        self.tally = after_unit
         self.after_last = _after(unit)
         if self.file is None:
-            self.cursor = self.after_last
+            self.cursor, self.cursor_tally = self.after_last, dict(after_unit)
 
-    def _open(self, start: tuple[int, int, int, int]) -> None:
+    def _open(self, start: tuple[int, int, int, int], tally: dict[str, int], masked: bool) -> None:
         if len(self.shards) >= MAX_SHARDS:
             raise DataError(
                 f"SHARD_TOKENS={self.shard_tokens:,} makes more than {MAX_SHARDS:,} shards of this input; raise it"
             )
-        self.temp, self.file = create_exclusive(self.paths.folder, self.paths.shard(len(self.shards)).name)
-        self.started, self.count, self.own, self.own_max = start, 0, hashlib.sha256(), -1
+        name = self.paths.shard(len(self.shards))
+        self.temp, self.file = create_exclusive(self.paths.folder, name.name)
+        if masked:
+            self.mask_temp, self.mask_file = create_exclusive(self.paths.folder, self.paths.mask_of(name).name)
+        self.started, self.started_tally, self.count, self.own_max = start, tally, 0, -1
+        self.own, self.own_mask, self.own_learned = hashlib.sha256(), hashlib.sha256(), 0
         if self.format == "llmc":
             self.file.write(llmc.header(0))
 
-    def _append(self, tokens: np.ndarray) -> None:
+    def _append(self, tokens: np.ndarray, mask: np.ndarray | None) -> None:
         raw = tokens.astype(self.dtype, copy=False).tobytes()
         assert self.file is not None
         self.file.write(raw)
         self.own.update(raw)
         self.digest.update(raw)
+        if self.mask_file is not None:
+            assert mask is not None and len(mask) == len(tokens)
+            flags = mask.astype(np.uint8, copy=False).tobytes()
+            self.mask_file.write(flags)
+            self.own_mask.update(flags)
+            self.own_learned += int(np.count_nonzero(mask))
         self.count += len(tokens)
         self.total += len(tokens)
         if len(tokens):
             self.own_max = max(self.own_max, int(tokens.max()))
 
-    def _close(self, after: tuple[int, int, int, int]) -> None:
+    def _publish(self, file: IO[bytes], temp: Path, final: Path) -> None:
+        try:
+            file.flush()
+            os.fsync(file.fileno())
+            file.close()
+            os.replace(temp, final)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _close(self, after: tuple[int, int, int, int], tally: dict[str, int]) -> None:
         assert self.file is not None and self.temp is not None
         final = self.paths.shard(len(self.shards))
-        try:
-            if self.format == "llmc":
-                self.file.seek(0)
-                self.file.write(llmc.header(self.count))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.temp, final)
-        finally:
-            self.temp.unlink(missing_ok=True)
-        entry = {"file": final.name, "count": self.count, "sha256": self.own.hexdigest(), "max_token": self.own_max}
-        self.shards.append({**entry, "start": list(self.started)})
+        if self.format == "llmc":
+            self.file.seek(0)
+            self.file.write(llmc.header(self.count))
+        entry: dict[str, Any] = {"file": final.name, "count": self.count, "sha256": self.own.hexdigest(),
+                                 "max_token": self.own_max}  # fmt: skip
+        if self.mask_file is not None and self.mask_temp is not None:  # the mask first: a shard never lacks its own
+            mask = self.paths.mask_of(final)
+            self._publish(self.mask_file, self.mask_temp, mask)
+            entry["mask"] = {"file": mask.name, "sha256": self.own_mask.hexdigest(), "learned": self.own_learned}
+        self._publish(self.file, self.temp, final)
+        entry["start"] = list(self.started)
+        if self.started_tally:
+            entry["tally"] = self.started_tally
+        self.shards.append(entry)
         self.max_token = max(self.max_token, self.own_max)
-        self.file, self.temp, self.cursor = None, None, after
+        self.file, self.temp, self.mask_file, self.mask_temp = None, None, None, None
+        self.cursor, self.cursor_tally = after, tally
         write_manifest(self.paths, self.snapshot(complete=False))
 
     def snapshot(self, complete: bool) -> dict[str, Any]:
+        extra: dict[str, Any] = {"tally": self.cursor_tally} if self.cursor_tally else {}
+        if any("mask" in entry for entry in self.shards):
+            learned = sum(entry["mask"]["learned"] for entry in self.shards)
+            extra["mask"] = {"dtype": "uint8", "learned": learned}
         return {
             **self.manifest,
             "count": self.total,
@@ -318,19 +389,24 @@ class ShardWriter:
             "complete": complete,
             "cursor": list(self.cursor),
             "shards": self.shards,
+            **extra,
         }
 
     def finish(self) -> dict[str, Any]:
         """Publish the last shard; a set of one shard becomes OUTPUT itself; the manifest says complete."""
         if self.file is not None:
-            self._close(self.after_last)
+            self._close(self.after_last, dict(self.tally))
         if len(self.shards) == 1 and self.shards[0]["file"] != self.paths.output.name:
-            os.replace(self.paths.folder / self.shards[0]["file"], self.paths.output)
-            self.shards[0]["file"] = self.paths.output.name
+            only = self.shards[0]
+            if "mask" in only:
+                os.replace(self.paths.folder / only["mask"]["file"], self.paths.mask_of(self.paths.output))
+                only["mask"]["file"] = self.paths.mask_of(self.paths.output).name
+            os.replace(self.paths.folder / only["file"], self.paths.output)
+            only["file"] = self.paths.output.name
         manifest = self.snapshot(complete=True)
         write_manifest(self.paths, manifest)
-        listed = {entry["file"] for entry in self.shards}
-        for stale in self.paths.existing_shards():  # of an earlier, larger set of this OUTPUT
+        listed = {entry["file"] for entry in self.shards} | {e["mask"]["file"] for e in self.shards if "mask" in e}
+        for stale in self.paths.existing_shards() + self.paths.existing_shards(MASK_SUFFIX):  # an earlier set's
             if stale.name not in listed:
                 stale.unlink()
         fsync_dir(self.paths.folder)
@@ -338,10 +414,11 @@ class ShardWriter:
 
     def abandon(self) -> None:
         """An error or an interrupt: the shard being written is dropped, the finished ones stay."""
-        if self.file is not None and self.temp is not None:
-            self.file.close()
-            self.temp.unlink(missing_ok=True)
-            self.file = None
+        for file, temp in ((self.file, self.temp), (self.mask_file, self.mask_temp)):
+            if file is not None and temp is not None:
+                file.close()
+                temp.unlink(missing_ok=True)
+        self.file = self.mask_file = None
 
 
 def _after(unit: Unit) -> tuple[int, int, int, int]:

@@ -34,9 +34,18 @@ from torch.utils.data import Dataset
 from train.config import VOCAB_AUTO, RunConfig
 from train.data.corpus import build_corpus
 from train.data.text import document_chunks, expand_globs
-from train.data.tokens import BYTE_VOCAB, TokenStream, is_llmc_file, read_llmc, read_token_file, sidecar_path
+from train.data.tokens import (
+    BYTE_VOCAB,
+    TokenStream,
+    is_llmc_file,
+    read_llmc,
+    read_mask,
+    read_token_file,
+    sidecar_path,
+)
 from train.errors import ConfigError, DataError
 from train.models import get_spec
+from train.models.loss import IGNORE_INDEX
 from train.tokenizer import ANY, BYTES, TokenizerId, recorded_tokenizer, sha256_of
 
 # Stream length of the synthetic sources: large enough that an epoch boundary is rare.
@@ -53,9 +62,20 @@ SOURCE_INPUT = {"corpus": "tokens", "files": "tokens", "images": "images"}
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping windows of seq_len+1 tokens; sample i is (inputs, targets), int64 [seq_len]."""
+    """Non-overlapping windows of seq_len+1 tokens; sample i is (inputs, targets), int64 [seq_len].
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, source: str, origin: str) -> None:
+    With a mask (chat data: one uint8 per token, train/data/chat.py) a target whose token the mask does not
+    learn is IGNORE_INDEX, which the loss leaves out.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray | TokenStream,
+        seq_len: int,
+        source: str,
+        origin: str,
+        mask: np.ndarray | TokenStream | None = None,
+    ) -> None:
         if len(tokens) < seq_len + 1:
             raise DataError(
                 f"{origin} holds {len(tokens)} token{'' if len(tokens) == 1 else 's'}, fewer than "
@@ -63,10 +83,16 @@ class TokenWindows(Dataset):
                 "use more text or lower data.seq_len"
             )
         self.tokens = tokens
+        self.mask = mask
         self.seq_len = seq_len
         self.source = source
         self.origin = origin
         self.num_samples = (len(tokens) - 1) // seq_len
+
+    @property
+    def masked(self) -> bool:
+        """Whether some targets are left out of the loss (the trainer then counts them, train/models/loss.py)."""
+        return self.mask is not None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -76,23 +102,31 @@ class TokenWindows(Dataset):
             raise IndexError(f"sample {index} is outside 0..{self.num_samples - 1}")
         start = index * self.seq_len
         window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return window[:-1], window[1:]
+        if self.mask is None:
+            return window[:-1], window[1:]
+        learned = torch.from_numpy(self.mask[start + 1 : start + self.seq_len + 1].astype(np.bool_))
+        return window[:-1], window[1:].masked_fill(~learned, IGNORE_INDEX)
 
     def summary(self) -> str:
         tokens = self.num_samples * self.seq_len
-        return f"{self.source}: {self.origin} · {self.num_samples:,} samples × {self.seq_len} = {tokens:,} tokens"
+        line = f"{self.source}: {self.origin} · {self.num_samples:,} samples × {self.seq_len} = {tokens:,} tokens"
+        if self.mask is not None:
+            line += " · loss over the tokens its mask learns (chat)"
+        return line
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        if isinstance(self.tokens, np.memmap):
-            # Worker processes started by spawn reopen the file rather than receive a copy of it.
-            state["tokens"] = (self.tokens.filename, self.tokens.dtype.str, self.tokens.shape)
+        for key in ("tokens", "mask"):
+            if isinstance(state[key], np.memmap):
+                # Worker processes started by spawn reopen the file rather than receive a copy of it.
+                state[key] = (state[key].filename, state[key].dtype.str, state[key].shape)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["tokens"], tuple):
-            filename, dtype, shape = state["tokens"]
-            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=shape)
+        for key in ("tokens", "mask"):
+            if isinstance(state.get(key), tuple):
+                filename, dtype, shape = state[key]
+                state[key] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=shape)
         self.__dict__.update(state)
 
 
@@ -267,7 +301,21 @@ def _files_dataset(cfg: RunConfig) -> Dataset:
         tokens = np.concatenate(documents)
     if len(tokens):
         _check_vocab(tokens, cfg.model.vocab_size, f"data.path='{path}'", meta)
-    return TokenWindows(tokens, cfg.data.seq_len, "files", path)
+    mask = token_mask(path, meta, cfg.data.seq_len, "data.seq_len") if meta is not None else None
+    return TokenWindows(tokens, cfg.data.seq_len, "files", path, mask)
+
+
+def token_mask(path: str, meta: dict, seq_len: int, what: str) -> np.ndarray | TokenStream | None:
+    """A token set's mask (chat data), whose conversations were packed into windows of the seq_len it records:
+    another seq_len would cut them, so it is refused."""
+    mask = read_mask(path, meta)
+    packed = (meta.get("chat") or {}).get("seq_len")
+    if mask is not None and packed != seq_len:
+        raise DataError(
+            f"{path} packs its conversations into windows of {packed} tokens, but {what}={seq_len}; set "
+            f"{what}={packed}, or prepare it again with SEQ_LEN={seq_len}"
+        )
+    return mask
 
 
 def _synthetic_dataset(cfg: RunConfig) -> Dataset:

@@ -18,6 +18,9 @@ Format (write it yourself from any tokenizer):
   "shard_format": "llmc" is an llm.c file (its 1024-byte header before the ids).
 - An llm.c shard (train/data/llmc.py) given by itself, or a glob or directory of them, is read as
   GPT-2 ids without any sidecar.
+- A mask (chat data, train/data/chat.py): "mask": {"dtype": "uint8", "learned"} in the sidecar, and each
+  shard's {"mask": {"file", "sha256", "learned"}}: a file of one uint8 per id beside the shard, 1 where the
+  loss learns that token (a target the loader does not mark IGNORE_INDEX); "learned" counts the 1s.
 
 Every file is read through a bounded reader: a FIFO, a device or an oversized file at either name
 is refused in one line. Every consumer compares the tokenizer record with the tokenizer it uses
@@ -258,6 +261,31 @@ def read_token_file(path: Path | str, what: str = "data.path") -> tuple[np.ndarr
     if count == 0:  # np.memmap refuses empty files
         return np.zeros(0, TOKEN_DTYPES[dtype]), meta
     return np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r", shape=(count,)), meta
+
+
+def read_mask(path: Path | str, meta: dict[str, Any]) -> np.ndarray | TokenStream | None:
+    """The mask of a token set that has one (its sidecar's "mask"), read as the ids are; None without one."""
+    path = Path(path)
+    if not isinstance(meta.get("mask"), dict):
+        return None
+    parts = []
+    for entry in meta.get("shards") or []:
+        mask = entry.get("mask") if isinstance(entry, dict) else None
+        name = mask.get("file") if isinstance(mask, dict) else None
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise DataError(
+                f"{sidecar_path(path)} has a mask but lists a shard without its mask file; re-run make prepare"
+            )
+        count = int(entry["count"])
+        file = path.parent / name
+        size = file.stat().st_size if file.is_file() else None
+        if size != count:
+            state = "is missing" if size is None else f"holds {size:,} bytes, not {count:,}"
+            raise DataError(f"{file}, the mask of a shard of {path}, {state}; re-run the make prepare that wrote it")
+        parts.append((str(file), 0, count))
+    if len(parts) == 1 and parts[0][2]:
+        return np.memmap(parts[0][0], dtype=np.uint8, mode="r", shape=(parts[0][2],))
+    return TokenStream(parts, np.dtype(np.uint8))
 
 
 def read_llmc(paths: list[Path]) -> tuple[np.ndarray | TokenStream, dict[str, Any]]:

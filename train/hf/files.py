@@ -38,6 +38,7 @@ MAX_TOKENIZER_BYTES = 256 << 20
 OWNED_NAMES = re.compile(
     r"config\.json|generation_config\.json|torchrig\.json|tokenizer\.json|tokenizer_config\.json"
     r"|special_tokens_map\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors"
+    r"|adapter_config\.json|adapter_model\.safetensors"
 )
 
 

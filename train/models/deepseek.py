@@ -70,6 +70,7 @@ from train.models.activations import (
     rms_norm,
     swiglu_inner,
 )
+from train.models.loss import token_loss
 from train.models.spec import AllReduce, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
@@ -738,9 +739,15 @@ class Transformer(nn.Module):
                 module.tokens_per_expert.zero_()
 
     def forward(
-        self, inputs: torch.Tensor, targets: torch.Tensor | None = None, parts: bool = False
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        divisors: torch.Tensor | None = None,
+        parts: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets.
+        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the scalar loss given targets
+        (IGNORE_INDEX targets not counted; divisors [1 + mtp_depth]: each term's sum over its divisor,
+        train/models/loss.py).
 
         parts=True (the trainer's call): (loss, {"next_token_loss": the main head's cross-entropy}), the
         figure comparable with val_loss; the loss adds the weighted MTP term to it.
@@ -752,8 +759,8 @@ class Transformer(nn.Module):
         logits = self.head(self.norm(hidden))
         if targets is None:
             return logits
-        next_token = cross_entropy(logits, targets)
-        loss = next_token + self.mtp_loss(hidden, targets)
+        next_token = token_loss(logits, targets, None if divisors is None else divisors[0])
+        loss = next_token + self.mtp_loss(hidden, inputs, targets, divisors)
         return (loss, {"next_token_loss": next_token.detach()}) if parts else loss
 
     def import_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -805,11 +812,13 @@ class Transformer(nn.Module):
         _, normed = self.mtp[0].forward_cached(hidden, self.embed(next_tokens), self.rope_cos, self.rope_sin, cache)
         return self.head(normed)
 
-    def mtp_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def mtp_loss(
+        self, hidden: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, divisors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """mtp_weight times the mean over depths d of the loss predicting token i+d+1 at position i.
 
-        targets[:, j] is token j+1, so emb(t_{i+d}) is embed(targets[:, i+d-1]) and the label is
-        targets[:, i+d]; depth d has seq-d positions.
+        inputs[:, j] is token j, so emb(t_{i+d}) is embed(inputs[:, i+d]) (never the targets, which masked
+        data marks IGNORE_INDEX), and the label is targets[:, i+d]; depth d has seq-d positions.
         """
         if not self.mtp:
             return hidden.new_zeros(())
@@ -817,15 +826,12 @@ class Transformer(nn.Module):
         losses = []
         for depth, module in enumerate(self.mtp, start=1):
             positions = seq_len - depth
-            next_embed = self.embed(targets[:, depth - 1 : depth - 1 + positions])
+            next_embed = self.embed(inputs[:, depth : depth + positions])
             hidden, normed = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
             logits = self.head(normed)
-            losses.append(cross_entropy(logits, targets[:, depth : depth + positions]))
+            divisor = None if divisors is None else divisors[depth]
+            losses.append(token_loss(logits, targets[:, depth : depth + positions], divisor))
         return self.cfg.mtp_weight * torch.stack(losses).mean()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
 
 @torch.no_grad()
@@ -1213,6 +1219,13 @@ def activations_floor(cfg: DeepSeekConfig, seq_len: int, training: bool) -> floa
     return float(seq_len) * (logits + sum(blocks))
 
 
+def freeze_balancing(model: nn.Module) -> None:
+    """A frozen base's routing stays as loaded: the balancing biases stop moving (the loads are still reported)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.bias_update_speed = 0.0
+
+
 def shard_units(model: nn.Module) -> list[nn.Module]:
     """Each block, main and multi-token prediction: one all-gather per block in forward and backward."""
     return [*model.layers, *model.mtp]
@@ -1238,8 +1251,10 @@ SPEC = ModelSpec(
     seq_len_limit="max_seq_len",
     loss_parts=("next_token_loss",),
     after_step=moe_balance_step,
+    loss_terms=lambda cfg: 1 + cfg.mtp_depth,  # the next token, then one term per MTP depth
     selective_units=selective_units,
     lora_targets=("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"),
+    freeze_state=freeze_balancing,
     saved_for_backward=decoder_activations,
     decoder=lambda model: model,  # Transformer is a Decoder itself
     hf=hf_deepseek.MAPPING,  # deepseek_v3 (sigmoid routing) and deepseek_v2 (softmax) in transformers

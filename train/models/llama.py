@@ -44,6 +44,7 @@ from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
 from train.hf import llama as hf_llama
 from train.models.activations import FP32, INDEX, Activations, Setting, Unit, attention_core, rms_norm, swiglu_inner
+from train.models.loss import token_loss
 from train.models.spec import ModelSpec, ParamCount
 
 # More layers than any model this rig trains (Llama 3 405B has 126): a bigger figure is a typo, and
@@ -275,15 +276,18 @@ class Llama(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(self.norm(hidden), weight)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the mean cross-entropy given targets."""
+    def forward(
+        self, inputs: torch.Tensor, targets: torch.Tensor | None = None, divisors: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """inputs [batch, seq] token ids -> logits [batch, seq, vocab], or the mean cross-entropy given targets
+        (IGNORE_INDEX targets not counted; divisors [1]: the sum over it, train/models/loss.py)."""
         hidden = self.embed(inputs)
         for layer in self.layers:
             hidden = layer(hidden, self.rope_cos, self.rope_sin)
         logits = self.logits(hidden)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+        return token_loss(logits, targets, None if divisors is None else divisors[0])
 
     @property
     def max_seq_len(self) -> int:

@@ -92,7 +92,9 @@ def _no_checks(cfg: ModelConfig) -> None:
 @dataclass(frozen=True)
 class ModelSpec:
     """One model family. The model built must take `forward(inputs, targets) -> scalar loss`, and
-    `forward(inputs) -> logits` (or class scores) for evaluation."""
+    `forward(inputs) -> logits` (or class scores) for evaluation. A token model trained on masked data
+    (chat) also takes `forward(inputs, targets, divisors)`: targets of IGNORE_INDEX are not counted, and
+    each of its loss_terms is its sum over its divisor (train/models/loss.py)."""
 
     name: str  # the model.arch value that selects it
     # The `model:` section: a dataclass subclassing train.config.ModelConfig, defaults for every key.
@@ -115,6 +117,9 @@ class ModelSpec:
     # Run on every rank after every optimizer step, with the all-reduce (None alone); returns figures to log,
     # as 0-dim tensors read only when a step is logged (DeepSeek: the MoE balancing bias update).
     after_step: Callable[[nn.Module, AllReduce | None], dict[str, torch.Tensor]] | None = None
+    # The terms of a token model's loss, each predicting targets[:, k:] for k = 0, 1, ...: the next token, and
+    # further ones (DeepSeek's MTP depths); the trainer counts each term's targets for masked data.
+    loss_terms: Callable[[ModelConfig], int] = lambda cfg: 1
     # The model (unwrapped, in eval mode) as a Decoder, for make sample; None: the family does not decode.
     decoder: Callable[[nn.Module], Decoder] | None = None
     # Its transformers twin (model types, config.json and state dict both ways); None: make export writes
@@ -139,6 +144,9 @@ class ModelSpec:
     # Numbers one sample (seq_len tokens, or one image) holds at once, from the config alone: (cfg, seq_len,
     # training: kept for the backward) -> count. A lower bound (train/memory_bound.py). None: not estimated.
     activations: Callable[[ModelConfig, int, bool], float] | None = None
+    # Stops the training-time updates of base state that are not parameters (DeepSeek: the MoE balancing biases),
+    # so that a LoRA run (train/lora.py) leaves its base as it found it; None: the family has none.
+    freeze_state: Callable[[nn.Module], None] | None = None
 
     def __post_init__(self) -> None:
         where = f"model spec {self.name!r}"

@@ -6,18 +6,27 @@ train/plan/__main__.py is `make plan`. Everything here is a pure function of the
 
 from __future__ import annotations
 
+import torch
+
+from train import lora
 from train.config import RunConfig
 from train.errors import ConfigError
 from train.models import get_spec
 from train.plan.levers import Lever, levers
-from train.plan.memory import FULL_FINE_TUNE, GIB, Box, MemoryPlan, Model, Training, plan_memory
+from train.plan.memory import FULL_FINE_TUNE, GIB, Box, MemoryPlan, Model, Training, frozen_base_bytes, plan_memory
 
 __all__ = ["Box", "MemoryPlan", "Training", "check_fits", "plan_memory", "plan_run"]
 
 
 def training_of(cfg: RunConfig) -> Training:
-    """What the run trains. Every parameter, until issue 18's LoRA (train.lora) returns its adapters here."""
-    return FULL_FINE_TUNE
+    """What the run trains: every parameter, or with train.lora.rank > 0 its adapters (the targets as the layers
+    they adapt: train/lora.py layer_targets) on a frozen base stored as the run stores it (lora.base_dtype)."""
+    if not cfg.train.lora.rank:
+        return FULL_FINE_TUNE
+    with torch.device("meta"):
+        model = get_spec(cfg.model.arch).build(cfg.model)
+    targets = tuple(lora.layer_targets(model, lora.targets_of(cfg)[0]))
+    return Training(targets, cfg.train.lora.rank, frozen_base_bytes(cfg))
 
 
 def plan_run(cfg: RunConfig, box: Box) -> tuple[MemoryPlan, list[Lever]]:

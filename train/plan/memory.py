@@ -36,7 +36,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from train.config import RunConfig
+from train import lora
+from train.config import LoRAConfig, RunConfig
 from train.errors import ConfigError
 from train.models import get_spec
 from train.models.activations import MODES, Setting
@@ -72,9 +73,9 @@ class Training:
     """What trains: every parameter (a full fine-tune, the default), or LoRA adapters on a frozen base.
 
     adapters: LoRA's target modules (PEFT's target_modules list: a module whose name is a target or ends in
-    "." + target), each nn.Linear of them given rank x in (A) and out x rank (B) float32 trainable parameters,
-    while every parameter of the model is frozen and stored in `base_bytes` per number (issue 18: a frozen bf16
-    base, 2; 0 keeps float32). Issue 18's LoRA (train.lora) supplies these from its config.
+    "." + target), each of them given train/lora.py's adapter (rank x in (A) and out x rank (B) float32 trainable
+    parameters, per expert for the stacked experts), while every parameter of the model is frozen and stored in
+    `base_bytes` per number (a frozen bf16 base, 2; 0 keeps float32, as train/lora.py does today).
     """
 
     adapters: tuple[str, ...] = ()
@@ -93,12 +94,8 @@ class Training:
             parameter.requires_grad_(False)
             if self.base_bytes:
                 parameter.data = parameter.data.to(_dtype(self.base_bytes))
-        setting = Setting(FP32, FP32, adapters=self.adapters)
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and setting.adapted(name):
-                device = module.weight.device
-                module.lora_A = nn.Parameter(torch.empty(self.rank, module.in_features, device=device))
-                module.lora_B = nn.Parameter(torch.empty(module.out_features, self.rank, device=device))
+        found = lora.adapted_modules(model, list(self.adapters), self.rank, each=False)
+        lora.add_adapters(model, found, LoRAConfig(rank=self.rank))
 
     def describe(self) -> str:
         if not self.adapters:
@@ -155,6 +152,13 @@ class MemoryPlan:
         """The largest micro_batch whose plan fits (0: not even one sample)."""
         fixed = self.total - self.micro_batch * self.per_sample
         return max(0, (self.vram - fixed) // self.per_sample) if self.per_sample else 0
+
+
+def frozen_base_bytes(cfg: RunConfig) -> int:
+    """Bytes per number of a LoRA run's frozen base on a GPU (train/lora.py base_dtype): autocast's, or 0 (float32)."""
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg.train.precision))
+    dtype = lora.base_dtype(cfg, autocast)
+    return dtype.itemsize if dtype is not None else 0
 
 
 def resolve_precision(requested: str) -> str:

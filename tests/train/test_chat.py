@@ -1,0 +1,480 @@
+"""Chat and instruction data (train/data/chat.py): conversations rendered as transformers renders them, a mask over
+exactly the assistant's tokens, whole conversations packed into windows, bad records one line; and training on it:
+the loss over the learned tokens only, the same on 2 ranks as in one process, falling, and evaluated by the same rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers.chat_data import (
+    BOS,
+    CHATML_TEMPLATE,
+    CHATML_TOKENS,
+    EOS,
+    conversations,
+    write_chat_tokenizer,
+    write_jsonl,
+    write_tiny_v2,
+)
+from tests.helpers.commands import one_line_error, run_module
+from tests.helpers.paths import ROOT
+from tests.helpers.trainrun import SMALL, launch_train, metrics
+from train.config_loader import load_config
+from train.data import build_dataset, read_token_file
+from train.data.chat import ChatRenderer, Conversation, conversation, find_template
+from train.data.tokens import read_mask
+from train.errors import DataError
+from train.models import build_model
+from train.models.loss import IGNORE_INDEX, counted_targets
+from train.prepare import prepare
+
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DeepSeek-V2 checkpoint with DeepSeek-V2-Chat's template (tests/helpers/chat_data.py)."""
+    return write_tiny_v2(tmp_path_factory.mktemp("v2") / "hf")
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_chat_tokenizer(tmp_path_factory.mktemp("chatml") / "tok", CHATML_TEMPLATE, CHATML_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return conversations(48)
+
+
+def messages_of(record: dict) -> list[dict]:
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+
+
+def prepared(folder: Path, tokenizer: Path, records: list[dict], *, seq_len: int = SEQ_LEN, **options) -> Path:
+    output = folder / "data" / "chat.bin"
+    prepare([str(write_jsonl(folder / "chat.jsonl", records))], str(output), str(tokenizer), seq_len=seq_len, **options)
+    return output
+
+
+def stream_of(output: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    tokens, meta = read_token_file(output)
+    return np.asarray(tokens).astype(np.int64), np.array(read_mask(output, meta)), meta  # copies: writable
+
+
+# ------------------------------------------------------------------------------------------ rendering
+
+
+@pytest.mark.parametrize("kind", ["v2", "chatml"])
+def test_the_ids_are_transformers_apply_chat_template_s(kind: str, request, records, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    directory = request.getfixturevalue(kind)
+    hf = AutoTokenizer.from_pretrained(directory)
+    expected = [hf.apply_chat_template(messages_of(r), tokenize=True) for r in records]
+    tokenizer_json = (directory / "tokenizer.json").read_text()
+    renderer = ChatRenderer(find_template(str(directory), None), tokenizer_json)
+    for record, ids in zip(records, expected, strict=True):
+        found = conversation(json.dumps(record).encode(), "x", 1)
+        assert renderer.encode(found)[0].tolist() == ids
+    # And in the prepared set: every conversation in input order, separated only by the end-of-document id.
+    tokens, _, meta = stream_of(prepared(tmp_path, directory, records, procs=2))
+    end = meta["tokenizer"]["end_of_document"]
+    assert end == hf.convert_tokens_to_ids(hf.eos_token)
+    position = 0
+    for ids in expected:
+        while tokens[position] == end:
+            position += 1
+        assert tokens[position : position + len(ids)].tolist() == ids
+        position += len(ids)
+    assert set(tokens[position:].tolist()) <= {end}
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_the_special_tokens_are_those_transformers_loads(v2: Path, tmp_path: Path, decoder: bool) -> None:
+    """special_tokens_map.json overrides tokenizer_config.json only on transformers' legacy path (no
+    added_tokens_decoder): the template must see the eos_token AutoTokenizer has."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes((v2 / "tokenizer.json").read_bytes())
+    config = json.loads((v2 / "tokenizer_config.json").read_text()) | {"eos_token": BOS}
+    if decoder:
+        vocabulary = Tokenizer.from_file(str(v2 / "tokenizer.json"))
+        flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+        config["added_tokens_decoder"] = {str(vocabulary.token_to_id(t)): {"content": t, **flags} for t in (BOS, EOS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": EOS}))
+    expected = AutoTokenizer.from_pretrained(tmp_path).eos_token
+    assert expected == (BOS if decoder else EOS)
+    assert dict(find_template(str(tmp_path), None).specials)["eos_token"] == expected
+
+
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of ones."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
+@pytest.mark.parametrize(("kind", "closing"), [("v2", EOS), ("chatml", "<|im_end|>\n")])
+def test_the_mask_covers_exactly_the_assistant_turns(kind: str, closing: str, request, records, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    directory = request.getfixturevalue(kind)
+    hf = AutoTokenizer.from_pretrained(directory)
+    tokens, mask, meta = stream_of(prepared(tmp_path, directory, records))
+    learned = [hf.decode(tokens[a:b].tolist()) for a, b in runs(mask)]
+    # V2's generation prompt is "Assistant:", its turn "Assistant: " + content + eos: the space is the answer's.
+    space = " " if kind == "v2" else ""
+    turns = [space + m["content"] + closing for r in records for m in messages_of(r) if m["role"] == "assistant"]
+    assert learned == turns
+    assert meta["mask"]["learned"] == int(mask.sum()) == meta["tally"]["learned_tokens"]
+
+
+def test_prompt_and_completion_as_message_lists_learn_the_completion_only(v2: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    record = {
+        "prompt": [{"role": "user", "content": "Say stone 2 times."}, {"role": "assistant", "content": "stone stone"},
+                   {"role": "user", "content": "Again."}],
+        "completion": [{"role": "assistant", "content": "stone stone"}],
+    }  # fmt: skip
+    tokens, mask, _ = stream_of(prepared(tmp_path, v2, [record]))
+    hf = AutoTokenizer.from_pretrained(v2)
+    ids = hf.apply_chat_template(record["prompt"] + record["completion"])
+    assert tokens[: len(ids)].tolist() == ids
+    assert [hf.decode(tokens[a:b].tolist()) for a, b in runs(mask)] == [" stone stone" + EOS]  # not the prompt's
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def test_conversations_are_packed_whole_into_windows_and_long_ones_truncated_or_dropped(v2: Path, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(v2)
+    long_answer = {"messages": [{"role": "user", "content": "Say river 80 times."},
+                                {"role": "assistant", "content": " ".join(["river"] * 80)}]}  # fmt: skip
+    long_question = {"messages": [{"role": "user", "content": "Say " + "cloud " * 150},
+                                  {"role": "assistant", "content": "no"}]}  # fmt: skip
+    silent = {"messages": [{"role": "user", "content": "Nothing to answer."}]}
+    records = [*conversations(20), long_answer, long_question, silent, *conversations(10, seed=3)]
+    seq_len = SEQ_LEN  # every conversation of conversations() fits a window of 65 tokens
+    output = prepared(tmp_path, v2, records, seq_len=seq_len)
+    tokens, mask, meta = stream_of(output)
+    assert (len(tokens) - 1) % seq_len == 0  # whole windows: none cut off at the end
+    tally = meta["tally"]
+    assert tally["conversations"] == len(records) and tally["no_assistant"] == 1
+    assert tally["truncated"] == 1 and tally["too_long"] == 1 and tally["kept"] == len(records) - 2
+    bos = hf.convert_tokens_to_ids(BOS)
+    starts = np.flatnonzero(tokens == bos).tolist()
+    assert len(starts) == tally["kept"]
+    for start, end in zip(starts, [*starts[1:], len(tokens)], strict=True):
+        window = start // seq_len
+        body = end - 1
+        while tokens[body] == hf.eos_token_id and body > start and not mask[body]:  # the padding after it
+            body -= 1
+        assert body <= window * seq_len + seq_len, (start, body)  # within the window the conversation starts in
+        assert mask[start] == 0  # a conversation's first token is never learned
+    truncated = starts[20]
+    assert (
+        tokens[truncated : truncated + seq_len + 1].tolist()
+        == hf.apply_chat_template(long_answer["messages"])[: seq_len + 1]
+    )
+    # The loader's windows: every learned target lies in a window that holds its conversation's beginning.
+    cfg = load_config("tiny", [f"data.path={output}", "model.vocab_size=auto", f"data.seq_len={seq_len}"])
+    dataset = build_dataset(cfg)
+    assert dataset.masked
+    learned = sum(int((dataset[i][1] != IGNORE_INDEX).sum()) for i in range(len(dataset)))
+    assert learned == int(mask[1:].sum())
+    again = ["--output", str(tmp_path / "again" / "c.bin"), "--tokenizer", str(v2), "--seq-len", str(seq_len)]
+    report = run_module("train.prepare", "--input", str(tmp_path / "chat.jsonl"), *again)
+    assert report.returncode == 0, report.stderr
+    assert "1 truncated to a window, 1 dropped: nothing learned within a window, 1 dropped: no assistant turn" in (
+        report.stdout
+    )
+    assert f"data.seq_len={seq_len}" in report.stdout
+
+
+def test_a_resumed_chat_prepare_equals_an_uninterrupted_one(v2: Path, tmp_path: Path, monkeypatch) -> None:
+    from train.data import formats
+    from train.data.shards import ShardWriter
+
+    monkeypatch.setattr(formats, "UNIT_BYTES", 2000)  # many units, so that the kill lands mid-set
+    records = conversations(400, seed=5)
+    reference = prepared(tmp_path / "reference", v2, records, shard_tokens=1500)
+    output = tmp_path / "killed" / "data" / "chat.bin"
+    write_jsonl(tmp_path / "killed" / "chat.jsonl", records)
+    real_add, calls = ShardWriter.add, []
+
+    def add_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            raise KeyboardInterrupt
+        return real_add(self, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWriter, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(tmp_path / "killed" / "chat.jsonl")], str(output), str(v2), seq_len=SEQ_LEN, shard_tokens=1500)
+    interrupted = json.loads(output.with_suffix(".json").read_text())
+    assert interrupted["complete"] is False and len(interrupted["shards"]) >= 2
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    prepare([str(tmp_path / "killed" / "chat.jsonl")], str(output), str(v2), seq_len=SEQ_LEN, shard_tokens=1500,
+            procs=2)  # fmt: skip
+    done = [json.loads(p.with_suffix(".json").read_text()) for p in (output, reference)]
+    assert done[0]["shards"] == done[1]["shards"] and done[0]["tally"] == done[1]["tally"]
+    for entry in done[1]["shards"]:
+        for name in (entry["file"], entry["mask"]["file"]):
+            assert (output.parent / name).read_bytes() == (reference.parent / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def chat_prepare(tmp_path: Path, tokenizer: Path, lines: list[str], *extra: str):
+    source = tmp_path / "bad.jsonl"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return run_module("train.prepare", "--input", str(source), "--output", str(tmp_path / "out" / "c.bin"),
+                      "--tokenizer", str(tokenizer), "--seq-len", "64", *extra)  # fmt: skip
+
+
+def set_files(folder: Path) -> dict[str, bytes]:
+    """A token set's files and their bytes; not its lock, which holds the pid of the last prepare."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.endswith(".lock")}
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("{not json", r"bad\.jsonl line 2 is not JSON"),
+        (json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+         r"line 2: message 1 of 'messages' has 'bot', not one of system, user, assistant"),
+        (json.dumps({"messages": []}), r"line 2: 'messages' is empty"),
+        (json.dumps({"messages": [{"role": "user", "content": ["a"]}]}),
+         r"line 2: message 1 of 'messages': content is an array, not a string"),
+        (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}),
+         r"line 2: the first message is the assistant's"),
+        (json.dumps({"prompt": "a", "completion": 3}), r"line 2: prompt is a string and completion a number"),
+        (json.dumps({"messages": "hello"}), r"line 2: 'messages' is a string, not a list of messages"),
+    ],
+)  # fmt: skip
+def test_a_bad_record_is_one_line_naming_it_and_loses_nothing(v2: Path, tmp_path: Path, line: str, expected) -> None:
+    earlier = chat_prepare(tmp_path, v2, [GOOD, GOOD])
+    assert earlier.returncode == 0, earlier.stderr
+    before = set_files(tmp_path / "out")
+    error = one_line_error(chat_prepare(tmp_path, v2, [GOOD, line, GOOD], "--chat"))
+    assert re.search(expected, error), error
+    assert set_files(tmp_path / "out") == before  # the earlier set untouched
+
+
+def test_records_without_an_assistant_turn_are_dropped_and_counted_or_refused_when_all_are(v2, tmp_path) -> None:
+    silent = json.dumps({"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}]})
+    kept = chat_prepare(tmp_path, v2, [silent, GOOD, silent])
+    assert kept.returncode == 0 and "2 dropped: no assistant turn" in kept.stdout, kept.stderr
+    line = one_line_error(chat_prepare(tmp_path / "all", v2, [silent, silent]))
+    assert "holds no conversation to learn from" in line and "2 dropped: no assistant turn" in line
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line_with_the_fix(v2: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((v2 / "tokenizer.json").read_bytes())
+    config = json.loads((v2 / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    line = one_line_error(chat_prepare(tmp_path, bare, [GOOD]))
+    assert "has no chat template" in line and "CHAT_TEMPLATE=" in line
+    line = one_line_error(chat_prepare(tmp_path, bare / "tokenizer.json", [GOOD]))
+    assert "a tokenizer.json alone holds no chat template" in line
+    # The fix works: CHAT_TEMPLATE gives the template, the directory its special tokens.
+    template = tmp_path / "v2.jinja"
+    template.write_text(json.loads((v2 / "tokenizer_config.json").read_text())["chat_template"])
+    fixed = chat_prepare(tmp_path, bare, [GOOD], "--chat-template", str(template))
+    assert fixed.returncode == 0, fixed.stderr
+    # A tokenizer.json alone cannot name the eos_token the template writes.
+    line = one_line_error(chat_prepare(tmp_path, bare / "tokenizer.json", [GOOD], "--chat-template", str(template)))
+    assert "uses bos_token, which TOKENIZER does not define" in line
+
+
+@pytest.mark.parametrize(
+    ("extra", "tokenizer", "expected"),
+    [
+        ((), "bpe", "give TOKENIZER=<the model's directory>"),
+        (("--seq-len", "0"), None, "SEQ_LEN=0"),
+        (("--shard-format", "llmc"), None, "use SHARD_FORMAT=tokens"),
+    ],
+)
+def test_chat_settings_that_cannot_work_are_one_line(v2, tmp_path, extra, tokenizer, expected) -> None:
+    source = write_jsonl(tmp_path / "c.jsonl", conversations(4))
+    args = ["--input", str(source), "--output", str(tmp_path / "c.bin"), "--tokenizer", tokenizer or str(v2)]
+    if "--seq-len" not in extra:
+        args += ["--seq-len", "64"]
+    assert expected in one_line_error(run_module("train.prepare", *args, *extra))
+    missing = one_line_error(run_module("train.prepare", "--input", str(source), "--output", str(tmp_path / "c.bin"),
+                                        "--tokenizer", str(v2)))  # fmt: skip
+    assert "give SEQ_LEN=" in missing
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain"}])
+    line = one_line_error(run_module("train.prepare", "--input", str(text), "--output", str(tmp_path / "t.bin"),
+                                     "--seq-len", "64"))  # fmt: skip
+    assert "SEQ_LEN is for chat data" in line
+
+
+# ------------------------------------------------------------------------------------------ the loss
+
+
+def masked_batch(seed: int = 0, batch: int = 4, seq: int = 16, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=generator)
+    targets = tokens[:, 1:].clone()
+    targets[torch.rand(targets.shape, generator=generator) < 0.6] = IGNORE_INDEX  # rows count different numbers
+    return tokens[:, :-1], targets
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "terms"),
+    [("tiny", [*SMALL, "model.mtp_depth=1"], 2), ("llama-tiny", ["model.n_layers=2", "train.precision=fp32"], 1)],
+)
+def test_split_batches_with_divisors_give_the_whole_batch_s_loss_and_gradients(
+    config: str, overrides: list[str], terms: int
+) -> None:
+    cfg = load_config(config, [*overrides, "model.vocab_size=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    inputs, targets = masked_batch()
+    counts = counted_targets(targets, terms).float()
+    whole = model(inputs, targets)
+    whole.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    halves = sum(model(inputs[i : i + 2], targets[i : i + 2], counts) for i in (0, 2))
+    halves.backward()
+    torch.testing.assert_close(halves, whole, rtol=0, atol=1e-6)
+    for got, want in zip((p.grad for p in model.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # The mean of the halves' own means is another figure: the divisors are what makes them equal.
+    means = sum(model(inputs[i : i + 2], targets[i : i + 2]) for i in (0, 2)) / 2
+    assert abs(means.item() - whole.item()) > 1e-4
+    # The masked targets count for nothing: changing them changes no loss.
+    other = torch.where(targets == IGNORE_INDEX, IGNORE_INDEX, targets)
+    assert model(inputs, other).item() == whole.item()
+    if terms == 1:
+        manual = F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        torch.testing.assert_close(whole, manual)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def chat_set(tmp_path: Path, v2: Path) -> Path:
+    return prepared(tmp_path, v2, conversations(160, seed=2))
+
+
+TRAIN = [f"data.seq_len={SEQ_LEN}", "model.vocab_size=auto", "train.eval_every=0", "train.lr=3e-3"]
+
+
+@pytest.mark.slow
+def test_two_ranks_and_accumulation_equal_one_process_on_masked_data_and_resume_is_exact(v2, tmp_path) -> None:
+    output = chat_set(tmp_path, v2)
+    # Every run decays the learning rate over 4 steps, so a first leg of 2 is the same run stopped early.
+    common = [f"data.path={output}", *TRAIN, "train.ckpt_every=2", "train.lr_decay_steps=4"]
+    runs_ = {
+        "2 ranks": (2, ["train.micro_batch=2", "train.accum=1"]),
+        "1 process, accum 2": (1, ["train.micro_batch=2", "train.accum=2"]),
+        "1 process": (1, ["train.micro_batch=4", "train.accum=1"]),
+    }
+    losses = {}
+    for name, (gpus, layout) in runs_.items():
+        result = launch_train(tmp_path / name.replace(" ", "_"), gpus, 4, *common, *layout)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = metrics(tmp_path / name.replace(" ", "_"))
+        losses[name] = [row["loss"] for row in rows]
+        assert all(row["counted_tokens"] < 4 * SEQ_LEN for row in rows)  # the mask left most targets out
+    for name in ("2 ranks", "1 process, accum 2"):
+        assert losses[name] == pytest.approx(losses["1 process"], rel=0, abs=1e-6), name
+    # Stopped after step 2 and resumed on 2 ranks: the same losses, bitwise, as the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    assert launch_train(resumed, 2, 2, *common, *runs_["2 ranks"][1]).returncode == 0
+    result = launch_train(resumed, 2, 4, *common, *runs_["2 ranks"][1])
+    assert result.returncode == 0 and "resuming from step 2" in result.stdout, result.stderr[-3000:]
+    by_step = {row["step"]: (row["loss"], row["counted_tokens"]) for row in metrics(resumed)}
+    assert by_step == {row["step"]: (row["loss"], row["counted_tokens"]) for row in metrics(tmp_path / "2_ranks")}
+
+
+@pytest.mark.slow
+def test_a_model_from_the_v2_checkpoint_learns_the_answers_and_eval_counts_the_same_tokens(v2, tmp_path) -> None:
+    output = chat_set(tmp_path, v2)
+    run_dir = tmp_path / "run"
+    # Not launch_train: its SMALL model keys would contradict the checkpoint's, which init_from decides.
+    command = [
+        sys.executable, "-m", "train.launch", "--gpus", "1", "--config", "tiny", "--run-dir", str(run_dir),
+        "--steps", "30", f"data.path={output}", f"train.init_from={v2}", *TRAIN[:2], "train.micro_batch=4",
+        "train.eval_every=30", "data.val_fraction=0.1", "train.lr=3e-3", "train.precision=fp32",
+        "train.log_every=1", "train.warmup_steps=2", "data.num_workers=0",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss: over the tokens" in result.stdout
+    rows = metrics(run_dir)
+    first, last = rows[0]["loss"], np.mean([row["loss"] for row in rows[-5:]])
+    assert last < 0.5 * first, (first, last)
+    val_loss = rows[-1]["val_loss"]
+    evaluated = run_module("train.eval", "--run-dir", str(run_dir))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((run_dir / "eval.json").read_text())["val_loss"] == pytest.approx(val_loss, rel=1e-6)
+    # By hand, from the files: the validation windows' targets the mask learns, and no other.
+    from train.weights import build_loaded_model
+
+    model, _, _ = build_loaded_model(run_dir, torch.device("cpu"))
+    tokens, mask, _ = stream_of(output)
+    windows = (len(tokens) - 1) // SEQ_LEN
+    held_out = range(windows - math.ceil(windows * 0.1 - 1e-9), windows)
+    assert val_loss == pytest.approx(masked_loss(model, tokens, mask, held_out), rel=1e-5)
+    # make eval DATA=<the chat set>: every window of it, by the same rule.
+    whole = run_module("train.eval", "--run-dir", str(run_dir), "--data", str(output))
+    assert whole.returncode == 0, whole.stderr
+    figure = json.loads((run_dir / "eval.json").read_text())["val_loss"]
+    assert figure == pytest.approx(masked_loss(model, tokens, mask, range(windows)), rel=1e-5)
+
+
+def masked_loss(model: torch.nn.Module, tokens: np.ndarray, mask: np.ndarray, windows: range) -> float:
+    """The mean next-token loss over the targets the mask learns in these windows of SEQ_LEN."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index in windows:
+            window = torch.from_numpy(tokens[index * SEQ_LEN : index * SEQ_LEN + SEQ_LEN + 1])
+            learned = torch.from_numpy(mask[index * SEQ_LEN + 1 : index * SEQ_LEN + SEQ_LEN + 1]).bool()
+            losses = F.cross_entropy(model(window[None, :-1])[0], window[1:], reduction="none")
+            total += losses[learned].double().sum().item()
+            count += int(learned.sum())
+    return total / count
+
+
+def test_data_seq_len_other_than_the_packing_is_refused(v2: Path, tmp_path: Path) -> None:
+    output = prepared(tmp_path, v2, conversations(8))
+    cfg = load_config("tiny", [f"data.path={output}", "model.vocab_size=auto", "data.seq_len=32"])
+    with pytest.raises(DataError, match=r"windows of 64 tokens, but data\.seq_len=32; set data\.seq_len=64"):
+        build_dataset(cfg)
+
+
+def test_the_conversation_parser_reads_each_record_kind() -> None:
+    for record in conversations(4):
+        found = conversation(json.dumps(record).encode(), "x", 1)
+        assert isinstance(found, Conversation)
+        assert [found.messages[i]["role"] for i in found.learned] == ["assistant"] * len(found.learned) != []

@@ -1,0 +1,468 @@
+"""Chat and instruction data for `make prepare`: conversations rendered through the tokenizer's chat template as
+transformers renders them, a mask of the tokens the loss learns, and whole conversations packed into windows.
+
+Records are JSON lines (CHAT=1, or found when the first record has "messages", or "prompt" and "completion",
+and no TEXT_FIELD):
+
+| record | rendered as | learned (mask 1) |
+|---|---|---|
+| {"messages": [{"role", "content"}, ...]} | the messages | every assistant turn |
+| {"prompt": str, "completion": str} | a user turn, then an assistant turn | the assistant turn |
+| {"prompt": [messages], "completion": [messages]} | the prompt's, then the completion's (TRL) | its assistant turns |
+
+Roles are system, user and assistant, and content is a string; a message's other keys reach the template as
+they are. A line that is not JSON, an unknown role, empty messages, content that is not a string, or a first
+message that is the assistant's (nothing prompts it) is one line naming the line. A record with no assistant
+turn has nothing to learn: it is dropped and counted in the report.
+
+Rendering (`ChatRenderer`): transformers' own apply_chat_template on a PreTrainedTokenizerFast made of the
+tokenizer.json, the template and the special tokens of tokenizer_config.json (bos_token, eos_token, ...), then
+tokenized by it without added special tokens: the ids AutoTokenizer's apply_chat_template(messages) gives
+(tests/train/test_chat.py checks it). The template is CHAT_TEMPLATE (a .jinja file) when given, else the
+TOKENIZER directory's chat_template.jinja, else its tokenizer_config.json's "chat_template" ("default" of a
+list), in the order transformers reads them.
+
+Masks: an assistant turn is the text the conversation gains from the generation prompt before it
+(add_generation_prompt=True) to the turn itself: its content and what the template closes it with (an
+end-of-turn or eos token), which is what the model must learn to write. A token is learned when it starts
+inside such a text. This needs a template that renders a conversation's beginning as the beginning of the
+whole (ChatML, Llama 3, DeepSeek V2 and V3, Mistral do); one that rewrites earlier turns (a reasoning template
+dropping past thinking) is refused naming the line.
+
+Packing (`Packer`): a conversation is its ids, then the end-of-document id (the eos_token, else the
+tokenizer's end-of-text token; not repeated when the rendering ends with it); its first token is never
+learned. Conversations go in input order into the training windows of SEQ_LEN = T tokens (window i holds
+tokens iT..iT+T, train/data/sources.py): one that does not fit the rest of its window starts the next one,
+the rest filled with the end-of-document id (mask 0), so no window holds part of a conversation without its
+beginning, and the last window is filled so that none is cut off. A conversation longer than a window (T+1
+tokens) is truncated to it, or dropped when what remains learns nothing. Attention still crosses the
+conversations within a window, as it crosses the documents of plain text (the model is causal, with no
+document mask); only the loss is kept to each conversation's own assistant tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train.data.formats import FORMATS, Input, Meter, Unit
+from train.data.streams import read_small
+from train.errors import DataError
+
+# train.hf and transformers import torch: they are imported where a chat prepare needs them, so that detecting
+# chat records costs a text prepare nothing.
+ROLES = ("system", "user", "assistant")
+LEARNED_ROLE = "assistant"
+TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+# A chat template larger than this is not one (the largest public ones are tens of KB).
+TEMPLATE_LIMIT = 1 << 20
+# What a report says of each count a chat prepare keeps (its tally), in this order.
+TALLY = {
+    "conversations": "conversations read",
+    "kept": "packed",
+    "truncated": "truncated to a window",
+    "too_long": "dropped: nothing learned within a window",
+    "no_assistant": "dropped: no assistant turn",
+    "learned_tokens": "tokens learned",
+    "padding_tokens": "padding tokens",
+}
+
+
+# ---------------------------------------------------------------------------- the template
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template and the special tokens it renders with (picklable, for the tokenizer processes)."""
+
+    text: str
+    origin: str  # where it was read, for messages
+    specials: tuple[tuple[str, Any], ...] = ()  # (bos_token, "<s>"), ...; additional_special_tokens a list
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """What the set's manifest keeps of it: the template itself, so the set says how it was rendered."""
+        return {"origin": self.origin, "sha256": self.sha256, "template": self.text, "specials": dict(self.specials)}
+
+
+def _token(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken's {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _specials(directory: Path) -> dict[str, Any]:
+    """The special tokens transformers gives a template: tokenizer_config.json's; special_tokens_map.json's over
+    them only where tokenizer_config.json has no added_tokens_decoder (transformers' legacy path, which reads it)."""
+    from train.hf.files import is_regular, read_json
+    from train.hf.tokenizer_files import SPECIAL_KEYS, TOKENIZER_CONFIG
+
+    found: dict[str, Any] = {}
+    legacy = True
+    for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
+        if not is_regular(directory / name) or not legacy:
+            continue
+        tree = read_json(directory / name, f"give a valid {name} or remove it")
+        if not isinstance(tree, dict):
+            raise DataError(f"{directory / name} is not a JSON object; give a valid one or remove it")
+        legacy = "added_tokens_decoder" not in tree
+        for key in SPECIAL_KEYS:
+            if _token(tree.get(key)) is not None:
+                found[key] = _token(tree.get(key))
+        extra = tree.get("additional_special_tokens")
+        if isinstance(extra, list):  # the map's are added to the config's, as transformers does
+            known = found.get("additional_special_tokens", [])
+            found["additional_special_tokens"] = known + [t for t in map(_token, extra) if t and t not in known]
+    if not found.get("additional_special_tokens"):
+        found.pop("additional_special_tokens", None)
+    return found
+
+
+def _read_template(path: Path, where: str) -> str:
+    content = read_small(path, TEMPLATE_LIMIT)
+    if content is None:
+        raise DataError(f"{where} is not a regular file of at most {TEMPLATE_LIMIT >> 20} MiB; give a .jinja file")
+    try:
+        return content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{where} is not UTF-8 text; give a Jinja chat template") from None
+
+
+def _config_template(directory: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named ones whose "default" is taken."""
+    from train.hf.files import is_regular, read_json
+    from train.hf.tokenizer_files import TOKENIZER_CONFIG
+
+    if not is_regular(directory / TOKENIZER_CONFIG):
+        return None
+    config = read_json(directory / TOKENIZER_CONFIG, "give a valid tokenizer_config.json or remove it")
+    value = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(value, list):
+        named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+        value = named.get("default")
+    return value if isinstance(value, str) and value else None
+
+
+def find_template(tokenizer: str, template: str | None) -> ChatTemplate:
+    """The chat template of TOKENIZER (a directory) or CHAT_TEMPLATE, with the directory's special tokens."""
+    from train.hf.tokenizer_files import TOKENIZER_CONFIG
+
+    directory = Path(tokenizer) if Path(tokenizer).is_dir() else None
+    specials = _specials(directory) if directory is not None else {}
+    frozen = tuple(sorted((key, tuple(v) if isinstance(v, list) else v) for key, v in specials.items()))
+    if template:
+        return ChatTemplate(_read_template(Path(template), f"CHAT_TEMPLATE={template}"), template, frozen)
+    if directory is not None and (directory / TEMPLATE_FILE).exists():
+        where = str(directory / TEMPLATE_FILE)
+        return ChatTemplate(_read_template(directory / TEMPLATE_FILE, where), where, frozen)
+    text = _config_template(directory) if directory is not None else None
+    if text is None:
+        what = "its tokenizer_config.json has no chat_template and there is no chat_template.jinja"
+        if directory is None:
+            what = "a tokenizer.json alone holds no chat template"
+        raise DataError(
+            f"TOKENIZER={tokenizer} has no chat template ({what}); give CHAT_TEMPLATE=<a .jinja file>, or "
+            "TOKENIZER=<the model's directory with one>"
+        )
+    return ChatTemplate(text, str(directory / TOKENIZER_CONFIG), frozen)
+
+
+def tokenizer_file(tokenizer: str) -> Path:
+    """The tokenizer.json TOKENIZER names: the file itself, or a directory's."""
+    path = Path(tokenizer)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass
+class Conversation:
+    """One record's messages, and which of them the loss learns."""
+
+    messages: list[dict[str, Any]]
+    learned: list[int]  # indices into messages
+
+
+JSON_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "an array",
+              dict: "an object", str: "a string"}  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    return JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def _messages(value: Any, key: str, where: str) -> list[dict[str, Any]]:
+    """A list of {"role", "content"} messages, each checked; DataError naming the line and the message."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {key!r} is {_kind(value)}, not a list of messages")
+    if not value:
+        raise DataError(f"{where}: {key!r} is empty; give its messages or remove the line")
+    for number, message in enumerate(value, start=1):
+        if not isinstance(message, dict):
+            raise DataError(
+                f"{where}: message {number} of {key!r} is {_kind(message)}, not an object with role and content"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            shown = repr(role) if "role" in message else "no role"
+            raise DataError(f"{where}: message {number} of {key!r} has {shown}, not one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: message {number} of {key!r}: content is {_kind(content)}, not a string")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: message {number} of {key!r} holds an unpaired surrogate; fix it") from None
+    return value
+
+
+def _completion(record: dict[str, Any], where: str) -> Conversation:
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        strings = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return Conversation(_messages(strings, "prompt", where), [1])
+    if isinstance(prompt, list) and isinstance(completion, list):
+        asked, answered = _messages(prompt, "prompt", where), _messages(completion, "completion", where)
+        learned = [len(asked) + i for i, message in enumerate(answered) if message["role"] == LEARNED_ROLE]
+        return Conversation(asked + answered, learned)
+    raise DataError(
+        f"{where}: prompt is {_kind(prompt)} and completion {_kind(completion)}; give both as strings or both as "
+        "lists of messages"
+    )
+
+
+def conversation(raw: bytes, origin: str, line: int) -> Conversation:
+    """A JSON line's conversation (the module docstring's records); DataError naming the line otherwise."""
+    where = f"{origin} line {line}"
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise DataError(f"{where} is not JSON ({detail}); fix or remove that line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is {_kind(record)}, not an object with messages (or prompt and completion)")
+    if "messages" in record:
+        messages = _messages(record["messages"], "messages", where)
+        learned = [i for i, message in enumerate(messages) if message["role"] == LEARNED_ROLE]
+        found = Conversation(messages, learned)
+    elif "prompt" in record and "completion" in record:
+        found = _completion(record, where)
+    else:
+        shown = ", ".join(list(record)[:20]) or "none"
+        raise DataError(
+            f'{where} has neither "messages" nor "prompt" and "completion" (its fields: {shown}); a chat '
+            "prepare reads only conversations"
+        )
+    if found.learned and found.learned[0] == 0:
+        raise DataError(f"{where}: the first message is the assistant's, with nothing before it; start with a user")
+    return found
+
+
+def looks_like_chat(source: Input, text_field: str) -> bool:
+    """Whether a JSON lines input's first record is a conversation (and has no TEXT_FIELD): CHAT's default."""
+    records = FORMATS["jsonl"].records(source, (0, 0), text_field, Meter())
+    try:
+        for raw, _, _ in records:
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except (ValueError, RecursionError):
+                    return False  # not JSON: the text prepare names the line
+                if not isinstance(record, dict) or text_field in record:
+                    return False
+                return "messages" in record or {"prompt", "completion"} <= record.keys()
+    finally:
+        records.close()
+    return False
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+class NotIncremental(Exception):
+    """The template renders a conversation's beginning otherwise once later turns follow (its message: the turn)."""
+
+
+class ChatRenderer:
+    """Conversations to ids and masks, through transformers' apply_chat_template (the module docstring)."""
+
+    def __init__(self, template: ChatTemplate, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        specials = {key: list(value) if isinstance(value, tuple) else value for key, value in template.specials}
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer.from_str(tokenizer_json), chat_template=template.text, **specials
+        )
+
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def turns(self, conversation: Conversation, whole: str) -> list[tuple[int, int]]:
+        """The character spans of the learned turns in the whole rendering; NotIncremental when the template does
+        not render the conversation's beginning as the beginning of the whole."""
+        spans = []
+        for index in conversation.learned:
+            before = self.render(conversation.messages[:index], generation_prompt=True)
+            through = self.render(conversation.messages[: index + 1])
+            if not (through.startswith(before) and whole.startswith(through)):
+                raise NotIncremental(f"message {index + 1}")
+            spans.append((len(before), len(through)))
+        return spans
+
+    def encode(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+        """The conversation's ids (as apply_chat_template(tokenize=True) gives them) and its mask: 1 where a
+        token starts inside a learned turn."""
+        whole = self.render(conversation.messages)
+        spans = self.turns(conversation, whole)
+        encoding = self.tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+        starts = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for begin, end in spans:
+            mask[(starts >= begin) & (starts < end)] = 1
+        return ids, mask
+
+
+def check_template(template: ChatTemplate, tokenizer_json: str, vocabulary: Any) -> None:
+    """Before any record: the template compiles, and every special token it names is defined and in the vocabulary."""
+    import jinja2
+
+    from train.hf.tokenizer_files import SPECIAL_KEYS
+
+    for key, value in template.specials:
+        for token in value if isinstance(value, tuple) else (value,):
+            if vocabulary.token_to_id(token) is None:
+                raise DataError(
+                    f"{template.origin}: {key} {token!r} is not in the tokenizer's vocabulary (transformers would add "
+                    "it as a new id the model has no embedding for); give the tokenizer the model was trained with"
+                )
+    defined = {key for key, _ in template.specials}
+    for key in SPECIAL_KEYS:
+        if re.search(rf"\b{key}\b", template.text) and key not in defined:
+            raise DataError(
+                f"the chat template ({template.origin}) uses {key}, which TOKENIZER does not define; give "
+                "TOKENIZER=<the model's directory>, whose tokenizer_config.json names its special tokens"
+            )
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    try:
+        ChatRenderer(template, tokenizer_json).render(probe)
+    except jinja2.TemplateSyntaxError as exc:
+        raise DataError(
+            f"the chat template ({template.origin}) is not valid Jinja (line {exc.lineno}: {exc.message})"
+        ) from None
+    except Exception:  # a template may refuse this probe (raise_exception): the records decide
+        pass
+
+
+# ---------------------------------------------------------------------------- a unit's conversations
+
+
+@dataclass
+class RenderedUnit:
+    """A unit's conversations, rendered: (ids, mask) each, and its counts (the report's TALLY)."""
+
+    conversations: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    tally: Counter = field(default_factory=Counter)
+
+
+class ChatEncoder:
+    """A JSON lines unit to its conversations' ids and masks (train/data/encode.py runs it in PROCS processes)."""
+
+    def __init__(self, spec: Any) -> None:
+        self.renderer = ChatRenderer(spec.chat, spec.tokenizer_json)
+
+    def __call__(self, unit: Unit) -> RenderedUnit:
+        import jinja2
+
+        rendered = RenderedUnit()
+        for line, raw in enumerate(unit.records, start=unit.start[1] + 1):
+            if not raw.strip():
+                continue
+            found = conversation(raw, unit.origin, line)
+            rendered.tally["conversations"] += 1
+            if not found.learned:
+                rendered.tally["no_assistant"] += 1
+                continue
+            try:
+                rendered.conversations.append(self.renderer.encode(found))
+            except NotIncremental as exc:
+                raise DataError(
+                    f"{unit.origin} line {line}: the chat template renders {exc} differently once later turns follow, "
+                    "so its tokens cannot be told apart; give CHAT_TEMPLATE=<a template that keeps earlier turns as "
+                    "they are>"
+                ) from None
+            except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+                detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+                raise DataError(
+                    f"{unit.origin} line {line}: the chat template fails on it ({detail}); fix the line"
+                ) from None
+        return rendered
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+class Packer:
+    """Whole conversations into windows of seq_len (the module docstring); a pure function of the stream position,
+    so a resumed prepare packs the rest exactly as an uninterrupted one."""
+
+    def __init__(self, seq_len: int, end_id: int) -> None:
+        self.seq_len = seq_len
+        self.end_id = end_id
+
+    def pack(self, rendered: RenderedUnit, position: int, last: bool) -> tuple[np.ndarray, np.ndarray, Counter]:
+        """A unit's ids and mask placed from stream position `position`; `last`: fill the final window."""
+        window = self.seq_len + 1
+        tally = Counter(rendered.tally)
+        ids_parts: list[np.ndarray] = []
+        mask_parts: list[np.ndarray] = []
+        for ids, mask in rendered.conversations:
+            if not len(ids) or ids[-1] != self.end_id:
+                ids, mask = np.append(ids, self.end_id), np.append(mask, 0).astype(np.uint8)
+            mask = mask.copy()
+            mask[0] = 0  # nothing of the conversation comes before its first token
+            if len(ids) > window:
+                ids, mask = ids[:window], mask[:window]
+                if not mask.any():
+                    tally["too_long"] += 1
+                    continue
+                tally["truncated"] += 1
+            offset = position % self.seq_len
+            if offset + len(ids) > window:  # does not fit the rest of this window: start the next
+                pad = self.seq_len - offset
+                ids_parts.append(np.full(pad, self.end_id, np.int64))
+                mask_parts.append(np.zeros(pad, np.uint8))
+                tally["padding_tokens"] += pad
+                position += pad
+            ids_parts.append(ids)
+            mask_parts.append(mask)
+            position += len(ids)
+            tally["kept"] += 1
+            tally["learned_tokens"] += int(mask.sum())
+        pad = (1 - position) % self.seq_len  # the set ends with a whole window: its length is kT + 1
+        if last and position and pad:
+            ids_parts.append(np.full(pad, self.end_id, np.int64))
+            mask_parts.append(np.zeros(pad, np.uint8))
+            tally["padding_tokens"] += pad
+        if not ids_parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.uint8), tally
+        return np.concatenate(ids_parts), np.concatenate(mask_parts), tally
+
+
+def report(tally: dict[str, int]) -> str:
+    """The chat counts of a prepare, one line."""
+    return ", ".join(f"{tally.get(key, 0):,} {what}" for key, what in TALLY.items())
