@@ -216,6 +216,7 @@ def test_make_refuses_a_vram_that_is_no_number_before_running_anything() -> None
 def test_make_train_on_a_gpu_refuses_a_run_the_plan_says_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=8 * GIB))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=0: (8 * GIB, 8 * GIB))  # the lower bound's check
     args = launch_args("--config", "small", "--micro-batch", "16")
     with pytest.raises(ConfigError) as refused:
         launch._preflight(args, has_gpu=True)
