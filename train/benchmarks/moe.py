@@ -418,7 +418,7 @@ def sync_table(args: argparse.Namespace, timer: Timer, precision: Precision) -> 
             print(f"{name:7} {variant:16} {len(in_model):>17} {len(in_balance):>17}  {which}", flush=True)
             counted[variant] = len(reads)
         summary.append(f"syncs {name} {counted['MoE, this code']} (reference {counted['MoE, reference']})")
-    print("the trainer adds one per step: its read of the summed loss and stop votes (train/trainer.py _train_step)")
+    print("the trainer adds one per step: its read of the summed loss and stop votes (train/trainer.py train_step)")
     return summary + loss_read_rows(args, timer, precision)
 
 
