@@ -256,7 +256,7 @@ def test_permission_problems_are_one_line(case: str) -> None:
         data.chmod(0o600)
         run_dir.chmod(0o700)
         shutil.rmtree(tmp_path)
-    expected = f"cannot read {data} (Permission denied)" if case == "unreadable-data" else "is not writable"
+    expected = f"{data} cannot be read (Permission denied)" if case == "unreadable-data" else "is not writable"
     assert expected in ours(result, "train")
 
 

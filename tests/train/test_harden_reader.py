@@ -193,7 +193,7 @@ def test_prepares_sidecar_check(tmp_path: Path, kind: str) -> None:
     (tmp_path / "doc.txt").write_text("def f(x):\n    return x\n" * 20)
     plant(tmp_path / "x.json", kind)
     with pytest.raises(DataError, match="was not written by prepare"):
-        prepare.main(["--input", str(tmp_path / "doc.txt"), "--output", str(tmp_path / "x.bin")])
+        prepare.main(["--procs", "1", "--input", str(tmp_path / "doc.txt"), "--output", str(tmp_path / "x.bin")])
 
 
 @pytest.mark.parametrize("kind", PLANTED)

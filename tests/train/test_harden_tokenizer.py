@@ -37,10 +37,23 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (root / "other" / "b.txt").write_text(TEXT.replace("x", "y") * 2)
     files = {"text": root / "text" / "a.txt", "bytes": root / "bytes.bin", "bpe": root / "bpe.bin"}
     files["bpe_other"] = root / "bpe_other.bin"
-    prepare.main(["--input", str(files["text"]), "--output", str(files["bytes"])])
-    prepare.main(["--input", str(files["text"]), "--output", str(files["bpe"]), "--tokenizer", "bpe", "--vocab", "300"])
+    prepare.main(["--procs", "1", "--input", str(files["text"]), "--output", str(files["bytes"])])
+    prepare.main(
+        [
+            "--procs",
+            "1",
+            "--input",
+            str(files["text"]),
+            "--output",
+            str(files["bpe"]),
+            "--tokenizer",
+            "bpe",
+            "--vocab",
+            "300",
+        ]
+    )
     other = ["--input", str(root / "other" / "b.txt"), "--output", str(files["bpe_other"])]
-    prepare.main([*other, "--tokenizer", "bpe", "--vocab", "300"])
+    prepare.main(["--procs", "1", *other, "--tokenizer", "bpe", "--vocab", "300"])
     return files
 
 
@@ -169,7 +182,7 @@ def test_prepare_with_a_tokenizer_that_cannot_encode_the_text_is_refused(
     given = tokenizer_file(tmp_path / "given.json", unknown)
     output = tmp_path / "out.bin"
     with pytest.raises(DataError, match=expected):
-        prepare.main(["--input", str(data["text"]), "--output", str(output), "--tokenizer", str(given)])
+        prepare.main(["--procs", "1", "--input", str(data["text"]), "--output", str(output), "--tokenizer", str(given)])
     assert not output.exists()  # no token set published: at most the manifest of an unfinished one
     manifest = output.with_suffix(".json")
     assert not manifest.exists() or json.loads(manifest.read_text())["complete"] is False

@@ -111,8 +111,8 @@ def test_vocab_without_a_bpe_to_train_is_refused(tmp_path: Path, tokenizer: str)
 
     (tmp_path / "a.txt").write_text("text\n")
     with pytest.raises(DataError, match=rf"VOCAB=300 sets the size of a BPE .* TOKENIZER={tokenizer} has its own"):
-        prepare.main(["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "x.bin"), "--tokenizer", tokenizer,
-                      "--vocab", "300"])  # fmt: skip
+        prepare.main(["--procs", "1", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "x.bin"),
+                      "--tokenizer", tokenizer, "--vocab", "300"])  # fmt: skip
     assert not (tmp_path / "x.bin").exists()
 
 

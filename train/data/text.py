@@ -37,7 +37,7 @@ def read_document(path: Path | str) -> bytes:
     try:
         return read_bounded(path, None)
     except ReadRefused as exc:
-        raise DataError(f"cannot read {path} ({exc.reason}); check its permissions or leave it out") from None
+        raise DataError(f"{path} {exc.reason}; check its permissions or leave it out") from None
 
 
 def document_chunks(paths: Iterable[Path], max_bytes: int | None = None) -> Iterator[np.ndarray]:
