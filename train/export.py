@@ -139,24 +139,26 @@ def _export(run_dir: Path, output: Path, dtype: str, force: bool, shard: str, me
         for key, value in state.items()
     }
     spec = get_spec(cfg.arch)
+    changes: list[str] = []  # what FORCE=1 replaced and removed
     try:
         if spec.hf is None:
             tokenizer = find_tokenizer(run_dir, config)
             _never_a_link(tokenizer)
-            with publishing(output, force) as folder:
+            with publishing(output, force, changes) as folder:
                 files = _write_torchrig_format(folder, config, tensors, step, dtype, tokenizer, run_dir, output)
             kind = "torchrig"
         else:
             hf_tokenizer = _tokenizer(run_dir, config, cfg)
             provenance = _provenance(run_dir, output, step, dtype, config)
-            with publishing(output, force) as folder:
+            with publishing(output, force, changes) as folder:
                 files = write_directory(folder, cfg, tensors, hf_tokenizer, provenance, DTYPES[dtype], max_shard)
             kind = spec.hf.to_config(cfg)["model_type"]
     except OutputError as exc:
         raise ExportError(str(exc)) from None
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     caveats = spec.hf.caveats(cfg, tensors) if spec.hf else []
-    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": kind, "caveats": caveats}
+    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": kind, "caveats": caveats,
+            "changes": changes}  # fmt: skip
 
 
 def _export_adapter(
@@ -176,8 +178,9 @@ def _export_adapter(
             f"model.arch={cfg.arch} has no Hugging Face model, so no peft adapter; export the merged model with MERGE=1"
         )
     base = (config.get("train") or {}).get("init_from") or None
+    changes: list[str] = []  # what FORCE=1 replaced and removed
     try:
-        with publishing(output, force) as folder:
+        with publishing(output, force, changes) as folder:
             files = adapter.write_adapter(folder, cfg, state, settings, base, DTYPES[dtype])
     except OutputError as exc:
         raise ExportError(str(exc)) from None
@@ -187,7 +190,8 @@ def _export_adapter(
         "the run has no train.init_from: its base is its own initial weights, which no Hugging Face directory "
         "holds; MERGE=1 exports the whole model"
     ]  # fmt: skip
-    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": "peft", "caveats": caveats}
+    return {"step": step, "tensors": len(tensors), "bytes": size, "files": files, "kind": "peft", "caveats": caveats,
+            "changes": changes}  # fmt: skip
 
 
 def _tokenizer(run_dir: Path, config: dict[str, Any], cfg: Any) -> tokenizer_files.TokenizerFiles:
@@ -272,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = export(Path(args.run_dir), output, args.dtype, args.force, args.shard, args.merge)
     for caveat in done["caveats"]:
         print(f"torchrig export: note: {caveat}", file=sys.stderr)
+    if done["changes"]:  # FORCE=1 over an earlier export: never silently
+        print(f"torchrig export: FORCE=1 {', '.join(done['changes'])} in {output}")
     weights = [name for name in done["files"] if name.endswith(".safetensors")]
     where = shlex.quote(str(output))
     if done["kind"] == "peft":

@@ -121,15 +121,22 @@ def test_two_exports_at_once_one_wins_and_the_other_says_so(run: Path, tmp_path:
     assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
 
 
-def test_force_removes_only_the_exports_own_stale_files(run: Path, tmp_path: Path) -> None:
+def test_force_says_what_it_replaced_and_removed(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "model-00001-of-00009.safetensors").write_text("{}")  # a stale shard of an earlier export: ours
     (out / "notes.txt").write_text("mine")
-    export(run, out, force=True)
+    done = export(run, out, force=True)
+    assert "removed model-00001-of-00009.safetensors" in done["changes"]
+    assert not any(change.startswith("replaced") for change in done["changes"])
     names = {p.name for p in out.iterdir()}
     assert "notes.txt" in names and "model-00001-of-00009.safetensors" not in names
     assert (out / "notes.txt").read_text() == "mine"
+    result = subprocess.run(
+        [sys.executable, "-m", "train.export", "--run-dir", str(run), "--output", str(out), "--force"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0 and "FORCE=1 replaced config.json" in result.stdout, result.stdout
 
 
 # ---------------------------------------------------------------------------- class 3: publishing a directory

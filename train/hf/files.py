@@ -90,10 +90,11 @@ def check_output(output: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def publishing(output: Path, force: bool) -> Iterator[Path]:
+def publishing(output: Path, force: bool, changes: list[str] | None = None) -> Iterator[Path]:
     """A staging directory beside `output` to write into; on success it becomes `output` (or, with FORCE=1 over
-    a non-empty one, its files replace those of OWNED_NAMES there, and owned files it lacks go). On any error
-    the staging directory is removed and `output` is untouched."""
+    a non-empty one, its files replace those of OWNED_NAMES there, and owned files it lacks go: `changes` gets
+    "replaced NAME" and "removed NAME" for each, so that the caller says so). On any error the staging directory
+    is removed and `output` is untouched."""
     check_output(output, force)
     parent = output.absolute().parent
     try:
@@ -103,7 +104,7 @@ def publishing(output: Path, force: bool) -> Iterator[Path]:
         raise _cannot_write(output, exc) from None
     try:
         yield staging
-        _move_into_place(staging, output)
+        _move_into_place(staging, output, changes if changes is not None else [])
     except OSError as exc:
         raise _cannot_write(output, exc) from None
     finally:
@@ -114,7 +115,7 @@ def _cannot_write(output: Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write {output} ({exc.strerror}); {write_fix(exc).replace('RUN_DIR', 'OUTPUT')}")
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
+def _move_into_place(staging: Path, output: Path, changes: list[str]) -> None:
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()
     if not output.exists():
@@ -125,7 +126,10 @@ def _move_into_place(staging: Path, output: Path) -> None:
     for stale in output.iterdir():
         if OWNED_NAMES.fullmatch(stale.name) and stale.name not in written and not stale.is_dir():
             stale.unlink()
+            changes.append(f"removed {stale.name}")
     for name in sorted(written):
+        if os.path.lexists(output / name):
+            changes.append(f"replaced {name}")
         os.replace(staging / name, output / name)
     fsync_dir(output)
 
