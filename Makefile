@@ -45,7 +45,7 @@ bench: ## the 1->N GPU scaling table (GPUS, CONFIG, STEPS, MICRO_BATCH, ACCUM, P
 compare: ## compare two runs' manifests and figures, and overlay their losses in a PNG (A=run_dir B=run_dir OUTPUT=png)
 	@$(DISPATCH)
 
-prepare: ## text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask (INPUT='corpus/*.jsonl.zst' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 TEXT_FIELD=text PROCS=4 SHARD_TOKENS=100000000 SHARD_FORMAT=llmc FORCE=1 CHAT=1 SEQ_LEN=2048 CHAT_TEMPLATE=file.jinja)
+prepare: ## text, JSON lines, Parquet, datasets or llm.c shards into token shards, bytes or BPE; chat with a mask (INPUT='corpus/*.jsonl.zst' OUTPUT=data/x.bin TOKENIZER=bpe VOCAB=8192 TEXT_FIELD=text PROCS=4 SHARD_TOKENS=100000000 SHARD_FORMAT=llmc FORCE=1 CHAT=1 SEQ_LEN=2048 CHAT_TEMPLATE=file.jinja ALONE=1)
 	@$(DISPATCH)
 
 eval: ## validation loss of a run's newest valid checkpoint (RUN_DIR, DATA=path, GPUS, MICRO_BATCH)

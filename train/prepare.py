@@ -179,7 +179,7 @@ def plan_of(
     }
     if template is not None:
         plan["chat"] = {"seq_len": args.seq_len, "template_sha256": template.sha256,
-                        "specials": dict(template.specials)}  # fmt: skip
+                        "specials": dict(template.specials), "alone": args.alone}  # fmt: skip
     return plan
 
 
@@ -197,6 +197,7 @@ class PrepareArgs:
     chat: bool = False  # CHAT=1: the records are conversations (else found from the first one)
     seq_len: int | None = None  # SEQ_LEN: the windows chat data is packed into
     chat_template: str | None = None  # CHAT_TEMPLATE: a .jinja file instead of TOKENIZER's template
+    alone: bool = False  # ALONE=1: each conversation in a window of its own (chat.Packer)
 
 
 def _read_given(path: str) -> bytes:
@@ -215,8 +216,8 @@ def chat_template_of(args: PrepareArgs, fmt: str, sources: list[Input]) -> chat.
     """The chat template of a chat prepare (CHAT=1, or conversations found), None for text; DataError for
     settings chat data cannot use."""
     if not (args.chat or (fmt == "jsonl" and chat.looks_like_chat(sources[0], args.text_field))):
-        if args.seq_len is not None or args.chat_template:
-            given = "SEQ_LEN" if args.seq_len is not None else "CHAT_TEMPLATE"
+        if args.seq_len is not None or args.chat_template or args.alone:
+            given = "SEQ_LEN" if args.seq_len is not None else "CHAT_TEMPLATE" if args.chat_template else "ALONE"
             raise DataError(
                 f"{given} is for chat data, and INPUT holds {FORMATS[fmt].title} text records; leave it out, or give "
                 'JSON lines of {"messages": [...]} (CHAT=1)'
@@ -393,11 +394,12 @@ def prepare(
     chat: bool = False,
     seq_len: int | None = None,
     chat_template: str | None = None,
+    alone: bool = False,
     out: TextIO = sys.stderr,
 ) -> dict[str, Any]:
     """Prepare OUTPUT from the inputs (the module docstring); returns the finished set's manifest."""
     args = PrepareArgs(inputs, output, tokenizer, vocab, force, text_field, procs, shard_tokens, shard_format, chat,
-                       seq_len, chat_template)  # fmt: skip
+                       seq_len, chat_template, alone)  # fmt: skip
     if not output.endswith(".bin") or output.endswith("/.bin") or output == ".bin":
         raise DataError(f"OUTPUT={output!r} must end in NAME.bin, e.g. data/mycorpus.bin")
     paths = SetPaths(Path(output))
@@ -443,7 +445,8 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         "plan": plan,
     }
     if template is not None:
-        manifest["chat"] = {"seq_len": args.seq_len, "learned": chat.LEARNED_ROLE, **template.record()}
+        manifest["chat"] = {"seq_len": args.seq_len, "learned": chat.LEARNED_ROLE, "alone": args.alone,
+                            **template.record()}  # fmt: skip
     writer = ShardWriter(paths, manifest, resume, args.shard_tokens, vocab_size)
 
     def begin() -> None:
@@ -493,7 +496,7 @@ def _encode_into(
     seen, unknown, written, begun = before, 0, 0, False
     pause = float(os.environ.get(TEST_UNIT_SLEEP, "0") or 0)
     stream = units(sources, (start_file, offset, ordinal), args.text_field, meter)
-    packer = chat.Packer(args.seq_len, choice.spec.end_of_document) if choice.spec.kind == "chat" else None
+    packer = chat.Packer(args.seq_len, choice.spec.end_of_document, args.alone) if choice.spec.kind == "chat" else None
     for number, (unit, result) in enumerate(encoded(stream, choice.spec, args.procs)):
         mask, tally = None, None
         if packer is not None:  # a unit's conversations, placed from where the stream stands
@@ -549,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true", help="the records are conversations (CHAT=1; else found)")
     parser.add_argument("--seq-len", type=count_arg("SEQ_LEN"), default=None, help="chat: the windows to pack into")
     parser.add_argument("--chat-template", default=None, help="chat: a .jinja template instead of TOKENIZER's")
+    parser.add_argument("--alone", action="store_true", help="chat: each conversation in a window of its own (ALONE=1)")
     args = parser.parse_args(argv)
     if args.vocab is not None and args.tokenizer != "bpe":
         raise DataError(
@@ -572,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare(
             args.input, args.output, args.tokenizer, args.vocab, args.force, text_field=args.text_field,
             procs=procs, shard_tokens=args.shard_tokens, shard_format=args.shard_format, chat=args.chat,
-            seq_len=args.seq_len, chat_template=args.chat_template,
+            seq_len=args.seq_len, chat_template=args.chat_template, alone=args.alone,
         )  # fmt: skip
     except OSError as exc:
         raise DataError(f"cannot write {args.output} ({exc.strerror}); choose a writable OUTPUT") from None

@@ -101,6 +101,7 @@ MAKE_VARS: dict[str, MakeVar] = {
     "CHAT": MakeVar("--chat", "switch"),
     "SEQ_LEN": MakeVar("--seq-len", "count"),
     "CHAT_TEMPLATE": MakeVar("--chat-template"),
+    "ALONE": MakeVar("--alone", "switch"),
     "DATA": MakeVar("--data"),
     "PROMPT": MakeVar("--prompt"),
     "TOKENS": MakeVar("--tokens", "count"),
@@ -137,7 +138,7 @@ class Target:
 RUN_VARS = ("GPUS", "CONFIG", "STEPS", "MICRO_BATCH", "ACCUM", "PRECISION", "STRATEGY", "SEED", "RUN_DIR")
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "MASTER_WAIT")
 PREPARE_VARS = ("INPUT", "OUTPUT", "TOKENIZER", "VOCAB", "TEXT_FIELD", "PROCS", "SHARD_TOKENS", "SHARD_FORMAT",
-                "FORCE", "CHAT", "SEQ_LEN", "CHAT_TEMPLATE")  # fmt: skip
+                "FORCE", "CHAT", "SEQ_LEN", "CHAT_TEMPLATE", "ALONE")  # fmt: skip
 TARGETS: dict[str, Target] = {
     "train": Target("train.launch", (*RUN_VARS, *NODE_VARS), positional=("ARGS",), summary="train a model"),
     "nccl-test": Target(

@@ -209,6 +209,23 @@ def test_conversations_are_packed_whole_into_windows_and_long_ones_truncated_or_
     assert f"data.seq_len={seq_len}" in report.stdout
 
 
+def test_alone_starts_every_conversation_at_a_window_so_attention_sees_no_other(v2: Path, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    bos = AutoTokenizer.from_pretrained(v2).convert_tokens_to_ids(BOS)
+    records = conversations(12)
+    packed, _, _ = stream_of(prepared(tmp_path / "packed", v2, records))
+    alone, mask, meta = stream_of(prepared(tmp_path / "alone", v2, records, alone=True))
+    starts = np.flatnonzero(alone == bos)
+    assert len(starts) == meta["tally"]["kept"] == len(records)
+    assert all(start % SEQ_LEN == 0 for start in starts)  # each at the start of a window: nothing before it
+    learned = np.flatnonzero(mask)
+    owner = starts[np.searchsorted(starts, learned, side="right") - 1]  # the conversation each learned token is of
+    assert (learned - owner <= SEQ_LEN).all()  # within its own window: the rest of that window learns nothing
+    assert len(np.flatnonzero(packed == bos)) == len(records) and len(packed) < len(alone)  # packing shares windows
+    assert meta["chat"]["alone"] is True
+
+
 def test_a_resumed_chat_prepare_equals_an_uninterrupted_one(v2: Path, tmp_path: Path, monkeypatch) -> None:
     from train.data import formats
     from train.data.shards import ShardWriter

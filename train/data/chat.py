@@ -420,9 +420,13 @@ class Packer:
     """Whole conversations into windows of seq_len (the module docstring); a pure function of the stream position,
     so a resumed prepare packs the rest exactly as an uninterrupted one."""
 
-    def __init__(self, seq_len: int, end_id: int) -> None:
+    def __init__(self, seq_len: int, end_id: int, alone: bool = False) -> None:
         self.seq_len = seq_len
         self.end_id = end_id
+        # ALONE=1: every conversation starts a window of its own, so attention never sees another one (the rest
+        # of the window is padding, which nothing learns); else windows are filled, and only the loss is kept
+        # inside each conversation.
+        self.alone = alone
 
     def pack(self, rendered: RenderedUnit, position: int, last: bool) -> tuple[np.ndarray, np.ndarray, Counter]:
         """A unit's ids and mask placed from stream position `position`; `last`: fill the final window."""
@@ -442,7 +446,8 @@ class Packer:
                     continue
                 tally["truncated"] += 1
             offset = position % self.seq_len
-            if offset + len(ids) > window:  # does not fit the rest of this window: start the next
+            # Does not fit the rest of this window (or must be alone in one): start the next.
+            if offset + len(ids) > window or (self.alone and offset):
                 pad = self.seq_len - offset
                 ids_parts.append(np.full(pad, self.end_id, np.int64))
                 mask_parts.append(np.zeros(pad, np.uint8))
