@@ -75,7 +75,7 @@ from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connec
 from train.errors import ConfigError, DataError
 from train.models import get_spec
 from train.models.loss import IGNORE_INDEX
-from train.prepare import encode_files
+from train.prepare import encode_files, never_wider
 from train.run import Precision, Run, device_settings
 from train.tokenizer import (
     RUN_TOKENIZER_NAME,
@@ -215,6 +215,7 @@ def record_tokenizer(cfg: RunConfig, run_dir: Path, is_main: bool, resumed: bool
         content = read_tokenizer_bytes(source, "copy the tokenizer file itself beside the token file", follow=False)
         parse_tokenizer(content, source)
         write_text_atomically(target, content.decode("utf-8"))
+        never_wider(target, source)
     return target
 
 

@@ -192,6 +192,12 @@ def check(cfg: RunConfig) -> None:
         return
     if not lora.alpha > 0:
         raise ConfigError(f"train.lora.alpha={lora.alpha} must be more than 0, e.g. 16 (twice the rank is usual)")
+    scale = torch.tensor(lora.alpha / lora.rank, dtype=torch.float32)  # the adapters' scale, as they compute it
+    if not 0 < float(scale) < float("inf"):
+        raise ConfigError(
+            f"train.lora.alpha={lora.alpha:g} with rank {lora.rank} gives a scale alpha/rank that float32 holds as "
+            f"{float(scale):g}: the adapters would not train; give an alpha such as 16"
+        )
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"train.lora.dropout={lora.dropout} must be at least 0 and below 1, e.g. 0.05")
     from train.models import build_model

@@ -72,6 +72,8 @@ SHARD_FORMATS = ("tokens", "llmc")
 TOKENIZER_LIMIT = 256 << 20
 # A tokenizer that maps more than this share of the ids to its unknown token cannot encode the text.
 UNKNOWN_SHARE = 0.01
+# The longest chat window: model.max_seq_len's bound (train/models/deepseek.py MAX_SEQ_LEN, 1M tokens).
+MAX_CHAT_SEQ_LEN = 1 << 20
 # Only the test suite sets it: a pause after each unit, so that a SIGKILL lands in the middle of a prepare.
 TEST_UNIT_SLEEP = "TORCHRIG_TEST_UNIT_SLEEP"
 # What the units' cut points depend on: a rerun under other values starts afresh instead of resuming.
@@ -183,6 +185,16 @@ def plan_of(
     return plan
 
 
+def never_wider(copy: Path, source: Path | None) -> None:
+    """A copy is readable by no one its source was not (a 0600 tokenizer stays 0600 beside the token set)."""
+    try:
+        mode = os.stat(source).st_mode & 0o777 if source is not None else None
+        if mode is not None:
+            os.chmod(copy, os.stat(copy).st_mode & mode & 0o777)
+    except OSError:
+        pass  # a source gone since it was read: the copy keeps the umask's mode
+
+
 @dataclass
 class PrepareArgs:
     inputs: list[str]
@@ -234,6 +246,11 @@ def chat_template_of(args: PrepareArgs, fmt: str, sources: list[Input]) -> chat.
         raise DataError("chat data keeps a mask beside its ids, which llm.c shards cannot: use SHARD_FORMAT=tokens")
     if args.seq_len is not None and args.seq_len < 1:
         raise DataError(f"SEQ_LEN={args.seq_len} holds no token; give the data.seq_len you will train with, e.g. 2048")
+    if args.seq_len is not None and args.seq_len > MAX_CHAT_SEQ_LEN:
+        raise DataError(
+            f"SEQ_LEN={args.seq_len:,} is more than any model here reads ({MAX_CHAT_SEQ_LEN:,}); give the data.seq_len "
+            "you will train with, e.g. 2048"
+        )
     if args.seq_len is None:
         raise DataError(
             "chat data is packed whole into the training windows: give SEQ_LEN=<the data.seq_len you will train "
@@ -456,6 +473,7 @@ def _prepare_locked(args: PrepareArgs, paths: SetPaths, out: TextIO) -> dict[str
         copy = choice.content is not None and choice.record.get("file")
         if copy and not (args.tokenizer and chat.tokenizer_file(args.tokenizer).resolve() == paths.tokenizer.resolve()):
             replace_atomically(paths.tokenizer, lambda handle: handle.write(choice.content), "wb")
+            never_wider(paths.tokenizer, chat.tokenizer_file(args.tokenizer) if args.tokenizer else None)
 
     try:
         _encode_into(writer, sources, choice, args, resume, out, begin)

@@ -181,6 +181,25 @@ def test_make_plan_exits_0_when_it_fits_and_1_when_not_and_writes_json(tmp_path:
     assert "does not fit:" in short.stdout and "train.activation_checkpointing=full" in short.stdout
 
 
+def test_json_never_writes_through_a_link_or_over_other_data(tmp_path: Path) -> None:
+    victim = tmp_path / "important.txt"
+    victim.write_text("keep")
+    (tmp_path / "link.json").symlink_to(victim)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "mine"}\n')
+    os.mkfifo(tmp_path / "fifo.json")
+    for target, words in [("link.json", "is a symlink"), ("data.jsonl", "is not a plan make plan wrote"),
+                          ("fifo.json", "is not a regular file")]:  # fmt: skip
+        result = plan_cli("--config", "tiny", "--json", str(tmp_path / target))
+        assert result.returncode == 2 and words in result.stderr and "\n" not in result.stderr.strip(), result.stderr
+    assert victim.read_text() == "keep" and data.read_text() == '{"text": "mine"}\n'
+    again = plan_cli("--config", "tiny", "--gpus", "16", "--json", str(tmp_path / "plan.json"))
+    assert again.returncode == 0 and plan_cli("--config", "tiny", "--json", str(tmp_path / "plan.json")).returncode in (
+        0,
+        1,
+    )  # a plan written before is replaced
+
+
 def test_make_plan_plans_for_the_box_it_is_told_of() -> None:
     """GPUS is the box's, never checked against this machine's GPUs (which a training run's GPUS is)."""
     argv = job_argv(TARGETS["plan"], {"GPUS": "64", "VRAM": "80", "CONFIG": "tiny"}, visible=0)
@@ -193,7 +212,9 @@ def test_make_plan_plans_for_the_box_it_is_told_of() -> None:
     ("args", "words"),
     [
         (["--gpus", "0"], "GPUS=0: plan for at least 1 GPU"),
-        (["--vram", "0"], "VRAM=0: give each GPU's memory in GiB, more than 0"),
+        (["--vram", "0"], "VRAM=0: give each GPU's memory in GiB, at least a byte"),
+        (["--vram", "1e308"], "VRAM=1e+308: give each GPU's memory in GiB, at least a byte and at most 1,048,576"),
+        (["--vram", "1e-300"], "VRAM=1e-300: give each GPU's memory in GiB, at least a byte"),
         (["--vram", "-24"], "VRAM=-24: give each GPU's memory in GiB"),
         (["--vram", "nan"], "is not a finite decimal number"),
         (["--gpus", "three"], "is not a whole number"),

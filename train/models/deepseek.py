@@ -76,9 +76,9 @@ from train.models.spec import AllReduce, ModelSpec, ParamCount
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
 MAX_LAYERS = 4096
-# More routed experts than any MoE this rig trains (DeepSeek-V3 has 256): where torch._grouped_mm does not run
+# Far more routed experts than any MoE this rig trains (DeepSeek-V3 has 256): where torch._grouped_mm does not run
 # the experts are a loop, one step per expert, and millions of tiny ones would hang every forward.
-MAX_EXPERTS = 65536
+MAX_EXPERTS = 4096
 # A context far past any this rig trains (DeepSeek-V3: 128K); sampling's cache is sized by it.
 MAX_SEQ_LEN = 1 << 20
 # The epsilon of the query and key-value latent norms: DeepSeek's code builds them at RMSNorm's default

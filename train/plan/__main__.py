@@ -13,18 +13,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
+from env.common.atomic import write_text_atomically
 from env.common.cli import ArgumentParser, UserError, count_arg, real_arg, run_cli
+from env.common.readfile import ReadRefused, read_json
 from env.rig.runtime import shorthand_keys
 from train.config_loader import load_config
 from train.plan import gib, plan_run, verdict
 from train.plan.levers import Lever
 from train.plan.memory import GIB, Box, MemoryPlan
+from train.weights import init_source_config
 
 DEFAULT_CONFIG = "small"
 DEFAULT_VRAM_GIB = 24.0
+# 1 PiB per GPU: far past any GPU, and VRAM x 2^30 stays an exact integer of bytes below it.
+MAX_VRAM_GIB = float(1 << 20)
+# A plan's JSON is a few kilobytes: what JSON= may replace is a plan written before, never a larger file.
+PLAN_JSON_LIMIT = 1 << 20
 # The make shorthands make plan takes (MICRO_BATCH, STRATEGY, PRECISION), as the launcher reads them.
 FLAG_KEYS = {flag: key for flag, key in shorthand_keys().items() if flag in ("micro_batch", "strategy", "precision")}
 
@@ -98,19 +107,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.gpus < 1:
         raise UserError(f"GPUS={args.gpus}: plan for at least 1 GPU, e.g. GPUS=3")
-    if args.vram <= 0:
-        raise UserError(f"VRAM={args.vram:g}: give each GPU's memory in GiB, more than 0, e.g. VRAM=24")
+    if not 0 < args.vram <= MAX_VRAM_GIB or round(args.vram * GIB) < 1:
+        raise UserError(
+            f"VRAM={args.vram:g}: give each GPU's memory in GiB, at least a byte and at most {MAX_VRAM_GIB:,.0f}, "
+            "e.g. VRAM=24"
+        )
+    if args.json:
+        check_json_output(Path(args.json))
     return args
+
+
+def check_json_output(path: Path) -> None:
+    """JSON= may name a new file, or a plan this target wrote before; never a link, a special file or other data
+    (it would be replaced or, through a link, written elsewhere)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"JSON={path}: cannot be checked ({exc.strerror}); give a path to a new file") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
+        what = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise UserError(f"JSON={path} is {what}; give a path to a new file")
+    try:
+        earlier = read_json(path, PLAN_JSON_LIMIT)
+    except ReadRefused:
+        earlier = None
+    if not (isinstance(earlier, dict) and {"verdict", "levers", "fits"} <= earlier.keys()):
+        raise UserError(f"JSON={path} exists and is not a plan make plan wrote; give a new path, or move it away")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) != ""]
-    cfg = load_config(args.config or DEFAULT_CONFIG, [*args.overrides, *flags])
+    cfg = load_config(args.config or DEFAULT_CONFIG, [*args.overrides, *flags], init_source_config)
     plan, found = plan_run(cfg, Box(args.gpus, round(args.vram * GIB)))
     print(table(plan, found), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(record(plan, found), indent=2) + "\n")
+        write_text_atomically(Path(args.json), json.dumps(record(plan, found), indent=2) + "\n")
     return 0 if plan.fits else 1
 
 
