@@ -200,6 +200,22 @@ def test_json_never_writes_through_a_link_or_over_other_data(tmp_path: Path) -> 
     )  # a plan written before is replaced
 
 
+def test_make_plan_plans_train_init_froms_model(tmp_path: Path) -> None:
+    from tests.helpers.hf_models import VARIANTS, saved_run
+
+    _, _, run = saved_run(tmp_path, "llama-gqa")
+    name, overrides = VARIANTS["llama-gqa"]
+    planned = {}
+    for label, args in [
+        ("init_from", ["--config", "tiny", f"train.init_from={run}"]),
+        ("same", ["--config", name, *overrides]),
+    ]:
+        result = plan_cli(*args, "data.seq_len=64", "--json", str(tmp_path / f"{label}.json"))
+        assert result.returncode in (0, 1), result.stderr
+        planned[label] = json.loads((tmp_path / f"{label}.json").read_text())["weights"]
+    assert planned["init_from"] == planned["same"]  # the init_from's model, not tiny's
+
+
 def test_make_plan_plans_for_the_box_it_is_told_of() -> None:
     """GPUS is the box's, never checked against this machine's GPUs (which a training run's GPUS is)."""
     argv = job_argv(TARGETS["plan"], {"GPUS": "64", "VRAM": "80", "CONFIG": "tiny"}, visible=0)
