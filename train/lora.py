@@ -198,6 +198,12 @@ def check(cfg: RunConfig) -> None:
             f"train.lora.alpha={lora.alpha:g} with rank {lora.rank} gives a scale alpha/rank that float32 holds as "
             f"{float(scale):g}: the adapters would not train; give an alpha such as 16"
         )
+    bracketed = [target for target in lora.targets if any(mark in target for mark in "[]()\"' ")]
+    if bracketed:
+        raise ConfigError(
+            f"train.lora.targets has {bracketed[0]!r}: write module names alone, comma-separated, e.g. "
+            "train.lora.targets=wq,wkv_b,experts"
+        )
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"train.lora.dropout={lora.dropout} must be at least 0 and below 1, e.g. 0.05")
     from train.models import build_model

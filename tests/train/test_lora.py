@@ -212,6 +212,7 @@ def test_the_plan_counts_the_runs_adapters_exactly() -> None:
         (["train.lora.rank=-1"], "train.lora.rank=-1 must be 0 (off) or more"),
         (["train.lora.dropout=1"], "train.lora.dropout=1.0 must be at least 0 and below 1"),
         (["train.lora.alpha=0"], "train.lora.alpha=0.0 must be more than 0"),
+        (["train.lora.targets=[wo,wq]"], "train.lora.targets has '[wo': write module names alone, comma-separated"),
         (["train.lora.alpha=1e-320"], "gives a scale alpha/rank that float32 holds as 0: the adapters would not train"),
     ],
 )  # fmt: skip

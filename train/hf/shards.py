@@ -9,6 +9,7 @@ config.json implies without reading the weights.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,8 @@ def weight_files(directory: Path) -> dict[str, str]:
                     f"{directory / INDEX} maps {name!r} to {file!r}, not a .safetensors file name in the directory"
                 )
         missing = sorted({file for file in weight_map.values() if not is_regular(directory / file)})
+        if missing and os.path.lexists(directory / missing[0]):
+            raise WeightsError(f"{directory / missing[0]} is not a regular file; give the weights file itself")
         if missing:
             raise WeightsError(
                 f"{directory / INDEX} names the shard {missing[0]}, which is not in {directory}; copy every shard"
@@ -93,6 +96,9 @@ def weight_files(directory: Path) -> dict[str, str]:
         return dict(weight_map)
     if is_regular(directory / SINGLE):
         return dict.fromkeys(read_headers(directory, [SINGLE]), SINGLE)
+    for name in (SINGLE, INDEX):  # there, but not a regular file (a FIFO, a device, a dangling link)
+        if os.path.lexists(directory / name):
+            raise WeightsError(f"{directory / name} is not a regular file; give the weights file itself")
     raise WeightsError(f"{directory} has neither {SINGLE} nor {INDEX}; it holds no weights")
 
 

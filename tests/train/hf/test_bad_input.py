@@ -206,3 +206,11 @@ def test_an_export_from_a_damaged_directory_writes_nothing(checkpoint: Path, tmp
     with pytest.raises(ConfigError):
         export(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_in_place_of_the_weights_is_named_as_such_not_as_missing(checkpoint: Path) -> None:
+    weights = sorted(checkpoint.glob("model*.safetensors"))[0]  # the one file, or the first shard
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(WeightsError, match=rf"{weights.name} is not a regular file; give the weights file itself"):
+        load_model_weights(checkpoint)
