@@ -501,3 +501,121 @@ def test_the_conversation_parser_reads_each_record_kind() -> None:
         found = conversation(json.dumps(record).encode(), "x", 1)
         assert isinstance(found, Conversation)
         assert [found.messages[i]["role"] for i in found.learned] == ["assistant"] * len(found.learned) != []
+
+
+# ------------------------------------------------------------------------------------------ hostile templates
+
+
+def tokenizer_copy(v2: Path, folder: Path) -> Path:
+    """v2's tokenizer files in a directory of their own, to plant things in."""
+    folder.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((v2 / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json"])
+def test_a_symlink_found_in_the_tokenizer_directory_is_refused_and_its_target_written_nowhere(v2, tmp_path, name):
+    secret = tmp_path / "secret"
+    marker = "SECRET-4f1c9e"
+    config = json.loads((v2 / "tokenizer_config.json").read_text())
+    template = "{{ '" + marker + "' }}" + config["chat_template"]
+    contents = {
+        "chat_template.jinja": template,
+        "tokenizer_config.json": json.dumps(config | {"chat_template": template}),
+        "special_tokens_map.json": json.dumps({"eos_token": EOS, "additional_special_tokens": [marker]}),
+    }
+    secret.write_text(contents[name])
+    secret.chmod(0o600)
+    directory = tokenizer_copy(v2, tmp_path / "tok")
+    (directory / name).unlink(missing_ok=True)
+    (directory / name).symlink_to(secret)
+    line = one_line_error(chat_prepare(tmp_path, directory, [GOOD]))
+    assert f"{directory / name} is a symlink, which prepare never follows; copy the file itself there" in line
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink() and p != secret]
+    assert written and not any(marker.encode() in p.read_bytes() for p in written)
+    # CHAT_TEMPLATE names its file: a link there is the user's choice, and followed.
+    (directory / name).unlink()
+    named = tmp_path / "named.jinja"
+    named.symlink_to(secret)
+    if name == "chat_template.jinja":
+        assert find_template(str(directory), str(named)).text == contents[name]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_tokenizer_config_that_is_no_regular_file_is_named_as_what_it_is(v2, tmp_path, kind) -> None:
+    import os
+
+    directory = tokenizer_copy(v2, tmp_path / "tok")
+    (directory / "tokenizer_config.json").unlink()
+    if kind == "fifo":
+        os.mkfifo(directory / "tokenizer_config.json")
+    else:
+        (directory / "tokenizer_config.json").mkdir()
+    with pytest.raises(DataError) as error:
+        find_template(str(directory), None)
+    expected = "is a FIFO (a named pipe)" if kind == "fifo" else "is a directory"
+    assert f"tokenizer_config.json {expected}; give a valid tokenizer_config.json or remove it" in str(error.value)
+    assert "has no chat template" not in str(error.value)
+
+
+def template_prepare(tmp_path: Path, v2: Path, template: str, records: list[dict]) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "t.jinja").write_text(template)
+    prepared(tmp_path, v2, records, chat_template=str(tmp_path / "t.jinja"))
+
+
+def when(content: str, then: str) -> str:
+    """The V2 template, doing `then` first when a message's content is `content`."""
+    from tests.helpers.chat_data import V2_CHAT_TEMPLATE
+
+    return f"{{% for m in messages %}}{{% if m.content == '{content}' %}}{then}{{% endif %}}{{% endfor %}}" + (
+        V2_CHAT_TEMPLATE
+    )
+
+
+def talk(*answers: str) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": a}]} for a in answers]
+
+
+SPIN = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def test_a_template_that_renders_forever_is_stopped_naming_the_line_or_the_template(v2, tmp_path, monkeypatch):
+    from train.data import chat
+
+    monkeypatch.setattr(chat, "RENDER_SECONDS", 0.5)  # the limit itself is 10 s: the same code, sooner
+    with pytest.raises(DataError, match=r"took more than 0\.5 s to render line 2 of .*chat\.jsonl; fix the template"):
+        template_prepare(tmp_path / "line", v2, when("spin", SPIN), talk("fine", "spin", "fine"))
+    with pytest.raises(DataError, match=r"took more than 0\.5 s to render a user's '\?' answered '!'; fix the templ"):
+        template_prepare(tmp_path / "probe", v2, SPIN + "{{ messages }}", talk("fine"))
+
+
+@pytest.mark.parametrize("size", ["4611686018427387904", "9223372036854775808"])  # MemoryError, OverflowError
+def test_a_template_asking_for_more_memory_than_there_is_is_one_line_naming_it(v2, tmp_path, size) -> None:
+    with pytest.raises(
+        DataError, match=r"the chat template \(.*t\.jinja\) asks for more memory than there is on line 1"
+    ):
+        template_prepare(tmp_path, v2, "{{ 'x' * " + size + " }}", talk("fine"))
+
+
+@pytest.mark.parametrize(
+    ("then", "expected"),
+    [
+        ("{{ messages.append(1) }}", r"the chat template \(.*\) failed on line 2 of .*: .*unsafe.*; fix the template$"),
+        ("{{ raise_exception('no bad answers') }}",
+         r"the chat template \(.*\) refuses line 2 of .*: no bad answers; fix the line, or give CHAT_TEMPLATE="),
+    ],
+)  # fmt: skip
+def test_a_template_s_fault_is_named_the_template_s(v2: Path, tmp_path: Path, then: str, expected: str) -> None:
+    with pytest.raises(DataError) as error:
+        template_prepare(tmp_path, v2, when("bad", then), talk("fine", "bad"))
+    assert re.search(expected, str(error.value)), str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_template_that_renders_no_assistant_turn_says_so(v2: Path, tmp_path: Path) -> None:
+    users_only = "{% for m in messages %}{% if m.role == 'user' %}{{ 'User: ' + m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(DataError, match=r"renders no assistant turn") as error:
+        template_prepare(tmp_path, v2, users_only, talk("fine", "also fine"))
+    assert "SEQ_LEN" not in str(error.value)

@@ -13,14 +13,21 @@ and no TEXT_FIELD):
 Roles are system, user and assistant, and content is a string; a message's other keys reach the template as
 they are. A line that is not JSON, an unknown role, empty messages, content that is not a string, or a first
 message that is the assistant's (nothing prompts it) is one line naming the line. A record with no assistant
-turn has nothing to learn: it is dropped and counted in the report.
+turn, or whose assistant turns the template renders as no text, has nothing to learn: it is dropped and counted in
+the report (a template that renders no assistant turn for a user's '?' answered '!' is refused before
+any record).
 
 Rendering (`ChatRenderer`): transformers' own apply_chat_template on a PreTrainedTokenizerFast made of the
 tokenizer.json, the template and the special tokens of tokenizer_config.json (bos_token, eos_token, ...), then
 tokenized by it without added special tokens: the ids AutoTokenizer's apply_chat_template(messages) gives
 (tests/train/test_chat.py checks it). The template is CHAT_TEMPLATE (a .jinja file) when given, else the
 TOKENIZER directory's chat_template.jinja, else its tokenizer_config.json's "chat_template" ("default" of a
-list), in the order transformers reads them.
+list), in the order transformers reads them. The files found in the directory are never followed when they are
+symlinks (a link to a private file would put its text in the set's manifest): only CHAT_TEMPLATE, which the user
+names, may be one.
+
+A template runs in transformers' sandbox, and each conversation's rendering is bounded in time (RENDER_SECONDS);
+a template that fails, runs out of time or of memory is one line naming the template and the line it failed on.
 
 Masks: an assistant turn is the text the conversation gains from the generation prompt before it
 (add_generation_prompt=True) to the turn itself: its content and what the template closes it with (an
@@ -44,14 +51,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
+import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from env.common.readfile import ReadRefused, parse_json, read_bounded
 from train.data.formats import FORMATS, Input, Meter, Unit
 from train.data.streams import read_small
 from train.errors import DataError
@@ -64,6 +77,12 @@ TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 # A chat template larger than this is not one (the largest public ones are tens of KB).
 TEMPLATE_LIMIT = 1 << 20
+# A tokenizer_config.json or special_tokens_map.json larger than this is not one (public ones are tens of KB).
+CONFIG_LIMIT = 16 << 20
+# The longest one conversation's rendering may take. The sandbox bounds what a template may call, not how long it
+# loops: nested loops over range() would render forever. A real template renders a conversation in milliseconds,
+# so this only stops a runaway one, in a prepare's time, without refusing a slow but finite one.
+RENDER_SECONDS = 10.0
 # What a report says of each count a chat prepare keeps (its tally), in this order.
 TALLY = {
     "conversations": "conversations read",
@@ -103,18 +122,42 @@ def _token(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _read_found(path: Path, limit: int, fix: str) -> bytes | None:
+    """A file found in the TOKENIZER directory (None when absent), never through a symlink: the user did not name
+    it, and a link could carry any file the user can read into the set's manifest."""
+    try:
+        return read_bounded(path, limit, follow=False)
+    except ReadRefused as exc:
+        if exc.missing:
+            return None
+        if os.path.islink(path):
+            raise DataError(f"{path} is a symlink, which prepare never follows; copy the file itself there") from None
+        raise DataError(f"{path} {exc.reason}; {fix}") from None
+
+
+def _found_json(path: Path) -> Any:
+    """A JSON file found in the TOKENIZER directory (_read_found), parsed; None when absent."""
+    fix = f"give a valid {path.name} or remove it"
+    content = _read_found(path, CONFIG_LIMIT, fix)
+    if content is None:
+        return None
+    try:
+        return parse_json(content)
+    except ReadRefused as exc:
+        raise DataError(f"{path} {exc.reason}; {fix}") from None
+
+
 def _specials(directory: Path) -> dict[str, Any]:
     """The special tokens transformers gives a template: tokenizer_config.json's; special_tokens_map.json's over
     them only where tokenizer_config.json has no added_tokens_decoder (transformers' legacy path, which reads it)."""
-    from train.hf.files import is_regular, read_json
     from train.hf.tokenizer_files import SPECIAL_KEYS, TOKENIZER_CONFIG
 
     found: dict[str, Any] = {}
     legacy = True
     for name in (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP):
-        if not is_regular(directory / name) or not legacy:
+        tree = _found_json(directory / name) if legacy else None
+        if tree is None:
             continue
-        tree = read_json(directory / name, f"give a valid {name} or remove it")
         if not isinstance(tree, dict):
             raise DataError(f"{directory / name} is not a JSON object; give a valid one or remove it")
         legacy = "added_tokens_decoder" not in tree
@@ -130,24 +173,32 @@ def _specials(directory: Path) -> dict[str, Any]:
     return found
 
 
-def _read_template(path: Path, where: str) -> str:
-    content = read_small(path, TEMPLATE_LIMIT)
-    if content is None:
-        raise DataError(f"{where} is not a regular file of at most {TEMPLATE_LIMIT >> 20} MiB; give a .jinja file")
+def _decode_template(content: bytes, where: str) -> str:
     try:
         return content.decode("utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{where} is not UTF-8 text; give a Jinja chat template") from None
 
 
+def _named_template(path: Path, where: str) -> str:
+    """CHAT_TEMPLATE: the file the user names (a symlink too: they named it)."""
+    content = read_small(path, TEMPLATE_LIMIT)
+    if content is None:
+        raise DataError(f"{where} is not a regular file of at most {TEMPLATE_LIMIT >> 20} MiB; give a .jinja file")
+    return _decode_template(content, where)
+
+
+def _found_template(path: Path) -> str | None:
+    """The TOKENIZER directory's chat_template.jinja (_read_found); None when absent."""
+    content = _read_found(path, TEMPLATE_LIMIT, f"give a Jinja chat template of at most {TEMPLATE_LIMIT >> 20} MiB")
+    return None if content is None else _decode_template(content, str(path))
+
+
 def _config_template(directory: Path) -> str | None:
     """tokenizer_config.json's chat_template: a string, or a list of named ones whose "default" is taken."""
-    from train.hf.files import is_regular, read_json
     from train.hf.tokenizer_files import TOKENIZER_CONFIG
 
-    if not is_regular(directory / TOKENIZER_CONFIG):
-        return None
-    config = read_json(directory / TOKENIZER_CONFIG, "give a valid tokenizer_config.json or remove it")
+    config = _found_json(directory / TOKENIZER_CONFIG)
     value = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(value, list):
         named = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
@@ -163,10 +214,10 @@ def find_template(tokenizer: str, template: str | None) -> ChatTemplate:
     specials = _specials(directory) if directory is not None else {}
     frozen = tuple(sorted((key, tuple(v) if isinstance(v, list) else v) for key, v in specials.items()))
     if template:
-        return ChatTemplate(_read_template(Path(template), f"CHAT_TEMPLATE={template}"), template, frozen)
-    if directory is not None and (directory / TEMPLATE_FILE).exists():
-        where = str(directory / TEMPLATE_FILE)
-        return ChatTemplate(_read_template(directory / TEMPLATE_FILE, where), where, frozen)
+        return ChatTemplate(_named_template(Path(template), f"CHAT_TEMPLATE={template}"), template, frozen)
+    found = _found_template(directory / TEMPLATE_FILE) if directory is not None else None
+    if found is not None:
+        return ChatTemplate(found, str(directory / TEMPLATE_FILE), frozen)
     text = _config_template(directory) if directory is not None else None
     if text is None:
         what = "its tokenizer_config.json has no chat_template and there is no chat_template.jinja"
@@ -296,6 +347,36 @@ class NotIncremental(Exception):
     """The template renders a conversation's beginning otherwise once later turns follow (its message: the turn)."""
 
 
+class RenderTimeout(BaseException):
+    """A rendering ran past RENDER_SECONDS. Not an Exception: no `except Exception` in transformers or in a
+    template's helpers may take it for a template error and go on rendering."""
+
+
+def _out_of_time(signum: int, frame: Any) -> None:
+    raise RenderTimeout
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """RenderTimeout when the block runs past `seconds`: a SIGALRM timer, which only the main thread can receive.
+    prepare renders in its main thread or in its tokenizer processes' (train/data/encode.py: a Pool's worker runs
+    its tasks in its main thread); elsewhere (a caller's thread) the rendering is not bounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _detail(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
 class ChatRenderer:
     """Conversations to ids and masks, through transformers' apply_chat_template (the module docstring)."""
 
@@ -323,11 +404,13 @@ class ChatRenderer:
             spans.append((len(before), len(through)))
         return spans
 
-    def encode(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray] | None:
         """The conversation's ids (as apply_chat_template(tokenize=True) gives them) and its mask: 1 where a
-        token starts inside a learned turn."""
+        token starts inside a learned turn; None when the template renders none of its learned turns (no text)."""
         whole = self.render(conversation.messages)
         spans = self.turns(conversation, whole)
+        if all(begin == end for begin, end in spans):
+            return None
         encoding = self.tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(encoding["input_ids"], dtype=np.int64)
         starts = np.asarray([start for start, _ in encoding["offset_mapping"]], dtype=np.int64)
@@ -357,15 +440,28 @@ def check_template(template: ChatTemplate, tokenizer_json: str, vocabulary: Any)
                 f"the chat template ({template.origin}) uses {key}, which TOKENIZER does not define; give "
                 "TOKENIZER=<the model's directory>, whose tokenizer_config.json names its special tokens"
             )
-    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    probe = Conversation([{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}], [1])
+    renderer = ChatRenderer(template, tokenizer_json)
     try:
-        ChatRenderer(template, tokenizer_json).render(probe)
+        with time_limit(RENDER_SECONDS):
+            spans = renderer.turns(probe, renderer.render(probe.messages))
     except jinja2.TemplateSyntaxError as exc:
         raise DataError(
             f"the chat template ({template.origin}) is not valid Jinja (line {exc.lineno}: {exc.message})"
         ) from None
-    except Exception:  # a template may refuse this probe (raise_exception): the records decide
-        pass
+    except RenderTimeout:
+        raise DataError(
+            f"the chat template ({template.origin}) took more than {RENDER_SECONDS:g} s to render a user's '?' "
+            "answered '!'; fix the template"
+        ) from None
+    except Exception:  # a template may refuse this probe (raise_exception), or fail on it: the records decide
+        return
+    if spans[0][0] == spans[0][1]:
+        raise DataError(
+            f"the chat template ({template.origin}) renders no assistant turn (an assistant's '!' adds no text to "
+            "the conversation), so there is nothing to learn; give CHAT_TEMPLATE=<a template that writes the "
+            "assistant's turns>"
+        )
 
 
 # ---------------------------------------------------------------------------- a unit's conversations
@@ -383,34 +479,60 @@ class ChatEncoder:
     """A JSON lines unit to its conversations' ids and masks (train/data/encode.py runs it in PROCS processes)."""
 
     def __init__(self, spec: Any) -> None:
+        self.template: ChatTemplate = spec.chat
         self.renderer = ChatRenderer(spec.chat, spec.tokenizer_json)
 
     def __call__(self, unit: Unit) -> RenderedUnit:
-        import jinja2
-
         rendered = RenderedUnit()
         for line, raw in enumerate(unit.records, start=unit.start[1] + 1):
             if not raw.strip():
                 continue
             found = conversation(raw, unit.origin, line)
             rendered.tally["conversations"] += 1
-            if not found.learned:
+            encoded = self.encode(found, unit.origin, line) if found.learned else None
+            if encoded is None:  # no assistant turn in the record, or none the template writes
                 rendered.tally["no_assistant"] += 1
                 continue
-            try:
-                rendered.conversations.append(self.renderer.encode(found))
-            except NotIncremental as exc:
-                raise DataError(
-                    f"{unit.origin} line {line}: the chat template renders {exc} differently once later turns follow, "
-                    "so its tokens cannot be told apart; give CHAT_TEMPLATE=<a template that keeps earlier turns as "
-                    "they are>"
-                ) from None
-            except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-                detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-                raise DataError(
-                    f"{unit.origin} line {line}: the chat template fails on it ({detail}); fix the line"
-                ) from None
+            rendered.conversations.append(encoded)
         return rendered
+
+    def encode(self, found: Conversation, origin: str, line: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """ChatRenderer.encode within RENDER_SECONDS; a template's failure on the line as one DataError."""
+        import jinja2
+
+        template = self.template.origin
+        try:
+            with time_limit(RENDER_SECONDS):
+                return self.renderer.encode(found)
+        except NotIncremental as exc:
+            raise DataError(
+                f"{origin} line {line}: the chat template renders {exc} differently once later turns follow, "
+                "so its tokens cannot be told apart; give CHAT_TEMPLATE=<a template that keeps earlier turns as "
+                "they are>"
+            ) from None
+        except RenderTimeout:
+            raise DataError(
+                f"the chat template ({template}) took more than {RENDER_SECONDS:g} s to render line {line} of "
+                f"{origin}; fix the template"
+            ) from None
+        except (MemoryError, OverflowError) as exc:
+            raise DataError(
+                f"the chat template ({template}) asks for more memory than there is on line {line} of {origin} "
+                f"({_detail(exc)}); fix the template"
+            ) from None
+        except jinja2.TemplateError as exc:
+            if type(exc) is jinja2.TemplateError:  # the template's raise_exception: it refuses the record
+                raise DataError(
+                    f"the chat template ({template}) refuses line {line} of {origin}: {_detail(exc)}; fix the "
+                    "line, or give CHAT_TEMPLATE=<a template that takes it>"
+                ) from None
+            raise DataError(
+                f"the chat template ({template}) failed on line {line} of {origin}: {_detail(exc)}; fix the template"
+            ) from None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+            raise DataError(
+                f"the chat template ({template}) failed on line {line} of {origin}: {_detail(exc)}; fix the template"
+            ) from None
 
 
 # ---------------------------------------------------------------------------- packing
