@@ -514,6 +514,22 @@ def tokenizer_copy(v2: Path, folder: Path) -> Path:
     return folder
 
 
+def test_a_hugging_face_cache_snapshot_of_links_into_its_blobs_is_read(v2: Path, records, tmp_path: Path) -> None:
+    import hashlib
+
+    repository = tmp_path / "hub" / "models--org--tiny-v2"
+    snapshot, blobs = repository / "snapshots" / "0123abc", repository / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in v2.iterdir():
+        blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)  # as huggingface_hub lays it out
+    from_cache, _, _ = stream_of(prepared(tmp_path / "cache", snapshot, records))
+    plain, _, _ = stream_of(prepared(tmp_path / "plain", v2, records))
+    assert np.array_equal(from_cache, plain)
+
+
 @pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "special_tokens_map.json"])
 def test_a_symlink_found_in_the_tokenizer_directory_is_refused_and_its_target_written_nowhere(v2, tmp_path, name):
     secret = tmp_path / "secret"

@@ -124,15 +124,27 @@ def _token(value: Any) -> str | None:
 
 def _read_found(path: Path, limit: int, fix: str) -> bytes | None:
     """A file found in the TOKENIZER directory (None when absent), never through a symlink: the user did not name
-    it, and a link could carry any file the user can read into the set's manifest."""
+    it, and a link could carry any file the user can read into the set's manifest. The one exception is a
+    Hugging Face cache's snapshot, whose files are links into the same repository's blobs/ (_within_repository)."""
     try:
-        return read_bounded(path, limit, follow=False)
+        return read_bounded(path, limit, follow=_within_repository(path))
     except ReadRefused as exc:
         if exc.missing:
             return None
         if os.path.islink(path):
             raise DataError(f"{path} is a symlink, which prepare never follows; copy the file itself there") from None
         raise DataError(f"{path} {exc.reason}; {fix}") from None
+
+
+def _within_repository(path: Path) -> bool:
+    """A Hugging Face cache's snapshot file: <repo>/snapshots/<rev>/<name>, a link to a file of <repo>/blobs/.
+    Only such a link is followed; a link anywhere else is not."""
+    if not os.path.islink(path):
+        return False
+    folder = path.absolute().parent
+    if folder.parent.name != "snapshots":
+        return False
+    return path.resolve().parent == (folder.parent.parent / "blobs").resolve()
 
 
 def _found_json(path: Path) -> Any:
