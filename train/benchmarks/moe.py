@@ -476,6 +476,7 @@ def graph_breaks(cfg: DeepSeekConfig, device: torch.device) -> tuple[int, list[s
 
     torch.manual_seed(0)
     block = Block(cfg, layer_id=cfg.n_dense_layers).to(device)
+    nn.init.normal_(block.ffn.router.weight, std=cfg.init_std)  # torch.empty until Transformer.init_weights
     x = torch.randn(2, 16, cfg.dim, device=device, requires_grad=True)
     cos, sin = (t.to(device) for t in rope_cache(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta))
     torch._dynamo.reset()
