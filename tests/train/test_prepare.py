@@ -168,3 +168,18 @@ def test_prepare_never_reads_its_own_outputs_as_input(tmp_path: Path) -> None:
     again = prepare([str(tmp_path / "*")], output, "bytes", 0, force=True)  # the glob now matches o.bin and o.json
     assert first["files"] == again["files"] == 2
     assert first["count"] == again["count"]  # the text's bytes and a separator per file, both times
+
+
+def test_a_copied_tokenizer_is_readable_by_no_one_its_source_was_not(tmp_path: Path) -> None:
+    from train.tokenizer import train_bpe
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    given = tmp_path / "private" / "tokenizer.json"
+    given.parent.mkdir()
+    given.write_text(train_bpe(["def f(x):\n    return x + 1\n" * 50], 300).to_str())
+    given.chmod(0o600)
+    output = tmp_path / "data" / "x.bin"
+    prepare([str(tmp_path / "text" / "a.txt")], str(output), str(given), procs=1)
+    copy = output.with_name("x.tokenizer.json")
+    assert copy.read_bytes() == given.read_bytes() and copy.stat().st_mode & 0o777 == 0o600
