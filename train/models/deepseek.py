@@ -71,7 +71,7 @@ from train.models.activations import (
     swiglu_inner,
 )
 from train.models.loss import token_loss
-from train.models.spec import AllReduce, ModelSpec, ParamCount
+from train.models.spec import AllReduce, CachePositions, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (DeepSeek-V3 has 61): a bigger figure is a typo, and
 # counting its parameters alone would take minutes.
@@ -364,7 +364,7 @@ class MultiHeadLatentAttention(nn.Module):
         return self.wo(out.reshape(batch, seq_len, heads * self.v_head_dim))
 
 
-class LatentKVCache:
+class LatentKVCache(CachePositions):
     """The decoding state of MLA: per layer the normalised latent c_kv and the rotated shared key.
 
     Per token and layer that is kv_lora_rank + qk_rope_head_dim numbers, where a plain KV cache
@@ -383,16 +383,6 @@ class LatentKVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent[index], self.rope_key[index]
-
-    def advance(self, count: int) -> None:
-        if self.position + count > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {self.position} + {count} do not fit")
-        self.position += count
-
-    def rollback(self, position: int) -> None:
-        if not 0 <= position <= self.position:
-            raise ValueError(f"cannot roll back to position {position} from {self.position}")
-        self.position = position
 
     def bytes_per_token(self) -> int:
         """Bytes one token's entries take, all layers together, measured on the tensors held."""

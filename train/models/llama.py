@@ -45,7 +45,7 @@ from train.errors import ConfigError, require_positive
 from train.hf import llama as hf_llama
 from train.models.activations import FP32, INDEX, Activations, Setting, Unit, attention_core, rms_norm, swiglu_inner
 from train.models.loss import token_loss
-from train.models.spec import ModelSpec, ParamCount
+from train.models.spec import CachePositions, ModelSpec, ParamCount
 
 # More layers than any model this rig trains (Llama 3 405B has 126): a bigger figure is a typo, and
 # building it would take minutes before failing for memory.
@@ -178,7 +178,7 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
-class KVCache:
+class KVCache(CachePositions):
     """The decoding state: per layer the rotated keys and the values of every position so far.
 
     keys[l] and values[l] are [batch, n_kv_heads, capacity, head_dim], capacity = max_seq_len.
@@ -196,16 +196,6 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
-
-    def advance(self, count: int) -> None:
-        if self.position + count > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {self.position} + {count} do not fit")
-        self.position += count
-
-    def rollback(self, position: int) -> None:
-        if not 0 <= position <= self.position:
-            raise ValueError(f"cannot roll back to position {position} from {self.position}")
-        self.position = position
 
     def bytes_per_token(self) -> int:
         """Bytes one token's entries take, all layers together, measured on the tensors held."""

@@ -58,6 +58,23 @@ class Cache(Protocol):
         """One line: what the cache holds per token, against a cache of full keys and values."""
 
 
+class CachePositions:
+    """The position bookkeeping every family's cache shares: `capacity` positions, `position` written so far."""
+
+    capacity: int
+    position: int
+
+    def advance(self, count: int) -> None:
+        if self.position + count > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.position} + {count} do not fit")
+        self.position += count
+
+    def rollback(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot roll back to position {position} from {self.position}")
+        self.position = position
+
+
 class Decoder(Protocol):
     """What sampling drives (train/sample.py): prefill and decode at a cache's position.
 
