@@ -55,16 +55,23 @@ class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit.
 
     `requested` is this rank's signal; `agreed` is set by each step's all-reduce: some rank asked.
+    `restore()` puts back the handlers it replaced: a caller that trains in-process (a test, a notebook)
+    keeps its own, and a process it forks later does not inherit a handler that only sets this flag.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
         self.agreed = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             _record_launch(cfg, run_dir)
         return _loop(run, run_dir, watchdog, stop)
     finally:
+        stop.restore()
         watchdog.stop()
         shutdown()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import types
 
 import pytest
@@ -25,6 +26,20 @@ def test_mixed_precision_runs_train_and_report_it(tmp_path, precision: str) -> N
     summary = train(cfg, tmp_path / precision)
     assert summary["precision"] == precision and summary["steps"] == 3
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] < summary["first_loss"] + 1.0
+
+
+def test_training_in_process_gives_back_the_signal_handlers_it_took(tmp_path) -> None:
+    # A handler left behind would only take note of SIGTERM, in this process and in any it forks afterwards.
+    def mine(signum, frame) -> None:
+        raise AssertionError("not called")
+
+    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train(load_config("tiny", [*SMALL, "train.steps=1", "train.micro_batch=2"]), tmp_path / "run")
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def test_the_fp16_scaler_skips_a_step_whose_gradients_overflow_and_backs_off(tmp_path) -> None:

@@ -235,3 +235,27 @@ def test_planted_fifos_and_links_never_hang_nor_get_replaced(tmp_path: Path) -> 
     os.mkfifo(tmp_path / "ds" / "state.json")
     with pytest.raises(DataError, match="not a datasets save_to_disk directory"):
         prepare.prepare([str(tmp_path / "ds")], str(tmp_path / "w.bin"))
+
+
+ABANDONED_POOL = """
+import signal, sys
+from train.data.encode import EncoderSpec, encoded
+from train.data.formats import Unit
+
+flag = []
+signal.signal(signal.SIGTERM, lambda signum, frame: flag.append(signum))  # a trainer's kind: it only takes note
+units = (Unit(file=0, origin="x", format="text", start=(0, 0)) for _ in range(100))
+stream = encoded(units, EncoderSpec(kind="bytes", text_field="text", dtype="uint8"), 2)
+next(stream)
+stream.close()  # abandoned mid-way: the pool is terminated
+print("ended", flag)
+"""
+
+
+def test_a_pool_abandoned_in_a_process_whose_sigterm_handler_only_takes_note_still_ends() -> None:
+    # The processes are forked: they inherit the handler, and used to stay deaf to the pool's SIGTERM forever.
+    ended = subprocess.run(
+        [sys.executable, "-c", ABANDONED_POOL], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert ended.returncode == 0, ended.stderr
+    assert ended.stdout.strip() == "ended []"  # the parent's own handler never fired

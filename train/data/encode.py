@@ -204,6 +204,11 @@ _encoder: Any = None
 
 
 def _start_process(spec: EncoderSpec, parent: int) -> None:
+    # A forked process inherits its parent's Python handlers: one that only sets a flag (a trainer's, in a
+    # process that trained before) would leave it deaf to the SIGTERM that ends the pool. It was born with
+    # SIGTERM blocked (see encoded): one sent before this line waits, and then ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     end_with_parent(parent)  # a SIGKILLed prepare leaves no tokenizer process behind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is prepare's to handle: it ends these processes
     serial_tokenizers()
@@ -230,7 +235,11 @@ def encoded(units: Iterator[Unit], spec: EncoderSpec, procs: int) -> Iterator[tu
         for unit in units:
             yield unit, encoder(unit)
         return
-    pool = _context().Pool(procs, initializer=_start_process, initargs=(spec, os.getpid()))
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by the forked processes
+    try:
+        pool = _context().Pool(procs, initializer=_start_process, initargs=(spec, os.getpid()))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         pending: deque[tuple[Unit, Any]] = deque()
         for unit in units:
