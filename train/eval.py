@@ -33,8 +33,8 @@ another tokenizer than the run's is refused (train/tokenizer.py TokenizerId), an
 run's tokenizer is missing: never silently bytes. Its workers end with their launcher (env/rig/lifeline.py).
 RUN_DIR may also be a directory of weights alone (make export's, or a Hugging Face
 checkpoint): it holds no validation split, so DATA is needed; samples are data.seq_len tokens as the
-exported run trained them (its torchrig.json), else min(the model's max_seq_len, EXPORT_SEQ_LEN), one per
-forward; one process unless GPUS says more.
+exported run trained them (its torchrig.json), else min(the model's max_seq_len, EXPORT_SEQ_LEN), and chat
+data's the windows it was packed into (within max_seq_len); one per forward; one process unless GPUS says more.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ from train.config_loader import config_from_dict, default_config
 from train.data import build_dataset, data_tokenizer, validation_set
 from train.data.sources import TokenWindows, data_tokenizer_id, token_mask
 from train.data.text import document_chunks, expand_globs, read_document
-from train.data.tokens import BYTE_VOCAB, read_token_file
+from train.data.tokens import BYTE_VOCAB, read_sidecar, read_token_file, sidecar_path
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
 from train.errors import ConfigError, DataError
 from train.models import get_spec
@@ -318,8 +318,29 @@ def weights_config(run_dir: Path, data: str) -> RunConfig:
     cfg = RunConfig(name=run_dir.name, model=model)
     if recorded or limit:
         cfg.data.seq_len = recorded or min(getattr(model, limit), EXPORT_SEQ_LEN)
+    packed = _packed_seq_len(data)
+    if packed:  # chat data is read in the windows it was packed into: weights alone have no seq_len to set
+        ceiling = getattr(model, limit) if limit else None
+        if ceiling is not None and packed > ceiling:
+            raise EvalError(
+                f"DATA={data} packs its conversations into windows of {packed} tokens, more than the {ceiling} "
+                f"positions the weights in {run_dir} take; prepare it again with SEQ_LEN={ceiling} or less"
+            )
+        cfg.data.seq_len = packed
     cfg.data.source, cfg.data.path, cfg.train.micro_batch = "files", data, 1
     return cfg
+
+
+def _packed_seq_len(data: str) -> int | None:
+    """The window length chat data DATA was packed into (None: DATA is no chat token set)."""
+    if not data.endswith(".bin"):
+        return None
+    try:
+        meta = read_sidecar(sidecar_path(Path(data)))
+    except DataError:
+        return None  # reading DATA itself names the problem
+    packed = (meta.get("chat") or {}).get("seq_len")
+    return packed if isinstance(packed, int) and not isinstance(packed, bool) and packed > 0 else None
 
 
 def weights_only(run_dir: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -487,6 +488,27 @@ def masked_loss(model: torch.nn.Module, tokens: np.ndarray, mask: np.ndarray, wi
             total += losses[learned].double().sum().item()
             count += int(learned.sum())
     return total / count
+
+
+def test_hf_weights_are_evaluated_in_the_windows_their_chat_data_was_packed_into(v2: Path, tmp_path: Path) -> None:
+    # Weights alone have no data.seq_len to set: make eval reads the windows DATA was packed into.
+    weights = tmp_path / "hf"
+    shutil.copytree(v2, weights)
+    output = prepared(tmp_path, v2, conversations(12, seed=3))
+    evaluated = run_module("train.eval", "--run-dir", str(weights), "--data", str(output))
+    assert evaluated.returncode == 0, evaluated.stderr
+    from train.weights import build_loaded_model
+
+    model, _, _ = build_loaded_model(weights, torch.device("cpu"))
+    tokens, mask, _ = stream_of(output)
+    expected = masked_loss(model, tokens, mask, range((len(tokens) - 1) // SEQ_LEN))
+    assert json.loads((weights / "eval.json").read_text())["val_loss"] == pytest.approx(expected, rel=1e-5)
+    # Windows longer than the weights' positions (max_position_embeddings=256) cannot be read: one line, the fix.
+    longer = prepared(tmp_path / "longer", v2, conversations(4), seq_len=512)
+    refused = run_module("train.eval", "--run-dir", str(weights), "--data", str(longer))
+    assert refused.returncode != 0
+    assert one_line_error(refused) and "more than the 256 positions" in refused.stderr
+    assert "SEQ_LEN=256 or less" in refused.stderr
 
 
 def test_data_seq_len_other_than_the_packing_is_refused(v2: Path, tmp_path: Path) -> None:
