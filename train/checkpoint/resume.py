@@ -25,9 +25,19 @@ def _fixed_for_resume(key: str) -> bool:
     return key.startswith(RESUME_FIXED_PREFIXES) or key in RESUME_FIXED_KEYS
 
 
+# Keys whose empty value stands for a default chosen elsewhere: a message names that default, not "[]".
+EMPTY_MEANS = {"train.lora.targets": "the model family's default targets"}
+
+
+def shown(key: str, value: Any) -> str:
+    if key in EMPTY_MEANS and value in ([], "", None):
+        return f"{key} empty ({EMPTY_MEANS[key]})"
+    return f"{key}={value!r}"
+
+
 def mismatch(key: str, saved: Any, current: Any) -> CheckpointError:
     return CheckpointError(
-        f"RUN_DIR holds a checkpoint with {key}={saved!r} but this run has {key}={current!r}; "
+        f"RUN_DIR holds a checkpoint with {shown(key, saved)} but this run has {shown(key, current)}; "
         "use a new RUN_DIR or restore the config"
     )
 

@@ -31,6 +31,17 @@ def test_model_shape_change_is_refused_naming_the_key() -> None:
     )
 
 
+def test_lora_targets_left_empty_are_named_as_the_default_they_stand_for() -> None:
+    saved, current = default_config().to_dict(), default_config().to_dict()
+    current["train"]["lora"]["targets"] = ["wo"]
+    with pytest.raises(CheckpointError) as caught:
+        check_compatible(saved, current)
+    assert str(caught.value).startswith(
+        "RUN_DIR holds a checkpoint with train.lora.targets empty (the model family's default targets) but this "
+        "run has train.lora.targets=['wo']; "
+    )
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value"),
     [("train", "micro_batch", 4), ("train", "accum", 2), ("train", "seed", 7), ("data", "seq_len", 64)],
