@@ -9,8 +9,10 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -627,6 +629,45 @@ def test_a_template_that_renders_forever_is_stopped_naming_the_line_or_the_templ
         template_prepare(tmp_path / "line", v2, when("spin", SPIN), talk("fine", "spin", "fine"))
     with pytest.raises(DataError, match=r"took more than 0\.5 s to render a user's '\?' answered '!'; fix the templ"):
         template_prepare(tmp_path / "probe", v2, SPIN + "{{ messages }}", talk("fine"))
+
+
+class CallersDeadline(Exception):
+    pass
+
+
+def callers_deadline(signum, frame) -> None:
+    raise CallersDeadline
+
+
+@pytest.fixture
+def callers_timer():
+    """A caller's own real-time timer and SIGALRM handler (a test runner's per-test timeout is one)."""
+    previous = signal.signal(signal.SIGALRM, callers_deadline)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_the_render_bound_keeps_a_callers_timer_due_later(callers_timer) -> None:
+    from train.data.chat import RenderTimeout, time_limit
+
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    with time_limit(5):
+        time.sleep(0.2)
+    left, _ = signal.getitimer(signal.ITIMER_REAL)
+    assert 20 < left < 30  # still armed, with its own remaining time: it used to be cancelled
+    with pytest.raises(RenderTimeout), time_limit(0.2):  # the bound itself still holds inside it
+        time.sleep(10)
+    assert signal.getsignal(signal.SIGALRM) is callers_deadline and signal.getitimer(signal.ITIMER_REAL)[0] > 15
+
+
+def test_a_callers_timer_due_first_fires_its_own_handler_during_a_render(callers_timer) -> None:
+    from train.data.chat import time_limit
+
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    with pytest.raises(CallersDeadline), time_limit(30):
+        time.sleep(10)
+    assert signal.getsignal(signal.SIGALRM) is callers_deadline
 
 
 @pytest.mark.parametrize("size", ["4611686018427387904", "9223372036854775808"])  # MemoryError, OverflowError

@@ -55,6 +55,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -364,25 +365,53 @@ class RenderTimeout(BaseException):
     template's helpers may take it for a template error and go on rendering."""
 
 
-def _out_of_time(signum: int, frame: Any) -> None:
-    raise RenderTimeout
-
-
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
     """RenderTimeout when the block runs past `seconds`: a SIGALRM timer, which only the main thread can receive.
     prepare renders in its main thread or in its tokenizer processes' (train/data/encode.py: a Pool's worker runs
-    its tasks in its main thread); elsewhere (a caller's thread) the rendering is not bounded."""
+    its tasks in its main thread); elsewhere (a caller's thread) the rendering is not bounded.
+
+    The process has one real-time timer: a caller's own (a test runner's per-test timeout, a user's alarm) is
+    kept. One due first fires its handler as it would have, and one due later is left with its remaining time.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGALRM, _out_of_time)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    outer = {"pending": outer_delay > 0}
+
+    def out_of_time(signum: int, frame: Any) -> None:
+        elapsed = time.monotonic() - started
+        if outer["pending"] and elapsed >= outer_delay - 1e-3:  # the caller's deadline came first: theirs to act on
+            outer["pending"] = False
+            _pass_on(previous, signum, frame)
+            if elapsed < seconds:
+                signal.setitimer(signal.ITIMER_REAL, seconds - elapsed)
+                return
+        raise RenderTimeout
+
+    previous = signal.signal(signal.SIGALRM, out_of_time)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer_delay) if outer_delay > 0 else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer["pending"]:
+            remaining = outer_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), outer_interval)
+        elif outer_delay > 0 and outer_interval > 0:
+            signal.setitimer(signal.ITIMER_REAL, outer_interval, outer_interval)
+
+
+def _pass_on(handler: Any, signum: int, frame: Any) -> None:
+    """What the caller's SIGALRM disposition would have done with its own timer's signal."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:  # the default action ends the process: let it
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGALRM)
 
 
 def _detail(exc: BaseException) -> str:
