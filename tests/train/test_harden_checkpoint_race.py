@@ -78,7 +78,10 @@ def test_a_checkpoint_pruned_while_read_is_no_damage_the_newest_is_read(
         state, _, step = load_model_weights(tmp_path)
     assert saved == [3] and step == 3
     assert all(torch.equal(state[k], v) for k, v in models[3].state_dict().items())
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "a pruned checkpoint was reported"
+    # Ours, and the root logger's: torch's distributed-checkpoint logger records the vanished file to its own
+    # NullHandler (never printed); its root-logger line, which would be, is hidden (storage._quiet_dcp).
+    ours = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith(("train", "env", "root"))]
+    assert not ours, "a pruned checkpoint was reported"
 
 
 def test_a_reader_slower_than_the_runs_steps_says_so_without_calling_anything_damaged(

@@ -12,6 +12,7 @@ no rank is collective (each rank calls it) when torch.distributed is initialized
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -77,14 +78,25 @@ def merge(tensors: dict[Any, Any], rest: dict[Any, Any]) -> dict[Any, Any]:
     return merged
 
 
+def _not_from_dcp(record: logging.LogRecord) -> bool:
+    return f"{os.sep}distributed{os.sep}checkpoint{os.sep}" not in record.pathname
+
+
 @contextlib.contextmanager
 def _quiet_dcp() -> Iterator[None]:
     """Hide DCP's notes that ask nothing of the user: torch 2.4 tripping its own TypedStorage
-    deprecation, and the reminder that one process without a process group saves alone."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
-        yield
+    deprecation, the reminder that one process without a process group saves alone, and the root-logger
+    lines newer torch writes about a file that vanished mid-read ("Rank local metadata is not found."):
+    the checkpointer tells a pruned checkpoint from a damaged one itself, in its own words."""
+    root = logging.getLogger()
+    root.addFilter(_not_from_dcp)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message="torch.distributed is .*uninitialized")
+            yield
+    finally:
+        root.removeFilter(_not_from_dcp)
 
 
 def make_temp(directory: Path, name: str) -> Path:
