@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.make import make as user_make
-from tests.helpers.make import needs_make, user_environment
+from tests.helpers.make import needs_make, pinned_venv, user_environment
 from tests.helpers.paths import ROOT
 
-pytestmark = needs_make
+pytestmark = [needs_make, pinned_venv]
 # Values that a shell, make or a recipe would evaluate, split or drop if anything expanded them.
 HOSTILE = [
     "$(shell touch {canary})",

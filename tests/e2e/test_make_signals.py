@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.make import needs_make, user_environment
+from tests.helpers.make import needs_make, pinned_venv, user_environment
 from tests.helpers.processes import pid_of
 from tests.helpers.trainrun import SMALL, start_job, wait_for_step
 
-pytestmark = [pytest.mark.slow, needs_make]
+pytestmark = [pytest.mark.slow, needs_make, pinned_venv]
 STEPS = 40
 
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from env.records.runlock import LOCK_NAME
+from tests.helpers.make import pinned_venv
 from tests.helpers.paths import ROOT
 from tests.helpers.processes import alive, children, wait_for
 from tests.helpers.trainrun import metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pinned_venv]
 F = "model.max_seq_len=32 data.seq_len=32"
 
 
