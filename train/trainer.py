@@ -55,8 +55,9 @@ class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit.
 
     `requested` is this rank's signal; `agreed` is set by each step's all-reduce: some rank asked.
-    `restore()` puts back the handlers it replaced: a caller that trains in-process (a test, a notebook)
-    keeps its own, and a process it forks later does not inherit a handler that only sets this flag.
+    `restore()` puts back a handler of the caller's own that it replaced (a test or a notebook training
+    in-process keeps its handlers). Python's defaults are not put back: a signal landing while a finished
+    worker shuts down its process group is still only noted, never a kill or a KeyboardInterrupt mid-teardown.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -71,7 +72,8 @@ class StopRequest:
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            if callable(previous) and previous is not signal.default_int_handler:
+                signal.signal(sig, previous)
 
 
 @dataclass(frozen=True)
