@@ -12,6 +12,8 @@ the container. It uses only the standard library, since it runs before any venv 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shlex
@@ -19,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -361,11 +363,43 @@ def check_disk_for_venv() -> None:
             )
 
 
+@contextlib.contextmanager
+def _one_install_at_a_time() -> Iterator[None]:
+    """An exclusive flock on .build/venv.lock while .venv is made: a second make started meanwhile (another
+    terminal, a test suite beside another) waits for the first install instead of installing over it."""
+    lock = ROOT / ".build" / "venv.lock"
+    try:
+        lock.parent.mkdir(exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot open {lock} ({exc.strerror}); remove it if it is a link or not a file") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("torchrig: another make is making .venv; waiting for it to finish", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _venv_ready(python: Path) -> bool:
+    return python.exists() and STAMP.exists() and STAMP.read_text().strip() == _lock_digest()
+
+
 def ensure_venv() -> Path:
-    """.venv made from requirements.txt with --require-hashes; remade when the lock changes."""
+    """.venv made from requirements.txt with --require-hashes; remade when the lock changes; one install at a time."""
     python = VENV / "bin" / "python"
-    if python.exists() and STAMP.exists() and STAMP.read_text().strip() == _lock_digest():
+    if _venv_ready(python):
         return python
+    with _one_install_at_a_time():
+        if _venv_ready(python):  # made by the make this one waited for
+            return python
+        return _make_venv(python)
+
+
+def _make_venv(python: Path) -> Path:
     if sys.version_info < (3, 10):  # noqa: UP036 - this file runs under any system python3
         raise UserError(f"Python {sys.version.split()[0]} is too old; torchrig needs python3 >= 3.10")
     if not python.exists():  # a first install; updating a venv for a changed lock needs only the changes' room

@@ -86,3 +86,41 @@ def test_make_passes_the_new_variables() -> None:
     assert prepare[3:] == ["--input=a/*.txt", "--output=x.bin", "--tokenizer=bpe", "--vocab=512", "--force"]
     evaluate = build_argv(TARGETS["eval"], {"RUN_DIR": "runs/r", "DATA": "d.bin"}, 2)
     assert evaluate[3:] == ["--gpus=2", "--run-dir=runs/r", "--data=d.bin"]
+
+
+def test_a_second_make_waits_for_the_venv_another_is_making_instead_of_installing_over_it(
+    monkeypatch, tmp_path, capfd
+) -> None:
+    import fcntl
+    import os
+    import threading
+
+    import env.rig.runtime as runtime
+
+    ran = _fake_disk(monkeypatch, tmp_path, free_bytes=100e9)
+    (tmp_path / ".build").mkdir()
+    holder = os.open(tmp_path / ".build" / "venv.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # the first make, installing
+    made: list[object] = []
+    second = threading.Thread(target=lambda: made.append(runtime.ensure_venv()))
+    second.start()
+    second.join(timeout=1.0)
+    assert second.is_alive() and ran == []  # waiting: no venv, no pip of its own
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)  # the first make finishes its install
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    (tmp_path / ".venv" / "stamp").write_text(runtime._lock_digest())
+    os.close(holder)
+    second.join(timeout=60)
+    assert made == [tmp_path / ".venv" / "bin" / "python"] and ran == []
+    assert "another make is making .venv; waiting for it to finish" in capfd.readouterr().out
+
+
+def test_a_planted_link_as_the_venv_lock_is_one_line(monkeypatch, tmp_path) -> None:
+    import env.rig.runtime as runtime
+
+    _fake_disk(monkeypatch, tmp_path, free_bytes=100e9)
+    (tmp_path / ".build").mkdir()
+    (tmp_path / ".build" / "venv.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match=r"cannot open .*venv\.lock .*remove it if it is a link"):
+        runtime.ensure_venv()
+    assert not (tmp_path / "elsewhere").exists()
