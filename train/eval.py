@@ -68,7 +68,7 @@ from train.checkpoint import Checkpointer
 from train.config import RunConfig
 from train.config_loader import config_from_dict, default_config
 from train.data import build_dataset, data_tokenizer, validation_set
-from train.data.sources import TokenWindows, data_tokenizer_id, token_mask
+from train.data.sources import TokenWindows, data_tokenizer_id, packed_seq_len, token_mask
 from train.data.text import document_chunks, expand_globs, read_document
 from train.data.tokens import BYTE_VOCAB, read_sidecar, read_token_file, sidecar_path
 from train.distributed import DistInfo, all_reduce_sum, backstop_timeout, connect_store, init_distributed, shutdown
@@ -339,8 +339,7 @@ def _packed_seq_len(data: str) -> int | None:
         meta = read_sidecar(sidecar_path(Path(data)))
     except DataError:
         return None  # reading DATA itself names the problem
-    packed = (meta.get("chat") or {}).get("seq_len")
-    return packed if isinstance(packed, int) and not isinstance(packed, bool) and packed > 0 else None
+    return packed_seq_len(data, meta)
 
 
 def weights_only(run_dir: Path) -> bool:

@@ -55,9 +55,9 @@ class StopRequest:
     """SIGTERM/SIGINT ask for a checkpoint at the next step boundary, then a clean exit.
 
     `requested` is this rank's signal; `agreed` is set by each step's all-reduce: some rank asked.
-    `restore()` puts back a handler of the caller's own that it replaced (a test or a notebook training
-    in-process keeps its handlers). Python's defaults are not put back: a signal landing while a finished
-    worker shuts down its process group is still only noted, never a kill or a KeyboardInterrupt mid-teardown.
+    `restore()` puts back what it replaced, Python's defaults and SIG_IGN included: a caller that trains in-process
+    (a test, a notebook) gets its Ctrl-C and SIGTERM back. train() calls it after the process group is shut down,
+    so a signal landing during that teardown is still only noted.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -72,7 +72,7 @@ class StopRequest:
 
     def restore(self) -> None:
         for sig, previous in self._previous.items():
-            if callable(previous) and previous is not signal.default_int_handler:
+            if previous is not None:  # None: a handler not installed from Python, which cannot be put back
                 signal.signal(sig, previous)
 
 
@@ -222,9 +222,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             _record_launch(cfg, run_dir)
         return _loop(run, run_dir, watchdog, stop)
     finally:
-        stop.restore()
         watchdog.stop()
         shutdown()
+        stop.restore()
 
 
 def _dump_flight_recorder(run_dir: Path, info: DistInfo) -> None:

@@ -13,6 +13,7 @@ the container. It uses only the standard library, since it runs before any venv 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -370,14 +371,25 @@ def _one_install_at_a_time() -> Iterator[None]:
     lock = ROOT / ".build" / "venv.lock"
     try:
         lock.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot make {lock.parent} for make's lock ({exc.strerror}); remove it if it is not a directory, "
+            "or run make as the user who owns this checkout"
+        ) from None
+    try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise UserError(f"cannot open {lock} ({exc.strerror}); remove it if it is a link or not a file") from None
+        fix = (
+            "run make as the user who owns this checkout"
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+            else "remove it: it is a link or not a file"
+        )
+        raise UserError(f"cannot open make's lock {lock} ({exc.strerror}); {fix}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print("torchrig: another make is making .venv; waiting for it to finish", flush=True)
+            print(f"torchrig: another make is making .venv (it holds {lock}); waiting for it to finish", flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

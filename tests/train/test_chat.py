@@ -513,6 +513,31 @@ def test_hf_weights_are_evaluated_in_the_windows_their_chat_data_was_packed_into
     assert "SEQ_LEN=256 or less" in refused.stderr
 
 
+DAMAGED_CHAT = {"a list": [64], "a string": "64", "a bool": True, "negative": -64, "a float": 64.0, "null": None}
+
+
+@pytest.mark.parametrize(
+    "value", [*DAMAGED_CHAT.values(), "missing", "chat a list"], ids=[*DAMAGED_CHAT, "missing", "x"]
+)
+def test_a_damaged_chat_seq_len_in_the_sidecar_is_named_as_damage(v2: Path, tmp_path: Path, value: object) -> None:
+    output = prepared(tmp_path, v2, conversations(8))
+    sidecar = output.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    if value == "missing":
+        del meta["chat"]
+    elif value == "chat a list":
+        meta["chat"] = [64]
+    else:
+        meta["chat"]["seq_len"] = value
+    sidecar.write_text(json.dumps(meta))
+    cfg = load_config("tiny", [f"data.path={output}", "model.vocab_size=auto", f"data.seq_len={SEQ_LEN}"])
+    with pytest.raises(DataError, match=r"chat\.json is damaged: it has a mask but chat.* re-run make prepare$"):
+        build_dataset(cfg)
+    if value == "chat a list":  # make eval of weights alone reads the same field first: the same one line
+        refused = run_module("train.eval", "--run-dir", str(v2), "--data", str(output))
+        assert "is damaged: it has a mask but chat=[64]" in one_line_error(refused)
+
+
 def test_data_seq_len_other_than_the_packing_is_refused(v2: Path, tmp_path: Path) -> None:
     output = prepared(tmp_path, v2, conversations(8))
     cfg = load_config("tiny", [f"data.path={output}", "model.vocab_size=auto", "data.seq_len=32"])

@@ -28,15 +28,23 @@ def test_mixed_precision_runs_train_and_report_it(tmp_path, precision: str) -> N
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] < summary["first_loss"] + 1.0
 
 
-def test_training_in_process_gives_back_the_signal_handlers_it_took(tmp_path) -> None:
-    # A handler left behind would only take note of SIGTERM, in this process and in any it forks afterwards.
-    def mine(signum, frame) -> None:
-        raise AssertionError("not called")
+def mine(signum, frame) -> None:
+    raise AssertionError("not called")
 
-    before = {sig: signal.signal(sig, mine) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+@pytest.mark.parametrize(
+    "handlers",
+    [(mine, mine), (signal.SIG_DFL, signal.default_int_handler), (signal.SIG_IGN, signal.SIG_IGN)],
+    ids=["the caller's own", "Python's defaults", "ignored"],
+)
+def test_training_in_process_gives_back_the_signal_handlers_it_took(tmp_path, handlers) -> None:
+    # A handler left behind would only take note: Ctrl-C and SIGTERM would no longer stop the caller (a notebook),
+    # and a process it forks afterwards would inherit that deafness.
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = {sig: signal.signal(sig, handler) for sig, handler in zip(signals, handlers, strict=True)}
     try:
         train(load_config("tiny", [*SMALL, "train.steps=1", "train.micro_batch=2"]), tmp_path / "run")
-        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is mine
+        assert tuple(signal.getsignal(sig) for sig in signals) == handlers
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

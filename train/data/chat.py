@@ -372,7 +372,9 @@ def time_limit(seconds: float) -> Iterator[None]:
     its tasks in its main thread); elsewhere (a caller's thread) the rendering is not bounded.
 
     The process has one real-time timer: a caller's own (a test runner's per-test timeout, a user's alarm) is
-    kept. One due first fires its handler as it would have, and one due later is left with its remaining time.
+    kept. One due first fires its handler when it is due, and one due later is left with its remaining time. A
+    repeating one fires once during the block (the ticks it would have fired again within it are dropped) and
+    repeats from the block's end.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -305,11 +305,27 @@ def _files_dataset(cfg: RunConfig) -> Dataset:
     return TokenWindows(tokens, cfg.data.seq_len, "files", path, mask)
 
 
+def packed_seq_len(path: str, meta: dict) -> int | None:
+    """The windows a chat token set (one with a mask) was packed into: its sidecar's chat.seq_len; None for a set
+    without a mask. A masked set whose chat.seq_len is not a window length is damaged, and named so."""
+    if not isinstance(meta.get("mask"), dict):
+        return None
+    chat = meta.get("chat")
+    packed = chat.get("seq_len") if isinstance(chat, dict) else None
+    if not isinstance(packed, int) or isinstance(packed, bool) or packed < 1:
+        shown = f"chat.seq_len={packed!r}" if isinstance(chat, dict) else f"chat={chat!r}"
+        raise DataError(
+            f"the sidecar {sidecar_path(Path(path))} is damaged: it has a mask but {shown[:80]}, not the window "
+            "length its conversations were packed into; re-run make prepare"
+        )
+    return packed
+
+
 def token_mask(path: str, meta: dict, seq_len: int, what: str) -> np.ndarray | TokenStream | None:
     """A token set's mask (chat data), whose conversations were packed into windows of the seq_len it records:
     another seq_len would cut them, so it is refused."""
+    packed = packed_seq_len(path, meta)
     mask = read_mask(path, meta)
-    packed = (meta.get("chat") or {}).get("seq_len")
     if mask is not None and packed != seq_len:
         raise DataError(
             f"{path} packs its conversations into windows of {packed} tokens, but {what}={seq_len}; set "

@@ -112,7 +112,7 @@ def test_a_second_make_waits_for_the_venv_another_is_making_instead_of_installin
     os.close(holder)
     second.join(timeout=60)
     assert made == [tmp_path / ".venv" / "bin" / "python"] and ran == []
-    assert "another make is making .venv; waiting for it to finish" in capfd.readouterr().out
+    assert "another make is making .venv (it holds " in capfd.readouterr().out
 
 
 def test_a_planted_link_as_the_venv_lock_is_one_line(monkeypatch, tmp_path) -> None:
@@ -121,6 +121,16 @@ def test_a_planted_link_as_the_venv_lock_is_one_line(monkeypatch, tmp_path) -> N
     _fake_disk(monkeypatch, tmp_path, free_bytes=100e9)
     (tmp_path / ".build").mkdir()
     (tmp_path / ".build" / "venv.lock").symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(UserError, match=r"cannot open .*venv\.lock .*remove it if it is a link"):
+    with pytest.raises(UserError, match=r"cannot open make's lock .*venv\.lock .*remove it: it is a link"):
         runtime.ensure_venv()
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_build_folder_that_is_a_file_is_named_not_its_lock(monkeypatch, tmp_path) -> None:
+    import env.rig.runtime as runtime
+
+    _fake_disk(monkeypatch, tmp_path, free_bytes=100e9)
+    (tmp_path / ".build").write_text("mine")
+    with pytest.raises(UserError, match=r"cannot make .*\.build for make's lock .*remove it if it is not a directory"):
+        runtime.ensure_venv()
+    assert (tmp_path / ".build").read_text() == "mine"
