@@ -107,7 +107,8 @@ def test_saved_bytes_fall_by_the_factor_the_plan_predicts(arch: str) -> None:
         measured[mode], planned[mode] = saved.activations, planned_activations(cfg, 2, "fp32", mode)
     for mode in ("full", "selective"):
         factor, predicted = measured["none"] / measured[mode], planned["none"] / planned[mode]
-        assert factor > 1.5, (mode, factor)
+        # Selective recomputes the feed-forward alone, whose routed experts keep only their two projections.
+        assert factor > (1.5 if mode == "full" else 1.3), (mode, factor)
         assert predicted == pytest.approx(factor, rel=0.15), mode
 
 

@@ -17,8 +17,9 @@ Tables (each prints as soon as it is measured):
   on the CPU, where nothing waits, the calls that would wait on a GPU (Tensor.item, .tolist,
   .__bool__, ...). Target: at most one per optimizer step, the trainer's read of the loss included.
   Then what that read of the loss costs: windows of steps with and without it.
-- compile: torch.compile (inductor) of the whole model against eager, one training step, and the
-  graph breaks in one MoE block compiled through autograd.
+- compile: torch.compile (inductor) of the whole model against eager, one training step; the
+  graph breaks in one MoE block compiled through autograd, and the graphs beyond one that a short
+  model's training step makes over two batches (a break or a recompilation each).
 
 "reference" is the implementation before the experts were stacked, kept here to measure against:
 per layer one host read of the token counts (`counts.tolist()`), then each expert's three matmuls
@@ -488,6 +489,23 @@ def graph_breaks(cfg: DeepSeekConfig, device: torch.device) -> tuple[int, list[s
     )
 
 
+def model_graph_breaks(cfg: DeepSeekConfig, device: torch.device) -> int:
+    """Graph breaks in the whole model's training forward and backward (aot_eager), over two batches
+    that route differently: a recompilation for the second counts as a graph too."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(cfg, n_layers=cfg.n_dense_layers + 2)).to(device)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 33), device=device)
+        compiled(tokens[:, :-1], tokens[:, 1:]).backward()
+    return counters["stats"]["unique_graphs"] - 1
+
+
 def compile_table(args: argparse.Namespace, timer: Timer, precision: Precision) -> list[str]:
     print(
         f"\n(d) torch.compile (inductor) vs eager, one training step of {args.step_tokens:,} tokens, {precision.name}"
@@ -496,6 +514,8 @@ def compile_table(args: argparse.Namespace, timer: Timer, precision: Precision) 
         cfg = load_config(name).model
         breaks, reasons = graph_breaks(cfg, timer.device)
         print(f"{name}: graph breaks in one MoE block: {breaks}" + "".join(f"\n  {reason}" for reason in reasons))
+        print(f"{name}: graphs beyond one in the model's training step ({cfg.n_dense_layers} dense and 2 MoE "
+              f"layers, two batches): {model_graph_breaks(cfg, timer.device)}")  # fmt: skip
     print(f"{'config':7} {'variant':10} {'compile s':>10} {'ms':>30} {'vs eager':>22}")
     summary = []
     for name in ("tiny", "small"):

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.torch_version import TorchVersion
+from torch.utils import flop_counter
+from torch.utils.flop_counter import register_flop_formula
 
 from train.config import ModelConfig
 from train.errors import ConfigError, require_positive
@@ -474,12 +476,20 @@ def _cuda_major(index: int) -> int:
 def _grouped_mm_runs(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> bool:
     """Whether torch._grouped_mm computes matmuls of these row and column sizes here, from offsets on
     the device. Every row and matrix stride must be a multiple of 16 bytes."""
+    return _grouped_mm_takes(device.type, dtype, sizes, lambda: _cuda_major(device.index or 0))
+
+
+def _grouped_mm_takes(
+    device_type: str, dtype: torch.dtype, sizes: tuple[int, ...], cuda_major: Callable[[], int | None]
+) -> bool:
+    """_grouped_mm_runs for a device type; cuda_major() None: a GPU not at hand (a plan made on a CPU),
+    taken to be Ampere or later, as every GPU this rig plans for is."""
     if not _GROUPED_MM or any(size * dtype.itemsize % 16 for size in sizes):
         return False
-    if device.type == "cuda":
-        major = _cuda_major(device.index or 0)
-        return dtype == torch.bfloat16 and (major == 9 or (_TORCH >= (2, 9) and major >= 8))
-    return device.type == "cpu" and _GROUPED_MM_ON_CPU
+    if device_type == "cuda":
+        major = cuda_major()
+        return dtype == torch.bfloat16 and (major == 9 or (_TORCH >= (2, 9) and (major or 8) >= 8))
+    return device_type == "cpu" and _GROUPED_MM_ON_CPU
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor | list[int]) -> torch.Tensor:
@@ -565,6 +575,130 @@ class GroupedLinear(nn.Module):
         return [functools.partial(F.linear, weight=weight) for weight in self.weight.unbind(0)]
 
 
+# Where torch._grouped_mm does not run (torch 2.4.1, the pinned image, among others), the experts'
+# SwiGLU runs as one op of ours: inside it, the layer's one host read of the counts, then expert by
+# expert. Opaque to torch.compile, so the sizes that the data decides never reach its tracer: a
+# compiled MoE block has no graph break and compiles once, whatever the routing. Its backward is
+# written out (the matmuls autograd would run) and keeps h1 and h3 rather than every intermediate;
+# it splits its rows by the forward's copy of the counts on the host, so it reads nothing more.
+
+
+@torch.library.custom_op(
+    "torchrig::expert_swiglu",
+    mutates_args=(),  # the schema spelled out: torch 2.4 cannot read postponed annotations
+    schema="(Tensor x, Tensor counts, Tensor w1, Tensor w3, Tensor w2) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _expert_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [rows, dim] sorted by expert, counts [E], w1 and w3 [E, hidden, dim], w2 [E, dim, hidden] ->
+    out [rows, dim]; h1 = x w1^T and h3 = x w3^T [rows, hidden], each group of rows by its expert's
+    weights; and the counts, copied to the host."""
+    sizes = counts.tolist()
+    rows, hidden = x.shape[0], w1.shape[1]
+    out, h1, h3 = x.new_empty(rows, w2.shape[1]), x.new_empty(rows, hidden), x.new_empty(rows, hidden)
+    with torch.autocast(x.device.type, enabled=False):  # the caller chose the dtype
+        for expert, (r, a, b, y) in enumerate(zip(*(t.split(sizes) for t in (x, h1, h3, out)), strict=True)):
+            torch.mm(r, w1[expert].t(), out=a)
+            torch.mm(r, w3[expert].t(), out=b)
+            torch.mm(F.silu(a) * b, w2[expert].t(), out=y)
+    return out, h1, h3, torch.tensor(sizes, dtype=torch.int64)
+
+
+@_expert_swiglu.register_fake
+def _(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> tuple:
+    rows, hidden = x.shape[0], w1.shape[1]
+    host = torch.empty(counts.shape, dtype=torch.int64, device="cpu")
+    return x.new_empty(rows, w2.shape[1]), x.new_empty(rows, hidden), x.new_empty(rows, hidden), host
+
+
+@torch.library.custom_op(
+    "torchrig::expert_swiglu_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor sizes, Tensor w1, Tensor w3, Tensor w2, Tensor h1, Tensor h3, "
+    "bool weight_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _expert_swiglu_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    sizes: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    h1: torch.Tensor,
+    h3: torch.Tensor,
+    weight_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d x, d w1, d w3, d w2), `sizes` the rows of each expert on the host. When weight_grads is False
+    (a frozen base), x is not kept (an empty tensor) and the weights' gradients are empty; else an
+    expert with no rows gets zeros."""
+    dx = h1.new_empty(h1.shape[0], w1.shape[2])
+    dw1, dw3, dw2 = (torch.zeros_like(w) if weight_grads else w.new_empty(0) for w in (w1, w3, w2))
+    bounds = sizes.cumsum(0)[:-1]  # on the host: tensor_split reads it there, no device to wait on
+    rows = torch.tensor_split(x, bounds) if weight_grads else [x] * len(sizes)
+    groups = zip(*(torch.tensor_split(t, bounds) for t in (grad, h1, h3, dx)), rows, strict=True)
+    with torch.autocast(h1.device.type, enabled=False):
+        for expert, (dy, a, b, dr, r) in enumerate(groups):
+            act = F.silu(a)
+            dact = dy @ w2[expert]  # d(silu(h1) * h3)
+            dh3 = dact * act
+            dh1 = torch.ops.aten.silu_backward(dact * b, a)
+            torch.mm(dh1, w1[expert], out=dr)
+            dr += dh3 @ w3[expert]
+            if weight_grads:
+                torch.mm(dy.t(), act * b, out=dw2[expert])
+                torch.mm(dh1.t(), r, out=dw1[expert])
+                torch.mm(dh3.t(), r, out=dw3[expert])
+    return dx, dw1, dw3, dw2
+
+
+@_expert_swiglu_backward.register_fake
+def _(grad: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+      w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, weight_grads: bool) -> tuple:  # fmt: skip
+    dx = h1.new_empty(h1.shape[0], w1.shape[2])
+    return (dx, *(torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (w1, w3, w2)))
+
+
+def _expert_swiglu_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
+    x, _, w1, w3, w2 = inputs
+    _, h1, h3, sizes = output
+    if not any(w.requires_grad for w in (w1, w3, w2)):  # a frozen base: only the weights' gradients read x
+        x = x.new_empty(0)
+    ctx.save_for_backward(x, sizes, w1, w3, w2, h1, h3)
+
+
+def _expert_swiglu_grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor) -> tuple:
+    x, sizes, w1, w3, w2, h1, h3 = ctx.saved_tensors
+    needed = ctx.needs_input_grad
+    dx, dw1, dw3, dw2 = _expert_swiglu_backward(grad.contiguous(), x, sizes, w1, w3, w2, h1, h3, any(needed[2:]))
+    weight_grads = (d if n else None for d, n in zip((dw1, dw3, dw2), needed[2:], strict=True))
+    return dx if needed[0] else None, None, *weight_grads
+
+
+_expert_swiglu.register_autograd(_expert_swiglu_grads, setup_context=_expert_swiglu_setup)
+
+
+# torch's FlopCounterMode sees each op of ours as one call: these are the matmuls inside.
+def _expert_swiglu_flops(x_shape: torch.Size, counts_shape: torch.Size, w1_shape: torch.Size, *_: object,
+                         **__: object) -> int:  # fmt: skip
+    return 3 * 2 * x_shape[0] * x_shape[1] * w1_shape[1]  # h1, h3 and the output, rows x dim x hidden each
+
+
+def _expert_swiglu_backward_flops(grad_shape: torch.Size, x_shape: torch.Size, sizes_shape: torch.Size,
+                                  w1_shape: torch.Size, *args: object, **__: object) -> int:  # fmt: skip
+    weight_grads = args[-1]  # handed on as it is: not a tensor
+    return (3 + 3 * bool(weight_grads)) * 2 * x_shape[0] * x_shape[1] * w1_shape[1]
+
+
+for _packet, _formula in (
+    (torch.ops.torchrig.expert_swiglu, _expert_swiglu_flops),
+    (torch.ops.torchrig.expert_swiglu_backward, _expert_swiglu_backward_flops),
+):
+    register_flop_formula(_packet)(_formula)
+    if _packet not in flop_counter.flop_registry:  # torch 2.4 looks formulas up by packet but files them by overload
+        flop_counter.flop_registry[_packet] = flop_counter.shape_wrapper(_formula)
+
+
 class GroupedExperts(nn.Module):
     """The routed experts, each a SwiGLU (w2(silu(w1 x) * w3 x)), as three GroupedLinear layers.
 
@@ -591,6 +725,10 @@ class GroupedExperts(nn.Module):
             return self.w2(F.silu(self.w1(x, offsets)) * self.w3(x, offsets), offsets)
         # Elsewhere: the one host read of this layer, then expert by expert, each expert's three
         # matmuls while its rows are in cache (measured on the CPU: faster than three loops over all experts).
+        if all(type(layer) is GroupedLinear for layer in (self.w1, self.w3, self.w2)):
+            weights = (layer.weight.to(dtype) for layer in (self.w1, self.w3, self.w2))
+            return _expert_swiglu(x.to(dtype).contiguous(), counts, *weights)[0]
+        # An adapter on the experts (LoRA): its own function per expert.
         w1, w3, w2 = self.w1.per_expert(), self.w3.per_expert(), self.w2.per_expert()
         rows = x.split(counts.tolist())
         return torch.cat([w2[e](F.silu(w1[e](r)) * w3[e](r)) for e, r in enumerate(rows)])
@@ -814,7 +952,7 @@ class Transformer(nn.Module):
             return hidden.new_zeros(())
         seq_len = targets.shape[1]
         losses = []
-        for depth, module in enumerate(self.mtp, start=1):
+        for depth, module in enumerate(self.mtp, 1):  # positional: dynamo 2.4 breaks the graph on start=
             positions = seq_len - depth
             next_embed = self.embed(inputs[:, depth : depth + positions])
             hidden, normed = module(hidden[:, :positions], next_embed, self.rope_cos, self.rope_sin)
@@ -1111,6 +1249,16 @@ def _swiglu_kept(dim: int, hidden: int, dt: Setting, prefix: str) -> float:
     return dt.matmul_inputs(dim, f"{prefix}.w1", f"{prefix}.w3") + swiglu_inner(hidden, dt, f"{prefix}.w2")
 
 
+def _experts_run_as_op(m: DeepSeekConfig, dt: Setting) -> bool:
+    """Whether GroupedExperts.forward runs torchrig::expert_swiglu (else autograd through grouped_linear, or
+    through an adapter's per-expert functions) on dt's device and compute dtype."""
+    if any(dt.adapted(f"ffn.experts.{w}") for w in ("w1", "w2", "w3")):
+        return False
+    dtype = torch.float32 if dt.compute == FP32 else torch.bfloat16
+    here = dt.device == "cuda" and torch.cuda.is_available()
+    return not _grouped_mm_takes(dt.device, dtype, (m.dim, m.moe_inter_dim), lambda: _cuda_major(0) if here else None)
+
+
 def _moe_kept(m: DeepSeekConfig, dt: Setting) -> float:
     """MoE.forward from its input: the router's scores and choices, the tokens sorted by expert, the experts,
     the weighted sum, and the shared experts (which read the input with the router)."""
@@ -1119,7 +1267,12 @@ def _moe_kept(m: DeepSeekConfig, dt: Setting) -> float:
     router += k * INDEX + FP32  # the chosen experts, the gate weights' sum
     if groups > 1:  # each group's top-2 indices, the chosen groups, the mask of the others
         router += groups * min(2, m.n_routed_experts // groups) * INDEX + m.n_limited_groups * INDEX + groups
-    experts = 2 * k * INDEX + k * _swiglu_kept(m.dim, m.moe_inter_dim, dt, "ffn.experts")  # + token, slot order
+    experts = 2 * k * INDEX  # the token and the slot order
+    if _experts_run_as_op(m, dt):  # the sorted rows (cast once), h1 and h3
+        trains = any(dt.trains(f"ffn.experts.{w}") for w in ("w1", "w2", "w3"))
+        experts += k * (m.dim * dt.compute * trains + 2 * m.moe_inter_dim * dt.compute)
+    else:
+        experts += k * _swiglu_kept(m.dim, m.moe_inter_dim, dt, "ffn.experts")
     combine = k * (m.dim * dt.compute + dt.compute + m.dim * dt.params)  # outputs, gate weights, index_add's source
     if not m.n_shared_experts:
         return router + experts + combine
@@ -1189,12 +1342,13 @@ def decoder_modules(cfg: DeepSeekConfig) -> int:
 
 def _block_activations(m: DeepSeekConfig, layer_id: int) -> int:
     """Numbers per token one block keeps for its backward, at least: its input (the norm's), the attention's
-    q, k, v and output, and the feed-forward's two projections and their product (each routed slot's too)."""
+    q, k, v and output, and the feed-forward's two projections and their product; of each routed slot, its two
+    projections (all that torchrig::expert_swiglu keeps) and its output (which the gate weight multiplies)."""
     attention = m.n_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim)
     if m.is_dense_layer(layer_id):
         ffn = 3 * m.inter_dim
     else:
-        ffn = m.n_activated_experts * (m.dim + 3 * m.moe_inter_dim) + 3 * m.n_shared_experts * m.moe_inter_dim
+        ffn = m.n_activated_experts * (m.dim + 2 * m.moe_inter_dim) + 3 * m.n_shared_experts * m.moe_inter_dim
     return m.dim + attention + ffn
 
 

@@ -1,6 +1,6 @@
-"""The MoE layer with stacked experts: the same numbers as the per-expert math, no host read or graph
-break where torch._grouped_mm runs, no copy of the weights kept for backward, and the per-expert
-layout of earlier checkpoints and of exports still loading."""
+"""The MoE layer with stacked experts: the same numbers as the per-expert math, no host read where
+torch._grouped_mm runs, no graph break on any torch, no copy of the weights kept for backward, and the
+per-expert layout of earlier checkpoints and of exports still loading."""
 
 from __future__ import annotations
 
@@ -203,6 +203,26 @@ def test_with_grouped_mm_a_training_step_reads_nothing_on_the_host() -> None:
     assert host_reads(step) == []
 
 
+def test_without_grouped_mm_each_moe_layer_reads_the_host_once_in_forward_and_never_in_backward(monkeypatch) -> None:
+    import train.models.deepseek as deepseek
+
+    monkeypatch.setattr(deepseek, "_grouped_mm_runs", lambda *args: False)  # the loop, on any torch
+    cfg = CONFIGS["tiny"]()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    moe_layers = sum(isinstance(m, MoE) for m in model.modules())
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    loss = None
+
+    def forward() -> None:
+        nonlocal loss
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+
+    assert host_reads(forward) == ["tolist"] * moe_layers
+    assert host_reads(loss.backward) == []
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @needs_grouped_mm
 def test_grouped_mm_and_the_per_expert_loop_agree(monkeypatch) -> None:
     weight = torch.randn(4, 32, 16, requires_grad=True)
@@ -221,8 +241,8 @@ def test_grouped_mm_and_the_per_expert_loop_agree(monkeypatch) -> None:
     assert host_reads(lambda: grouped_linear(odd, weight[:, :, :3], offsets)) == ["tolist"]
 
 
-@needs_grouped_mm
 def test_a_compiled_moe_block_has_no_graph_break() -> None:
+    """On every torch: with torch._grouped_mm, or with the experts' loop inside one op of ours."""
     import torch._dynamo
 
     cfg = CONFIGS["tiny"]()
@@ -243,6 +263,68 @@ def test_a_compiled_moe_block_has_no_graph_break() -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
     grad = torch.randn_like(out)
     torch.testing.assert_close(*torch.autograd.grad([out, expected], [inputs, x], [grad, grad]), rtol=0, atol=1e-6)
+
+
+def test_the_whole_model_compiles_as_one_graph_forward_and_backward() -> None:
+    """No break anywhere in a training forward (the MTP depths and every MoE layer) on any torch, and
+    one compilation serves batches that route differently."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg = CONFIGS["tiny"]()
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    for seed in range(3):
+        tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(seed))
+        loss = compiled(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        torch.testing.assert_close(loss, model(tokens[:, :-1], tokens[:, 1:]), rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    assert not counters["graph_break"]
+
+
+def per_expert_loop(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The experts as autograd sees plain per-expert SwiGLUs (what an adapter on the experts runs)."""
+    w1, w3, w2 = experts.w1.per_expert(), experts.w3.per_expert(), experts.w2.per_expert()
+    return torch.cat([w2[e](F.silu(w1[e](r)) * w3[e](r)) for e, r in enumerate(x.split(counts.tolist()))])
+
+
+@pytest.mark.parametrize("frozen", [(), ("w1", "w2", "w3"), ("w3",)])
+def test_the_expert_op_equals_autograd_through_the_loop(frozen: tuple[str, ...]) -> None:
+    """The experts' own op, its written-out backward included, against autograd through per-expert
+    matmuls: an expert with no rows, a frozen base (no gradient made for it) and an input that needs
+    none."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 24, 40)
+    for name in frozen:
+        getattr(experts, name).weight.requires_grad_(False)
+    counts = torch.tensor([7, 0, 20, 5])
+    x = torch.randn(32, 24)
+    grad = torch.randn(32, 24)
+    for x_needs_grad in (True, False):
+        x_op, x_loop = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
+        out = experts(x_op, counts)
+        expected = per_expert_loop(experts, x_loop, counts)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        wanted = [x_op] * x_needs_grad + [p for p in experts.parameters() if p.requires_grad]
+        if not wanted:
+            assert not out.requires_grad
+            continue
+        got = torch.autograd.grad(out, wanted, grad)
+        want = torch.autograd.grad(expected, [x_loop] * x_needs_grad + wanted[x_needs_grad:], grad)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert all(p.grad is None for p in experts.parameters())  # autograd.grad leaves .grad alone
+    out = experts(x.clone().requires_grad_(), counts)
+    out.backward(grad)
+    for name in ("w1", "w2", "w3"):
+        weight = getattr(experts, name).weight
+        assert (weight.grad is None) == (name in frozen), name
+        if weight.grad is not None:
+            assert torch.equal(weight.grad[1], torch.zeros_like(weight.grad[1]))  # the expert with no rows
 
 
 def test_autograd_keeps_no_copy_of_the_expert_weights() -> None:
