@@ -517,10 +517,15 @@ def compile_table(args: argparse.Namespace, timer: Timer, precision: Precision) 
         print(f"{name}: graphs beyond one in the model's training step ({cfg.n_dense_layers} dense and 2 MoE "
               f"layers, two batches): {model_graph_breaks(cfg, timer.device)}")  # fmt: skip
     print(f"{'config':7} {'variant':10} {'compile s':>10} {'ms':>30} {'vs eager':>22}")
+    import torch._dynamo
+
     summary = []
     for name in ("tiny", "small"):
         models, tokens, _ = step_models(name, args, timer.device)
         eager = models["MoE, this code"]
+        # A fresh start, as a training run has: after an earlier compilation of the same forward (the graph
+        # counts above, the config before), dynamo would recompile with dynamic shapes, a slower graph.
+        torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(eager))
         steps = {"eager": training_step(eager, tokens, precision, timer.device)}
         compiled_step = training_step(compiled, tokens, precision, timer.device)
