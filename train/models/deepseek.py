@@ -576,19 +576,16 @@ class GroupedLinear(nn.Module):
 
 
 # Where torch._grouped_mm does not run (torch 2.4.1, the pinned image, among others), the experts'
-# SwiGLU runs as one op of ours: inside it, the layer's one host read of the counts, then expert by
-# expert. Opaque to torch.compile, so the sizes that the data decides never reach its tracer: a
-# compiled MoE block has no graph break and compiles once, whatever the routing. Its backward is
-# written out (the matmuls autograd would run) and keeps h1 and h3 rather than every intermediate;
-# it splits its rows by the forward's copy of the counts on the host, so it reads nothing more.
+# SwiGLU runs as one function of ours: inside it, the layer's one host read of the counts, then expert
+# by expert. Its backward is written out (the matmuls autograd would run) and keeps h1 and h3 rather
+# than every intermediate; it splits its rows by the forward's copy of the counts on the host, so it
+# reads nothing more. Eager runs it as an autograd.Function; torch.compile sees it as one opaque op
+# (torchrig::expert_swiglu), so the sizes that the data decides never reach its tracer: a compiled MoE
+# block has no graph break and compiles once, whatever the routing. (torch 2.4's custom-op call costs
+# about a millisecond of Python each time: more than tiny's whole expert loop, so eager goes around it.)
 
 
-@torch.library.custom_op(
-    "torchrig::expert_swiglu",
-    mutates_args=(),  # the schema spelled out: torch 2.4 cannot read postponed annotations
-    schema="(Tensor x, Tensor counts, Tensor w1, Tensor w3, Tensor w2) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _expert_swiglu(
+def _swiglu_forward(
     x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [rows, dim] sorted by expert, counts [E], w1 and w3 [E, hidden, dim], w2 [E, dim, hidden] ->
@@ -605,20 +602,7 @@ def _expert_swiglu(
     return out, h1, h3, torch.tensor(sizes, dtype=torch.int64)
 
 
-@_expert_swiglu.register_fake
-def _(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> tuple:
-    rows, hidden = x.shape[0], w1.shape[1]
-    host = torch.empty(counts.shape, dtype=torch.int64, device="cpu")
-    return x.new_empty(rows, w2.shape[1]), x.new_empty(rows, hidden), x.new_empty(rows, hidden), host
-
-
-@torch.library.custom_op(
-    "torchrig::expert_swiglu_backward",
-    mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor sizes, Tensor w1, Tensor w3, Tensor w2, Tensor h1, Tensor h3, "
-    "bool weight_grads) -> (Tensor, Tensor, Tensor, Tensor)",
-)
-def _expert_swiglu_backward(
+def _swiglu_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     sizes: torch.Tensor,
@@ -652,6 +636,60 @@ def _expert_swiglu_backward(
     return dx, dw1, dw3, dw2
 
 
+def _saved(x: torch.Tensor, weights_train: bool) -> torch.Tensor:
+    """What the backward keeps of x: nothing for a frozen base (only the weights' gradients read it)."""
+    return x if weights_train else x.new_empty(0)
+
+
+def _weight_grads(needed: tuple[bool, ...], grads: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, ...]:
+    return tuple(g if n else None for g, n in zip(grads, needed, strict=True))
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    """Eager: _swiglu_forward, its backward _swiglu_backward."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        counts: torch.Tensor,
+        w1: torch.Tensor,
+        w3: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
+        out, h1, h3, sizes = _swiglu_forward(x, counts, w1, w3, w2)
+        ctx.save_for_backward(_saved(x, any(ctx.needs_input_grad[2:])), sizes, w1, w3, w2, h1, h3)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        needed = ctx.needs_input_grad
+        dx, *dw = _swiglu_backward(grad.contiguous(), *ctx.saved_tensors, any(needed[2:]))
+        return dx if needed[0] else None, None, *_weight_grads(needed[2:], tuple(dw))
+
+
+_expert_swiglu = torch.library.custom_op(
+    "torchrig::expert_swiglu",
+    _swiglu_forward,
+    mutates_args=(),  # the schema spelled out: torch 2.4 cannot read postponed annotations
+    schema="(Tensor x, Tensor counts, Tensor w1, Tensor w3, Tensor w2) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+_expert_swiglu_backward = torch.library.custom_op(
+    "torchrig::expert_swiglu_backward",
+    _swiglu_backward,
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor sizes, Tensor w1, Tensor w3, Tensor w2, Tensor h1, Tensor h3, "
+    "bool weight_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@_expert_swiglu.register_fake
+def _(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> tuple:
+    rows, hidden = x.shape[0], w1.shape[1]
+    host = torch.empty(counts.shape, dtype=torch.int64, device="cpu")
+    return x.new_empty(rows, w2.shape[1]), x.new_empty(rows, hidden), x.new_empty(rows, hidden), host
+
+
 @_expert_swiglu_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
       w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, weight_grads: bool) -> tuple:  # fmt: skip
@@ -662,20 +700,26 @@ def _(grad: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor
 def _expert_swiglu_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
     x, _, w1, w3, w2 = inputs
     _, h1, h3, sizes = output
-    if not any(w.requires_grad for w in (w1, w3, w2)):  # a frozen base: only the weights' gradients read x
-        x = x.new_empty(0)
-    ctx.save_for_backward(x, sizes, w1, w3, w2, h1, h3)
+    ctx.save_for_backward(_saved(x, any(w.requires_grad for w in (w1, w3, w2))), sizes, w1, w3, w2, h1, h3)
 
 
 def _expert_swiglu_grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor) -> tuple:
-    x, sizes, w1, w3, w2, h1, h3 = ctx.saved_tensors
     needed = ctx.needs_input_grad
-    dx, dw1, dw3, dw2 = _expert_swiglu_backward(grad.contiguous(), x, sizes, w1, w3, w2, h1, h3, any(needed[2:]))
-    weight_grads = (d if n else None for d, n in zip((dw1, dw3, dw2), needed[2:], strict=True))
-    return dx if needed[0] else None, None, *weight_grads
+    dx, *dw = _expert_swiglu_backward(grad.contiguous(), *ctx.saved_tensors, any(needed[2:]))
+    return dx if needed[0] else None, None, *_weight_grads(needed[2:], tuple(dw))
 
 
 _expert_swiglu.register_autograd(_expert_swiglu_grads, setup_context=_expert_swiglu_setup)
+
+
+def expert_swiglu(
+    x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """The routed experts' SwiGLU where torch._grouped_mm does not run: x [rows, dim] sorted by expert,
+    counts [E] rows per expert -> [rows, dim]. Under torch.compile the op, in eager the Function."""
+    if torch.compiler.is_compiling():
+        return _expert_swiglu(x, counts, w1, w3, w2)[0]
+    return _ExpertSwiGLU.apply(x, counts, w1, w3, w2)
 
 
 # torch's FlopCounterMode sees each op of ours as one call: these are the matmuls inside.
@@ -727,7 +771,7 @@ class GroupedExperts(nn.Module):
         # matmuls while its rows are in cache (measured on the CPU: faster than three loops over all experts).
         if all(type(layer) is GroupedLinear for layer in (self.w1, self.w3, self.w2)):
             weights = (layer.weight.to(dtype) for layer in (self.w1, self.w3, self.w2))
-            return _expert_swiglu(x.to(dtype).contiguous(), counts, *weights)[0]
+            return expert_swiglu(x.to(dtype).contiguous(), counts, *weights)
         # An adapter on the experts (LoRA): its own function per expert.
         w1, w3, w2 = self.w1.per_expert(), self.w3.per_expert(), self.w2.per_expert()
         rows = x.split(counts.tolist())

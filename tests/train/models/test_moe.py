@@ -292,11 +292,22 @@ def per_expert_loop(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tens
     return torch.cat([w2[e](F.silu(w1[e](r)) * w3[e](r)) for e, r in enumerate(x.split(counts.tolist()))])
 
 
+def through_the_op(experts: GroupedExperts, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """torchrig::expert_swiglu called as torch.compile's graphs call it, with its registered backward."""
+    import train.models.deepseek as deepseek
+
+    return deepseek._expert_swiglu(x, counts, experts.w1.weight, experts.w3.weight, experts.w2.weight)[0]
+
+
+@pytest.mark.parametrize("entry", [GroupedExperts.__call__, through_the_op], ids=["eager", "op"])
 @pytest.mark.parametrize("frozen", [(), ("w1", "w2", "w3"), ("w3",)])
-def test_the_expert_op_equals_autograd_through_the_loop(frozen: tuple[str, ...]) -> None:
-    """The experts' own op, its written-out backward included, against autograd through per-expert
-    matmuls: an expert with no rows, a frozen base (no gradient made for it) and an input that needs
-    none."""
+def test_the_expert_function_equals_autograd_through_the_loop(entry, frozen: tuple[str, ...], monkeypatch) -> None:
+    """The experts' own function in eager and as the op torch.compile sees, each with its written-out
+    backward, against autograd through per-expert matmuls: an expert with no rows, a frozen base (no
+    gradient made for it) and an input that needs none."""
+    import train.models.deepseek as deepseek
+
+    monkeypatch.setattr(deepseek, "_grouped_mm_runs", lambda *args: False)  # on any torch
     torch.manual_seed(0)
     experts = GroupedExperts(4, 24, 40)
     for name in frozen:
@@ -306,7 +317,7 @@ def test_the_expert_op_equals_autograd_through_the_loop(frozen: tuple[str, ...])
     grad = torch.randn(32, 24)
     for x_needs_grad in (True, False):
         x_op, x_loop = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
-        out = experts(x_op, counts)
+        out = entry(experts, x_op, counts)
         expected = per_expert_loop(experts, x_loop, counts)
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
         wanted = [x_op] * x_needs_grad + [p for p in experts.parameters() if p.requires_grad]
@@ -318,8 +329,7 @@ def test_the_expert_op_equals_autograd_through_the_loop(frozen: tuple[str, ...])
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert all(p.grad is None for p in experts.parameters())  # autograd.grad leaves .grad alone
-    out = experts(x.clone().requires_grad_(), counts)
-    out.backward(grad)
+    entry(experts, x.clone().requires_grad_(), counts).backward(grad)
     for name in ("w1", "w2", "w3"):
         weight = getattr(experts, name).weight
         assert (weight.grad is None) == (name in frozen), name
