@@ -116,7 +116,8 @@ class TrainConfig:
     tf32: bool = True
     """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer)."""
     compile: bool = False
-    """torch.compile the model."""
+    """torch.compile the model. Off by default: on a CPU the compile pays for itself only after many steps, and no
+    GPU has measured it yet (docs/moe-speed.md has the figures)."""
     compile_backend: Literal["inductor", "aot_eager"] = "inductor"
     """torch.compile's backend: inductor generates fused kernels; aot_eager traces and runs the same forward and
     backward graphs without generating code (cheap: for tests and for debugging a compile)."""

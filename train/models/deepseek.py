@@ -1294,8 +1294,8 @@ def _swiglu_kept(dim: int, hidden: int, dt: Setting, prefix: str) -> float:
 
 
 def _experts_run_as_op(m: DeepSeekConfig, dt: Setting) -> bool:
-    """Whether GroupedExperts.forward runs torchrig::expert_swiglu (else autograd through grouped_linear, or
-    through an adapter's per-expert functions) on dt's device and compute dtype."""
+    """Whether GroupedExperts.forward runs expert_swiglu (else autograd through grouped_linear, or through an
+    adapter's per-expert functions) on dt's device and compute dtype."""
     if any(dt.adapted(f"ffn.experts.{w}") for w in ("w1", "w2", "w3")):
         return False
     dtype = torch.float32 if dt.compute == FP32 else torch.bfloat16
@@ -1387,7 +1387,7 @@ def decoder_modules(cfg: DeepSeekConfig) -> int:
 def _block_activations(m: DeepSeekConfig, layer_id: int) -> int:
     """Numbers per token one block keeps for its backward, at least: its input (the norm's), the attention's
     q, k, v and output, and the feed-forward's two projections and their product; of each routed slot, its two
-    projections (all that torchrig::expert_swiglu keeps) and its output (which the gate weight multiplies)."""
+    projections (all that expert_swiglu keeps) and its output (which the gate weight multiplies)."""
     attention = m.n_heads * (2 * (m.qk_nope_head_dim + m.qk_rope_head_dim) + 2 * m.v_head_dim)
     if m.is_dense_layer(layer_id):
         ffn = 3 * m.inter_dim
