@@ -51,6 +51,26 @@ def test_small_activations_are_within_the_bound() -> None:
         assert abs(row.error) <= ACTIVATION_BOUND, row
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_the_measurement_tells_a_weights_cast_from_an_activation_of_its_shape(weight_dtype: torch.dtype) -> None:
+    """The experts' h1 and h3 are made outside autograd: with as many rows as a weight is wide they have a
+    weight's shape, and are still activations. A frozen weight's cast (its values) is a copy."""
+    from torch import nn
+
+    from train.benchmarks.plan import measure_saved
+    from train.models.deepseek import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 16)
+    x = torch.randn(16, 16, requires_grad=True)  # rows = dim = hidden
+    measured, _ = measure_saved(experts, lambda: experts(x, torch.tensor([13, 0, 3, 0])).sum())
+    assert measured.weight_copies == 0 and measured.activations >= (16 * 16 + 2 * 16 * 16) * 4, measured
+    frozen = nn.Linear(16, 16, bias=False).requires_grad_(False).to(weight_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured, _ = measure_saved(frozen, lambda: frozen(x).float().sum())
+    assert measured.weight_copies == (16 * 16 * 2 if weight_dtype == torch.float32 else 0), measured
+
+
 @pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
 def test_a_frozen_base_with_adapters_keeps_what_the_plan_says(name: str) -> None:
     rows = list(lora_rows([name], 32, ["fp32", "bf16", "bf16-fsdp"], 2))

@@ -71,11 +71,20 @@ class Measured:
     weight_copies: int  # autocast's low-precision copies of parameters
 
 
-def _weight_copy(tensor: torch.Tensor, shapes: set[tuple[int, ...]]) -> bool:
+def _weight_copy(tensor: torch.Tensor, weights: dict[tuple[int, ...], list[torch.Tensor]]) -> bool:
     """Whether a saved tensor is (a view of) autocast's cast of a parameter: of a trainable one, a cast in the
-    graph; of a frozen one, a tensor outside autograd of a parameter's shape (or its transpose)."""
+    graph; of a frozen one, a tensor outside autograd that holds a parameter's values (or their transpose) in
+    its own dtype. The values, not the shape alone: an activation made outside autograd (the experts' h1 and
+    h3) can have a weight's shape when the rows happen to equal a width."""
     if tensor.grad_fn is None:
-        return not tensor.requires_grad and (tuple(tensor.shape) in shapes or tuple(tensor.shape)[::-1] in shapes)
+        if tensor.requires_grad:
+            return False
+        shape = tuple(tensor.shape)
+        same = [(tensor, w) for w in weights.get(shape, [])]
+        if tensor.dim() >= 2:  # a transposed cast: F.linear's, or grouped mm's of the stacked experts
+            flipped = tensor.transpose(-2, -1)
+            same += [(flipped, w) for w in weights.get(tuple(flipped.shape), [])]
+        return any(torch.equal(t, w.to(t.dtype)) for t, w in same)
     node = _through_views(tensor.grad_fn)
     if node is None or type(node).__name__ != "ToCopyBackward0":
         return False
@@ -92,9 +101,11 @@ def measure_saved(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tupl
     """What `forward()` of `model` saves for the backward: every storage once, parameters and buffers not counted.
     Returns the figures and the loss (backward still possible)."""
     owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    # A stacked weight's experts are cast one by one: their shape is the weight's less its first dimension.
-    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() >= 2}
-    shapes |= {tuple(p.shape[1:]) for p in model.parameters() if p.dim() >= 3}
+    # A stacked weight's experts are cast one by one: each is the weight less its first dimension.
+    weights: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for p in model.parameters():
+        for w in [p.detach()] * (p.dim() >= 2) + list(p.detach().unbind(0)) * (p.dim() >= 3):
+            weights.setdefault(tuple(w.shape), []).append(w)
     activations: dict[int, int] = {}
     copies: dict[int, int] = {}
 
@@ -102,7 +113,7 @@ def measure_saved(model: nn.Module, forward: Callable[[], torch.Tensor]) -> tupl
         storage = tensor.untyped_storage()
         where = storage.data_ptr()
         if where and where not in owned and where not in activations and where not in copies:
-            (copies if _weight_copy(tensor, shapes) else activations)[where] = storage.nbytes()
+            (copies if _weight_copy(tensor, weights) else activations)[where] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

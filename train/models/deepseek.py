@@ -602,6 +602,18 @@ def _swiglu_forward(
     return out, h1, h3, torch.tensor(sizes, dtype=torch.int64)
 
 
+def _swiglu_inference(
+    x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """_swiglu_forward's output alone, for a forward without gradients: one expert's h1 and h3 at a time."""
+    sizes = counts.tolist()
+    out = x.new_empty(x.shape[0], w2.shape[1])
+    with torch.autocast(x.device.type, enabled=False):
+        for expert, (r, y) in enumerate(zip(x.split(sizes), out.split(sizes), strict=True)):
+            torch.mm(F.silu(r @ w1[expert].t()) * (r @ w3[expert].t()), w2[expert].t(), out=y)
+    return out
+
+
 def _swiglu_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -611,24 +623,27 @@ def _swiglu_backward(
     w2: torch.Tensor,
     h1: torch.Tensor,
     h3: torch.Tensor,
+    input_grad: bool,
     weight_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d x, d w1, d w3, d w2), `sizes` the rows of each expert on the host. When weight_grads is False
-    (a frozen base), x is not kept (an empty tensor) and the weights' gradients are empty; else an
-    expert with no rows gets zeros."""
-    dx = h1.new_empty(h1.shape[0], w1.shape[2])
+    """(d x, d w1, d w3, d w2), `sizes` the rows of each expert on the host. d x is empty when input_grad
+    is False. When weight_grads is False (a frozen base), x is not kept (an empty tensor) and the weights'
+    gradients are empty; else an expert with no rows gets zeros."""
+    dx = h1.new_empty((h1.shape[0], w1.shape[2]) if input_grad else (0,))
     dw1, dw3, dw2 = (torch.zeros_like(w) if weight_grads else w.new_empty(0) for w in (w1, w3, w2))
     bounds = sizes.cumsum(0)[:-1]  # on the host: tensor_split reads it there, no device to wait on
     rows = torch.tensor_split(x, bounds) if weight_grads else [x] * len(sizes)
-    groups = zip(*(torch.tensor_split(t, bounds) for t in (grad, h1, h3, dx)), rows, strict=True)
+    into = torch.tensor_split(dx, bounds) if input_grad else [dx] * len(sizes)
+    groups = zip(*(torch.tensor_split(t, bounds) for t in (grad, h1, h3)), into, rows, strict=True)
     with torch.autocast(h1.device.type, enabled=False):
         for expert, (dy, a, b, dr, r) in enumerate(groups):
             act = F.silu(a)
             dact = dy @ w2[expert]  # d(silu(h1) * h3)
             dh3 = dact * act
             dh1 = torch.ops.aten.silu_backward(dact * b, a)
-            torch.mm(dh1, w1[expert], out=dr)
-            dr += dh3 @ w3[expert]
+            if input_grad:
+                torch.mm(dh1, w1[expert], out=dr)
+                dr += dh3 @ w3[expert]
             if weight_grads:
                 torch.mm(dy.t(), act * b, out=dw2[expert])
                 torch.mm(dh1.t(), r, out=dw1[expert])
@@ -662,9 +677,10 @@ class _ExpertSwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # written out with out= matmuls: no graph of its own
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
         needed = ctx.needs_input_grad
-        dx, *dw = _swiglu_backward(grad.contiguous(), *ctx.saved_tensors, any(needed[2:]))
+        dx, *dw = _swiglu_backward(grad.contiguous(), *ctx.saved_tensors, needed[0], any(needed[2:]))
         return dx if needed[0] else None, None, *_weight_grads(needed[2:], tuple(dw))
 
 
@@ -679,7 +695,7 @@ _expert_swiglu_backward = torch.library.custom_op(
     _swiglu_backward,
     mutates_args=(),
     schema="(Tensor grad, Tensor x, Tensor sizes, Tensor w1, Tensor w3, Tensor w2, Tensor h1, Tensor h3, "
-    "bool weight_grads) -> (Tensor, Tensor, Tensor, Tensor)",
+    "bool input_grad, bool weight_grads) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 
 
@@ -692,8 +708,8 @@ def _(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
 
 @_expert_swiglu_backward.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, sizes: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-      w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, weight_grads: bool) -> tuple:  # fmt: skip
-    dx = h1.new_empty(h1.shape[0], w1.shape[2])
+      w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor, input_grad: bool, weight_grads: bool) -> tuple:  # fmt: skip
+    dx = h1.new_empty((h1.shape[0], w1.shape[2]) if input_grad else (0,))
     return (dx, *(torch.empty_like(w) if weight_grads else w.new_empty(0) for w in (w1, w3, w2)))
 
 
@@ -705,7 +721,7 @@ def _expert_swiglu_setup(ctx: torch.autograd.function.FunctionCtx, inputs: tuple
 
 def _expert_swiglu_grads(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor, *_: torch.Tensor) -> tuple:
     needed = ctx.needs_input_grad
-    dx, *dw = _expert_swiglu_backward(grad.contiguous(), *ctx.saved_tensors, any(needed[2:]))
+    dx, *dw = _expert_swiglu_backward(grad.contiguous(), *ctx.saved_tensors, needed[0], any(needed[2:]))
     return dx if needed[0] else None, None, *_weight_grads(needed[2:], tuple(dw))
 
 
@@ -719,6 +735,8 @@ def expert_swiglu(
     counts [E] rows per expert -> [rows, dim]. Under torch.compile the op, in eager the Function."""
     if torch.compiler.is_compiling():
         return _expert_swiglu(x, counts, w1, w3, w2)[0]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3, w2))):
+        return _swiglu_inference(x, counts, w1, w3, w2)
     return _ExpertSwiGLU.apply(x, counts, w1, w3, w2)
 
 
@@ -730,8 +748,9 @@ def _expert_swiglu_flops(x_shape: torch.Size, counts_shape: torch.Size, w1_shape
 
 def _expert_swiglu_backward_flops(grad_shape: torch.Size, x_shape: torch.Size, sizes_shape: torch.Size,
                                   w1_shape: torch.Size, *args: object, **__: object) -> int:  # fmt: skip
-    weight_grads = args[-1]  # handed on as it is: not a tensor
-    return (3 + 3 * bool(weight_grads)) * 2 * x_shape[0] * x_shape[1] * w1_shape[1]
+    input_grad, weight_grads = args[-2:]  # handed on as they are: not tensors. x may be empty: rows from grad.
+    matmuls = 1 + 2 * bool(input_grad) + 3 * bool(weight_grads)  # d(silu(h1) * h3); d x; d w1, d w3, d w2
+    return matmuls * 2 * grad_shape[0] * w1_shape[2] * w1_shape[1]
 
 
 for _packet, _formula in (

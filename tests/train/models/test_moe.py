@@ -329,12 +329,37 @@ def test_the_expert_function_equals_autograd_through_the_loop(entry, frozen: tup
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         assert all(p.grad is None for p in experts.parameters())  # autograd.grad leaves .grad alone
+    with torch.no_grad():  # a forward alone keeps one expert's h1 and h3 at a time: the same numbers
+        torch.testing.assert_close(entry(experts, x, counts), per_expert_loop(experts, x, counts), rtol=0, atol=1e-6)
     entry(experts, x.clone().requires_grad_(), counts).backward(grad)
     for name in ("w1", "w2", "w3"):
         weight = getattr(experts, name).weight
         assert (weight.grad is None) == (name in frozen), name
         if weight.grad is not None:
             assert torch.equal(weight.grad[1], torch.zeros_like(weight.grad[1]))  # the expert with no rows
+
+
+@pytest.mark.parametrize("entry", [GroupedExperts.__call__, through_the_op], ids=["eager", "op"])
+@pytest.mark.parametrize("needs", ["all", "input", "weights"])
+def test_torchs_flop_counter_sees_the_matmuls_autograd_through_the_loop_runs(entry, needs: str, monkeypatch) -> None:
+    """The op is one call to FlopCounterMode: its formulas count what it runs, a frozen base (x not kept)
+    and an input that needs no gradient included, as autograd through per-expert matmuls would."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import train.models.deepseek as deepseek
+
+    monkeypatch.setattr(deepseek, "_grouped_mm_runs", lambda *args: False)
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 24, 40).requires_grad_(needs != "input")
+    counts = torch.tensor([7, 0, 20, 5])
+    x = torch.randn(32, 24, requires_grad=needs != "weights")
+
+    def counted(run) -> int:
+        with FlopCounterMode(display=False) as counter:
+            run(experts, x, counts).sum().backward()
+        return counter.get_total_flops()
+
+    assert counted(entry) == counted(per_expert_loop) > 0
 
 
 def test_autograd_keeps_no_copy_of_the_expert_weights() -> None:
