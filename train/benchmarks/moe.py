@@ -507,6 +507,8 @@ def model_graph_breaks(cfg: DeepSeekConfig, device: torch.device) -> int:
 
 
 def compile_table(args: argparse.Namespace, timer: Timer, precision: Precision) -> list[str]:
+    import torch._dynamo
+
     print(
         f"\n(d) torch.compile (inductor) vs eager, one training step of {args.step_tokens:,} tokens, {precision.name}"
     )
@@ -517,8 +519,6 @@ def compile_table(args: argparse.Namespace, timer: Timer, precision: Precision) 
         print(f"{name}: graphs beyond one in the model's training step ({cfg.n_dense_layers} dense and 2 MoE "
               f"layers, two batches): {model_graph_breaks(cfg, timer.device)}")  # fmt: skip
     print(f"{'config':7} {'variant':10} {'compile s':>10} {'ms':>30} {'vs eager':>22}")
-    import torch._dynamo
-
     summary = []
     for name in ("tiny", "small"):
         models, tokens, _ = step_models(name, args, timer.device)
